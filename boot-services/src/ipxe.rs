@@ -1,0 +1,1 @@
+//! iPXE boot scripts.

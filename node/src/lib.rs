@@ -1,0 +1,1 @@
+//! bootmesh node library.
