@@ -1,1 +1,0 @@
-//! DHCPv4 server.
