@@ -1,1 +1,17 @@
-//! bootmesh node library.
+//! The `bootmesh` binary's library: configuration loading, the tokio drivers that run the
+//! sans-IO cores of `boot-services` on real sockets, the wiring between them, and the CLI.
+//!
+//! This is the only crate that touches sockets, files, the environment, signals and the clock.
+//! The wiring (`dhcp_service`, `tftp_service`, ...) is generic over the seams in [`seams`] and
+//! [`journal`], so the simulator in `sim` runs it unchanged with simulated ones.
+
+pub mod config;
+pub mod daemon;
+pub mod dhcp_service;
+pub mod files;
+pub mod http_service;
+pub mod journal;
+pub mod nbd_service;
+pub mod net;
+pub mod seams;
+pub mod tftp_service;

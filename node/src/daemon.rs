@@ -1,0 +1,168 @@
+//! `bootmesh serve`: starts every configured service on real sockets and stops them together.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use boot_services::dhcp::{DhcpMode, DhcpServer, PXE_PORT};
+use boot_services::nbd::NbdConfig;
+use boot_services::tftp::TftpConfig;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{ConfigError, ServerConfig};
+use crate::dhcp_service::{DhcpCounters, run_dhcp};
+use crate::files::{DirectorySource, FileExports};
+use crate::journal::FileLeaseJournal;
+use crate::net::InterfaceLink;
+use crate::seams::{SystemClock, TokioNetwork};
+
+/// Why the server could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A socket could not be bound, a root not opened.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The DHCP service stopped on a journal failure.
+    #[error(transparent)]
+    Dhcp(#[from] crate::dhcp_service::DhcpServiceError),
+    /// A service task panicked.
+    #[error("service task failed: {0}")]
+    Task(String),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// A future that resolves once `signal` turns true.
+fn shutdown_signal(mut signal: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        while !*signal.borrow_and_update() {
+            if signal.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Runs every service in `config` until `shutdown` resolves or one of them fails.
+pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let (stop_sender, stop_receiver) = watch::channel(false);
+    let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
+
+    if let Some(dhcp_config) = config.dhcp_config()? {
+        let Some(section) = config.dhcp.clone() else {
+            return Err(ServeError::Task("dhcp config without section".into()));
+        };
+        let mode = dhcp_config.mode;
+        let server = DhcpServer::new(dhcp_config)
+            .map_err(|error| ConfigError::Invalid { key: "dhcp".into(), reason: error.to_string() })?;
+        let mut links = Vec::new();
+        for interface in &section.interfaces {
+            links.push(Arc::new(
+                InterfaceLink::bind(interface, section.port)
+                    .map_err(io_error(format!("dhcp on {interface} port {}", section.port)))?,
+            ));
+            if mode == DhcpMode::Proxy {
+                links.push(Arc::new(
+                    InterfaceLink::bind(interface, PXE_PORT)
+                        .map_err(io_error(format!("proxydhcp on {interface} port {PXE_PORT}")))?,
+                ));
+            }
+        }
+        let journal = FileLeaseJournal::open(&config.state_dir)
+            .map_err(|error| ServeError::Io { what: error.to_string(), source: std::io::Error::other("journal") })?;
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        let queue_max = section.receive_queue_max;
+        services.spawn(async move {
+            run_dhcp(server, links, journal, SystemClock, queue_max, Arc::new(DhcpCounters::default()), shutdown)
+                .await
+                .map_err(ServeError::from)
+        });
+        tracing::info!(interfaces = ?section.interfaces, port = section.port, ?mode, "dhcp serving");
+    }
+
+    if let Some(tftp) = config.tftp.clone() {
+        let source = DirectorySource::new(&tftp.root).map_err(io_error(format!("tftp root {}", tftp.root.display())))?;
+        let tftp_config = TftpConfig {
+            blksize_max: tftp.blksize_max,
+            windowsize_max: tftp.windowsize_max,
+            timeout_default: Duration::from_millis(tftp.timeout_ms),
+            retries_max: tftp.retries_max,
+            sessions_max: tftp.sessions_max,
+        };
+        // Bind before spawning so that a port in use fails start-up, not later.
+        std::net::UdpSocket::bind(tftp.listen).map_err(io_error(format!("tftp on {}", tftp.listen)))?;
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            crate::tftp_service::run_tftp(TokioNetwork, tftp.listen, source, tftp_config, shutdown)
+                .await
+                .map_err(io_error("tftp"))
+        });
+    }
+
+    if let Some(http) = config.http.clone() {
+        let source = DirectorySource::new(&http.root).map_err(io_error(format!("http root {}", http.root.display())))?;
+        let listener = tokio::net::TcpListener::bind(http.listen)
+            .await
+            .map_err(io_error(format!("http on {}", http.listen)))?;
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            crate::http_service::run_http(listener, source, http.connections_max, shutdown)
+                .await
+                .map_err(io_error("http"))
+        });
+    }
+
+    if let Some(nbd) = config.nbd.clone() {
+        let exports = FileExports::new(
+            nbd.exports.iter().map(|export| (export.name.clone(), export.path.clone(), export.description.clone())),
+        );
+        for export in &nbd.exports {
+            std::fs::metadata(&export.path).map_err(io_error(format!("nbd export {:?} at {}", export.name, export.path.display())))?;
+        }
+        let listener = tokio::net::TcpListener::bind(nbd.listen)
+            .await
+            .map_err(io_error(format!("nbd on {}", nbd.listen)))?;
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            crate::nbd_service::run_nbd(listener, exports, NbdConfig::default(), nbd.connections_max, shutdown)
+                .await
+                .map_err(io_error("nbd"))
+        });
+    }
+
+    tracing::info!(services = services.len(), "bootmesh serving");
+    tokio::pin!(shutdown);
+    let first_failure = tokio::select! {
+        () = &mut shutdown => None,
+        finished = services.join_next() => match finished {
+            Some(Ok(Ok(()))) | None => None,
+            Some(Ok(Err(error))) => Some(error),
+            Some(Err(join_error)) => Some(ServeError::Task(join_error.to_string())),
+        },
+    };
+    tracing::info!("stopping services");
+    let _ = stop_sender.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while services.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        services.abort_all();
+    }
+    match first_failure {
+        Some(error) => Err(error),
+        None => Ok(()),
+    }
+}
