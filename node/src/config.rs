@@ -41,7 +41,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The whole file.
@@ -286,15 +289,19 @@ fn default_nbd_connections_max() -> usize {
 impl ServerConfig {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(&text, path)
     }
 
     /// Parses and validates `text` (`path` only names it in errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text)
-            .map_err(|error| ConfigError::Parse { path: path.to_owned(), message: error.to_string() })?;
+        let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: error.to_string(),
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -302,7 +309,10 @@ impl ServerConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(dhcp) = &self.dhcp {
             if dhcp.interfaces.is_empty() {
-                return Err(invalid("dhcp.interfaces", "name at least one interface to serve DHCP on"));
+                return Err(invalid(
+                    "dhcp.interfaces",
+                    "name at least one interface to serve DHCP on",
+                ));
             }
             self.dhcp_config()?;
         }
@@ -324,10 +334,16 @@ impl ServerConfig {
             let mut names = std::collections::BTreeSet::new();
             for (index, export) in nbd.exports.iter().enumerate() {
                 if export.name.is_empty() || export.name.len() > 4096 {
-                    return Err(invalid(format!("nbd.export[{index}].name"), "must be 1 to 4096 bytes"));
+                    return Err(invalid(
+                        format!("nbd.export[{index}].name"),
+                        "must be 1 to 4096 bytes",
+                    ));
                 }
                 if !names.insert(&export.name) {
-                    return Err(invalid(format!("nbd.export[{index}].name"), "duplicate export name"));
+                    return Err(invalid(
+                        format!("nbd.export[{index}].name"),
+                        "duplicate export name",
+                    ));
                 }
             }
         }
@@ -342,7 +358,8 @@ impl ServerConfig {
         let mut subnets = Vec::new();
         for (index, subnet) in dhcp.subnets.iter().enumerate() {
             let key = format!("dhcp.subnet[{index}]");
-            let network = parse_cidr(&subnet.cidr).map_err(|reason| invalid(format!("{key}.cidr"), reason))?;
+            let network = parse_cidr(&subnet.cidr)
+                .map_err(|reason| invalid(format!("{key}.cidr"), reason))?;
             let mut ranges = Vec::new();
             for (range_index, range) in subnet.ranges.iter().enumerate() {
                 let parsed = parse_range(range)
@@ -356,7 +373,10 @@ impl ServerConfig {
                 ranges.push(parsed);
             }
             if subnet.lease_secs == 0 || subnet.lease_secs > u64::from(u32::MAX) {
-                return Err(invalid(format!("{key}.lease_secs"), "must be 1 to 4294967295"));
+                return Err(invalid(
+                    format!("{key}.lease_secs"),
+                    "must be 1 to 4294967295",
+                ));
             }
             subnets.push(SubnetConfig {
                 network,
@@ -370,9 +390,13 @@ impl ServerConfig {
         }
         let mut hosts = Vec::new();
         for (index, host) in dhcp.hosts.iter().enumerate() {
-            let hardware_address =
-                parse_mac(&host.mac).map_err(|reason| invalid(format!("dhcp.host[{index}].mac"), reason))?;
-            hosts.push(HostConfig { hardware_address, address: host.address, hostname: host.hostname.clone() });
+            let hardware_address = parse_mac(&host.mac)
+                .map_err(|reason| invalid(format!("dhcp.host[{index}].mac"), reason))?;
+            hosts.push(HostConfig {
+                hardware_address,
+                address: host.address,
+                hostname: host.hostname.clone(),
+            });
         }
         let http_port = dhcp
             .boot
@@ -405,20 +429,37 @@ impl ServerConfig {
 
 /// Parses `10.0.0.0/24`.
 pub fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
-    let (address, prefix) = text.split_once('/').ok_or_else(|| format!("{text:?} is not address/prefix"))?;
-    let address: Ipv4Addr = address.parse().map_err(|_| format!("{address:?} is not an IPv4 address"))?;
-    let prefix_length: u8 = prefix.parse().map_err(|_| format!("{prefix:?} is not a prefix length"))?;
+    let (address, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not address/prefix"))?;
+    let address: Ipv4Addr = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 address"))?;
+    let prefix_length: u8 = prefix
+        .parse()
+        .map_err(|_| format!("{prefix:?} is not a prefix length"))?;
     if prefix_length > 32 {
         return Err(format!("prefix length {prefix_length} is over 32"));
     }
-    Ok(Ipv4Network { address, prefix_length })
+    Ok(Ipv4Network {
+        address,
+        prefix_length,
+    })
 }
 
 /// Parses `10.0.0.100-10.0.0.200`.
 pub fn parse_range(text: &str) -> Result<AddressRange, String> {
-    let (first, last) = text.split_once('-').ok_or_else(|| format!("{text:?} is not first-last"))?;
-    let first: Ipv4Addr = first.trim().parse().map_err(|_| format!("{first:?} is not an IPv4 address"))?;
-    let last: Ipv4Addr = last.trim().parse().map_err(|_| format!("{last:?} is not an IPv4 address"))?;
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?} is not first-last"))?;
+    let first: Ipv4Addr = first
+        .trim()
+        .parse()
+        .map_err(|_| format!("{first:?} is not an IPv4 address"))?;
+    let last: Ipv4Addr = last
+        .trim()
+        .parse()
+        .map_err(|_| format!("{last:?} is not an IPv4 address"))?;
     if first > last {
         return Err(format!("{first} comes after {last}"));
     }
@@ -429,11 +470,14 @@ pub fn parse_range(text: &str) -> Result<AddressRange, String> {
 pub fn parse_mac(text: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = text.split([':', '-']).collect();
     if parts.len() != 6 {
-        return Err(format!("{text:?} is not a MAC address like 52:54:00:12:34:56"));
+        return Err(format!(
+            "{text:?} is not a MAC address like 52:54:00:12:34:56"
+        ));
     }
     let mut mac = [0u8; 6];
     for (byte, part) in mac.iter_mut().zip(parts) {
-        *byte = u8::from_str_radix(part, 16).map_err(|_| format!("{text:?} is not a MAC address"))?;
+        *byte =
+            u8::from_str_radix(part, 16).map_err(|_| format!("{text:?} is not a MAC address"))?;
     }
     Ok(mac)
 }
@@ -481,8 +525,14 @@ path = "/srv/root.squashfs"
     fn good_config_parses_and_converts() {
         let config = parse(GOOD).unwrap();
         let dhcp = config.dhcp_config().unwrap().unwrap();
-        assert_eq!(dhcp.subnets[0].ranges[0].first, Ipv4Addr::new(10, 0, 0, 100));
-        assert_eq!(dhcp.boot.http_port, 8080, "boot URLs follow the HTTP listener");
+        assert_eq!(
+            dhcp.subnets[0].ranges[0].first,
+            Ipv4Addr::new(10, 0, 0, 100)
+        );
+        assert_eq!(
+            dhcp.boot.http_port, 8080,
+            "boot URLs follow the HTTP listener"
+        );
         assert_eq!(dhcp.hosts[0].hardware_address, [0x52, 0x54, 0, 0, 0, 1]);
         assert_eq!(config.tftp.unwrap().blksize_max, 65464);
     }
@@ -496,11 +546,29 @@ path = "/srv/root.squashfs"
 
     #[test]
     fn errors_name_the_line_or_key_and_the_reason() {
-        check_error(&GOOD.replace("root = \"/srv/tftp\"", "root = \"/srv/tftp\"\nblksize = 9"), &["line 26", "unknown field `blksize`"]);
-        check_error(&GOOD.replace("\"10.0.0.1\"]", "\"10.0.0.300\"]"), &["line 9", "invalid IPv4 address"]);
-        check_error(&GOOD.replace("10.0.0.100-10.0.0.200", "10.0.1.100-10.0.1.200"), &["dhcp.subnet[0].ranges[0]", "not inside"]);
-        check_error(&GOOD.replace("52:54:00:00:00:01", "52:54:00:00:01"), &["dhcp.host[0].mac"]);
-        check_error(&GOOD.replace("interfaces = [\"bm0\"]", "interfaces = []"), &["dhcp.interfaces"]);
-        check_error(&GOOD.replace("0.0.0.0:69", "0.0.0.0"), &["line 23", "tftp.listen"]);
+        check_error(
+            &GOOD.replace("root = \"/srv/tftp\"", "root = \"/srv/tftp\"\nblksize = 9"),
+            &["line 26", "unknown field `blksize`"],
+        );
+        check_error(
+            &GOOD.replace("\"10.0.0.1\"]", "\"10.0.0.300\"]"),
+            &["line 9", "invalid IPv4 address"],
+        );
+        check_error(
+            &GOOD.replace("10.0.0.100-10.0.0.200", "10.0.1.100-10.0.1.200"),
+            &["dhcp.subnet[0].ranges[0]", "not inside"],
+        );
+        check_error(
+            &GOOD.replace("52:54:00:00:00:01", "52:54:00:00:01"),
+            &["dhcp.host[0].mac"],
+        );
+        check_error(
+            &GOOD.replace("interfaces = [\"bm0\"]", "interfaces = []"),
+            &["dhcp.interfaces"],
+        );
+        check_error(
+            &GOOD.replace("0.0.0.0:69", "0.0.0.0"),
+            &["line 23", "tftp.listen"],
+        );
     }
 }

@@ -56,7 +56,10 @@ fn shutdown_signal(mut signal: watch::Receiver<bool>) -> impl Future<Output = ()
 }
 
 /// Runs every service in `config` until `shutdown` resolves or one of them fails.
-pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+pub async fn serve(
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let (stop_sender, stop_receiver) = watch::channel(false);
     let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
 
@@ -65,35 +68,50 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> 
             return Err(ServeError::Task("dhcp config without section".into()));
         };
         let mode = dhcp_config.mode;
-        let server = DhcpServer::new(dhcp_config)
-            .map_err(|error| ConfigError::Invalid { key: "dhcp".into(), reason: error.to_string() })?;
+        let server = DhcpServer::new(dhcp_config).map_err(|error| ConfigError::Invalid {
+            key: "dhcp".into(),
+            reason: error.to_string(),
+        })?;
         let mut links = Vec::new();
         for interface in &section.interfaces {
             links.push(Arc::new(
-                InterfaceLink::bind(interface, section.port)
-                    .map_err(io_error(format!("dhcp on {interface} port {}", section.port)))?,
+                InterfaceLink::bind(interface, section.port).map_err(io_error(format!(
+                    "dhcp on {interface} port {}",
+                    section.port
+                )))?,
             ));
             if mode == DhcpMode::Proxy {
-                links.push(Arc::new(
-                    InterfaceLink::bind(interface, PXE_PORT)
-                        .map_err(io_error(format!("proxydhcp on {interface} port {PXE_PORT}")))?,
-                ));
+                links.push(Arc::new(InterfaceLink::bind(interface, PXE_PORT).map_err(
+                    io_error(format!("proxydhcp on {interface} port {PXE_PORT}")),
+                )?));
             }
         }
-        let journal = FileLeaseJournal::open(&config.state_dir)
-            .map_err(|error| ServeError::Io { what: error.to_string(), source: std::io::Error::other("journal") })?;
+        let journal =
+            FileLeaseJournal::open(&config.state_dir).map_err(|error| ServeError::Io {
+                what: error.to_string(),
+                source: std::io::Error::other("journal"),
+            })?;
         let shutdown = shutdown_signal(stop_receiver.clone());
         let queue_max = section.receive_queue_max;
         services.spawn(async move {
-            run_dhcp(server, links, journal, SystemClock, queue_max, Arc::new(DhcpCounters::default()), shutdown)
-                .await
-                .map_err(ServeError::from)
+            run_dhcp(
+                server,
+                links,
+                journal,
+                SystemClock,
+                queue_max,
+                Arc::new(DhcpCounters::default()),
+                shutdown,
+            )
+            .await
+            .map_err(ServeError::from)
         });
         tracing::info!(interfaces = ?section.interfaces, port = section.port, ?mode, "dhcp serving");
     }
 
     if let Some(tftp) = config.tftp.clone() {
-        let source = DirectorySource::new(&tftp.root).map_err(io_error(format!("tftp root {}", tftp.root.display())))?;
+        let source = DirectorySource::new(&tftp.root)
+            .map_err(io_error(format!("tftp root {}", tftp.root.display())))?;
         let tftp_config = TftpConfig {
             blksize_max: tftp.blksize_max,
             windowsize_max: tftp.windowsize_max,
@@ -102,7 +120,8 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> 
             sessions_max: tftp.sessions_max,
         };
         // Bind before spawning so that a port in use fails start-up, not later.
-        std::net::UdpSocket::bind(tftp.listen).map_err(io_error(format!("tftp on {}", tftp.listen)))?;
+        std::net::UdpSocket::bind(tftp.listen)
+            .map_err(io_error(format!("tftp on {}", tftp.listen)))?;
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
             crate::tftp_service::run_tftp(TokioNetwork, tftp.listen, source, tftp_config, shutdown)
@@ -112,7 +131,8 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> 
     }
 
     if let Some(http) = config.http.clone() {
-        let source = DirectorySource::new(&http.root).map_err(io_error(format!("http root {}", http.root.display())))?;
+        let source = DirectorySource::new(&http.root)
+            .map_err(io_error(format!("http root {}", http.root.display())))?;
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
@@ -125,20 +145,34 @@ pub async fn serve(config: ServerConfig, shutdown: impl Future<Output = ()>) -> 
     }
 
     if let Some(nbd) = config.nbd.clone() {
-        let exports = FileExports::new(
-            nbd.exports.iter().map(|export| (export.name.clone(), export.path.clone(), export.description.clone())),
-        );
+        let exports = FileExports::new(nbd.exports.iter().map(|export| {
+            (
+                export.name.clone(),
+                export.path.clone(),
+                export.description.clone(),
+            )
+        }));
         for export in &nbd.exports {
-            std::fs::metadata(&export.path).map_err(io_error(format!("nbd export {:?} at {}", export.name, export.path.display())))?;
+            std::fs::metadata(&export.path).map_err(io_error(format!(
+                "nbd export {:?} at {}",
+                export.name,
+                export.path.display()
+            )))?;
         }
         let listener = tokio::net::TcpListener::bind(nbd.listen)
             .await
             .map_err(io_error(format!("nbd on {}", nbd.listen)))?;
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
-            crate::nbd_service::run_nbd(listener, exports, NbdConfig::default(), nbd.connections_max, shutdown)
-                .await
-                .map_err(io_error("nbd"))
+            crate::nbd_service::run_nbd(
+                listener,
+                exports,
+                NbdConfig::default(),
+                nbd.connections_max,
+                shutdown,
+            )
+            .await
+            .map_err(io_error("nbd"))
         });
     }
 

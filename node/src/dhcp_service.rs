@@ -128,7 +128,9 @@ where
                     counters.sent.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(destination = ?transmit.destination, "sent");
                 }
-                Err(error) => tracing::warn!(%error, destination = ?transmit.destination, "dhcp send failed"),
+                Err(error) => {
+                    tracing::warn!(%error, destination = ?transmit.destination, "dhcp send failed")
+                }
             }
         }
     }
@@ -150,7 +152,10 @@ fn commit_proposals<J: LeaseJournal, C: Clock>(
     if proposals.is_empty() {
         return Ok(());
     }
-    let changes: Vec<LeaseChange> = proposals.iter().map(|proposal| proposal.change.clone()).collect();
+    let changes: Vec<LeaseChange> = proposals
+        .iter()
+        .map(|proposal| proposal.change.clone())
+        .collect();
     if let Err(error) = journal.append(&changes) {
         for proposal in &proposals {
             server.handle_lease_commit_failed(proposal.id);
@@ -163,7 +168,9 @@ fn commit_proposals<J: LeaseJournal, C: Clock>(
         tracing::debug!(change = ?proposal.change, "lease committed");
         server.handle_lease_committed(now, proposal.id);
     }
-    counters.committed.fetch_add(changes.len() as u64, Ordering::Relaxed);
+    counters
+        .committed
+        .fetch_add(changes.len() as u64, Ordering::Relaxed);
     if journal.needs_compaction(server.lease_table().binding_count()) {
         let live: Vec<LeaseChange> = server
             .lease_table()
@@ -193,7 +200,14 @@ async fn read_link<L: DhcpLink>(
             Ok(meta) => {
                 counters.received.fetch_add(1, Ordering::Relaxed);
                 let bytes = buffer.get(..meta.length_bytes).unwrap_or_default().to_vec();
-                if sender.try_send(Received { link_index, bytes, meta }).is_err() {
+                if sender
+                    .try_send(Received {
+                        link_index,
+                        bytes,
+                        meta,
+                    })
+                    .is_err()
+                {
                     if sender.is_closed() {
                         return;
                     }

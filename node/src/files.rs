@@ -19,7 +19,9 @@ pub struct DirectorySource {
 impl DirectorySource {
     /// Serves `root`, which must exist.
     pub fn new(root: &Path) -> std::io::Result<Self> {
-        Ok(Self { root: root.canonicalize()? })
+        Ok(Self {
+            root: root.canonicalize()?,
+        })
     }
 
     /// The canonical root.
@@ -62,7 +64,10 @@ impl LocalFile {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
         let file = File::open(path).map_err(map_io_error)?;
         let size_bytes = file.metadata().map_err(map_io_error)?.len();
-        Ok(Self { file: Arc::new(file), size_bytes })
+        Ok(Self {
+            file: Arc::new(file),
+            size_bytes,
+        })
     }
 }
 
@@ -74,7 +79,9 @@ impl ReadAt for LocalFile {
     fn read_at(&self, offset: u64, buffer: &mut [u8]) -> Result<usize, SourceError> {
         let mut filled = 0;
         while filled < buffer.len() {
-            let Some(rest) = buffer.get_mut(filled..) else { break };
+            let Some(rest) = buffer.get_mut(filled..) else {
+                break;
+            };
             match self.file.read_at(rest, offset + filled as u64) {
                 Ok(0) => break,
                 Ok(count) => filled += count,
@@ -103,8 +110,13 @@ pub struct FileExports {
 impl FileExports {
     /// Exports `(name, path, description)`.
     pub fn new(exports: impl IntoIterator<Item = (String, PathBuf, Option<String>)>) -> Self {
-        let map = exports.into_iter().map(|(name, path, description)| (name, (path, description))).collect();
-        Self { exports: Arc::new(map) }
+        let map = exports
+            .into_iter()
+            .map(|(name, path, description)| (name, (path, description)))
+            .collect();
+        Self {
+            exports: Arc::new(map),
+        }
     }
 }
 
@@ -121,7 +133,9 @@ impl BlockSource for FileExports {
     }
 
     fn export_description(&self, name: &str) -> Option<String> {
-        self.exports.get(name).and_then(|(_, description)| description.clone())
+        self.exports
+            .get(name)
+            .and_then(|(_, description)| description.clone())
     }
 }
 
@@ -136,7 +150,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("boot")).unwrap();
         std::fs::write(root.path().join("boot/vmlinuz"), b"kernel").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("escape")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), root.path().join("escape"))
+            .unwrap();
         std::os::unix::fs::symlink("boot/vmlinuz", root.path().join("inside")).unwrap();
         let source = DirectorySource::new(root.path()).unwrap();
         let mut buffer = [0u8; 16];

@@ -30,16 +30,20 @@ pub fn router(source: DirectorySource, requests_in_flight_max: usize) -> Router 
         .layer(middleware::from_fn_with_state(source, confine_to_root))
         .layer(
             ServiceBuilder::new()
-                .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
-                    StatusCode::SERVICE_UNAVAILABLE
-                }))
+                .layer(axum::error_handling::HandleErrorLayer::new(
+                    |_: tower::BoxError| async { StatusCode::SERVICE_UNAVAILABLE },
+                ))
                 .load_shed()
                 .concurrency_limit(requests_in_flight_max.max(1))
                 .timeout(REQUEST_TIMEOUT),
         )
 }
 
-async fn confine_to_root(State(source): State<DirectorySource>, request: Request, next: Next) -> Response {
+async fn confine_to_root(
+    State(source): State<DirectorySource>,
+    request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path().to_owned();
     let span = tracing::debug_span!("http", method = %request.method(), path = %path);
     let _entered = span.enter();
@@ -77,8 +81,12 @@ fn percent_decode(path: &str) -> Option<String> {
     let mut index = 0;
     while let Some(&byte) = bytes.get(index) {
         if byte == b'%' {
-            let high = bytes.get(index + 1).and_then(|digit| (*digit as char).to_digit(16))?;
-            let low = bytes.get(index + 2).and_then(|digit| (*digit as char).to_digit(16))?;
+            let high = bytes
+                .get(index + 1)
+                .and_then(|digit| (*digit as char).to_digit(16))?;
+            let low = bytes
+                .get(index + 2)
+                .and_then(|digit| (*digit as char).to_digit(16))?;
             decoded.push((high * 16 + low) as u8);
             index += 3;
         } else {

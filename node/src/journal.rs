@@ -60,22 +60,40 @@ pub struct FileLeaseJournal {
 impl FileLeaseJournal {
     /// Opens (creating if needed) `state_dir/leases.journal`.
     pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|source| JournalError::Io { path: state_dir.to_owned(), source })?;
+        std::fs::create_dir_all(state_dir).map_err(|source| JournalError::Io {
+            path: state_dir.to_owned(),
+            source,
+        })?;
         let path = state_dir.join("leases.journal");
-        let io = |source| JournalError::Io { path: path.clone(), source };
-        let mut file =
-            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
         if file.metadata().map_err(io)?.len() == 0 {
             file.write_all(MAGIC).map_err(io)?;
             file.sync_all().map_err(io)?;
             sync_directory(state_dir).map_err(io)?;
         }
-        Ok(Self { path, file, records: 0, buffer: Vec::new() })
+        Ok(Self {
+            path,
+            file,
+            records: 0,
+            buffer: Vec::new(),
+        })
     }
 
     fn io_error(&self, source: std::io::Error) -> JournalError {
-        JournalError::Io { path: self.path.clone(), source }
+        JournalError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn encode_records(changes: &[LeaseChange], output: &mut Vec<u8>) {
@@ -96,7 +114,10 @@ impl FileLeaseJournal {
 /// running server, which may be appending at that moment).
 pub fn read_journal(state_dir: &Path) -> Result<Vec<LeaseChange>, JournalError> {
     let path = state_dir.join("leases.journal");
-    let bytes = std::fs::read(&path).map_err(|source| JournalError::Io { path: path.clone(), source })?;
+    let bytes = std::fs::read(&path).map_err(|source| JournalError::Io {
+        path: path.clone(),
+        source,
+    })?;
     Ok(decode_journal(&path, &bytes)?.0)
 }
 
@@ -142,8 +163,12 @@ fn sync_directory(directory: &Path) -> std::io::Result<()> {
 impl LeaseJournal for FileLeaseJournal {
     fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
         let mut bytes = Vec::new();
-        self.file.seek(SeekFrom::Start(0)).map_err(|error| self.io_error(error))?;
-        self.file.read_to_end(&mut bytes).map_err(|error| self.io_error(error))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .map_err(|error| self.io_error(error))?;
+        self.file
+            .read_to_end(&mut bytes)
+            .map_err(|error| self.io_error(error))?;
         let (changes, offset) = decode_journal(&self.path, &bytes)?;
         if offset < bytes.len() {
             tracing::warn!(
@@ -152,10 +177,14 @@ impl LeaseJournal for FileLeaseJournal {
                 dropped_bytes = bytes.len() - offset,
                 "lease journal has a torn tail (crash during write); truncating it"
             );
-            self.file.set_len(offset as u64).map_err(|error| self.io_error(error))?;
+            self.file
+                .set_len(offset as u64)
+                .map_err(|error| self.io_error(error))?;
             self.file.sync_all().map_err(|error| self.io_error(error))?;
         }
-        self.file.seek(SeekFrom::End(0)).map_err(|error| self.io_error(error))?;
+        self.file
+            .seek(SeekFrom::End(0))
+            .map_err(|error| self.io_error(error))?;
         self.records = changes.len();
         Ok(changes)
     }
@@ -166,8 +195,12 @@ impl LeaseJournal for FileLeaseJournal {
         }
         self.buffer.clear();
         Self::encode_records(changes, &mut self.buffer);
-        self.file.write_all(&self.buffer).map_err(|error| self.io_error(error))?;
-        self.file.sync_data().map_err(|error| self.io_error(error))?;
+        self.file
+            .write_all(&self.buffer)
+            .map_err(|error| self.io_error(error))?;
+        self.file
+            .sync_data()
+            .map_err(|error| self.io_error(error))?;
         self.records += changes.len();
         Ok(())
     }
@@ -178,7 +211,10 @@ impl LeaseJournal for FileLeaseJournal {
 
     fn compact(&mut self, live: &[LeaseChange]) -> Result<(), JournalError> {
         let temporary = self.path.with_extension("journal.tmp");
-        let io = |source| JournalError::Io { path: temporary.clone(), source };
+        let io = |source| JournalError::Io {
+            path: temporary.clone(),
+            source,
+        };
         let mut bytes = MAGIC.to_vec();
         Self::encode_records(live, &mut bytes);
         let mut file = File::create(&temporary).map_err(io)?;
@@ -188,7 +224,11 @@ impl LeaseJournal for FileLeaseJournal {
         if let Some(directory) = self.path.parent() {
             sync_directory(directory).map_err(io)?;
         }
-        let mut reopened = OpenOptions::new().read(true).write(true).open(&self.path).map_err(io)?;
+        let mut reopened = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.path)
+            .map_err(io)?;
         reopened.seek(SeekFrom::End(0)).map_err(io)?;
         self.file = reopened;
         self.records = live.len();
@@ -205,7 +245,11 @@ pub struct MemoryLeaseJournal {
 
 impl LeaseJournal for MemoryLeaseJournal {
     fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
-        Ok(self.records.lock().map(|records| records.clone()).unwrap_or_default())
+        Ok(self
+            .records
+            .lock()
+            .map(|records| records.clone())
+            .unwrap_or_default())
     }
     fn append(&mut self, changes: &[LeaseChange]) -> Result<(), JournalError> {
         if let Ok(mut records) = self.records.lock() {
@@ -272,7 +316,13 @@ mod tests {
         let last = flipped.len() - 3;
         flipped[last] ^= 0x40;
         std::fs::write(&path, &flipped).unwrap();
-        assert_eq!(FileLeaseJournal::open(directory.path()).unwrap().load().unwrap(), vec![bind(1)]);
+        assert_eq!(
+            FileLeaseJournal::open(directory.path())
+                .unwrap()
+                .load()
+                .unwrap(),
+            vec![bind(1)]
+        );
     }
 
     #[test]
@@ -294,6 +344,12 @@ mod tests {
         journal.compact(&[bind(7)]).unwrap();
         journal.append(&[bind(8)]).unwrap();
         drop(journal);
-        assert_eq!(FileLeaseJournal::open(directory.path()).unwrap().load().unwrap(), vec![bind(7), bind(8)]);
+        assert_eq!(
+            FileLeaseJournal::open(directory.path())
+                .unwrap()
+                .load()
+                .unwrap(),
+            vec![bind(7), bind(8)]
+        );
     }
 }

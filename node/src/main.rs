@@ -48,7 +48,11 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("BOOTMESH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(colours)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -61,9 +65,13 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = ServerConfig::load(&config)?;
-            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             runtime.block_on(async move {
-                node::daemon::serve(config, termination()).await.context("serve")
+                node::daemon::serve(config, termination())
+                    .await
+                    .context("serve")
             })
         }
         Command::CheckConfig { config } => {
@@ -77,14 +85,15 @@ fn main() -> anyhow::Result<()> {
 
 /// Resolves on SIGTERM or SIGINT.
 async fn termination() {
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(error) => {
-            tracing::error!(%error, "cannot listen for SIGTERM");
-            std::future::pending::<()>().await;
-            return;
-        }
-    };
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+                return;
+            }
+        };
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
@@ -99,7 +108,12 @@ fn print_leases(state_dir: &std::path::Path) -> anyhow::Result<()> {
     }
     let mut output = String::from("ADDRESS          HARDWARE           EXPIRES(UNIX)  HOSTNAME\n");
     for (address, binding) in server.lease_table().bindings() {
-        let hardware = binding.hardware_address.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(":");
+        let hardware = binding
+            .hardware_address
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
         output.push_str(&format!(
             "{:<16} {:<18} {:<14} {}\n",
             address.to_string(),

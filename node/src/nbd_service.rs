@@ -70,11 +70,16 @@ async fn serve_connection<S: BlockSource>(
     mut stream: TcpStream,
     mut connection: NbdConnection<S>,
 ) -> Result<Option<String>, String> {
-    stream.set_nodelay(true).map_err(|error| error.to_string())?;
+    stream
+        .set_nodelay(true)
+        .map_err(|error| error.to_string())?;
     let mut buffer = vec![0u8; READ_CHUNK_BYTES];
     loop {
         while !connection.pending_output().is_empty() {
-            let written = stream.write(connection.pending_output()).await.map_err(|error| error.to_string())?;
+            let written = stream
+                .write(connection.pending_output())
+                .await
+                .map_err(|error| error.to_string())?;
             if written == 0 {
                 return Err("peer stopped reading".into());
             }
@@ -87,7 +92,10 @@ async fn serve_connection<S: BlockSource>(
             // Output is drained and the core still wants no input: it has nothing left to do.
             return Err("connection stalled".into());
         }
-        let read = stream.read(&mut buffer).await.map_err(|error| error.to_string())?;
+        let read = stream
+            .read(&mut buffer)
+            .await
+            .map_err(|error| error.to_string())?;
         if read == 0 {
             return Ok(connection.export_name().map(str::to_owned));
         }

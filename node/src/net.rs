@@ -45,7 +45,12 @@ impl InterfaceLink {
         socket.set_nonblocking(true)?;
         socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
         let socket = UdpSocket::from_std(socket.into())?;
-        Ok(Self { socket, interface_name: interface_name.to_owned(), interface_index, port })
+        Ok(Self {
+            socket,
+            interface_name: interface_name.to_owned(),
+            interface_index,
+            port,
+        })
     }
 
     async fn send_to(&self, bytes: &[u8], destination: SocketAddrV4) -> io::Result<()> {
@@ -57,10 +62,14 @@ impl DhcpLink for InterfaceLink {
     async fn receive(&self, buffer: &mut [u8]) -> io::Result<ReceivedDatagram> {
         let (length_bytes, source) = self.socket.recv_from(buffer).await?;
         let SocketAddr::V4(source) = source else {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "ipv6 source on an ipv4 socket"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "ipv6 source on an ipv4 socket",
+            ));
         };
         // Looked up per datagram so an address added after start is picked up; one ioctl.
-        let local_address = interface_ipv4_address(&self.interface_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let local_address =
+            interface_ipv4_address(&self.interface_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
         Ok(ReceivedDatagram {
             length_bytes,
             source,
@@ -76,14 +85,34 @@ impl DhcpLink for InterfaceLink {
                 self.send_to(&transmit.bytes, address).await
             }
             Destination::Broadcast { port } => {
-                self.send_to(&transmit.bytes, SocketAddrV4::new(Ipv4Addr::BROADCAST, port)).await
+                self.send_to(
+                    &transmit.bytes,
+                    SocketAddrV4::new(Ipv4Addr::BROADCAST, port),
+                )
+                .await
             }
-            Destination::Hardware { address, hardware_address, port } => {
-                match inject_arp_entry(&self.socket, &self.interface_name, address, hardware_address) {
-                    Ok(()) => self.send_to(&transmit.bytes, SocketAddrV4::new(address, port)).await,
+            Destination::Hardware {
+                address,
+                hardware_address,
+                port,
+            } => {
+                match inject_arp_entry(
+                    &self.socket,
+                    &self.interface_name,
+                    address,
+                    hardware_address,
+                ) {
+                    Ok(()) => {
+                        self.send_to(&transmit.bytes, SocketAddrV4::new(address, port))
+                            .await
+                    }
                     Err(error) => {
                         tracing::debug!(%error, %address, "arp injection failed; broadcasting instead");
-                        self.send_to(&transmit.bytes, SocketAddrV4::new(Ipv4Addr::BROADCAST, port)).await
+                        self.send_to(
+                            &transmit.bytes,
+                            SocketAddrV4::new(Ipv4Addr::BROADCAST, port),
+                        )
+                        .await
                     }
                 }
             }
@@ -97,7 +126,10 @@ impl DhcpLink for InterfaceLink {
 
 fn interface_name_bytes(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("bad interface name {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad interface name {name:?}"),
+        ));
     }
     let mut bytes = [0 as libc::c_char; libc::IFNAMSIZ];
     for (slot, byte) in bytes.iter_mut().zip(name.bytes()) {
@@ -108,11 +140,15 @@ fn interface_name_bytes(name: &str) -> io::Result<[libc::c_char; libc::IFNAMSIZ]
 
 /// The kernel's index of `name`.
 pub fn interface_index(name: &str) -> io::Result<u32> {
-    let c_name = CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul in interface name"))?;
+    let c_name = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul in interface name"))?;
     // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no interface {name:?}")));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {name:?}"),
+        ));
     }
     Ok(index)
 }
@@ -148,11 +184,14 @@ fn inject_arp_entry(
     let protocol_address = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(address).to_be() },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(address).to_be(),
+        },
         sin_zero: [0; 8],
     };
     // SAFETY: sockaddr_in and sockaddr have the same size; we copy the bytes by value.
-    request.arp_pa = unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(protocol_address) };
+    request.arp_pa =
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(protocol_address) };
     request.arp_ha.sa_family = libc::ARPHRD_ETHER;
     for (slot, byte) in request.arp_ha.sa_data.iter_mut().zip(hardware_address) {
         *slot = byte as libc::c_char;

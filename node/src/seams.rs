@@ -47,7 +47,10 @@ pub struct ReceivedDatagram {
 /// One DHCP listening socket: on an interface (and port) of ours.
 pub trait DhcpLink: Send + Sync + 'static {
     /// Receives one datagram into `buffer`.
-    fn receive(&self, buffer: &mut [u8]) -> impl Future<Output = io::Result<ReceivedDatagram>> + Send;
+    fn receive(
+        &self,
+        buffer: &mut [u8],
+    ) -> impl Future<Output = io::Result<ReceivedDatagram>> + Send;
     /// Sends a reply that the DHCP core produced for a datagram received on this link.
     fn send(&self, transmit: &Transmit) -> impl Future<Output = io::Result<()>> + Send;
     /// The interface this link serves.
@@ -64,9 +67,16 @@ pub fn monotonic_now() -> std::time::Instant {
 /// A UDP socket (real or simulated).
 pub trait DatagramSocket: Send + Sync + 'static {
     /// Receives one datagram.
-    fn receive_from(&self, buffer: &mut [u8]) -> impl Future<Output = io::Result<(usize, std::net::SocketAddr)>> + Send;
+    fn receive_from(
+        &self,
+        buffer: &mut [u8],
+    ) -> impl Future<Output = io::Result<(usize, std::net::SocketAddr)>> + Send;
     /// Sends one datagram.
-    fn send_to(&self, bytes: &[u8], target: std::net::SocketAddr) -> impl Future<Output = io::Result<usize>> + Send;
+    fn send_to(
+        &self,
+        bytes: &[u8],
+        target: std::net::SocketAddr,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
     /// The bound address.
     fn local_address(&self) -> io::Result<std::net::SocketAddr>;
 }
@@ -76,7 +86,10 @@ pub trait Network: Clone + Send + Sync + 'static {
     /// The socket type.
     type Socket: DatagramSocket;
     /// Binds a socket to `address` (port 0: any free port).
-    fn bind(&self, address: std::net::SocketAddr) -> impl Future<Output = io::Result<Self::Socket>> + Send;
+    fn bind(
+        &self,
+        address: std::net::SocketAddr,
+    ) -> impl Future<Output = io::Result<Self::Socket>> + Send;
 }
 
 /// The host's network stack through tokio.

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use boot_services::source::FileSource;
-use boot_services::tftp::{RequestOutcome, SessionOutcome, TftpConfig, TftpSession, handle_request};
+use boot_services::tftp::{
+    RequestOutcome, SessionOutcome, TftpConfig, TftpSession, handle_request,
+};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -51,7 +53,14 @@ where
         };
         while sessions.try_join_next().is_some() {}
         let datagram = buffer.get(..length).unwrap_or_default();
-        match handle_request(source.as_ref(), &config, monotonic_now(), peer, datagram, sessions.len()) {
+        match handle_request(
+            source.as_ref(),
+            &config,
+            monotonic_now(),
+            peer,
+            datagram,
+            sessions.len(),
+        ) {
             RequestOutcome::Session(session) => {
                 let span = tracing::info_span!("tftp", %peer, file = %session.filename());
                 let network = network.clone();

@@ -29,7 +29,9 @@ fn message(message_type: MessageType, xid: u32, mac: [u8; 6]) -> Message {
     let mut message = Message::default();
     message.set_xid(xid);
     message.set_chaddr(&mac);
-    message.opts_mut().insert(DhcpOption::MessageType(message_type));
+    message
+        .opts_mut()
+        .insert(DhcpOption::MessageType(message_type));
     message
 }
 
@@ -44,7 +46,12 @@ async fn exchange(
     let bytes = request.to_vec()?;
     let mut buffer = vec![0u8; 1500];
     for _ in 0..ATTEMPTS_MAX {
-        trace.record(format!("{} -> server: {:?} xid={:#x}", format_mac(mac), request.opts().msg_type(), request.xid()));
+        trace.record(format!(
+            "{} -> server: {:?} xid={:#x}",
+            format_mac(mac),
+            request.opts().msg_type(),
+            request.xid()
+        ));
         socket.send_to(&bytes, SocketAddr::new(server, 67)).await?;
         let deadline = tokio::time::sleep(RETRANSMIT_AFTER);
         tokio::pin!(deadline);
@@ -71,24 +78,53 @@ async fn exchange(
 }
 
 fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|byte| format!("{byte:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// DISCOVER, OFFER, REQUEST, ACK. Returns the acknowledged address.
-pub async fn obtain_lease(server: IpAddr, mac: [u8; 6], seed: u64, trace: &Trace) -> ClientResult<Ipv4Addr> {
+pub async fn obtain_lease(
+    server: IpAddr,
+    mac: [u8; 6],
+    seed: u64,
+    trace: &Trace,
+) -> ClientResult<Ipv4Addr> {
     let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 68)).await?;
     let mut rng = seed | 1;
     let xid = next_random(&mut rng) as u32;
     let discover = message(MessageType::Discover, xid, mac);
-    let offer = exchange(&socket, server, &discover, &[MessageType::Offer], mac, trace).await?;
-    let Some(DhcpOption::ServerIdentifier(server_identifier)) = offer.opts().get(OptionCode::ServerIdentifier).cloned()
+    let offer = exchange(
+        &socket,
+        server,
+        &discover,
+        &[MessageType::Offer],
+        mac,
+        trace,
+    )
+    .await?;
+    let Some(DhcpOption::ServerIdentifier(server_identifier)) =
+        offer.opts().get(OptionCode::ServerIdentifier).cloned()
     else {
         return Err("offer without server identifier".into());
     };
     let mut request = message(MessageType::Request, xid, mac);
-    request.opts_mut().insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-    request.opts_mut().insert(DhcpOption::ServerIdentifier(server_identifier));
-    let ack = exchange(&socket, server, &request, &[MessageType::Ack, MessageType::Nak], mac, trace).await?;
+    request
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+    request
+        .opts_mut()
+        .insert(DhcpOption::ServerIdentifier(server_identifier));
+    let ack = exchange(
+        &socket,
+        server,
+        &request,
+        &[MessageType::Ack, MessageType::Nak],
+        mac,
+        trace,
+    )
+    .await?;
     if ack.opts().msg_type() != Some(MessageType::Ack) {
         return Err("request was refused (NAK)".into());
     }
@@ -100,7 +136,12 @@ pub async fn obtain_lease(server: IpAddr, mac: [u8; 6], seed: u64, trace: &Trace
 }
 
 /// Downloads `path` by TFTP with `blksize` and tsize (RFC 2347/2348/2349), one ACK per block.
-pub async fn tftp_download(server: IpAddr, path: &str, blksize: u16, trace: &Trace) -> ClientResult<Vec<u8>> {
+pub async fn tftp_download(
+    server: IpAddr,
+    path: &str,
+    blksize: u16,
+    trace: &Trace,
+) -> ClientResult<Vec<u8>> {
     let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).await?;
     let mut request = vec![0, 1];
     for part in [path, "octet", "blksize", &blksize.to_string(), "tsize", "0"] {
@@ -131,16 +172,24 @@ pub async fn tftp_download(server: IpAddr, path: &str, blksize: u16, trace: &Tra
             continue;
         }
         let packet = buffer.get(..length).unwrap_or_default();
-        let opcode = packet.get(..2).map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]));
+        let opcode = packet
+            .get(..2)
+            .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]));
         match opcode {
             Some(6) if session.is_none() => {
                 // OACK: read tsize, acknowledge block 0.
-                let fields: Vec<&[u8]> = packet.get(2..).unwrap_or_default().split(|byte| *byte == 0).collect();
+                let fields: Vec<&[u8]> = packet
+                    .get(2..)
+                    .unwrap_or_default()
+                    .split(|byte| *byte == 0)
+                    .collect();
                 for pair in fields.chunks(2) {
                     if let [name, value] = pair
                         && name.eq_ignore_ascii_case(b"tsize")
                     {
-                        declared_size = std::str::from_utf8(value).ok().and_then(|value| value.parse().ok());
+                        declared_size = std::str::from_utf8(value)
+                            .ok()
+                            .and_then(|value| value.parse().ok());
                     }
                 }
                 session = Some(from);
@@ -149,7 +198,10 @@ pub async fn tftp_download(server: IpAddr, path: &str, blksize: u16, trace: &Tra
                 trace.record(format!("tftp {path}: oack, tsize {declared_size:?}"));
             }
             Some(3) => {
-                let block = packet.get(2..4).map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]])).unwrap_or(0);
+                let block = packet
+                    .get(2..4)
+                    .map(|bytes| u16::from_be_bytes([bytes[0], bytes[1]]))
+                    .unwrap_or(0);
                 session = Some(from);
                 destination = from;
                 if block == expected_block.wrapping_add(1) {
@@ -159,7 +211,10 @@ pub async fn tftp_download(server: IpAddr, path: &str, blksize: u16, trace: &Tra
                     last_sent = vec![0, 4, (block >> 8) as u8, block as u8];
                     if data.len() < usize::from(blksize) {
                         socket.send_to(&last_sent, destination).await?;
-                        trace.record(format!("tftp {path}: {} bytes in {block} blocks", file.len()));
+                        trace.record(format!(
+                            "tftp {path}: {} bytes in {block} blocks",
+                            file.len()
+                        ));
                         if declared_size.is_some_and(|size| size != file.len()) {
                             return Err("tsize differs from the bytes received".into());
                         }
@@ -168,7 +223,11 @@ pub async fn tftp_download(server: IpAddr, path: &str, blksize: u16, trace: &Tra
                 }
             }
             Some(5) => {
-                return Err(format!("tftp error: {}", String::from_utf8_lossy(packet.get(4..).unwrap_or_default())).into());
+                return Err(format!(
+                    "tftp error: {}",
+                    String::from_utf8_lossy(packet.get(4..).unwrap_or_default())
+                )
+                .into());
             }
             _ => {}
         }

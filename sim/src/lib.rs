@@ -50,7 +50,9 @@ pub const KERNEL_PATH: &str = "boot/vmlinuz";
 
 /// Deterministic content of the simulated kernel.
 pub fn kernel_bytes() -> Vec<u8> {
-    (0..100 * 1024u32).map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
+    (0..100 * 1024u32)
+        .map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect()
 }
 
 /// One server and `client_count` nodes: each node obtains a lease by DHCP and downloads the
@@ -65,21 +67,28 @@ pub fn run_boot_path(seed: u64, client_count: usize) -> Result<BootRunReport, Si
         .simulation_duration(Duration::from_secs(120))
         .build();
 
-    let client_names: Vec<String> = (0..client_count).map(|index| format!("node{index}")).collect();
+    let client_names: Vec<String> = (0..client_count)
+        .map(|index| format!("node{index}"))
+        .collect();
     let server_trace = trace.clone();
     let names_for_server = client_names.clone();
     simulation.host("server", move || {
         let trace = server_trace.clone();
         let client_names = names_for_server.clone();
         async move {
-            let local_address = match turmoil::lookup("server") {
-                IpAddr::V4(address) => address,
-                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
-            };
-            let segment: Vec<IpAddr> = client_names.iter().map(turmoil::lookup).collect();
+            // The server's address on the simulated boot segment (turmoil hosts have their own
+            // addresses; the DHCP core sees this one, as a real server sees its interface's).
+            let local_address = Ipv4Addr::new(10, 77, 0, 1);
+            let segment: Vec<IpAddr> = client_names
+                .iter()
+                .map(|name| turmoil::lookup(name.as_str()))
+                .collect();
             let config = DhcpConfig {
                 subnets: vec![SubnetConfig {
-                    network: Ipv4Network { address: Ipv4Addr::new(10, 77, 0, 0), prefix_length: 16 },
+                    network: Ipv4Network {
+                        address: Ipv4Addr::new(10, 77, 0, 0),
+                        prefix_length: 16,
+                    },
                     ranges: vec![AddressRange {
                         first: Ipv4Addr::new(10, 77, 1, 1),
                         last: Ipv4Addr::new(10, 77, 9, 254),
@@ -118,11 +127,16 @@ pub fn run_boot_path(seed: u64, client_count: usize) -> Result<BootRunReport, Si
         }
     });
 
-    let addresses = Arc::new(std::sync::Mutex::new(vec![Ipv4Addr::UNSPECIFIED; client_count]));
+    let addresses = Arc::new(std::sync::Mutex::new(vec![
+        Ipv4Addr::UNSPECIFIED;
+        client_count
+    ]));
     for (index, name) in client_names.iter().enumerate() {
         let trace = trace.clone();
         let addresses = Arc::clone(&addresses);
-        let client_seed = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(index as u64);
+        let client_seed = seed
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .wrapping_add(index as u64);
         simulation.client(name.as_str(), async move {
             let server = turmoil::lookup("server");
             let mac = [0x52, 0x54, 0x00, 0x00, (index >> 8) as u8, index as u8];
@@ -141,13 +155,24 @@ pub fn run_boot_path(seed: u64, client_count: usize) -> Result<BootRunReport, Si
         });
     }
 
-    simulation.run().map_err(|error| SimError::Turmoil(error.to_string()))?;
-    let addresses = addresses.lock().map(|addresses| addresses.clone()).unwrap_or_default();
+    simulation
+        .run()
+        .map_err(|error| SimError::Turmoil(error.to_string()))?;
+    let addresses = addresses
+        .lock()
+        .map(|addresses| addresses.clone())
+        .unwrap_or_default();
     let mut unique = addresses.clone();
     unique.sort();
     unique.dedup();
     if unique.len() != addresses.len() {
-        return Err(SimError::Invariant(format!("two nodes hold one address: {addresses:?}")));
+        return Err(SimError::Invariant(format!(
+            "two nodes hold one address: {addresses:?}"
+        )));
     }
-    Ok(BootRunReport { trace_hash: trace.hash(), events: trace.len(), addresses })
+    Ok(BootRunReport {
+        trace_hash: trace.hash(),
+        events: trace.len(),
+        addresses,
+    })
 }

@@ -36,9 +36,18 @@ pub struct SimDhcpLink {
 
 impl SimDhcpLink {
     /// Binds port 67 on this host.
-    pub async fn bind(local_address: Ipv4Addr, segment: Vec<IpAddr>, trace: Trace) -> io::Result<Self> {
+    pub async fn bind(
+        local_address: Ipv4Addr,
+        segment: Vec<IpAddr>,
+        trace: Trace,
+    ) -> io::Result<Self> {
         let socket = turmoil::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 67)).await?;
-        Ok(Self { socket, local_address, segment, trace })
+        Ok(Self {
+            socket,
+            local_address,
+            segment,
+            trace,
+        })
     }
 }
 
@@ -60,27 +69,31 @@ impl DhcpLink for SimDhcpLink {
 
     async fn send(&self, transmit: &Transmit) -> io::Result<()> {
         let summary = decode_message(&transmit.bytes)
-            .map(|message| format!("{:?} xid={:#x} yiaddr={}", transmit.message_type, message.xid(), message.yiaddr()))
+            .map(|message| {
+                format!(
+                    "{:?} xid={:#x} yiaddr={}",
+                    transmit.message_type,
+                    message.xid(),
+                    message.yiaddr()
+                )
+            })
             .unwrap_or_else(|_| "undecodable reply".into());
-        self.trace.record(format!("server -> {:?}: {summary}", transmit.destination));
-        match transmit.destination {
+        self.trace
+            .record(format!("server -> {:?}: {summary}", transmit.destination));
+        let port = match transmit.destination {
             Destination::Relay(address) => {
-                self.socket.send_to(&transmit.bytes, SocketAddr::V4(address)).await?;
+                self.socket
+                    .send_to(&transmit.bytes, SocketAddr::V4(address))
+                    .await?;
+                return Ok(());
             }
-            Destination::Broadcast { port }
-            | Destination::Hardware { port, .. }
-            | Destination::Unicast(SocketAddrV4 { .. })
-                if !self.segment.is_empty() =>
-            {
-                let port = match transmit.destination {
-                    Destination::Unicast(address) => address.port(),
-                    _ => port,
-                };
-                for node in &self.segment {
-                    self.socket.send_to(&transmit.bytes, SocketAddr::new(*node, port)).await?;
-                }
-            }
-            _ => {}
+            Destination::Unicast(address) => address.port(),
+            Destination::Broadcast { port } | Destination::Hardware { port, .. } => port,
+        };
+        for node in &self.segment {
+            self.socket
+                .send_to(&transmit.bytes, SocketAddr::new(*node, port))
+                .await?;
         }
         Ok(())
     }
@@ -113,7 +126,9 @@ impl DatagramSocket for TurmoilSocket {
 impl Network for TurmoilNetwork {
     type Socket = TurmoilSocket;
     async fn bind(&self, address: SocketAddr) -> io::Result<TurmoilSocket> {
-        turmoil::net::UdpSocket::bind(address).await.map(TurmoilSocket)
+        turmoil::net::UdpSocket::bind(address)
+            .await
+            .map(TurmoilSocket)
     }
 }
 
@@ -126,7 +141,14 @@ pub struct MemoryFiles {
 impl MemoryFiles {
     /// Serves `(path, bytes)` pairs.
     pub fn new(files: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
-        Self { files: Arc::new(files.into_iter().map(|(path, bytes)| (path, MemoryFile::new(bytes))).collect()) }
+        Self {
+            files: Arc::new(
+                files
+                    .into_iter()
+                    .map(|(path, bytes)| (path, MemoryFile::new(bytes)))
+                    .collect(),
+            ),
+        }
     }
 }
 

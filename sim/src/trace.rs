@@ -14,7 +14,11 @@ impl Trace {
     pub fn record(&self, event: impl AsRef<str>) {
         let elapsed = turmoil::sim_elapsed().unwrap_or_default();
         if let Ok(mut events) = self.events.lock() {
-            events.push(format!("{:>12.6} {}", elapsed.as_secs_f64(), event.as_ref()));
+            events.push(format!(
+                "{:>12.6} {}",
+                elapsed.as_secs_f64(),
+                event.as_ref()
+            ));
         }
     }
 
@@ -43,6 +47,9 @@ impl Trace {
 
     /// All events, for printing a failing run.
     pub fn events(&self) -> Vec<String> {
-        self.events.lock().map(|events| events.clone()).unwrap_or_default()
+        self.events
+            .lock()
+            .map(|events| events.clone())
+            .unwrap_or_default()
     }
 }

@@ -1,0 +1,12 @@
+//! `node`'s integration tests: the real `bootmesh` binary against real clients that nobody
+//! here wrote (dhclient, udhcpc, perfdhcp, tftp-hpa, atftp, curl, nbdinfo, nbdcopy, qemu-img),
+//! each in network namespaces that the test creates and removes. They need root; CI sets
+//! BOOTMESH_NETNS_TESTS=1 so that a missing privilege or program fails instead of skipping.
+
+mod architecture;
+mod bad_input;
+mod dhcp;
+mod http;
+mod lab;
+mod nbd;
+mod tftp;
