@@ -43,6 +43,12 @@ pub struct LeaseTable {
     reservations_by_age: BTreeMap<u64, Ipv4Addr>,
     reservation_sequence: u64,
     quarantine_until: BTreeMap<Ipv4Addr, u64>,
+    /// (end of quarantine, address), to return addresses to the pool when it ends.
+    quarantine_by_expiry: BTreeSet<(u64, Ipv4Addr)>,
+    /// Addresses that the never-used cursor already passed and that are free again: offers
+    /// that lapsed or were evicted, quarantines that ended. Allocation takes them before it
+    /// reuses an expired lease, and never has to scan a range.
+    returned: BTreeSet<Ipv4Addr>,
     /// Per range (by first address): addresses at or beyond this cursor have never been
     /// handed out, so fresh addresses are found without scanning the used part.
     never_used_cursor: BTreeMap<Ipv4Addr, u32>,
@@ -130,12 +136,14 @@ impl LeaseTable {
             self.reservation_by_client.remove(&previous.client);
             self.reservations_by_age.remove(&previous.sequence);
         }
+        self.returned.remove(&address);
         while self.reservations.len() >= reservations_max.max(1) {
             let Some((_, oldest_address)) = self.reservations_by_age.pop_first() else {
                 break;
             };
             if let Some(oldest) = self.reservations.remove(&oldest_address) {
                 self.reservation_by_client.remove(&oldest.client);
+                self.return_if_unbound(oldest_address);
             }
         }
         self.reservation_sequence += 1;
@@ -159,11 +167,20 @@ impl LeaseTable {
             && let Some(reservation) = self.reservations.remove(&address)
         {
             self.reservations_by_age.remove(&reservation.sequence);
+            self.return_if_unbound(address);
         }
     }
 
-    /// Drops reservations that have expired. Cheap when nothing expired.
-    pub fn expire_reservations(&mut self, now_unix_secs: u64) {
+    /// An address whose offer ended goes back to the pool unless a lease holds it.
+    fn return_if_unbound(&mut self, address: Ipv4Addr) {
+        if !self.bindings.contains_key(&address) && !self.quarantine_until.contains_key(&address) {
+            self.returned.insert(address);
+        }
+    }
+
+    /// Drops reservations and quarantines that have ended, returning their addresses to the
+    /// pool. Cheap when nothing ended.
+    pub fn expire(&mut self, now_unix_secs: u64) {
         // Reservations are created with the same hold time, so age order is expiry order.
         while let Some((&sequence, &address)) = self.reservations_by_age.first_key_value() {
             let expired = self
@@ -176,6 +193,17 @@ impl LeaseTable {
             self.reservations_by_age.remove(&sequence);
             if let Some(reservation) = self.reservations.remove(&address) {
                 self.reservation_by_client.remove(&reservation.client);
+                self.return_if_unbound(address);
+            }
+        }
+        while let Some(&(until, address)) = self.quarantine_by_expiry.first() {
+            if until > now_unix_secs {
+                break;
+            }
+            self.quarantine_by_expiry.remove(&(until, address));
+            if self.quarantine_until.get(&address) == Some(&until) {
+                self.quarantine_until.remove(&address);
+                self.return_if_unbound(address);
             }
         }
     }
@@ -192,7 +220,10 @@ impl LeaseTable {
             } => {
                 self.remove_binding_of_client(client);
                 self.remove_binding_at(*address);
-                self.quarantine_until.remove(address);
+                if let Some(until) = self.quarantine_until.remove(address) {
+                    self.quarantine_by_expiry.remove(&(until, *address));
+                }
+                self.returned.remove(address);
                 self.bindings.insert(
                     *address,
                     Binding {
@@ -227,7 +258,12 @@ impl LeaseTable {
                 until_unix_secs,
             } => {
                 self.remove_binding_at(*address);
-                self.quarantine_until.insert(*address, *until_unix_secs);
+                self.returned.remove(address);
+                if let Some(previous) = self.quarantine_until.insert(*address, *until_unix_secs) {
+                    self.quarantine_by_expiry.remove(&(previous, *address));
+                }
+                self.quarantine_by_expiry
+                    .insert((*until_unix_secs, *address));
             }
         }
     }
@@ -282,14 +318,27 @@ impl LeaseTable {
                 }
             }
         }
+        // Addresses freed after the cursor passed them: lapsed offers, ended quarantines.
+        for range in ranges {
+            let candidate = self
+                .returned
+                .range(range.first..=range.last)
+                .take(REUSE_CANDIDATES_MAX)
+                .copied()
+                .find(|address| {
+                    !is_excluded(*address) && self.is_available_to(*address, client, now_unix_secs)
+                });
+            if candidate.is_some() {
+                return candidate;
+            }
+        }
         // Reuse: the binding that expired longest ago, within our ranges.
         let in_ranges = |address: Ipv4Addr| {
             ranges
                 .iter()
                 .any(|range| range.first <= address && address <= range.last)
         };
-        let candidate = self
-            .bindings_by_expiry
+        self.bindings_by_expiry
             .iter()
             .take_while(|(expiry, _)| *expiry <= now_unix_secs)
             .take(REUSE_CANDIDATES_MAX)
@@ -298,20 +347,6 @@ impl LeaseTable {
                 in_ranges(*address)
                     && !is_excluded(*address)
                     && self.is_available_to(*address, client, now_unix_secs)
-            });
-        if candidate.is_some() {
-            return candidate;
-        }
-        // Last resort: addresses the cursor skipped because an offer held them then, or that
-        // left quarantine. Bounded by the ranges' size, reached only when the pool is tight.
-        ranges.iter().find_map(|range| {
-            (u32::from(range.first)..=u32::from(range.last))
-                .map(Ipv4Addr::from)
-                .find(|address| {
-                    !self.bindings.contains_key(address)
-                        && !is_excluded(*address)
-                        && self.is_available_to(*address, client, now_unix_secs)
-                })
-        })
+            })
     }
 }

@@ -317,7 +317,7 @@ impl DhcpServer {
         datagram: Datagram<'_>,
     ) -> Result<(), DhcpDrop> {
         let now_unix_secs = unix_secs(now);
-        self.table.expire_reservations(now_unix_secs);
+        self.table.expire(now_unix_secs);
         let request = Message::from_bytes(datagram.bytes)
             .map_err(|error| DhcpDrop::Malformed(error.to_string()))?;
         if request.opcode() != Opcode::BootRequest {

@@ -774,3 +774,75 @@ fn bad_configs_are_refused() {
         Err(DhcpConfigError::DuplicateHost(_))
     ));
 }
+
+#[test]
+fn lapsed_and_evicted_offers_return_to_the_pool() {
+    let mut config = config();
+    config.offers_max = 4;
+    let mut harness = Harness::new(config);
+    // Ten offers to ten clients: the pool of ten is reserved, the first six evicted on the way.
+    for index in 0..10 {
+        harness
+            .send(&request_message(
+                MessageType::Discover,
+                mac(index),
+                u32::from(index),
+            ))
+            .unwrap();
+    }
+    harness.replies();
+    assert_eq!(harness.server.lease_table().reservation_count(), 4);
+    // A newcomer gets an address an evicted offer gave back.
+    harness.lease(request_message(MessageType::Discover, mac(50), 50));
+    // Once every offer has lapsed, the whole rest of the pool is usable again.
+    harness.now += Duration::from_secs(31);
+    for index in 60..69 {
+        harness.lease(request_message(
+            MessageType::Discover,
+            mac(index),
+            u32::from(index),
+        ));
+    }
+    assert_eq!(harness.server.lease_table().binding_count(), 10);
+    assert_eq!(
+        harness.send(&request_message(MessageType::Discover, mac(99), 99)),
+        Err(DhcpDrop::PoolExhausted([10, 0, 0, 0].into()))
+    );
+}
+
+#[test]
+fn quarantine_ends_and_the_address_comes_back() {
+    let mut config = config();
+    config.decline_quarantine = Duration::from_secs(60);
+    let mut harness = Harness::new(config);
+    let mut addresses = Vec::new();
+    for index in 0..10 {
+        addresses.push(
+            harness
+                .lease(request_message(
+                    MessageType::Discover,
+                    mac(index),
+                    u32::from(index),
+                ))
+                .yiaddr(),
+        );
+    }
+    let mut decline = request_message(MessageType::Decline, mac(3), 77);
+    decline
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(addresses[3]));
+    harness.send(&decline).unwrap();
+    harness.commit_all();
+    assert!(
+        harness
+            .send(&request_message(MessageType::Discover, mac(40), 40))
+            .is_err()
+    );
+    harness.now += Duration::from_secs(61);
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(40), 41))
+            .yiaddr(),
+        addresses[3]
+    );
+}

@@ -1,1 +1,758 @@
-//! DHCP against real clients.
+//! DHCP against real clients: dhclient, busybox udhcpc and perfdhcp, plus a relay agent and PXE
+//! firmware played by raw packets, and a server killed with SIGKILL.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use dhcproto::v4::{
+    Architecture, DhcpOption, Message, MessageType, OptionCode,
+    relay::{RelayAgentInformation, RelayInfo},
+};
+use dhcproto::{Decodable, Encodable};
+
+use crate::lab::{self, Lab};
+
+const SERVER_ADDRESS: &str = "10.77.0.1";
+const RELAY_ADDRESS: &str = "10.77.0.2";
+/// The "remote rack" behind the relay.
+const REMOTE_GIADDR: Ipv4Addr = Ipv4Addr::new(10, 79, 0, 1);
+
+struct DhcpLab {
+    lab: Lab,
+    server_namespace: String,
+    client_namespace: String,
+    client_interface: String,
+}
+
+fn server_config(lab: &Lab, server_interface: &str, lease_secs: u64, extra: &str) -> String {
+    format!(
+        r#"state_dir = "{state}"
+
+[dhcp]
+interfaces = ["{server_interface}"]
+offers_max = 512
+
+[[dhcp.subnet]]
+cidr = "10.77.0.0/16"
+ranges = ["10.77.1.0-10.77.40.255"]
+routers = ["10.77.0.1"]
+dns_servers = ["10.77.0.1"]
+domain_name = "lab.bootmesh.test"
+lease_secs = {lease_secs}
+
+[[dhcp.subnet]]
+cidr = "10.79.0.0/24"
+ranges = ["10.79.0.100-10.79.0.200"]
+routers = ["10.79.0.1"]
+lease_secs = {lease_secs}
+
+[[dhcp.host]]
+mac = "52:54:00:aa:bb:cc"
+address = "10.77.0.50"
+hostname = "known-node"
+
+[[dhcp.host]]
+mac = "52:54:00:aa:bb:dd"
+address = "10.79.0.50"
+hostname = "known-remote-node"
+
+[http]
+listen = "0.0.0.0:8080"
+root = "{root}"
+{extra}"#,
+        state = lab.path("state").display(),
+        root = lab.directory.path().display(),
+    )
+}
+
+/// Server namespace with 10.77.0.1/16, client namespace joined by a veth pair; the client side
+/// has no address (DHCP gives it one) unless `client_address` says so.
+fn dhcp_lab(lease_secs: u64, client_address: bool, extra: &str) -> DhcpLab {
+    let mut lab = Lab::new();
+    let server_namespace = lab.namespace("srv");
+    let client_namespace = lab.namespace("cli");
+    let (server_interface, client_interface) = lab.veth("d", &server_namespace, &client_namespace);
+    lab.add_address(
+        &server_namespace,
+        &server_interface,
+        &format!("{SERVER_ADDRESS}/16"),
+    );
+    if client_address {
+        lab.add_address(
+            &client_namespace,
+            &client_interface,
+            &format!("{RELAY_ADDRESS}/16"),
+        );
+        lab.add_address(
+            &client_namespace,
+            &client_interface,
+            &format!("{REMOTE_GIADDR}/24"),
+        );
+        lab.add_route(&server_namespace, "10.79.0.0/24", RELAY_ADDRESS);
+    }
+    let config = server_config(&lab, &server_interface, lease_secs, extra);
+    lab.serve("server", &server_namespace, &config);
+    DhcpLab {
+        lab,
+        server_namespace,
+        client_namespace,
+        client_interface,
+    }
+}
+
+fn write_script(lab: &Lab, name: &str, body: &str) -> String {
+    let path = lab.path(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\nexit 0\n")).unwrap();
+    lab::run_checked("chmod", &["+x", &path.to_string_lossy()]);
+    path.to_string_lossy().into_owned()
+}
+
+fn leases_listing(lab: &Lab) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+        .args([
+            "leases",
+            "--state-dir",
+            &lab.path("state").to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "bootmesh leases: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn lease_expiry(listing: &str, address: &str) -> Option<u64> {
+    listing
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(address))
+        .and_then(|line| line.split_whitespace().nth(2))
+        .and_then(|expiry| expiry.parse().ok())
+}
+
+fn unix_now() -> u64 {
+    #[allow(clippy::disallowed_methods)]
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn dhclient_obtains_renews_reboots_and_releases() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("dhclient");
+    let DhcpLab {
+        mut lab,
+        client_namespace,
+        client_interface,
+        ..
+    } = dhcp_lab(6, false, "");
+    let events = lab.path("dhclient-events");
+    // Our own script: the stock one would rewrite the host's resolv.conf.
+    let script = write_script(
+        &lab,
+        "dhclient-script",
+        &format!(
+            r#"echo "$reason $new_ip_address $new_host_name" >> {events}
+case "$reason" in BOUND|RENEW|REBIND|REBOOT) ip addr replace "$new_ip_address/16" dev "$interface";; esac"#,
+            events = events.display()
+        ),
+    );
+    let lease_file = lab.path("dhclient.leases").to_string_lossy().into_owned();
+    let pid_file = lab.path("dhclient.pid").to_string_lossy().into_owned();
+    let dhclient = |lab: &Lab, extra: &[&str]| {
+        let mut args = vec!["-v", "-lf", &lease_file, "-pf", &pid_file, "-sf", &script];
+        args.extend_from_slice(extra);
+        args.push(&client_interface);
+        lab.run(
+            &client_namespace,
+            Duration::from_secs(40),
+            "dhclient",
+            &args,
+        )
+    };
+
+    // Obtain: DISCOVER, OFFER, REQUEST, ACK; dhclient then stays in the background.
+    let obtained = dhclient(&lab, &["-1"]);
+    assert!(
+        obtained.status.success(),
+        "dhclient -1: {}",
+        String::from_utf8_lossy(&obtained.stderr)
+    );
+    let bound: Vec<String> = lab::lines(&events)
+        .into_iter()
+        .filter(|line| line.starts_with("BOUND"))
+        .collect();
+    let address = bound
+        .first()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .expect("a BOUND event")
+        .to_owned();
+    assert!(address.starts_with("10.77."), "{address}");
+
+    // Renew: with a 6 s lease, T1 is 3 s; the RENEW is unicast to the server.
+    lab::wait_for(Duration::from_secs(20), || {
+        lab::lines(&events)
+            .iter()
+            .any(|line| line.starts_with("RENEW"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no RENEW: {:?}\nserver:\n{}",
+            lab::lines(&events),
+            lab.log("server")
+        )
+    });
+    assert!(
+        lab::lines(&events)
+            .iter()
+            .filter(|line| line.starts_with("RENEW"))
+            .all(|line| line.contains(&address))
+    );
+
+    // Stop without releasing, start again: INIT-REBOOT keeps the address.
+    assert!(dhclient(&lab, &["-x"]).status.success());
+    let rebooted = dhclient(&lab, &["-1"]);
+    assert!(
+        rebooted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebooted.stderr)
+    );
+    let last = lab::lines(&events)
+        .into_iter()
+        .rev()
+        .find(|line| line.starts_with("REBOOT") || line.starts_with("BOUND"))
+        .unwrap();
+    assert!(
+        last.contains(&address),
+        "after restart got {last}, had {address}"
+    );
+
+    // Release: the server ends the lease now (it keeps the binding for the next visit).
+    let before_release = lease_expiry(&leases_listing(&lab), &address).expect("lease listed");
+    assert!(before_release > unix_now(), "lease should be active");
+    assert!(dhclient(&lab, &["-r"]).status.success());
+    lab::wait_for(Duration::from_secs(10), || {
+        lease_expiry(&leases_listing(&lab), &address).is_some_and(|expiry| expiry <= unix_now())
+    })
+    .unwrap_or_else(|| panic!("release not recorded:\n{}", leases_listing(&lab)));
+    lab.signal("server", libc::SIGTERM);
+}
+
+#[test]
+fn udhcpc_obtains_renews_and_releases() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("busybox");
+    let DhcpLab {
+        mut lab,
+        client_namespace,
+        client_interface,
+        ..
+    } = dhcp_lab(3600, false, "");
+    let events = lab.path("udhcpc-events");
+    let script = write_script(
+        &lab,
+        "udhcpc-script",
+        &format!(
+            r#"echo "$1 $ip $hostname $router" >> {events}
+case "$1" in bound|renew) ip addr replace "$ip/16" dev "$interface";; esac"#,
+            events = events.display()
+        ),
+    );
+    // Foreground, release on exit (-R); SIGUSR1 asks for a renewal.
+    lab.spawn(
+        "udhcpc",
+        &client_namespace,
+        "busybox",
+        &[
+            "udhcpc",
+            "-f",
+            "-R",
+            "-i",
+            &client_interface,
+            "-s",
+            &script,
+            "-t",
+            "5",
+            "-T",
+            "1",
+        ],
+    );
+    lab::wait_for(Duration::from_secs(20), || {
+        lab::lines(&events)
+            .iter()
+            .any(|line| line.starts_with("bound"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "udhcpc never bound:\n{}\nserver:\n{}",
+            lab.log("udhcpc"),
+            lab.log("server")
+        )
+    });
+    let bound = lab::lines(&events)
+        .into_iter()
+        .find(|line| line.starts_with("bound"))
+        .unwrap();
+    let address = bound.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(
+        bound.contains("10.77.0.1"),
+        "router option missing: {bound}"
+    );
+
+    let udhcpc_pid = std::process::Command::new("ip")
+        .args(["netns", "pids", &client_namespace])
+        .output()
+        .map(|output| {
+            String::from_utf8_lossy(&output.stdout)
+                .split_whitespace()
+                .filter_map(|pid| pid.parse::<i32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    for pid in &udhcpc_pid {
+        // SAFETY: signalling processes inside our own namespace.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::kill(*pid, libc::SIGUSR1)
+        };
+    }
+    lab::wait_for(Duration::from_secs(20), || {
+        lab::lines(&events)
+            .iter()
+            .any(|line| line.starts_with("renew"))
+    })
+    .unwrap_or_else(|| panic!("udhcpc never renewed:\n{}", lab.log("udhcpc")));
+    assert!(
+        lab::lines(&events)
+            .iter()
+            .filter(|line| line.starts_with("renew"))
+            .all(|line| line.contains(&address))
+    );
+
+    lab.signal("udhcpc", libc::SIGTERM);
+    lab::wait_for(Duration::from_secs(10), || {
+        lease_expiry(&leases_listing(&lab), &address).is_some_and(|expiry| expiry <= unix_now())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "release not recorded:\n{}\nudhcpc:\n{}",
+            leases_listing(&lab),
+            lab.log("udhcpc")
+        )
+    });
+}
+
+/// A relay agent (or PXE firmware) played by hand: sends from `giaddr:67` inside the client
+/// namespace, so replies come back to this socket.
+struct RelayClient {
+    socket: UdpSocket,
+    giaddr: Ipv4Addr,
+}
+
+impl RelayClient {
+    fn bind(giaddr: Ipv4Addr) -> Self {
+        let socket = UdpSocket::bind(SocketAddr::from((giaddr, 67))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        Self { socket, giaddr }
+    }
+
+    fn exchange(&self, request: &Message) -> Message {
+        let bytes = request.to_vec().unwrap();
+        let mut buffer = [0u8; 1500];
+        for _ in 0..5 {
+            self.socket.send_to(&bytes, (SERVER_ADDRESS, 67)).unwrap();
+            while let Ok((length, _)) = self.socket.recv_from(&mut buffer) {
+                let reply = Message::from_bytes(&buffer[..length]).unwrap();
+                if reply.xid() == request.xid() {
+                    return reply;
+                }
+            }
+        }
+        panic!("no reply to xid {:#x}", request.xid());
+    }
+
+    fn message(&self, message_type: MessageType, mac: [u8; 6], xid: u32) -> Message {
+        let mut message = Message::default();
+        message
+            .set_xid(xid)
+            .set_chaddr(&mac)
+            .set_giaddr(self.giaddr)
+            .set_hops(1);
+        message
+            .opts_mut()
+            .insert(DhcpOption::MessageType(message_type));
+        message
+    }
+
+    /// Full exchange; returns the ACKed address.
+    fn lease(&self, mac: [u8; 6], xid: u32) -> Ipv4Addr {
+        let offer = self.exchange(&self.message(MessageType::Discover, mac, xid));
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        let mut request = self.message(MessageType::Request, mac, xid);
+        request
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        request.opts_mut().insert(DhcpOption::ServerIdentifier(
+            SERVER_ADDRESS.parse().unwrap(),
+        ));
+        let ack = self.exchange(&request);
+        assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+        assert_eq!(ack.yiaddr(), offer.yiaddr());
+        ack.yiaddr()
+    }
+}
+
+fn mac(index: u32) -> [u8; 6] {
+    [
+        0x02,
+        0x00,
+        0x00,
+        (index >> 16) as u8,
+        (index >> 8) as u8,
+        index as u8,
+    ]
+}
+
+#[test]
+fn relayed_requests_are_answered_to_the_relay_from_the_giaddr_subnet() {
+    if !lab::enabled() {
+        return;
+    }
+    let DhcpLab {
+        lab,
+        client_namespace,
+        ..
+    } = dhcp_lab(3600, true, "");
+    lab.inside(&client_namespace, || {
+        let relay = RelayClient::bind(REMOTE_GIADDR);
+        let mut discover = relay.message(MessageType::Discover, mac(1), 0x1001);
+        let mut information = RelayAgentInformation::default();
+        information.insert(RelayInfo::AgentCircuitId(b"rack7/port3".to_vec()));
+        discover
+            .opts_mut()
+            .insert(DhcpOption::RelayAgentInformation(information.clone()));
+        let offer = relay.exchange(&discover);
+        assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+        assert!(
+            offer.yiaddr().octets().starts_with(&[10, 79, 0]),
+            "offer {} is not from the relay's subnet",
+            offer.yiaddr()
+        );
+        assert_eq!(offer.giaddr(), REMOTE_GIADDR);
+        assert_eq!(
+            offer.opts().get(OptionCode::RelayAgentInformation),
+            Some(&DhcpOption::RelayAgentInformation(information))
+        );
+        assert_eq!(
+            offer.opts().get(OptionCode::Router),
+            Some(&DhcpOption::Router(vec![REMOTE_GIADDR]))
+        );
+        let address = relay.lease(mac(1), 0x1002);
+        assert_eq!(address, offer.yiaddr());
+    });
+}
+
+fn boot_file(reply: &Message) -> String {
+    match reply.opts().get(OptionCode::BootfileName) {
+        Some(DhcpOption::BootfileName(name)) => String::from_utf8(name.clone()).unwrap(),
+        other => panic!("no boot file: {other:?}"),
+    }
+}
+
+#[test]
+fn pxe_bios_uefi_http_and_ipxe_requests_get_the_right_boot_file() {
+    if !lab::enabled() {
+        return;
+    }
+    let DhcpLab {
+        lab,
+        client_namespace,
+        ..
+    } = dhcp_lab(3600, true, "");
+    lab.inside(&client_namespace, || {
+        let firmware = RelayClient::bind(RELAY_ADDRESS.parse().unwrap());
+        let check = |architecture: u16,
+                     vendor_class: &[u8],
+                     user_class: Option<&[u8]>,
+                     expected: &str,
+                     expected_vendor: Option<&[u8]>| {
+            let mut discover = firmware.message(
+                MessageType::Discover,
+                mac(0x500 + u32::from(architecture)),
+                0x2000 + u32::from(architecture),
+            );
+            discover
+                .opts_mut()
+                .insert(DhcpOption::ClientSystemArchitecture(Architecture::from(
+                    architecture,
+                )));
+            discover
+                .opts_mut()
+                .insert(DhcpOption::ClassIdentifier(vendor_class.to_vec()));
+            if let Some(user_class) = user_class {
+                discover
+                    .opts_mut()
+                    .insert(DhcpOption::UserClass(user_class.to_vec()));
+            }
+            let offer = firmware.exchange(&discover);
+            assert_eq!(boot_file(&offer), expected, "architecture {architecture}");
+            assert_eq!(offer.siaddr(), SERVER_ADDRESS.parse::<Ipv4Addr>().unwrap());
+            let vendor = match offer.opts().get(OptionCode::ClassIdentifier) {
+                Some(DhcpOption::ClassIdentifier(class)) => Some(class.as_slice()),
+                _ => None,
+            };
+            assert_eq!(vendor, expected_vendor, "architecture {architecture}");
+        };
+        check(
+            0,
+            b"PXEClient:Arch:00000:UNDI:002001",
+            None,
+            "undionly.kpxe",
+            None,
+        );
+        check(
+            7,
+            b"PXEClient:Arch:00007:UNDI:003016",
+            None,
+            "ipxe.efi",
+            None,
+        );
+        check(
+            9,
+            b"PXEClient:Arch:00009:UNDI:003016",
+            None,
+            "ipxe.efi",
+            None,
+        );
+        check(
+            11,
+            b"PXEClient:Arch:00011:UNDI:003016",
+            None,
+            "ipxe-arm64.efi",
+            None,
+        );
+        check(
+            16,
+            b"HTTPClient:Arch:00016:UNDI:003001",
+            None,
+            "http://10.77.0.1:8080/ipxe.efi",
+            Some(b"HTTPClient"),
+        );
+        // iPXE asks again and gets its script, never iPXE again (no chainload loop).
+        let mac_of_ipxe = mac(0x500);
+        let expected_script = format!(
+            "http://10.77.0.1:8080/boot/{}.ipxe",
+            mac_of_ipxe
+                .iter()
+                .map(|byte| format!("{byte:02x}"))
+                .collect::<Vec<_>>()
+                .join("-")
+        );
+        check(
+            0,
+            b"PXEClient:Arch:00000:UNDI:002001",
+            Some(b"iPXE"),
+            &expected_script,
+            None,
+        );
+    });
+}
+
+#[test]
+fn perfdhcp_completes_4_way_exchanges_without_drops() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("perfdhcp");
+    let DhcpLab {
+        lab,
+        client_namespace,
+        client_interface,
+        ..
+    } = dhcp_lab(3600, true, "");
+    // perfdhcp acts as a relay from the client side's address (giaddr 10.77.0.2).
+    let output = lab.run(
+        &client_namespace,
+        Duration::from_secs(90),
+        "perfdhcp",
+        &[
+            "-4",
+            "-l",
+            &client_interface,
+            "-r",
+            "1000",
+            "-R",
+            "5000",
+            "-p",
+            "30",
+            SERVER_ADDRESS,
+        ],
+    );
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{report}");
+    let drops: Vec<u64> = report
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("drops:"))
+        .filter_map(|value| value.trim().parse().ok())
+        .collect();
+    let received: Vec<u64> = report
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("received packets:"))
+        .filter_map(|value| value.trim().parse().ok())
+        .collect();
+    assert_eq!(
+        drops.len(),
+        2,
+        "expected DISCOVER-OFFER and REQUEST-ACK statistics:\n{report}"
+    );
+    assert_eq!(
+        drops,
+        vec![0, 0],
+        "perfdhcp saw drops:\n{report}\nserver:\n{}",
+        lab.log("server")
+    );
+    assert!(
+        received.iter().all(|count| *count >= 25_000),
+        "too few exchanges: {received:?}\n{report}"
+    );
+}
+
+#[test]
+fn every_acked_lease_survives_kill_9() {
+    if !lab::enabled() {
+        return;
+    }
+    let DhcpLab {
+        mut lab,
+        server_namespace,
+        client_namespace,
+        ..
+    } = dhcp_lab(3600, true, "");
+    const CLIENTS: u32 = 60;
+    let acked: Vec<Ipv4Addr> = lab.inside(&client_namespace, || {
+        let relay = RelayClient::bind(REMOTE_GIADDR);
+        (0..CLIENTS)
+            .map(|index| relay.lease(mac(index), 0x3000 + index))
+            .collect()
+    });
+    // SIGKILL right after the last ACK: no shutdown path runs.
+    lab.signal("server", libc::SIGKILL);
+    let listing = leases_listing(&lab);
+    for address in &acked {
+        assert!(
+            lease_expiry(&listing, &address.to_string()).is_some(),
+            "{address} lost after kill -9:\n{listing}"
+        );
+    }
+    let config = std::fs::read_to_string(lab.path("server.toml")).unwrap();
+    lab.serve("server-restarted", &server_namespace, &config);
+    let (again, newcomer) = lab.inside(&client_namespace, || {
+        let relay = RelayClient::bind(REMOTE_GIADDR);
+        let again: Vec<Ipv4Addr> = (0..CLIENTS)
+            .map(|index| relay.lease(mac(index), 0x4000 + index))
+            .collect();
+        (again, relay.lease(mac(9999), 0x5000))
+    });
+    assert_eq!(
+        again, acked,
+        "clients must get their own addresses back after the restart"
+    );
+    assert!(
+        !acked.contains(&newcomer),
+        "{newcomer} was handed out twice"
+    );
+}
+
+#[test]
+fn discover_flood_stays_bounded_and_a_known_client_is_still_served() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("perfdhcp");
+    lab::require_program("busybox");
+    let DhcpLab {
+        mut lab,
+        server_namespace: _,
+        client_namespace,
+        client_interface,
+    } = dhcp_lab(3600, true, "");
+    let returning_before = lab.inside(&client_namespace, || {
+        RelayClient::bind(REMOTE_GIADDR).lease(mac(7), 0x5fff)
+    });
+    // perfdhcp floods as a relay from 10.77.0.2 (the first relay's address).
+    lab.spawn(
+        "flood",
+        &client_namespace,
+        "perfdhcp",
+        // DISCOVER only (-i), 200,000 random MACs, 3,000/s for 15 s.
+        &[
+            "-4",
+            "-i",
+            "-l",
+            &client_interface,
+            "-r",
+            "3000",
+            "-R",
+            "200000",
+            "-p",
+            "15",
+            SERVER_ADDRESS,
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // Known clients, asking through the other relay while the flood runs: a static host, and
+    // a client that held a lease before the flood began.
+    let (known, returning) = lab.inside(&client_namespace, || {
+        let relay = RelayClient::bind(REMOTE_GIADDR);
+        (
+            relay.lease([0x52, 0x54, 0x00, 0xaa, 0xbb, 0xdd], 0x6000),
+            relay.lease(mac(7), 0x6001),
+        )
+    });
+    assert_eq!(
+        known,
+        Ipv4Addr::new(10, 79, 0, 50),
+        "the static host must get its fixed address during a flood"
+    );
+    assert_eq!(
+        returning, returning_before,
+        "a returning client must keep its address during a flood"
+    );
+    lab::wait_for(Duration::from_secs(30), || {
+        lab.log("flood").contains("Statistics")
+    })
+    .unwrap_or_else(|| panic!("flood did not finish:\n{}", lab.log("flood")));
+    let peak_kib = lab.rss_kib("server").expect("server rss");
+    eprintln!(
+        "server peak RSS after flood: {peak_kib} KiB\n{}",
+        lab.log("flood")
+    );
+    assert!(
+        peak_kib < 128 * 1024,
+        "server grew to {peak_kib} KiB under a DISCOVER flood"
+    );
+    let sent = lab
+        .log("flood")
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("sent packets:")
+                .and_then(|value| value.trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    assert!(
+        sent > 10_000,
+        "the flood was too small to mean anything: {sent}\n{}",
+        lab.log("flood")
+    );
+}

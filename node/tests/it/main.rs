@@ -3,6 +3,8 @@
 //! each in network namespaces that the test creates and removes. They need root; CI sets
 //! BOOTMESH_NETNS_TESTS=1 so that a missing privilege or program fails instead of skipping.
 
+#![allow(unreachable_pub)] // A test binary has no public API.
+
 mod architecture;
 mod bad_input;
 mod dhcp;
