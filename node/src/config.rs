@@ -61,6 +61,21 @@ pub struct ServerConfig {
     pub http: Option<HttpSection>,
     /// NBD service; absent = not served.
     pub nbd: Option<NbdSection>,
+    /// What iPXE boots (served as `/boot/<mac>.ipxe` by the HTTP service).
+    pub boot: Option<BootPlanSection>,
+}
+
+/// `[boot]`: the boot plan every node gets until groups and images arrive.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BootPlanSection {
+    /// Kernel path under the HTTP root.
+    pub kernel: String,
+    /// Initrd path under the HTTP root.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
 }
 
 /// `[dhcp]`.
@@ -329,6 +344,12 @@ impl ServerConfig {
             if tftp.timeout_ms == 0 {
                 return Err(invalid("tftp.timeout_ms", "must be at least 1"));
             }
+        }
+        if self.boot.is_some() && self.http.is_none() {
+            return Err(invalid(
+                "boot",
+                "boot scripts are served over HTTP: add an [http] section",
+            ));
         }
         if let Some(nbd) = &self.nbd {
             let mut names = std::collections::BTreeSet::new();

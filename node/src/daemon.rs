@@ -136,9 +136,22 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
+        let mut scripts = crate::http_service::BootScripts::default();
+        if let Some(boot) = &config.boot {
+            scripts.kernel = Some(boot.kernel.clone());
+            scripts.initrd = boot.initrd.clone();
+            scripts.cmdline = boot.cmdline.clone();
+        }
+        if let Some(dhcp) = config.dhcp_config()? {
+            for host in dhcp.hosts {
+                if let Some(hostname) = host.hostname {
+                    scripts.hostnames.insert(host.hardware_address, hostname);
+                }
+            }
+        }
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
-            crate::http_service::run_http(listener, source, http.connections_max, shutdown)
+            crate::http_service::run_http(listener, source, scripts, http.connections_max, shutdown)
                 .await
                 .map_err(io_error("http"))
         });

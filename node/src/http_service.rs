@@ -2,8 +2,10 @@
 //! (tower-http's ServeDir), behind a guard that keeps every path inside the root, and a bound on
 //! requests in flight that answers 503 instead of queueing without limit.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -12,6 +14,7 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use boot_services::ipxe::{BootPlan, render_script};
 use boot_services::source::{SourceError, normalise_path};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
@@ -22,12 +25,34 @@ use crate::files::DirectorySource;
 /// How long a request may take before it is cut off; a stalled client must not hold a slot.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// Builds the router serving `source`.
-pub fn router(source: DirectorySource, requests_in_flight_max: usize) -> Router {
+/// What `/boot/<mac>.ipxe` answers: the boot plan with URLs relative to the address the node
+/// reached us on, and each known host's hostname.
+#[derive(Debug, Clone, Default)]
+pub struct BootScripts {
+    /// Kernel path under the HTTP root.
+    pub kernel: Option<String>,
+    /// Initrd path under the HTTP root.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Hostnames by MAC.
+    pub hostnames: BTreeMap<[u8; 6], String>,
+}
+
+/// Builds the router serving `source`, and boot scripts when `scripts` has a kernel.
+pub fn router(
+    source: DirectorySource,
+    scripts: BootScripts,
+    requests_in_flight_max: usize,
+) -> Router {
     let serve_dir = ServeDir::new(source.root_path());
     Router::new()
         .fallback_service(serve_dir)
         .layer(middleware::from_fn_with_state(source, confine_to_root))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(scripts),
+            serve_boot_script,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(
@@ -37,6 +62,59 @@ pub fn router(source: DirectorySource, requests_in_flight_max: usize) -> Router 
                 .concurrency_limit(requests_in_flight_max.max(1))
                 .timeout(REQUEST_TIMEOUT),
         )
+}
+
+/// Parses `/boot/52-54-00-12-34-56.ipxe`.
+fn boot_script_mac(path: &str) -> Option<[u8; 6]> {
+    let name = path.strip_prefix("/boot/")?.strip_suffix(".ipxe")?;
+    crate::config::parse_mac(name).ok()
+}
+
+async fn serve_boot_script(
+    State(scripts): State<Arc<BootScripts>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(mac) = boot_script_mac(request.uri().path()) else {
+        return next.run(request).await;
+    };
+    let Some(kernel) = &scripts.kernel else {
+        return next.run(request).await;
+    };
+    let span = tracing::info_span!("boot_script", mac = %boot_services::dhcp::format_mac(&mac));
+    let _entered = span.enter();
+    // URLs name the address the node used to reach us, so they work on every segment.
+    let Some(host) = request
+        .headers()
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+    else {
+        return (StatusCode::BAD_REQUEST, "missing Host header\n").into_response();
+    };
+    let url = |path: &str| format!("http://{host}/{}", path.trim_start_matches('/'));
+    let plan = BootPlan {
+        kernel_urls: vec![url(kernel)],
+        initrd_urls: scripts.initrd.iter().map(|initrd| url(initrd)).collect(),
+        cmdline: scripts.cmdline.clone(),
+        hostname: scripts.hostnames.get(&mac).cloned(),
+    };
+    match render_script(&plan) {
+        Ok(script) => {
+            tracing::info!("boot script served");
+            (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    "text/plain; charset=utf-8",
+                )],
+                script,
+            )
+                .into_response()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "boot script refused");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
+        }
+    }
 }
 
 async fn confine_to_root(
@@ -101,12 +179,13 @@ fn percent_decode(path: &str) -> Option<String> {
 pub async fn run_http(
     listener: TcpListener,
     source: DirectorySource,
+    scripts: BootScripts,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?address, "http listening");
-    axum::serve(listener, router(source, requests_in_flight_max))
+    axum::serve(listener, router(source, scripts, requests_in_flight_max))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -756,3 +756,62 @@ fn discover_flood_stays_bounded_and_a_known_client_is_still_served() {
         lab.log("flood")
     );
 }
+
+#[test]
+fn ipxe_follows_the_dhcp_script_url_to_its_boot_plan() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("curl");
+    let boot = "\n[boot]\nkernel = \"boot/vmlinuz\"\ninitrd = \"boot/initrd.img\"\ncmdline = \"console=ttyS0 quiet\"\n";
+    let DhcpLab {
+        lab,
+        client_namespace,
+        ..
+    } = dhcp_lab(3600, true, boot);
+    let known_mac = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0xcc];
+    let script_url = lab.inside(&client_namespace, || {
+        let firmware = RelayClient::bind(RELAY_ADDRESS.parse().unwrap());
+        let mut discover = firmware.message(MessageType::Discover, known_mac, 0x7000);
+        discover
+            .opts_mut()
+            .insert(DhcpOption::UserClass(b"iPXE".to_vec()));
+        discover
+            .opts_mut()
+            .insert(DhcpOption::ClientSystemArchitecture(Architecture::from(0)));
+        boot_file(&firmware.exchange(&discover))
+    });
+    assert_eq!(
+        script_url,
+        "http://10.77.0.1:8080/boot/52-54-00-aa-bb-cc.ipxe"
+    );
+    let output = lab.run(
+        &client_namespace,
+        Duration::from_secs(20),
+        "curl",
+        &["-fsS", &script_url],
+    );
+    assert!(
+        output.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let script = String::from_utf8(output.stdout).unwrap();
+    assert!(script.starts_with("#!ipxe\n"), "{script}");
+    assert!(
+        script.contains("echo bootmesh: booting known-node"),
+        "{script}"
+    );
+    assert!(
+        script.contains("kernel --name kernel http://10.77.0.1:8080/boot/vmlinuz"),
+        "{script}"
+    );
+    assert!(
+        script.contains("initrd --name initrd.img http://10.77.0.1:8080/boot/initrd.img"),
+        "{script}"
+    );
+    assert!(
+        script.contains("imgargs kernel initrd=initrd.img console=ttyS0 quiet"),
+        "{script}"
+    );
+}
