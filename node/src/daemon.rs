@@ -45,12 +45,10 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeErro
 }
 
 /// A future that resolves once `signal` turns true.
-fn shutdown_signal(mut signal: watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
-    async move {
-        while !*signal.borrow_and_update() {
-            if signal.changed().await.is_err() {
-                return;
-            }
+async fn shutdown_signal(mut signal: watch::Receiver<bool>) {
+    while !*signal.borrow_and_update() {
+        if signal.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -128,10 +128,7 @@ fn decode_journal(path: &Path, bytes: &[u8]) -> Result<(Vec<LeaseChange>, usize)
     }
     let mut changes = Vec::new();
     let mut offset = MAGIC.len();
-    loop {
-        let Some(header) = bytes.get(offset..offset + RECORD_HEADER_BYTES) else {
-            break;
-        };
+    while let Some(header) = bytes.get(offset..offset + RECORD_HEADER_BYTES) {
         let length = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
         let checksum = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
         if length > RECORD_BYTES_MAX {

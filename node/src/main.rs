@@ -1,5 +1,7 @@
 //! The `bootmesh` command line.
 
+mod demo;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -37,6 +39,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Watch a node's boot path served in a throwaway network-namespace lab (needs root).
+    Demo,
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -80,6 +84,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Demo => demo::run_demo(),
     }
 }
 

@@ -49,7 +49,7 @@ where
             tracing::warn!(%peer, "nbd connection refused: connections_max reached");
             continue;
         };
-        let connection = NbdConnection::new(source.clone(), config.clone());
+        let connection = NbdConnection::new(source.clone(), config);
         let span = tracing::info_span!("nbd", %peer);
         connections.spawn(
             async move {

@@ -4,6 +4,8 @@
 //! BOOTMESH_NETNS_TESTS=1 so that a missing privilege or program fails instead of skipping.
 
 #![allow(unreachable_pub)] // A test binary has no public API.
+#![allow(clippy::disallowed_methods)] // Tests wait on the real clock for real processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // A failed step fails the test, loudly.
 
 mod architecture;
 mod bad_input;
