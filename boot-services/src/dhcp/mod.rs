@@ -212,6 +212,8 @@ const ARCHITECTURE_EFI_X64_HTTP: u16 = 16;
 const ARCHITECTURE_EFI_ARM64_HTTP: u16 = 19;
 /// iPXE's encapsulated options (feature indicators) come in option 175.
 const OPTION_IPXE_ENCAPSULATED: u8 = 175;
+/// Size of the BOOTP chaddr field; `hlen` can claim more, but no more exists.
+const CHADDR_BYTES: usize = 16;
 
 fn unix_secs(time: SystemTime) -> u64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
@@ -320,6 +322,13 @@ impl DhcpServer {
         self.table.expire(now_unix_secs);
         let request = Message::from_bytes(datagram.bytes)
             .map_err(|error| DhcpDrop::Malformed(error.to_string()))?;
+        // chaddr is 16 bytes; dhcproto's `chaddr()` slices it by hlen and panics beyond that.
+        if usize::from(request.hlen()) > CHADDR_BYTES {
+            return Err(DhcpDrop::Malformed(format!(
+                "hardware address length {} is over {CHADDR_BYTES}",
+                request.hlen()
+            )));
+        }
         if request.opcode() != Opcode::BootRequest {
             return Err(DhcpDrop::NotForServer("bootreply".into()));
         }

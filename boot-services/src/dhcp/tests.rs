@@ -713,6 +713,29 @@ fn garbage_is_dropped_with_a_reason() {
 }
 
 #[test]
+fn hardware_address_length_over_chaddr_is_dropped_not_a_panic() {
+    let mut harness = Harness::new(config());
+    let mut bytes = request_message(MessageType::Discover, mac(1), 7)
+        .to_vec()
+        .unwrap();
+    // hlen is byte 2 of the BOOTP header.
+    for hlen in [17u8, 255] {
+        bytes[2] = hlen;
+        let result = harness.server.handle_datagram(
+            harness.now,
+            Datagram {
+                bytes: &bytes,
+                source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                local_address: SERVER,
+                local_port: 67,
+                interface_index: 1,
+            },
+        );
+        assert!(matches!(result, Err(DhcpDrop::Malformed(_))), "{result:?}");
+    }
+}
+
+#[test]
 fn records_round_trip_and_bad_records_are_refused() {
     let changes = [
         LeaseChange::Bind {
