@@ -109,9 +109,11 @@ where
                 local_port: meta.local_port,
                 interface_index: meta.interface_index,
             };
+            let span = tracing::debug_span!("dhcp_request", source = %meta.source, link = received.link_index);
+            let _entered = span.enter();
             if let Err(reason) = server.handle_datagram(now, datagram) {
                 counters.dropped_by_core.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(source = %meta.source, link = received.link_index, %reason, "dhcp datagram dropped");
+                tracing::debug!(%reason, "dhcp datagram dropped");
             }
         }
         commit_proposals(&mut server, &mut journal, &clock, &counters)?;
