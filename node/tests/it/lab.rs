@@ -132,10 +132,9 @@ impl Lab {
             .args(["ip", "netns", "exec", namespace, program])
             .args(args);
         command.stdin(Stdio::null());
-        let output = command
+        command
             .output()
-            .unwrap_or_else(|error| panic!("run {program}: {error}"));
-        output
+            .unwrap_or_else(|error| panic!("run {program}: {error}"))
     }
 
     /// Starts `program` inside `namespace`; it is killed when the lab drops. Output goes to
@@ -276,4 +275,97 @@ pub fn lines(path: &Path) -> Vec<String> {
     File::open(path)
         .map(|file| BufReader::new(file).lines().map_while(Result::ok).collect())
         .unwrap_or_default()
+}
+
+/// A server namespace and a client namespace joined by one veth pair, with the server at
+/// `<subnet>.1/24` and the client at `<subnet>.2/24`.
+#[derive(Debug, Clone)]
+pub struct ServerAndClient {
+    pub server: String,
+    pub client: String,
+    pub server_interface: String,
+    pub client_interface: String,
+    pub server_address: String,
+    pub client_address: String,
+}
+
+impl Lab {
+    /// Builds a [`ServerAndClient`]; `subnet` is the first three octets, e.g. `"10.78.0"`, and
+    /// `prefix` starts the interface names (one or two letters).
+    pub fn server_and_client(&mut self, prefix: &str, subnet: &str) -> ServerAndClient {
+        let server = self.namespace("srv");
+        let client = self.namespace("cli");
+        let (server_interface, client_interface) = self.veth(prefix, &server, &client);
+        let server_address = format!("{subnet}.1");
+        let client_address = format!("{subnet}.2");
+        self.add_address(&server, &server_interface, &format!("{server_address}/24"));
+        self.add_address(&client, &client_interface, &format!("{client_address}/24"));
+        ServerAndClient {
+            server,
+            client,
+            server_interface,
+            client_interface,
+            server_address,
+            client_address,
+        }
+    }
+
+    /// Whether the process spawned as `name` is still running (not exited, not reaped).
+    pub fn is_running(&mut self, name: &str) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(child_name, _)| child_name == name)
+            .is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
+    }
+}
+
+/// `length_bytes` of reproducible noise from `seed` (xorshift64*): test files that no
+/// compression, sparse-file or zero-page shortcut can fake, identical on every run.
+pub fn deterministic_bytes(seed: u64, length_bytes: usize) -> Vec<u8> {
+    // A zero state would stay zero forever.
+    let mut state = seed ^ 0x9e37_79b9_7f4a_7c15;
+    let mut bytes = Vec::with_capacity(length_bytes + 8);
+    while bytes.len() < length_bytes {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        bytes.extend_from_slice(&state.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes());
+    }
+    bytes.truncate(length_bytes);
+    bytes
+}
+
+/// Asserts that `actual` is exactly `expected`, naming the first differing offset instead of
+/// printing megabytes.
+pub fn assert_same_bytes(what: &str, actual: &[u8], expected: &[u8]) {
+    if actual == expected {
+        return;
+    }
+    let first_difference = actual
+        .iter()
+        .zip(expected)
+        .position(|(left, right)| left != right)
+        .unwrap_or(actual.len().min(expected.len()));
+    panic!(
+        "{what}: {} bytes, expected {} bytes; first difference at offset {first_difference}",
+        actual.len(),
+        expected.len()
+    );
+}
+
+/// Asserts that the file at `path` holds exactly `expected`.
+pub fn assert_file_bytes(path: &Path, expected: &[u8]) {
+    let actual =
+        std::fs::read(path).unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+    assert_same_bytes(&path.display().to_string(), &actual, expected);
+}
+
+/// Output of a finished client, for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "{}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }

@@ -5,7 +5,7 @@
 
 #![allow(unreachable_pub)] // A test binary has no public API.
 #![allow(clippy::disallowed_methods)] // Tests wait on the real clock for real processes.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // A failed step fails the test, loudly.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // A failed step fails the test, loudly.
 
 mod architecture;
 mod bad_input;
