@@ -815,3 +815,207 @@ fn ipxe_follows_the_dhcp_script_url_to_its_boot_plan() {
         "{script}"
     );
 }
+
+#[test]
+fn proxy_dhcp_adds_boot_information_beside_a_site_dnsmasq() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("dnsmasq");
+    let mut lab = Lab::new();
+    let bridge_namespace = lab.namespace("br");
+    let site_namespace = lab.namespace("site");
+    let proxy_namespace = lab.namespace("proxy");
+    let client_namespace = lab.namespace("cli");
+    lab::run_checked(
+        "ip",
+        &[
+            "-n",
+            &bridge_namespace,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+        ],
+    );
+    lab::run_checked("ip", &["-n", &bridge_namespace, "link", "set", "br0", "up"]);
+    let mut attach = |prefix: &str, namespace: &str| {
+        let (bridge_port, interface) = lab.veth(prefix, &bridge_namespace, namespace);
+        lab::run_checked(
+            "ip",
+            &[
+                "-n",
+                &bridge_namespace,
+                "link",
+                "set",
+                &bridge_port,
+                "master",
+                "br0",
+            ],
+        );
+        interface
+    };
+    let site_interface = attach("s", &site_namespace);
+    let proxy_interface = attach("p", &proxy_namespace);
+    let client_interface = attach("c", &client_namespace);
+    lab.add_address(&site_namespace, &site_interface, "10.75.0.1/24");
+    lab.add_address(&proxy_namespace, &proxy_interface, "10.75.0.2/24");
+
+    // The site's own DHCP server, which bootmesh must coexist with.
+    let lease_file = lab.path("dnsmasq.leases").to_string_lossy().into_owned();
+    lab.spawn(
+        "dnsmasq",
+        &site_namespace,
+        "dnsmasq",
+        &[
+            "--no-daemon",
+            "--port=0",
+            "--bind-interfaces",
+            &format!("--interface={site_interface}"),
+            "--dhcp-range=10.75.0.100,10.75.0.150,255.255.255.0,1h",
+            "--no-ping",
+            &format!("--dhcp-leasefile={lease_file}"),
+            "--dhcp-authoritative",
+            "--log-dhcp",
+        ],
+    );
+    let config = format!(
+        "state_dir = \"{state}\"\n[dhcp]\ninterfaces = [\"{proxy_interface}\"]\nmode = \"proxy\"\n\
+         [[dhcp.subnet]]\ncidr = \"10.75.0.0/24\"\n",
+        state = lab.path("state").display()
+    );
+    lab.serve("proxy", &proxy_namespace, &config);
+
+    let client_mac = [0x52, 0x54, 0x00, 0x75, 0x00, 0x01];
+    let pxe_message = |message_type: MessageType, xid: u32| {
+        let mut message = Message::default();
+        message
+            .set_xid(xid)
+            .set_chaddr(&client_mac)
+            .set_flags(dhcproto::v4::Flags::default().set_broadcast());
+        message
+            .opts_mut()
+            .insert(DhcpOption::MessageType(message_type));
+        message.opts_mut().insert(DhcpOption::ClassIdentifier(
+            b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
+        ));
+        message
+            .opts_mut()
+            .insert(DhcpOption::ClientSystemArchitecture(Architecture::from(0)));
+        message
+            .opts_mut()
+            .insert(DhcpOption::ClientMachineIdentifier(vec![0; 17]));
+        message
+    };
+    let offers = lab.inside(&client_namespace, || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        socket.set_broadcast(true).unwrap();
+        socket.set_reuse_address(true).unwrap();
+        socket
+            .bind_device(Some(client_interface.as_bytes()))
+            .unwrap();
+        socket
+            .bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
+            .unwrap();
+        let socket: UdpSocket = socket.into();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let discover = pxe_message(MessageType::Discover, 0x7500).to_vec().unwrap();
+        let mut offers: Vec<Message> = Vec::new();
+        let mut buffer = [0u8; 1500];
+        // dnsmasq pings nothing (--no-ping) but may take a moment; retransmit like a PXE ROM.
+        for _ in 0..8 {
+            socket
+                .send_to(&discover, (Ipv4Addr::BROADCAST, 67))
+                .unwrap();
+            while let Ok((length, _)) = socket.recv_from(&mut buffer) {
+                if let Ok(reply) = Message::from_bytes(&buffer[..length])
+                    && reply.xid() == 0x7500
+                    && reply.opts().msg_type() == Some(MessageType::Offer)
+                    && !offers.iter().any(|offer| {
+                        offer.opts().get(OptionCode::ServerIdentifier)
+                            == reply.opts().get(OptionCode::ServerIdentifier)
+                    })
+                {
+                    offers.push(reply);
+                }
+            }
+            if offers.len() >= 2 {
+                break;
+            }
+        }
+        offers
+    });
+    let server_of = |offer: &Message| match offer.opts().get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(address)) => *address,
+        _ => Ipv4Addr::UNSPECIFIED,
+    };
+    let site_offer = offers
+        .iter()
+        .find(|offer| server_of(offer) == Ipv4Addr::new(10, 75, 0, 1));
+    let proxy_offer = offers
+        .iter()
+        .find(|offer| server_of(offer) == Ipv4Addr::new(10, 75, 0, 2));
+    let site_offer =
+        site_offer.unwrap_or_else(|| panic!("no offer from dnsmasq:\n{}", lab.log("dnsmasq")));
+    let proxy_offer =
+        proxy_offer.unwrap_or_else(|| panic!("no proxy offer:\n{}", lab.log("proxy")));
+    assert!(
+        site_offer.yiaddr().octets().starts_with(&[10, 75, 0]),
+        "the site server hands out the address"
+    );
+    assert_eq!(
+        proxy_offer.yiaddr(),
+        Ipv4Addr::UNSPECIFIED,
+        "proxyDHCP never hands out an address"
+    );
+    assert_eq!(boot_file(proxy_offer), "undionly.kpxe");
+    assert_eq!(
+        proxy_offer.opts().get(OptionCode::ClassIdentifier),
+        Some(&DhcpOption::ClassIdentifier(b"PXEClient".to_vec()))
+    );
+    assert!(
+        proxy_offer
+            .opts()
+            .get(OptionCode::VendorExtensions)
+            .is_some(),
+        "PXE discovery control (option 43) missing"
+    );
+
+    // With its address from the site server, the ROM asks the proxy on port 4011.
+    lab.add_address(
+        &client_namespace,
+        &client_interface,
+        &format!("{}/24", site_offer.yiaddr()),
+    );
+    let acknowledgement = lab.inside(&client_namespace, || {
+        let socket = UdpSocket::bind(SocketAddr::from((site_offer.yiaddr(), 68))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut request = pxe_message(MessageType::Request, 0x7501);
+        request.set_ciaddr(site_offer.yiaddr());
+        let bytes = request.to_vec().unwrap();
+        let mut buffer = [0u8; 1500];
+        for _ in 0..5 {
+            socket.send_to(&bytes, ("10.75.0.2", 4011)).unwrap();
+            if let Ok((length, _)) = socket.recv_from(&mut buffer) {
+                return Message::from_bytes(&buffer[..length]).unwrap();
+            }
+        }
+        panic!("no answer on port 4011");
+    });
+    assert_eq!(acknowledgement.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(boot_file(&acknowledgement), "undionly.kpxe");
+    assert!(
+        leases_listing(&lab).lines().count() <= 1,
+        "proxy mode must record no lease"
+    );
+}

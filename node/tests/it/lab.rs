@@ -168,6 +168,31 @@ impl Lab {
         }
     }
 
+    /// Sends SIGTERM to a spawned process and waits up to `limit` for it to exit.
+    pub fn terminate_and_wait(
+        &mut self,
+        name: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let position = self
+            .children
+            .iter()
+            .position(|(child_name, _)| child_name == name)?;
+        let (_, mut child) = self.children.remove(position);
+        // SAFETY: kill(2) on a pid we spawned and have not yet reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.path(&format!("{name}.log"))).unwrap_or_default()
     }

@@ -13,4 +13,5 @@ mod dhcp;
 mod http;
 mod lab;
 mod nbd;
+mod serve;
 mod tftp;
