@@ -174,17 +174,7 @@ fn commit_proposals<J: LeaseJournal, C: Clock>(
         .committed
         .fetch_add(changes.len() as u64, Ordering::Relaxed);
     if journal.needs_compaction(server.lease_table().binding_count()) {
-        let live: Vec<LeaseChange> = server
-            .lease_table()
-            .bindings()
-            .map(|(address, binding)| LeaseChange::Bind {
-                client: binding.client.clone(),
-                hardware_address: binding.hardware_address.clone(),
-                address,
-                expires_at_unix_secs: binding.expires_at_unix_secs,
-                hostname: binding.hostname.clone(),
-            })
-            .collect();
+        let live = server.lease_table().snapshot();
         journal.compact(&live)?;
     }
     Ok(())

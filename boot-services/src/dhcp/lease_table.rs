@@ -86,6 +86,20 @@ impl LeaseTable {
         self.bindings.len()
     }
 
+    /// Every binding as the change that recreates it: a compact snapshot for journals.
+    pub fn snapshot(&self) -> Vec<LeaseChange> {
+        self.bindings
+            .iter()
+            .map(|(address, binding)| LeaseChange::Bind {
+                client: binding.client.clone(),
+                hardware_address: binding.hardware_address.clone(),
+                address: *address,
+                expires_at_unix_secs: binding.expires_at_unix_secs,
+                hostname: binding.hostname.clone(),
+            })
+            .collect()
+    }
+
     /// All bindings, in address order.
     pub fn bindings(&self) -> impl Iterator<Item = (Ipv4Addr, &Binding)> {
         self.bindings

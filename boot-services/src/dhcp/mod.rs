@@ -422,12 +422,7 @@ impl DhcpServer {
                 server_identifier,
             )?
         };
-        self.table.reserve(
-            address,
-            &context.client,
-            now_unix_secs.saturating_add(self.config.offer_hold.as_secs().max(1)),
-            self.config.offers_max,
-        );
+        self.hold_address(address, &context.client, now_unix_secs);
         let reply = self.build_reply(
             request,
             datagram,
@@ -529,12 +524,7 @@ impl DhcpServer {
             return Err(DhcpDrop::CommitBacklogFull);
         }
         // Hold the address while the commit is in flight, so no other client is offered it.
-        self.table.reserve(
-            wanted,
-            &context.client,
-            now_unix_secs.saturating_add(self.config.offer_hold.as_secs().max(1)),
-            self.config.offers_max,
-        );
+        self.hold_address(wanted, &context.client, now_unix_secs);
         let reply = self.build_reply(
             request,
             datagram,
@@ -764,6 +754,13 @@ impl DhcpServer {
             giaddr: Ipv4Addr::UNSPECIFIED,
             local_address: Ipv4Addr::UNSPECIFIED,
         })
+    }
+
+    /// Reserves `address` for `client` for the offer hold time.
+    fn hold_address(&mut self, address: Ipv4Addr, client: &ClientId, now_unix_secs: u64) {
+        let until = now_unix_secs.saturating_add(self.config.offer_hold.as_secs().max(1));
+        self.table
+            .reserve(address, client, until, self.config.offers_max);
     }
 
     fn propose(&mut self, change: LeaseChange, reply: Option<Transmit>) {

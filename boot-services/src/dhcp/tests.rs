@@ -654,18 +654,7 @@ fn restart_restores_committed_leases() {
             .lease_table()
             .address_of(&ClientId([&[1u8][..], &mac(1)].concat()));
         assert!(address.is_some());
-        harness2
-            .server
-            .lease_table()
-            .bindings()
-            .map(|(address, binding)| LeaseChange::Bind {
-                client: binding.client.clone(),
-                hardware_address: binding.hardware_address.clone(),
-                address,
-                expires_at_unix_secs: binding.expires_at_unix_secs,
-                hostname: binding.hostname.clone(),
-            })
-            .collect::<Vec<_>>()
+        harness2.server.lease_table().snapshot()
     };
     let mut restarted = Harness::new(config());
     for change in &changes {
