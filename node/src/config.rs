@@ -569,11 +569,11 @@ path = "/srv/root.squashfs"
     fn errors_name_the_line_or_key_and_the_reason() {
         check_error(
             &GOOD.replace("root = \"/srv/tftp\"", "root = \"/srv/tftp\"\nblksize = 9"),
-            &["line 26", "unknown field `blksize`"],
+            &["line 20", "unknown field `blksize`"],
         );
         check_error(
             &GOOD.replace("\"10.0.0.1\"]", "\"10.0.0.300\"]"),
-            &["line 9", "invalid IPv4 address"],
+            &["line 10", "invalid IPv4 address"],
         );
         check_error(
             &GOOD.replace("10.0.0.100-10.0.0.200", "10.0.1.100-10.0.1.200"),
@@ -589,7 +589,7 @@ path = "/srv/root.squashfs"
         );
         check_error(
             &GOOD.replace("0.0.0.0:69", "0.0.0.0"),
-            &["line 23", "tftp.listen"],
+            &["line 18", "invalid socket address"],
         );
     }
 }

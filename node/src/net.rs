@@ -29,7 +29,11 @@ pub struct InterfaceLink {
     interface_name: String,
     interface_index: u32,
     port: u16,
+    address_cache: std::sync::Mutex<Option<(Ipv4Addr, std::time::Instant)>>,
 }
+
+/// How long the interface's address is cached.
+const ADDRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl InterfaceLink {
     /// Binds `0.0.0.0:port` on `interface_name` only.
@@ -50,7 +54,26 @@ impl InterfaceLink {
             interface_name: interface_name.to_owned(),
             interface_index,
             port,
+            address_cache: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Our address on the interface, re-read at most once per [`ADDRESS_REFRESH`] so that an
+    /// address changed after start is picked up without an ioctl per datagram.
+    fn local_address(&self) -> Ipv4Addr {
+        let now = crate::seams::monotonic_now();
+        if let Ok(mut cached) = self.address_cache.lock() {
+            if let Some((address, read_at)) = *cached
+                && now.duration_since(read_at) < ADDRESS_REFRESH
+            {
+                return address;
+            }
+            let address =
+                interface_ipv4_address(&self.interface_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
+            *cached = Some((address, now));
+            return address;
+        }
+        interface_ipv4_address(&self.interface_name).unwrap_or(Ipv4Addr::UNSPECIFIED)
     }
 
     async fn send_to(&self, bytes: &[u8], destination: SocketAddrV4) -> io::Result<()> {
@@ -67,9 +90,7 @@ impl DhcpLink for InterfaceLink {
                 "ipv6 source on an ipv4 socket",
             ));
         };
-        // Looked up per datagram so an address added after start is picked up; one ioctl.
-        let local_address =
-            interface_ipv4_address(&self.interface_name).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let local_address = self.local_address();
         Ok(ReceivedDatagram {
             length_bytes,
             source,

@@ -52,9 +52,10 @@ pub const OPTIONS_MAX_DEFAULT: u32 = 64;
 /// needs more than two protocol strings.
 pub const OPTION_DATA_BYTES_MAX_DEFAULT: u32 = 64 * 1024;
 /// The default for [`NbdConfig::output_bytes_high_water`]: enough queued replies to keep a
-/// fast socket busy for tens of milliseconds, while a client that never reads its replies can
-/// pin only this much (plus one reply) per connection.
-pub const OUTPUT_BYTES_HIGH_WATER_DEFAULT: usize = 16 * 1024 * 1024;
+/// fast socket busy for milliseconds, while a client that never reads its replies can pin only
+/// this much (plus one reply) per connection. 16 MiB cost 39 MiB of RSS under nbdcopy's four
+/// connections for no measured throughput gain (BENCHMARKS.md).
+pub const OUTPUT_BYTES_HIGH_WATER_DEFAULT: usize = 4 * 1024 * 1024;
 /// Block size advertised as the minimum: reads are served at any byte offset.
 pub const BLOCK_SIZE_MINIMUM_BYTES: u32 = 1;
 /// Block size advertised as preferred.
