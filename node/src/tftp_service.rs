@@ -96,6 +96,10 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
     };
     let peer = session.peer();
     let mut buffer = vec![0u8; REQUEST_BYTES_MAX];
+    // One timer for the whole session, re-armed per window: registering a fresh timer for every
+    // block costs more than the block itself in lock-step transfers.
+    let timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(timer);
     loop {
         while let Some(packet) = session.poll_transmit() {
             if let Err(error) = socket.send_to(packet, peer).await {
@@ -113,7 +117,12 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
             tracing::warn!("tftp session has neither a timer nor an outcome; ending it");
             return;
         };
+        let deadline = tokio::time::Instant::from_std(deadline);
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
         tokio::select! {
+            biased;
             received = socket.receive_from(&mut buffer) => match received {
                 Ok((length, from)) if from == peer => {
                     session.handle_datagram(monotonic_now(), buffer.get(..length).unwrap_or_default());
@@ -123,7 +132,7 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
                 }
                 Err(error) => tracing::debug!(%error, "tftp session receive failed"),
             },
-            () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+            () = &mut timer => {
                 session.handle_timeout(monotonic_now());
             }
         }
