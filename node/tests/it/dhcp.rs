@@ -132,6 +132,20 @@ fn lease_expiry(listing: &str, address: &str) -> Option<u64> {
         .and_then(|expiry| expiry.parse().ok())
 }
 
+/// Waits until the journal shows `address` released (its lease ended now, not later).
+fn assert_released(lab: &Lab, address: &str, client_log: &str) {
+    lab::wait_for(Duration::from_secs(10), || {
+        lease_expiry(&leases_listing(lab), address).is_some_and(|expiry| expiry <= unix_now())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "release of {address} not recorded:\n{}\n{client_log}:\n{}",
+            leases_listing(lab),
+            lab.log(client_log)
+        )
+    });
+}
+
 fn unix_now() -> u64 {
     #[allow(clippy::disallowed_methods)]
     std::time::SystemTime::now()
@@ -237,10 +251,7 @@ case "$reason" in BOUND|RENEW|REBIND|REBOOT) ip addr replace "$new_ip_address/16
     let before_release = lease_expiry(&leases_listing(&lab), &address).expect("lease listed");
     assert!(before_release > unix_now(), "lease should be active");
     assert!(dhclient(&lab, &["-r"]).status.success());
-    lab::wait_for(Duration::from_secs(10), || {
-        lease_expiry(&leases_listing(&lab), &address).is_some_and(|expiry| expiry <= unix_now())
-    })
-    .unwrap_or_else(|| panic!("release not recorded:\n{}", leases_listing(&lab)));
+    assert_released(&lab, &address, "dhclient");
     lab.signal("server", libc::SIGTERM);
 }
 
@@ -338,16 +349,7 @@ case "$1" in bound|renew) ip addr replace "$ip/16" dev "$interface";; esac"#,
     );
 
     lab.signal("udhcpc", libc::SIGTERM);
-    lab::wait_for(Duration::from_secs(10), || {
-        lease_expiry(&leases_listing(&lab), &address).is_some_and(|expiry| expiry <= unix_now())
-    })
-    .unwrap_or_else(|| {
-        panic!(
-            "release not recorded:\n{}\nudhcpc:\n{}",
-            leases_listing(&lab),
-            lab.log("udhcpc")
-        )
-    });
+    assert_released(&lab, &address, "udhcpc");
 }
 
 /// A relay agent (or PXE firmware) played by hand: sends from `giaddr:67` inside the client
