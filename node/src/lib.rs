@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod dhcp_service;
 pub mod files;
 pub mod http_service;
+pub mod image;
 pub mod journal;
 pub mod nbd_service;
 pub mod net;

@@ -1,6 +1,7 @@
 //! The `bootmesh` command line.
 
 mod demo;
+mod image_cli;
 
 use std::path::PathBuf;
 
@@ -41,6 +42,14 @@ enum Command {
     },
     /// Watch a node's boot path served in a throwaway network-namespace lab (needs root).
     Demo,
+    /// Manage the images in a server's store.
+    Image {
+        /// The server's `state_dir` (the store is its `images/`).
+        #[arg(long, global = true, default_value = image_cli::STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: image_cli::ImageCommand,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -84,6 +93,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Image { state_dir, command } => image_cli::run(&state_dir, command),
         Command::Demo => demo::run_demo(),
     }
 }

@@ -79,6 +79,14 @@ pub trait DatagramSocket: Send + Sync + 'static {
     ) -> impl Future<Output = io::Result<usize>> + Send;
     /// The bound address.
     fn local_address(&self) -> io::Result<std::net::SocketAddr>;
+    /// Restricts the socket to `peer`: from then on only its datagrams arrive, and
+    /// [`send`](Self::send) / [`receive`](Self::receive) talk to it without naming it (which
+    /// spares the kernel a route lookup per datagram).
+    fn connect(&self, peer: std::net::SocketAddr) -> impl Future<Output = io::Result<()>> + Send;
+    /// Sends one datagram to the connected peer.
+    fn send(&self, bytes: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Receives one datagram from the connected peer.
+    fn receive(&self, buffer: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
 }
 
 /// Binds UDP sockets (real or simulated).
@@ -105,6 +113,15 @@ impl DatagramSocket for tokio::net::UdpSocket {
     }
     fn local_address(&self) -> io::Result<std::net::SocketAddr> {
         self.local_addr()
+    }
+    async fn connect(&self, peer: std::net::SocketAddr) -> io::Result<()> {
+        tokio::net::UdpSocket::connect(self, peer).await
+    }
+    async fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        tokio::net::UdpSocket::send(self, bytes).await
+    }
+    async fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        self.recv(buffer).await
     }
 }
 

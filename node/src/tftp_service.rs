@@ -17,8 +17,6 @@ use crate::seams::{DatagramSocket, Network, monotonic_now};
 
 /// Bigger than any TFTP packet a client may send us (options included).
 const REQUEST_BYTES_MAX: usize = 65_536;
-/// ERROR code 5 "unknown transfer ID", for strays hitting a session's port (RFC 1350).
-const STRAY_PACKET_REPLY: &[u8] = b"\x00\x05\x00\x05unknown transfer id\x00";
 
 /// Serves read requests on `listen` until `shutdown` resolves.
 pub async fn run_tftp<N, S>(
@@ -95,6 +93,10 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
         }
     };
     let peer = session.peer();
+    if let Err(error) = socket.connect(peer).await {
+        tracing::warn!(%error, "tftp session socket connect failed");
+        return;
+    }
     let mut buffer = vec![0u8; REQUEST_BYTES_MAX];
     // One timer for the whole session, re-armed per window: registering a fresh timer for every
     // block costs more than the block itself in lock-step transfers.
@@ -102,7 +104,7 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
     tokio::pin!(timer);
     loop {
         while let Some(packet) = session.poll_transmit() {
-            if let Err(error) = socket.send_to(packet, peer).await {
+            if let Err(error) = socket.send(packet).await {
                 tracing::debug!(%error, "tftp send failed");
             }
         }
@@ -123,12 +125,9 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
         }
         tokio::select! {
             biased;
-            received = socket.receive_from(&mut buffer) => match received {
-                Ok((length, from)) if from == peer => {
+            received = socket.receive(&mut buffer) => match received {
+                Ok(length) => {
                     session.handle_datagram(monotonic_now(), buffer.get(..length).unwrap_or_default());
-                }
-                Ok((_, from)) => {
-                    let _ = socket.send_to(STRAY_PACKET_REPLY, from).await;
                 }
                 Err(error) => tracing::debug!(%error, "tftp session receive failed"),
             },

@@ -109,26 +109,61 @@ pub struct TurmoilNetwork;
 
 /// A turmoil UDP socket behind [`DatagramSocket`].
 #[derive(Debug)]
-pub struct TurmoilSocket(turmoil::net::UdpSocket);
+pub struct TurmoilSocket {
+    socket: turmoil::net::UdpSocket,
+    /// The peer set by `connect`: turmoil's sockets have no `send`/`recv`, so the peer is
+    /// remembered here and strays are dropped as the kernel would drop them.
+    connected_peer: std::sync::OnceLock<SocketAddr>,
+}
 
 impl DatagramSocket for TurmoilSocket {
     async fn receive_from(&self, buffer: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
-        self.0.recv_from(buffer).await
+        self.socket.recv_from(buffer).await
     }
     async fn send_to(&self, bytes: &[u8], target: SocketAddr) -> io::Result<usize> {
-        self.0.send_to(bytes, target).await
+        self.socket.send_to(bytes, target).await
     }
     fn local_address(&self) -> io::Result<SocketAddr> {
-        self.0.local_addr()
+        self.socket.local_addr()
+    }
+    async fn connect(&self, peer: SocketAddr) -> io::Result<()> {
+        self.socket.connect(peer).await?;
+        self.connected_peer
+            .set(peer)
+            .map_err(|_| io::Error::new(io::ErrorKind::AlreadyExists, "socket already connected"))
+    }
+    async fn send(&self, bytes: &[u8]) -> io::Result<usize> {
+        let peer = self.connected_peer()?;
+        self.socket.send_to(bytes, peer).await
+    }
+    async fn receive(&self, buffer: &mut [u8]) -> io::Result<usize> {
+        let peer = self.connected_peer()?;
+        loop {
+            let (length, source) = self.socket.recv_from(buffer).await?;
+            if source == peer {
+                return Ok(length);
+            }
+        }
+    }
+}
+
+impl TurmoilSocket {
+    fn connected_peer(&self) -> io::Result<SocketAddr> {
+        self.connected_peer
+            .get()
+            .copied()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "socket not connected"))
     }
 }
 
 impl Network for TurmoilNetwork {
     type Socket = TurmoilSocket;
     async fn bind(&self, address: SocketAddr) -> io::Result<TurmoilSocket> {
-        turmoil::net::UdpSocket::bind(address)
-            .await
-            .map(TurmoilSocket)
+        let socket = turmoil::net::UdpSocket::bind(address).await?;
+        Ok(TurmoilSocket {
+            socket,
+            connected_peer: std::sync::OnceLock::new(),
+        })
     }
 }
 

@@ -1,3 +1,27 @@
-//! Content-addressed image chunks, manifests and the peer-to-peer chunk exchange.
+//! Images as content-addressed chunks: blake3 chunk and manifest hashes, content-defined
+//! chunking, rkyv manifests read only through validated access, dm-verity trees, the catalog,
+//! and the on-disk chunk store that verifies every chunk it loads.
 //!
-//! Not built yet; see the images and swarm issues.
+//! Never here: sockets, runtimes, clocks or randomness. The chunk store reads and writes
+//! files (it is the disk); everything else is plain computation. The peer-to-peer exchange
+//! comes with the swarm issue.
+
+pub mod catalog;
+pub mod chunker;
+pub mod hash;
+pub mod index;
+pub mod manifest;
+pub mod reader;
+pub mod reference;
+pub mod store;
+pub mod verity;
+
+pub use catalog::{Catalog, CatalogError};
+pub use chunker::{ChunkingParameters, chunk_reader};
+pub use hash::ContentHash;
+pub use index::PartIndex;
+pub use manifest::{ChunkRef, Manifest, ManifestError, Part, PartName, RootImage};
+pub use reader::PartReader;
+pub use reference::ImageReference;
+pub use store::{ChunkStore, InsertOutcome, StoreError, StoreLock};
+pub use verity::VerityParameters;

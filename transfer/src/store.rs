@@ -1,0 +1,644 @@
+//! The chunk store on disk: content-addressed chunks and manifests under one directory.
+//!
+//! - `chunks/<first two hex digits>/<hash>`: a chunk, named by the blake3 of its bytes.
+//! - `manifests/<hash>`: a manifest's rkyv bytes, named by their blake3.
+//! - `catalog.json`: tags and group assignments ([`Catalog`]).
+//! - `tmp/`: files being written; a crash leaves debris here, removed by the next writer.
+//! - `lock`: writers (import, rm, gc) hold an exclusive lock on it; readers take none.
+//!
+//! Every file is written to `tmp/`, synced, then renamed into place, so no reader ever sees a
+//! torn chunk, even after kill -9 or power loss. A manifest is written only after the chunks
+//! it names are durable. Chunks read from disk are hashed before use and kept in a bounded
+//! cache of verified chunks, so every byte served has been verified since it was last read
+//! from disk.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use crate::catalog::Catalog;
+use crate::hash::ContentHash;
+use crate::manifest::{CHUNK_BYTES_LIMIT, MANIFEST_BYTES_MAX, Manifest, ManifestError};
+
+/// Default bound on the verified-chunk cache.
+pub const CHUNK_CACHE_BYTES_DEFAULT: usize = 256 * 1024 * 1024;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such chunk on disk.
+    #[error("chunk {hash} is not in the store")]
+    ChunkMissing {
+        /// The chunk asked for.
+        hash: ContentHash,
+    },
+    /// A stored chunk whose bytes no longer hash to its name: disk corruption.
+    #[error("chunk {expected} is corrupt on disk: its bytes hash to {actual}")]
+    ChunkHashMismatch {
+        /// The chunk's name.
+        expected: ContentHash,
+        /// What its bytes hash to now.
+        actual: ContentHash,
+    },
+    /// No such manifest.
+    #[error("image {hash} has no manifest in the store")]
+    ManifestMissing {
+        /// The manifest asked for.
+        hash: ContentHash,
+    },
+    /// A stored manifest that fails validation.
+    #[error("manifest {hash}: {error}")]
+    Manifest {
+        /// The manifest.
+        hash: ContentHash,
+        /// What is wrong.
+        error: ManifestError,
+    },
+    /// The catalog file is unreadable.
+    #[error("catalog {path}: {detail}")]
+    Catalog {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A file system call failed.
+    #[error("{context} {path}: {error}")]
+    Io {
+        /// What was being done.
+        context: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        error: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// True when stored bytes are corrupt (as opposed to missing or unreadable).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, Self::ChunkHashMismatch { .. } | Self::Manifest { .. })
+    }
+}
+
+fn io_error(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |error| StoreError::Io {
+        context,
+        path,
+        error,
+    }
+}
+
+/// What [`ChunkStore::insert_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// A new chunk.
+    Written,
+    /// The store already held these bytes (and they verified).
+    AlreadyPresent,
+    /// The store held a corrupt copy; it was replaced.
+    Repaired,
+}
+
+/// Held while writing to the store; dropping it releases the lock.
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: File,
+}
+
+/// The verified-chunk cache.
+#[derive(Debug)]
+struct VerifiedCache {
+    chunks: LruCache<ContentHash, Arc<[u8]>>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl VerifiedCache {
+    fn get(&mut self, hash: &ContentHash) -> Option<Arc<[u8]>> {
+        self.chunks.get(hash).cloned()
+    }
+
+    fn insert(&mut self, hash: ContentHash, bytes: Arc<[u8]>) {
+        if bytes.len() > self.bytes_max {
+            return;
+        }
+        self.bytes += bytes.len();
+        if let Some(previous) = self.chunks.put(hash, bytes) {
+            self.bytes -= previous.len();
+        }
+        while self.bytes > self.bytes_max {
+            match self.chunks.pop_lru() {
+                Some((_, evicted)) => self.bytes -= evicted.len(),
+                None => break,
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: &ContentHash) {
+        if let Some(removed) = self.chunks.pop(hash) {
+            self.bytes -= removed.len();
+        }
+    }
+}
+
+/// Content-addressed chunks and manifests in one directory.
+#[derive(Debug)]
+pub struct ChunkStore {
+    root: PathBuf,
+    cache: Mutex<VerifiedCache>,
+    temp_counter: AtomicU64,
+    /// Fan-out directories that received a chunk since the last [`sync`](Self::sync).
+    unsynced_directories: Mutex<BTreeSet<String>>,
+}
+
+impl ChunkStore {
+    /// Opens (creating if needed) the store at `root`, with a verified-chunk cache of at most
+    /// `cache_bytes_max` bytes.
+    pub fn open(root: &Path, cache_bytes_max: usize) -> Result<Self, StoreError> {
+        for directory in ["chunks", "manifests", "tmp"] {
+            let path = root.join(directory);
+            fs::create_dir_all(&path).map_err(io_error("create", &path))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            cache: Mutex::new(VerifiedCache {
+                chunks: LruCache::unbounded(),
+                bytes: 0,
+                bytes_max: cache_bytes_max,
+            }),
+            temp_counter: AtomicU64::new(0),
+            unsynced_directories: Mutex::new(BTreeSet::new()),
+        })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the writers' lock (blocking until other writers finish) and clears debris that
+    /// a crashed writer left in `tmp/`.
+    pub fn lock_for_writing(&self) -> Result<StoreLock, StoreError> {
+        let path = self.root.join("lock");
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("open", &path))?;
+        file.lock().map_err(io_error("lock", &path))?;
+        let temp = self.root.join("tmp");
+        let entries = fs::read_dir(&temp).map_err(io_error("list", &temp))?;
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &temp))?;
+            let debris = entry.path();
+            tracing::info!(path = %debris.display(), "removing what an interrupted write left");
+            let removed = if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+                fs::remove_dir_all(&debris)
+            } else {
+                fs::remove_file(&debris)
+            };
+            removed.map_err(io_error("remove", &debris))?;
+        }
+        Ok(StoreLock { _file: file })
+    }
+
+    fn chunk_path(&self, hash: &ContentHash) -> PathBuf {
+        let hex = hash.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn manifest_path(&self, hash: &ContentHash) -> PathBuf {
+        self.root.join("manifests").join(hash.to_hex())
+    }
+
+    /// Writes `bytes` to a fresh file in `tmp/`, syncs it and renames it to `target`.
+    /// The caller syncs `target`'s directory.
+    fn write_atomically(&self, target: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let serial = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let name = target
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = self
+            .root
+            .join("tmp")
+            .join(format!("{name}.{}.{serial}", std::process::id()));
+        let mut file = File::create(&temp).map_err(io_error("create", &temp))?;
+        file.write_all(bytes).map_err(io_error("write", &temp))?;
+        file.sync_all().map_err(io_error("sync", &temp))?;
+        drop(file);
+        fs::rename(&temp, target).map_err(io_error("rename into place", target))?;
+        Ok(())
+    }
+
+    /// Stores a chunk whose bytes hash to `hash` (checked here: a chunk is verified on write).
+    /// Present chunks are re-read and verified; a corrupt copy is replaced. Call
+    /// [`sync`](Self::sync) before publishing anything that names the chunk.
+    pub fn insert_chunk(
+        &self,
+        hash: ContentHash,
+        bytes: &[u8],
+    ) -> Result<InsertOutcome, StoreError> {
+        let actual = ContentHash::of(bytes);
+        if actual != hash {
+            return Err(StoreError::ChunkHashMismatch {
+                expected: hash,
+                actual,
+            });
+        }
+        let path = self.chunk_path(&hash);
+        let outcome = match self.read_verified_from_disk(&hash) {
+            Ok(_) => return Ok(InsertOutcome::AlreadyPresent),
+            Err(StoreError::ChunkMissing { .. }) => InsertOutcome::Written,
+            Err(StoreError::ChunkHashMismatch { .. }) => {
+                tracing::warn!(chunk = %hash, "replacing a corrupt stored chunk with good bytes");
+                InsertOutcome::Repaired
+            }
+            Err(error) => return Err(error),
+        };
+        let directory = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        fs::create_dir_all(&directory).map_err(io_error("create", &directory))?;
+        self.write_atomically(&path, bytes)?;
+        self.lock_unsynced().insert(hash.to_hex()[..2].to_owned());
+        self.lock_cache().remove(&hash);
+        Ok(outcome)
+    }
+
+    fn lock_unsynced(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.unsynced_directories
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, VerifiedCache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Makes every chunk inserted so far durable (syncs the directories they were renamed
+    /// into).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let directories = std::mem::take(&mut *self.lock_unsynced());
+        for directory in directories {
+            sync_directory(&self.root.join("chunks").join(directory))?;
+        }
+        sync_directory(&self.root.join("chunks"))
+    }
+
+    /// True if a chunk file with this name exists (not verified).
+    pub fn contains_chunk(&self, hash: &ContentHash) -> bool {
+        self.chunk_path(hash).is_file()
+    }
+
+    /// Reads a chunk from disk, bypassing the cache, and verifies it.
+    pub fn read_verified_from_disk(&self, hash: &ContentHash) -> Result<Vec<u8>, StoreError> {
+        let path = self.chunk_path(hash);
+        let bytes = match read_bounded(&path, CHUNK_BYTES_LIMIT as usize) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::ChunkMissing { hash: *hash });
+            }
+            Err(error) => return Err(io_error("read", &path)(error)),
+        };
+        let actual = ContentHash::of(&bytes);
+        if actual != *hash {
+            return Err(StoreError::ChunkHashMismatch {
+                expected: *hash,
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// A verified chunk: from the cache, or read from disk, verified and cached. A corrupt
+    /// chunk is an error (and logged); its bytes are never returned.
+    pub fn read_chunk(&self, hash: &ContentHash) -> Result<Arc<[u8]>, StoreError> {
+        if let Some(bytes) = self.lock_cache().get(hash) {
+            return Ok(bytes);
+        }
+        let bytes: Arc<[u8]> = match self.read_verified_from_disk(hash) {
+            Ok(bytes) => bytes.into(),
+            Err(error) => {
+                if error.is_corruption() {
+                    tracing::error!(chunk = %hash, %error, "corrupt chunk refused");
+                }
+                return Err(error);
+            }
+        };
+        self.lock_cache().insert(*hash, Arc::clone(&bytes));
+        Ok(bytes)
+    }
+
+    /// Every chunk file's name (unverified), sorted.
+    pub fn list_chunks(&self) -> Result<Vec<ContentHash>, StoreError> {
+        let chunks = self.root.join("chunks");
+        let mut hashes = Vec::new();
+        for fan_out in fs::read_dir(&chunks).map_err(io_error("list", &chunks))? {
+            let fan_out = fan_out.map_err(io_error("list", &chunks))?.path();
+            if !fan_out.is_dir() {
+                continue;
+            }
+            for entry in fs::read_dir(&fan_out).map_err(io_error("list", &fan_out))? {
+                let entry = entry.map_err(io_error("list", &fan_out))?;
+                if let Some(hash) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|name| name.parse().ok())
+                {
+                    hashes.push(hash);
+                }
+            }
+        }
+        hashes.sort();
+        Ok(hashes)
+    }
+
+    /// Removes a chunk; returns the bytes freed.
+    pub fn remove_chunk(&self, hash: &ContentHash) -> Result<u64, StoreError> {
+        let path = self.chunk_path(hash);
+        let length = fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(error) => return Err(io_error("remove", &path)(error)),
+        }
+        self.lock_cache().remove(hash);
+        Ok(length)
+    }
+
+    /// Stores a manifest (after [`sync`](Self::sync) made its chunks durable) and returns its
+    /// hash.
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<ContentHash, StoreError> {
+        let (hash, bytes) = manifest.identity().map_err(|error| StoreError::Manifest {
+            hash: ContentHash([0; 32]),
+            error,
+        })?;
+        let path = self.manifest_path(&hash);
+        if !path.is_file() {
+            self.write_atomically(&path, &bytes)?;
+            sync_directory(&self.root.join("manifests"))?;
+        }
+        Ok(hash)
+    }
+
+    /// Reads and validates a manifest by hash.
+    pub fn manifest(&self, hash: &ContentHash) -> Result<Manifest, StoreError> {
+        let path = self.manifest_path(hash);
+        let bytes = match read_bounded(&path, MANIFEST_BYTES_MAX) {
+            Ok(bytes) => bytes,
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                return Err(StoreError::ManifestMissing { hash: *hash });
+            }
+            Err(error) => return Err(io_error("read", &path)(error)),
+        };
+        Manifest::decode_expecting(&bytes, *hash)
+            .map_err(|error| StoreError::Manifest { hash: *hash, error })
+    }
+
+    /// The raw bytes of a stored manifest (verified against its name), for peers.
+    pub fn manifest_bytes(&self, hash: &ContentHash) -> Result<Vec<u8>, StoreError> {
+        self.manifest(hash)?;
+        let path = self.manifest_path(hash);
+        read_bounded(&path, MANIFEST_BYTES_MAX).map_err(io_error("read", &path))
+    }
+
+    /// Every stored manifest's hash, sorted.
+    pub fn list_manifests(&self) -> Result<Vec<ContentHash>, StoreError> {
+        let directory = self.root.join("manifests");
+        let mut hashes = Vec::new();
+        for entry in fs::read_dir(&directory).map_err(io_error("list", &directory))? {
+            let entry = entry.map_err(io_error("list", &directory))?;
+            if let Some(hash) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.parse().ok())
+            {
+                hashes.push(hash);
+            }
+        }
+        hashes.sort();
+        Ok(hashes)
+    }
+
+    /// Removes a manifest file.
+    pub fn remove_manifest(&self, hash: &ContentHash) -> Result<(), StoreError> {
+        let path = self.manifest_path(hash);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error("remove", &path)(error)),
+        }
+    }
+
+    /// The catalog (empty if none was written yet).
+    pub fn catalog(&self) -> Result<Catalog, StoreError> {
+        let path = self.root.join("catalog.json");
+        match fs::read(&path) {
+            Ok(bytes) => Catalog::from_json(&bytes).map_err(|detail| StoreError::Catalog {
+                path: path.clone(),
+                detail,
+            }),
+            Err(error) if error.kind() == ErrorKind::NotFound => Ok(Catalog::default()),
+            Err(error) => Err(io_error("read", &path)(error)),
+        }
+    }
+
+    /// Replaces the catalog atomically. Hold the [`StoreLock`] across read-modify-write.
+    pub fn write_catalog(&self, catalog: &Catalog, _lock: &StoreLock) -> Result<(), StoreError> {
+        let path = self.root.join("catalog.json");
+        let bytes = catalog.to_json().map_err(|detail| StoreError::Catalog {
+            path: path.clone(),
+            detail,
+        })?;
+        self.write_atomically(&path, &bytes)?;
+        sync_directory(&self.root)
+    }
+}
+
+fn sync_directory(path: &Path) -> Result<(), StoreError> {
+    File::open(path)
+        .and_then(|directory| directory.sync_all())
+        .map_err(io_error("sync directory", path))
+}
+
+/// Reads a whole file, refusing files longer than `bytes_max` (a corrupt or planted file must
+/// not make us allocate without bound).
+fn read_bounded(path: &Path, bytes_max: usize) -> std::io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let length = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+    if length > bytes_max {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidData,
+            format!("{length} bytes is more than the {bytes_max}-byte limit"),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(length);
+    file.take(bytes_max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ChunkRef, MANIFEST_FORMAT_VERSION, Part, RootImage};
+    use crate::reader::PartReader;
+    use crate::verity::VerityParameters;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn flip_first_byte(path: &Path) -> TestResult {
+        let mut bytes = fs::read(path)?;
+        bytes[0] ^= 0xff;
+        fs::write(path, bytes)?;
+        Ok(())
+    }
+
+    #[test]
+    fn chunks_are_verified_on_write_and_on_every_load_from_disk() -> TestResult {
+        let directory = tempfile::tempdir()?;
+        let store = ChunkStore::open(directory.path(), 1024)?;
+        let bytes = b"a chunk of an image".to_vec();
+        let hash = ContentHash::of(&bytes);
+        // Wrong name: refused.
+        assert!(matches!(
+            store.insert_chunk(ContentHash::of(b"other"), &bytes),
+            Err(StoreError::ChunkHashMismatch { .. })
+        ));
+        assert_eq!(store.insert_chunk(hash, &bytes)?, InsertOutcome::Written);
+        assert_eq!(
+            store.insert_chunk(hash, &bytes)?,
+            InsertOutcome::AlreadyPresent
+        );
+        store.sync()?;
+        assert_eq!(&*store.read_chunk(&hash)?, bytes.as_slice());
+        assert_eq!(store.list_chunks()?, vec![hash]);
+
+        // Corrupt it on disk: a fresh store (empty cache) refuses it, and so does a scrub.
+        flip_first_byte(&store.chunk_path(&hash))?;
+        let reopened = ChunkStore::open(directory.path(), 1024)?;
+        let error = reopened.read_chunk(&hash).err();
+        assert!(
+            matches!(error, Some(StoreError::ChunkHashMismatch { .. })),
+            "{error:?}"
+        );
+        assert!(error.is_some_and(|error| error.is_corruption()));
+        assert!(reopened.read_verified_from_disk(&hash).is_err());
+        // Inserting the good bytes again repairs it.
+        assert_eq!(
+            reopened.insert_chunk(hash, &bytes)?,
+            InsertOutcome::Repaired
+        );
+        assert_eq!(&*reopened.read_chunk(&hash)?, bytes.as_slice());
+
+        assert_eq!(reopened.remove_chunk(&hash)?, bytes.len() as u64);
+        assert!(matches!(
+            reopened.read_chunk(&hash),
+            Err(StoreError::ChunkMissing { .. })
+        ));
+        Ok(())
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_bound() -> TestResult {
+        let directory = tempfile::tempdir()?;
+        let store = ChunkStore::open(directory.path(), 250)?;
+        for index in 0..10u8 {
+            let bytes = vec![index; 100];
+            let hash = ContentHash::of(&bytes);
+            store.insert_chunk(hash, &bytes)?;
+            store.read_chunk(&hash)?;
+            assert!(store.lock_cache().bytes <= 250);
+        }
+        assert_eq!(store.lock_cache().chunks.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn debris_of_interrupted_writes_is_cleared_by_the_next_writer() -> TestResult {
+        let directory = tempfile::tempdir()?;
+        let store = ChunkStore::open(directory.path(), 1024)?;
+        let debris = directory.path().join("tmp").join("half-written.123.0");
+        fs::write(&debris, b"torn")?;
+        fs::create_dir_all(
+            directory
+                .path()
+                .join("tmp")
+                .join("import.abc")
+                .join("rootfs"),
+        )?;
+        let _lock = store.lock_for_writing()?;
+        assert!(!debris.exists());
+        assert_eq!(fs::read_dir(directory.path().join("tmp"))?.count(), 0);
+        Ok(())
+    }
+
+    #[test]
+    fn manifests_and_parts_read_back() -> TestResult {
+        let directory = tempfile::tempdir()?;
+        let store = Arc::new(ChunkStore::open(directory.path(), 1 << 20)?);
+        let pieces: Vec<Vec<u8>> = vec![vec![1; 4000], vec![2; 96], vec![3; 4096]];
+        let mut part = Part::default();
+        for piece in &pieces {
+            let hash = ContentHash::of(piece);
+            store.insert_chunk(hash, piece)?;
+            part.chunks.push(ChunkRef {
+                hash,
+                length_bytes: piece.len() as u32,
+            });
+            part.size_bytes += piece.len() as u64;
+        }
+        store.sync()?;
+        let manifest = Manifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            name: "node".into(),
+            tag: "v1".into(),
+            created_unix_secs: 1,
+            cmdline: "console=ttyS0".into(),
+            kernel: None,
+            initrd: None,
+            root: RootImage {
+                part: part.clone(),
+                squashfs_bytes: 4096,
+                verity: VerityParameters {
+                    algorithm: "sha256".into(),
+                    data_block_bytes: 4096,
+                    hash_block_bytes: 4096,
+                    data_blocks: 1,
+                    hash_offset_bytes: 4096,
+                    salt: vec![1; 32],
+                    root_hash: [0; 32],
+                },
+            },
+        };
+        let hash = store.put_manifest(&manifest)?;
+        assert_eq!(store.manifest(&hash)?, manifest);
+        assert_eq!(store.list_manifests()?, vec![hash]);
+        assert_eq!(ContentHash::of(&store.manifest_bytes(&hash)?), hash);
+
+        let reader = PartReader::new(Arc::clone(&store), &part);
+        let mut buffer = vec![0u8; 200];
+        assert_eq!(reader.read_at(3950, &mut buffer)?, 200);
+        assert_eq!(&buffer[..50], &[1; 50]);
+        assert_eq!(&buffer[50..146], &[2; 96]);
+        assert_eq!(&buffer[146..], &[3; 54]);
+        assert_eq!(reader.read_at(8100, &mut buffer)?, 92);
+        assert_eq!(reader.read_at(8192, &mut buffer)?, 0);
+
+        // A corrupt manifest file is refused by name.
+        flip_first_byte(&store.manifest_path(&hash))?;
+        assert!(matches!(
+            store.manifest(&hash),
+            Err(StoreError::Manifest { .. })
+        ));
+        Ok(())
+    }
+}
