@@ -63,17 +63,34 @@ pub struct ServerConfig {
     pub nbd: Option<NbdSection>,
     /// What iPXE boots (served as `/boot/<mac>.ipxe` by the HTTP service).
     pub boot: Option<BootPlanSection>,
+    /// Groups of nodes: each boots the image promoted to it (`bootmesh image promote`).
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupSection>,
 }
 
-/// `[boot]`: the boot plan every node gets until groups and images arrive.
+/// `[boot]`: what nodes boot. A node boots its group's promoted image when there is one;
+/// otherwise the static `kernel`/`initrd` here.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BootPlanSection {
-    /// Kernel path under the HTTP root.
-    pub kernel: String,
+    /// Kernel path under the HTTP root (for nodes whose group has no image).
+    pub kernel: Option<String>,
     /// Initrd path under the HTTP root.
     pub initrd: Option<String>,
-    /// Kernel command line.
+    /// Kernel command line for the static kernel.
+    #[serde(default)]
+    pub cmdline: String,
+    /// The group of hosts that name none.
+    pub default_group: Option<String>,
+}
+
+/// `[[group]]`: nodes that boot the same image with the same settings.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSection {
+    /// The group's name (what `image promote --group` names).
+    pub name: String,
+    /// Appended to the image's default command line.
     #[serde(default)]
     pub cmdline: String,
 }
@@ -186,6 +203,8 @@ pub struct HostSection {
     pub address: Option<Ipv4Addr>,
     /// Option 12.
     pub hostname: Option<String>,
+    /// The host's group (else `[boot] default_group`).
+    pub group: Option<String>,
 }
 
 /// `[tftp]`.
@@ -322,6 +341,48 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let mut group_names = std::collections::BTreeSet::new();
+        for (index, group) in self.groups.iter().enumerate() {
+            let valid = !group.name.is_empty()
+                && group.name.len() <= 64
+                && group
+                    .name
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
+            if !valid {
+                return Err(invalid(
+                    format!("group[{index}].name"),
+                    "must be 1-64 of a-z A-Z 0-9 . _ -",
+                ));
+            }
+            if !group_names.insert(group.name.as_str()) {
+                return Err(invalid(
+                    format!("group[{index}].name"),
+                    "names a group twice",
+                ));
+            }
+        }
+        let known_group = |name: &str| group_names.contains(name);
+        if let Some(default_group) = self
+            .boot
+            .as_ref()
+            .and_then(|boot| boot.default_group.as_deref())
+            && !known_group(default_group)
+        {
+            return Err(invalid("boot.default_group", "names no [[group]]"));
+        }
+        if let Some(dhcp) = &self.dhcp {
+            for (index, host) in dhcp.hosts.iter().enumerate() {
+                if let Some(group) = host.group.as_deref()
+                    && !known_group(group)
+                {
+                    return Err(invalid(
+                        format!("dhcp.host[{index}].group"),
+                        "names no [[group]]",
+                    ));
+                }
+            }
+        }
         if let Some(dhcp) = &self.dhcp {
             if dhcp.interfaces.is_empty() {
                 return Err(invalid(

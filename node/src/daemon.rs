@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::config::{ConfigError, ServerConfig};
 use crate::dhcp_service::{DhcpCounters, run_dhcp};
 use crate::files::{DirectorySource, FileExports};
+use crate::image_source::{ExportsAndImages, FilesAndImages, ImageLibrary};
 use crate::journal::FileLeaseJournal;
 use crate::net::InterfaceLink;
 use crate::seams::{SystemClock, TokioNetwork};
@@ -59,6 +60,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_sender, stop_receiver) = watch::channel(false);
+    // The image store every service reads images from (`bootmesh image import` writes it).
+    let images = ImageLibrary::new(Arc::new(
+        crate::image::open_store(&config.state_dir)
+            .map_err(|error| ServeError::Task(format!("image store: {error}")))?,
+    ));
     let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
 
     if let Some(dhcp_config) = config.dhcp_config()? {
@@ -108,8 +114,11 @@ pub async fn serve(
     }
 
     if let Some(tftp) = config.tftp.clone() {
-        let source = DirectorySource::new(&tftp.root)
-            .map_err(io_error(format!("tftp root {}", tftp.root.display())))?;
+        let source = FilesAndImages::new(
+            DirectorySource::new(&tftp.root)
+                .map_err(io_error(format!("tftp root {}", tftp.root.display())))?,
+            Some(images.clone()),
+        );
         let tftp_config = TftpConfig {
             blksize_max: tftp.blksize_max,
             windowsize_max: tftp.windowsize_max,
@@ -134,16 +143,31 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
-        let mut scripts = crate::http_service::BootScripts::default();
+        let mut scripts = crate::http_service::BootScripts {
+            images: Some(images.clone()),
+            ..Default::default()
+        };
         if let Some(boot) = &config.boot {
-            scripts.kernel = Some(boot.kernel.clone());
+            scripts.kernel = boot.kernel.clone();
             scripts.initrd = boot.initrd.clone();
             scripts.cmdline = boot.cmdline.clone();
+            scripts.default_group = boot.default_group.clone();
         }
-        if let Some(dhcp) = config.dhcp_config()? {
-            for host in dhcp.hosts {
-                if let Some(hostname) = host.hostname {
-                    scripts.hostnames.insert(host.hardware_address, hostname);
+        for group in &config.groups {
+            scripts
+                .group_cmdlines
+                .insert(group.name.clone(), group.cmdline.clone());
+        }
+        if let Some(dhcp) = &config.dhcp {
+            for host in &dhcp.hosts {
+                let Ok(mac) = crate::config::parse_mac(&host.mac) else {
+                    continue; // validated at load
+                };
+                if let Some(hostname) = &host.hostname {
+                    scripts.hostnames.insert(mac, hostname.clone());
+                }
+                if let Some(group) = &host.group {
+                    scripts.groups.insert(mac, group.clone());
                 }
             }
         }
@@ -156,13 +180,16 @@ pub async fn serve(
     }
 
     if let Some(nbd) = config.nbd.clone() {
-        let exports = FileExports::new(nbd.exports.iter().map(|export| {
-            (
-                export.name.clone(),
-                export.path.clone(),
-                export.description.clone(),
-            )
-        }));
+        let exports = ExportsAndImages::new(
+            FileExports::new(nbd.exports.iter().map(|export| {
+                (
+                    export.name.clone(),
+                    export.path.clone(),
+                    export.description.clone(),
+                )
+            })),
+            Some(images.clone()),
+        );
         for export in &nbd.exports {
             std::fs::metadata(&export.path).map_err(io_error(format!(
                 "nbd export {:?} at {}",

@@ -21,12 +21,22 @@ use tower::ServiceBuilder;
 use tower_http::services::ServeDir;
 
 use crate::files::DirectorySource;
+use crate::image_source::{ImageLibrary, image_path};
 
 /// How long a request may take before it is cut off; a stalled client must not hold a slot.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+/// Image parts up to this size are verified whole before the response starts, so that a
+/// corrupt chunk gets a 5xx rather than a cut-off 200 (kernels and initrds always are).
+const PREVERIFY_BYTES_MAX: u64 = 128 * 1024 * 1024;
+/// Bytes per body frame when streaming an image part.
+const STREAM_FRAME_BYTES: usize = 256 * 1024;
 
 /// What `/boot/<mac>.ipxe` answers: the boot plan with URLs relative to the address the node
 /// reached us on, and each known host's hostname.
+///
+/// A node boots its group's promoted image when the store has one (kernel and initrd from the
+/// image, `bootmesh.image=<manifest hash>` on the command line); otherwise the static
+/// `kernel`/`initrd` below.
 #[derive(Debug, Clone, Default)]
 pub struct BootScripts {
     /// Kernel path under the HTTP root.
@@ -37,18 +47,76 @@ pub struct BootScripts {
     pub cmdline: String,
     /// Hostnames by MAC.
     pub hostnames: BTreeMap<[u8; 6], String>,
+    /// Groups by MAC.
+    pub groups: BTreeMap<[u8; 6], String>,
+    /// The group of nodes not listed in `groups`.
+    pub default_group: Option<String>,
+    /// Extra command line per group.
+    pub group_cmdlines: BTreeMap<String, String>,
+    /// The image store.
+    pub images: Option<ImageLibrary>,
 }
 
-/// Builds the router serving `source`, and boot scripts when `scripts` has a kernel.
+/// Kernel URL, initrd URL and command line for one node.
+struct PlannedFiles {
+    kernel: String,
+    initrd: Option<String>,
+    cmdline: String,
+}
+
+impl BootScripts {
+    /// What `mac` boots: its group's image, else the static files; `Err` is a message for a
+    /// 5xx (a group whose image cannot be read must not silently boot something else).
+    fn plan_files(&self, mac: &[u8; 6]) -> Result<Option<PlannedFiles>, String> {
+        let group = self.groups.get(mac).or(self.default_group.as_ref());
+        if let (Some(group), Some(images)) = (group, &self.images) {
+            match images.group_image(group) {
+                Ok(Some((reference, hash, manifest))) => {
+                    if manifest.kernel.is_none() {
+                        return Err(format!("image {reference} of group {group} has no kernel"));
+                    }
+                    let mut cmdline = vec![manifest.cmdline.clone()];
+                    if let Some(extra) = self.group_cmdlines.get(group) {
+                        cmdline.push(extra.clone());
+                    }
+                    cmdline.push(format!("bootmesh.image={hash}"));
+                    cmdline.push(format!("bootmesh.group={group}"));
+                    cmdline.retain(|part| !part.is_empty());
+                    tracing::info!(%group, image = %reference, %hash, "boot plan from the group's image");
+                    return Ok(Some(PlannedFiles {
+                        kernel: format!("images/{hash}/kernel"),
+                        initrd: manifest
+                            .initrd
+                            .as_ref()
+                            .map(|_| format!("images/{hash}/initrd")),
+                        cmdline: cmdline.join(" "),
+                    }));
+                }
+                Ok(None) => {}
+                Err(error) => return Err(format!("image of group {group} unreadable: {error}")),
+            }
+        }
+        Ok(self.kernel.as_ref().map(|kernel| PlannedFiles {
+            kernel: kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+        }))
+    }
+}
+
+/// Builds the router serving `source`, the store's images, chunks and manifests, and boot
+/// scripts.
 pub fn router(
     source: DirectorySource,
     scripts: BootScripts,
     requests_in_flight_max: usize,
 ) -> Router {
     let serve_dir = ServeDir::new(source.root_path());
+    let images = scripts.images.clone();
     Router::new()
         .fallback_service(serve_dir)
         .layer(middleware::from_fn_with_state(source, confine_to_root))
+        .layer(middleware::from_fn_with_state(images, serve_from_store))
         .layer(middleware::from_fn_with_state(
             Arc::new(scripts),
             serve_boot_script,
@@ -78,9 +146,6 @@ async fn serve_boot_script(
     let Some(mac) = boot_script_mac(request.uri().path()) else {
         return next.run(request).await;
     };
-    let Some(kernel) = &scripts.kernel else {
-        return next.run(request).await;
-    };
     let span = tracing::info_span!("boot_script", mac = %boot_services::dhcp::format_mac(&mac));
     let _entered = span.enter();
     // URLs name the address the node used to reach us, so they work on every segment.
@@ -92,10 +157,21 @@ async fn serve_boot_script(
         return (StatusCode::BAD_REQUEST, "missing Host header\n").into_response();
     };
     let url = |path: &str| format!("http://{host}/{}", path.trim_start_matches('/'));
+    let files = match scripts.plan_files(&mac) {
+        Ok(Some(files)) => files,
+        Ok(None) => {
+            drop(_entered);
+            return next.run(request).await;
+        }
+        Err(message) => {
+            tracing::error!(%message, "no boot plan");
+            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response();
+        }
+    };
     let plan = BootPlan {
-        kernel_urls: vec![url(kernel)],
-        initrd_urls: scripts.initrd.iter().map(|initrd| url(initrd)).collect(),
-        cmdline: scripts.cmdline.clone(),
+        kernel_urls: vec![url(&files.kernel)],
+        initrd_urls: files.initrd.iter().map(|initrd| url(initrd)).collect(),
+        cmdline: files.cmdline,
         hostname: scripts.hostnames.get(&mac).cloned(),
     };
     match render_script(&plan) {
@@ -115,6 +191,146 @@ async fn serve_boot_script(
             (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
         }
     }
+}
+
+/// `/images/<name:tag or hash>/<part>`, `/chunks/<hash>` and `/manifests/<hash>` from the
+/// store; everything else passes on.
+async fn serve_from_store(
+    State(images): State<Option<ImageLibrary>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(images) = images else {
+        return next.run(request).await;
+    };
+    let path = request.uri().path().to_owned();
+    let Some(decoded) = percent_decode(&path) else {
+        return next.run(request).await;
+    };
+    let trimmed = decoded.trim_start_matches('/');
+    let span = tracing::info_span!("http_store", path = %trimmed);
+    let _entered = span.enter();
+    if let Some((name, part)) = image_path(trimmed) {
+        let file = match images.open_part(name, part) {
+            Ok(file) => file,
+            Err(error) => return store_error_response(&error),
+        };
+        return stream_part(file).await;
+    }
+    if let Some(hex) = trimmed.strip_prefix("chunks/") {
+        let Ok(hash) = hex.parse() else {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        };
+        return match images.chunk(&hash) {
+            Ok(bytes) => (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                Body::from(bytes.to_vec()),
+            )
+                .into_response(),
+            Err(error) => store_error_response(&error),
+        };
+    }
+    if let Some(hex) = trimmed.strip_prefix("manifests/") {
+        let Ok(hash) = hex.parse() else {
+            return (StatusCode::NOT_FOUND, "not found\n").into_response();
+        };
+        return match images.store().manifest_bytes(&hash) {
+            Ok(bytes) => (
+                [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+                Body::from(bytes),
+            )
+                .into_response(),
+            Err(transfer::StoreError::ManifestMissing { .. }) => {
+                (StatusCode::NOT_FOUND, "not found\n").into_response()
+            }
+            Err(error) => {
+                tracing::error!(%error, "manifest refused");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "stored manifest is unreadable\n",
+                )
+                    .into_response()
+            }
+        };
+    }
+    drop(_entered);
+    next.run(request).await
+}
+
+fn store_error_response(error: &SourceError) -> Response {
+    match error {
+        SourceError::NotFound => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        SourceError::AccessDenied => (StatusCode::FORBIDDEN, "forbidden\n").into_response(),
+        SourceError::Corrupt => {
+            tracing::error!("stored data is corrupt; answering 500 instead of sending it");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored data is corrupt\n",
+            )
+                .into_response()
+        }
+        SourceError::Io(detail) => {
+            tracing::warn!(%detail, "image read failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "read error\n").into_response()
+        }
+    }
+}
+
+/// Streams an image part, every chunk verified. Small parts are verified whole first (a 5xx
+/// on corruption); a large part stops mid-stream on a bad chunk, which the client sees as a
+/// cut-off transfer, never as bad bytes.
+async fn stream_part(file: crate::image_source::StoreFile) -> Response {
+    use boot_services::source::ReadAt;
+    let size_bytes = file.size_bytes();
+    let mut probe = vec![0u8; STREAM_FRAME_BYTES];
+    let mut offset = 0u64;
+    let preverify_end = if size_bytes <= PREVERIFY_BYTES_MAX {
+        size_bytes
+    } else {
+        1
+    };
+    while offset < preverify_end {
+        match file.read_at(offset, &mut probe) {
+            Ok(0) => break,
+            Ok(count) => offset += count as u64,
+            Err(error) => return store_error_response(&error),
+        }
+    }
+    let frames = futures_util::stream::unfold((file, 0u64), move |(file, offset)| async move {
+        if offset >= size_bytes {
+            return None;
+        }
+        let wanted = usize::try_from(size_bytes - offset)
+            .unwrap_or(usize::MAX)
+            .min(STREAM_FRAME_BYTES);
+        let mut frame = vec![0u8; wanted];
+        match file.read_at(offset, &mut frame) {
+            Ok(count) if count > 0 => {
+                frame.truncate(count);
+                Some((
+                    Ok::<_, std::io::Error>(frame),
+                    (file, offset + count as u64),
+                ))
+            }
+            Ok(_) => Some((
+                Err(std::io::Error::other("image part ended early")),
+                (file, size_bytes),
+            )),
+            Err(error) => {
+                tracing::error!(%error, offset, "image stream cut off");
+                Some((
+                    Err(std::io::Error::other(error.to_string())),
+                    (file, size_bytes),
+                ))
+            }
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "application/octet-stream")
+        .header(axum::http::header::CONTENT_LENGTH, size_bytes)
+        .body(Body::from_stream(frames))
+        .unwrap_or_default()
 }
 
 async fn confine_to_root(

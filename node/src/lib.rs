@@ -11,6 +11,7 @@ pub mod dhcp_service;
 pub mod files;
 pub mod http_service;
 pub mod image;
+pub mod image_source;
 pub mod journal;
 pub mod nbd_service;
 pub mod net;

@@ -11,6 +11,7 @@ mod architecture;
 mod bad_input;
 mod dhcp;
 mod http;
+mod image_serving;
 mod lab;
 mod nbd;
 mod serve;
