@@ -10,6 +10,7 @@
 mod architecture;
 mod bad_input;
 mod dhcp;
+mod dockerfile;
 mod http;
 mod image_serving;
 mod lab;

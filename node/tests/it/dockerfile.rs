@@ -1,0 +1,212 @@
+//! The seed's workflow for real: a Dockerfile built by buildah (no Docker engine, no registry:
+//! the base is a busybox rootfs this test makes), pushed as a `docker save` archive and as an
+//! OCI archive, each imported by `bootmesh image import`, from a file and from stdin.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use crate::lab;
+
+fn run(program: &str, args: &[&str], directory: &Path) -> Output {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(directory)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|error| panic!("run {program}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        lab::describe(&output)
+    );
+    output
+}
+
+/// A busybox rootfs with the shared libraries busybox needs (ldd tells which), as a tar.
+fn busybox_rootfs_tar(directory: &Path) -> std::path::PathBuf {
+    let rootfs = directory.join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).expect("bin");
+    std::fs::create_dir_all(rootfs.join("tmp")).expect("tmp");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
+    for applet in ["sh", "mkdir", "echo", "rm", "ln", "cat"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).expect("applet");
+    }
+    let ldd = run("ldd", &["/bin/busybox"], directory);
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+        let library = line
+            .split_whitespace()
+            .find(|word| word.starts_with('/'))
+            .map(Path::new);
+        if let Some(library) = library {
+            let target = rootfs.join(library.strip_prefix("/").expect("absolute"));
+            std::fs::create_dir_all(target.parent().expect("parent")).expect("library dir");
+            std::fs::copy(library, &target).expect("copy library");
+        }
+    }
+    let tar = directory.join("rootfs.tar");
+    run(
+        "tar",
+        &["-C", "rootfs", "-cf", "rootfs.tar", "."],
+        directory,
+    );
+    tar
+}
+
+fn import(state: &Path, reference: &str, from: &str, stdin: Option<&Path>) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_bootmesh"));
+    command
+        .arg("image")
+        .arg("--state-dir")
+        .arg(state)
+        .args(["import", reference, "--from", from]);
+    match stdin {
+        Some(path) => command.stdin(std::fs::File::open(path).expect("open archive")),
+        None => command.stdin(Stdio::null()),
+    };
+    let output = command.output().expect("run bootmesh image import");
+    assert!(
+        output.status.success(),
+        "import {reference}: {}",
+        lab::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn export_squashfs(state: &Path, reference: &str, output: &Path) -> Vec<u8> {
+    let output_argument = output.to_string_lossy().into_owned();
+    let result = Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+        .arg("image")
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "export",
+            reference,
+            "--part",
+            "squashfs",
+            "-o",
+            &output_argument,
+        ])
+        .output()
+        .expect("run bootmesh image export");
+    assert!(
+        result.status.success(),
+        "export {reference}: {}",
+        lab::describe(&result)
+    );
+    std::fs::read(output).expect("exported squashfs")
+}
+
+#[test]
+fn a_dockerfile_built_by_buildah_imports_from_docker_and_oci_archives() {
+    if !lab::enabled() {
+        return;
+    }
+    for program in ["buildah", "mksquashfs", "unsquashfs", "ldd", "tar"] {
+        lab::require_program(program);
+    }
+    let work = tempfile::tempdir().expect("work dir");
+    let directory = work.path();
+    busybox_rootfs_tar(directory);
+    std::fs::write(
+        directory.join("Dockerfile"),
+        "FROM scratch\n\
+         ADD rootfs.tar /\n\
+         RUN mkdir -p /etc/bootmesh && echo 'built by buildah' > /etc/bootmesh/motd\n\
+         RUN rm /bin/cat && ln -s busybox /bin/true\n",
+    )
+    .expect("Dockerfile");
+    // buildah's own storage lives in the test's directory, not in /var/lib/containers.
+    let storage_root = directory.join("storage");
+    let run_root = directory.join("run");
+    let storage = [
+        "--root",
+        storage_root.to_str().expect("utf-8"),
+        "--runroot",
+        run_root.to_str().expect("utf-8"),
+        "--storage-driver",
+        "vfs",
+    ];
+    let with_storage = |args: &[&str]| -> Vec<String> {
+        storage
+            .iter()
+            .chain(args)
+            .map(|arg| (*arg).to_owned())
+            .collect()
+    };
+    let call = |args: Vec<String>| {
+        let borrowed: Vec<&str> = args.iter().map(String::as_str).collect();
+        run("buildah", &borrowed, directory)
+    };
+    call(with_storage(&[
+        "bud",
+        "--isolation",
+        "chroot",
+        "--layers",
+        "-t",
+        "node-test",
+        ".",
+    ]));
+    call(with_storage(&[
+        "push",
+        "node-test",
+        "docker-archive:image-docker.tar",
+    ]));
+    call(with_storage(&[
+        "push",
+        "node-test",
+        "oci-archive:image-oci.tar",
+    ]));
+
+    let state = directory.join("state");
+    import(
+        &state,
+        "node:docker",
+        &directory.join("image-docker.tar").to_string_lossy(),
+        None,
+    );
+    import(
+        &state,
+        "node:oci",
+        &directory.join("image-oci.tar").to_string_lossy(),
+        None,
+    );
+    import(
+        &state,
+        "node:stdin",
+        "-",
+        Some(&directory.join("image-docker.tar")),
+    );
+
+    // Three ways in, one tree: the squashfs bytes are identical.
+    let from_docker = export_squashfs(&state, "node:docker", &directory.join("docker.sqfs"));
+    let from_oci = export_squashfs(&state, "node:oci", &directory.join("oci.sqfs"));
+    let from_stdin = export_squashfs(&state, "node:stdin", &directory.join("stdin.sqfs"));
+    assert!(
+        from_docker == from_oci,
+        "docker and OCI archives gave different trees"
+    );
+    assert!(
+        from_docker == from_stdin,
+        "stdin and file gave different trees"
+    );
+
+    // The RUN steps happened: a new file, a removed one, a new symlink.
+    let listing = run("unsquashfs", &["-lls", "docker.sqfs"], directory);
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("squashfs-root/etc/bootmesh/motd"),
+        "{listing}"
+    );
+    assert!(!listing.contains("squashfs-root/bin/cat"), "{listing}");
+    assert!(
+        listing.contains("squashfs-root/bin/true -> busybox"),
+        "{listing}"
+    );
+    let motd = run(
+        "unsquashfs",
+        &["-cat", "docker.sqfs", "etc/bootmesh/motd"],
+        directory,
+    );
+    assert_eq!(String::from_utf8_lossy(&motd.stdout), "built by buildah\n");
+}
