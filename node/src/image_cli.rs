@@ -39,6 +39,10 @@ pub(crate) enum ImageCommand {
         /// Pack file tails into squashfs fragments (smaller, but versions share fewer chunks).
         #[arg(long)]
         fragments: bool,
+        /// zstd level of the squashfs, 1-22 (higher: smaller and much slower to build).
+        #[arg(long, default_value_t = node::image::squashfs::COMPRESSION_LEVEL_DEFAULT,
+              value_parser = clap::value_parser!(u8).range(1..=22))]
+        compression_level: u8,
     },
     /// List tagged images.
     List,
@@ -160,6 +164,7 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
             cmdline,
             created,
             fragments,
+            compression_level,
         } => {
             let options = ImportOptions {
                 reference: ImageReference::parse(&reference)?,
@@ -172,7 +177,10 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
                 initrd,
                 cmdline,
                 created_unix_secs: created,
-                layout: SquashfsLayout { fragments },
+                layout: SquashfsLayout {
+                    fragments,
+                    compression_level,
+                },
                 chunking: ChunkingParameters::DEFAULT,
             };
             let started = now();

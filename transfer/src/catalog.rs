@@ -59,6 +59,16 @@ pub enum CatalogError {
     /// Nothing to roll back to.
     #[error("group {0:?} has no earlier image to roll back to")]
     NoHistory(String),
+    /// The tag a rollback would return to was removed since.
+    #[error(
+        "group {group:?} booted {reference} before, but that image was removed; promote an image instead"
+    )]
+    PreviousImageGone {
+        /// The group.
+        group: String,
+        /// The removed tag.
+        reference: String,
+    },
     /// Removing an image that groups boot.
     #[error("image {reference} is booted by group(s) {groups}; promote another image first")]
     InUse {
@@ -152,13 +162,23 @@ impl Catalog {
     pub fn rollback(&mut self, group: &str) -> Result<String, CatalogError> {
         let assignment = self
             .groups
-            .get_mut(group)
+            .get(group)
             .ok_or_else(|| CatalogError::UnknownGroup(group.to_owned()))?;
         let previous = assignment
             .history
-            .pop()
+            .last()
+            .cloned()
             .ok_or_else(|| CatalogError::NoHistory(group.to_owned()))?;
-        assignment.current = previous.clone();
+        if !self.images.contains_key(&previous) {
+            return Err(CatalogError::PreviousImageGone {
+                group: group.to_owned(),
+                reference: previous,
+            });
+        }
+        if let Some(assignment) = self.groups.get_mut(group) {
+            assignment.history.pop();
+            assignment.current = previous.clone();
+        }
         Ok(previous)
     }
 
@@ -221,6 +241,15 @@ mod tests {
         assert_eq!(catalog.rollback("workers")?, "node:v1");
         assert_eq!(catalog.group_image("workers"), Some(("node:v1", v1)));
         assert_eq!(catalog.untag("node:v2")?, v2);
+        // A rollback never returns a group to a tag that is gone.
+        catalog.tag(&reference("node:v3")?, v2);
+        catalog.promote("workers", "node:v3")?;
+        catalog.untag("node:v1")?;
+        assert!(matches!(
+            catalog.rollback("workers"),
+            Err(CatalogError::PreviousImageGone { .. })
+        ));
+        assert_eq!(catalog.group_image("workers"), Some(("node:v3", v2)));
         let round_trip = Catalog::from_json(&catalog.to_json()?)?;
         assert_eq!(round_trip, catalog);
         assert!(Catalog::from_json(b"{\"format_version\":1,\"surprise\":1}").is_err());

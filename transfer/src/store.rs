@@ -375,6 +375,13 @@ impl ChunkStore {
         Ok(length)
     }
 
+    /// Removes the fan-out directory of `hash` if it is empty (after a failed import).
+    pub fn remove_empty_fan_out(&self, hash: &ContentHash) {
+        if let Some(directory) = self.chunk_path(hash).parent() {
+            let _ = fs::remove_dir(directory);
+        }
+    }
+
     /// Stores a manifest (after [`sync`](Self::sync) made its chunks durable) and returns its
     /// hash.
     pub fn put_manifest(&self, manifest: &Manifest) -> Result<ContentHash, StoreError> {

@@ -34,7 +34,7 @@ fn clean_path(raw: &Path) -> Result<PathBuf, ImageError> {
             Component::Normal(part) => clean.push(part),
             Component::CurDir | Component::RootDir => {}
             Component::ParentDir | Component::Prefix(_) => {
-                return Err(ImageError::Malformed(format!(
+                return Err(ImageError::malformed(format!(
                     "layer entry {} leaves the image root",
                     raw.display()
                 )));
@@ -90,20 +90,20 @@ pub fn apply_layer(
     let mut created_here: HashSet<PathBuf> = HashSet::new();
     let entries = archive
         .entries()
-        .map_err(|error| ImageError::Malformed(format!("layer is not a tar stream: {error}")))?;
+        .map_err(|error| ImageError::malformed(format!("layer is not a tar stream: {error}")))?;
     for entry in entries {
         let mut entry =
-            entry.map_err(|error| ImageError::Malformed(format!("layer entry: {error}")))?;
+            entry.map_err(|error| ImageError::malformed(format!("layer entry: {error}")))?;
         let raw_path = entry
             .path()
-            .map_err(|error| ImageError::Malformed(format!("layer entry path: {error}")))?
+            .map_err(|error| ImageError::malformed(format!("layer entry path: {error}")))?
             .into_owned();
         let relative = clean_path(&raw_path)?;
         let Some(file_name) = relative.file_name().and_then(|name| name.to_str()) else {
             continue; // the root directory itself
         };
         if !parents_are_real_directories(root, &relative) {
-            return Err(ImageError::Malformed(format!(
+            return Err(ImageError::malformed(format!(
                 "layer entry {} goes through a symlink",
                 relative.display()
             )));
@@ -116,7 +116,7 @@ pub fn apply_layer(
         }
         if let Some(hidden) = file_name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(ImageError::Malformed(format!(
+                return Err(ImageError::malformed(format!(
                     "whiteout {} names no file",
                     relative.display()
                 )));
@@ -140,10 +140,10 @@ pub fn apply_layer(
             make_special_file(&entry, &target)?;
         } else {
             let unpacked = entry.unpack_in(root).map_err(|error| {
-                ImageError::Malformed(format!("unpacking {}: {error}", relative.display()))
+                ImageError::malformed(format!("unpacking {}: {error}", relative.display()))
             })?;
             if !unpacked {
-                return Err(ImageError::Malformed(format!(
+                return Err(ImageError::malformed(format!(
                     "layer entry {} leaves the image root",
                     relative.display()
                 )));
@@ -198,13 +198,13 @@ fn pax_xattrs<R: Read>(
     let mut xattrs = Vec::new();
     let Some(extensions) = entry
         .pax_extensions()
-        .map_err(|error| ImageError::Malformed(format!("PAX header: {error}")))?
+        .map_err(|error| ImageError::malformed(format!("PAX header: {error}")))?
     else {
         return Ok(xattrs);
     };
     for extension in extensions {
         let extension =
-            extension.map_err(|error| ImageError::Malformed(format!("PAX record: {error}")))?;
+            extension.map_err(|error| ImageError::malformed(format!("PAX record: {error}")))?;
         let Ok(key) = extension.key() else { continue };
         if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
             xattrs.push((name.to_owned(), extension.value_bytes().to_vec()));
@@ -217,7 +217,7 @@ fn pax_xattrs<R: Read>(
 fn make_special_file<R: Read>(entry: &tar::Entry<'_, R>, target: &Path) -> Result<(), ImageError> {
     use rustix::fs::{FileType, Mode};
     let header = entry.header();
-    let malformed = |what: &str| ImageError::Malformed(format!("{what} of {}", target.display()));
+    let malformed = |what: &str| ImageError::malformed(format!("{what} of {}", target.display()));
     let mode = header.mode().map_err(|_| malformed("mode"))?;
     let kind = header.entry_type();
     let (file_type, device) = if kind.is_fifo() {

@@ -77,7 +77,32 @@ pub enum ImageError {
     Usage(String),
 }
 
+/// Longest reason kept in a [`ImageError::Malformed`].
+const REASON_CHARS_MAX: usize = 300;
+
 impl ImageError {
+    /// A malformed-source error whose text is safe to print: parsers quote the bytes they choke
+    /// on, and a hostile archive must not get control characters or escape sequences onto the
+    /// operator's terminal. Control characters become `?`, and the text is one bounded line.
+    pub fn malformed(detail: impl Into<String>) -> Self {
+        let detail: String = detail.into();
+        let mut printable: String = detail
+            .chars()
+            .map(|character| {
+                if character.is_control() {
+                    '?'
+                } else {
+                    character
+                }
+            })
+            .take(REASON_CHARS_MAX)
+            .collect();
+        if detail.chars().count() > REASON_CHARS_MAX {
+            printable.push_str("...");
+        }
+        Self::Malformed(printable)
+    }
+
     /// An I/O error mapper with context.
     pub fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.to_path_buf();
@@ -213,6 +238,11 @@ impl Drop for WrittenChunks<'_> {
                 tracing::warn!(chunk = %hash, %error, "could not remove a chunk of a failed import");
             }
         }
+        // Fan-out directories this import created are empty again; other ones still hold
+        // chunks and stay (removing a non-empty directory fails, harmlessly).
+        for hash in &self.written {
+            self.store.remove_empty_fan_out(hash);
+        }
     }
 }
 
@@ -256,7 +286,7 @@ fn chunk_stream(
     chunk_reader(reader, chunking, |hash, bytes| chunks.insert(hash, bytes)).map_err(|error| {
         match error {
             ChunkingError::Read(detail) => {
-                ImageError::Malformed(format!("reading image data: {detail}"))
+                ImageError::malformed(format!("reading image data: {detail}"))
             }
             ChunkingError::Consumer(error) => ImageError::Store(error),
         }
@@ -292,6 +322,17 @@ pub fn import(
             spooled
         }
     };
+    // Flags naming files are checked before the long work, not after it.
+    for (flag, path) in [("--kernel", &options.kernel), ("--initrd", &options.initrd)] {
+        if let Some(path) = path
+            && !path.is_file()
+        {
+            return Err(ImageError::Usage(format!(
+                "{flag} {} is not a file",
+                path.display()
+            )));
+        }
+    }
     let kind = source::detect(&source_path)?;
     tracing::info!(source = %source_path.display(), kind = kind.describe(), "importing");
 
@@ -301,6 +342,7 @@ pub fn import(
     let mut created = options.created_unix_secs;
     match &kind {
         SourceKind::Squashfs(path) => {
+            squashfs::validate_squashfs(path)?;
             squashfs_path = Some(path.clone());
             if created.is_none() {
                 created = Some(squashfs::squashfs_mkfs_time(path)?);
@@ -386,7 +428,7 @@ pub fn import(
         .map_err(ImageError::io("inspect", &squashfs_path))?
         .len();
     if squashfs_bytes == 0 {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} is empty",
             squashfs_path.display()
         )));
@@ -458,7 +500,7 @@ pub fn import(
     let root_part = chunk_stream(root_stream, options.chunking, &mut chunks, progress)?;
     progress.finish();
     if root_part.size_bytes != verity.hash_offset_bytes + tree_bytes {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} changed while it was imported",
             squashfs_path.display()
         )));
@@ -694,7 +736,7 @@ pub fn export(
         let slice = buffer.get_mut(..wanted).unwrap_or_default();
         let read = reader.read_at(offset, slice)?;
         if read == 0 {
-            return Err(ImageError::Malformed(format!(
+            return Err(ImageError::malformed(format!(
                 "image {name} ends early at {offset}"
             )));
         }

@@ -56,7 +56,7 @@ pub fn open_maybe_compressed(path: &Path) -> Result<Box<dyn Read>, ImageError> {
         return Ok(Box::new(flate2::read::MultiGzDecoder::new(reader)));
     }
     if head.starts_with(ZSTD_MAGIC) {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} is zstd-compressed, which this build does not read; use gzip or no compression",
             path.display()
         )));
@@ -69,18 +69,18 @@ fn tar_top_level_names(path: &Path) -> Result<Vec<String>, ImageError> {
     let mut archive = tar::Archive::new(open_maybe_compressed(path)?);
     let mut names = Vec::new();
     let entries = archive.entries().map_err(|error| {
-        ImageError::Malformed(format!("{} is not a tar archive: {error}", path.display()))
+        ImageError::malformed(format!("{} is not a tar archive: {error}", path.display()))
     })?;
     for entry in entries {
         let entry = entry.map_err(|error| {
-            ImageError::Malformed(format!(
+            ImageError::malformed(format!(
                 "{} is not a readable tar archive: {error}",
                 path.display()
             ))
         })?;
         let entry_path = entry
             .path()
-            .map_err(|error| ImageError::Malformed(format!("tar entry path: {error}")))?;
+            .map_err(|error| ImageError::malformed(format!("tar entry path: {error}")))?;
         let mut components = entry_path
             .components()
             .filter(|component| !matches!(component, Component::CurDir | Component::RootDir));
@@ -89,7 +89,7 @@ fn tar_top_level_names(path: &Path) -> Result<Vec<String>, ImageError> {
         }
     }
     if names.is_empty() {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} is an empty tar archive",
             path.display()
         )));
@@ -135,21 +135,21 @@ pub fn unpack_image_archive(archive_path: &Path, directory: &Path) -> Result<(),
     let mut archive = tar::Archive::new(open_maybe_compressed(archive_path)?);
     let entries = archive
         .entries()
-        .map_err(|error| ImageError::Malformed(format!("image archive: {error}")))?;
+        .map_err(|error| ImageError::malformed(format!("image archive: {error}")))?;
     for entry in entries {
         let mut entry = entry
-            .map_err(|error| ImageError::Malformed(format!("image archive entry: {error}")))?;
+            .map_err(|error| ImageError::malformed(format!("image archive entry: {error}")))?;
         let kind = entry.header().entry_type();
         if !(kind.is_file() || kind.is_dir() || kind.is_symlink() || kind.is_hard_link()) {
             continue;
         }
         let unpacked = entry.unpack_in(directory).map_err(|error| {
-            ImageError::Malformed(format!(
+            ImageError::malformed(format!(
                 "image archive entry could not be unpacked: {error}"
             ))
         })?;
         if !unpacked {
-            return Err(ImageError::Malformed(
+            return Err(ImageError::malformed(
                 "image archive entry leaves the archive root".to_owned(),
             ));
         }
@@ -157,23 +157,28 @@ pub fn unpack_image_archive(archive_path: &Path, directory: &Path) -> Result<(),
     Ok(())
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value, ImageError> {
-    let file = File::open(path).map_err(|error| {
-        ImageError::Malformed(format!("{} is missing: {error}", path.display()))
-    })?;
+/// How a member of an unpacked archive is named in messages: relative to the archive, since
+/// the staging directory is gone by the time anyone reads the message.
+fn member_name(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+fn read_json(root: &Path, path: &Path) -> Result<serde_json::Value, ImageError> {
+    let name = member_name(root, path);
+    let file = File::open(path)
+        .map_err(|error| ImageError::malformed(format!("the image has no {name}: {error}")))?;
     let mut bytes = Vec::new();
     file.take(JSON_BYTES_MAX + 1)
         .read_to_end(&mut bytes)
         .map_err(ImageError::io("read", path))?;
     if bytes.len() as u64 > JSON_BYTES_MAX {
-        return Err(ImageError::Malformed(format!(
-            "{} is too large",
-            path.display()
-        )));
+        return Err(ImageError::malformed(format!("{name} is too large")));
     }
-    serde_json::from_slice(&bytes).map_err(|error| {
-        ImageError::Malformed(format!("{} is not valid JSON: {error}", path.display()))
-    })
+    serde_json::from_slice(&bytes)
+        .map_err(|error| ImageError::malformed(format!("{name} is not valid JSON: {error}")))
 }
 
 /// A path named inside an image archive, kept inside it.
@@ -183,7 +188,7 @@ fn archive_member(root: &Path, name: &str) -> Result<PathBuf, ImageError> {
         .components()
         .any(|component| !matches!(component, Component::Normal(_) | Component::CurDir))
     {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "archive names a path outside itself: {name:?}"
         )));
     }
@@ -212,11 +217,11 @@ pub struct ImageLayers {
 
 /// Layers of an unpacked `docker save` archive.
 pub fn docker_layers(root: &Path) -> Result<ImageLayers, ImageError> {
-    let manifest = read_json(&root.join("manifest.json"))?;
+    let manifest = read_json(root, &root.join("manifest.json"))?;
     let images = manifest
         .as_array()
         .filter(|images| !images.is_empty())
-        .ok_or_else(|| ImageError::Malformed("manifest.json lists no image".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("manifest.json lists no image".to_owned()))?;
     if images.len() > 1 {
         tracing::warn!(
             count = images.len(),
@@ -225,17 +230,17 @@ pub fn docker_layers(root: &Path) -> Result<ImageLayers, ImageError> {
     }
     let image = images
         .first()
-        .ok_or_else(|| ImageError::Malformed("no image".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("no image".to_owned()))?;
     let config_name = image
         .get("Config")
         .and_then(|config| config.as_str())
-        .ok_or_else(|| ImageError::Malformed("manifest.json has no Config".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("manifest.json has no Config".to_owned()))?;
     let layer_names = image
         .get("Layers")
         .and_then(|layers| layers.as_array())
-        .ok_or_else(|| ImageError::Malformed("manifest.json has no Layers".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("manifest.json has no Layers".to_owned()))?;
     if layer_names.len() > LAYERS_MAX {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} layers is more than {LAYERS_MAX}",
             layer_names.len()
         )));
@@ -244,7 +249,7 @@ pub fn docker_layers(root: &Path) -> Result<ImageLayers, ImageError> {
     for name in layer_names {
         let name = name
             .as_str()
-            .ok_or_else(|| ImageError::Malformed("a layer name is not a string".to_owned()))?;
+            .ok_or_else(|| ImageError::malformed("a layer name is not a string".to_owned()))?;
         let path = archive_member(root, name)?;
         // Newer `docker save` archives name layers by digest: check them when they do.
         let sha256 = name
@@ -253,7 +258,7 @@ pub fn docker_layers(root: &Path) -> Result<ImageLayers, ImageError> {
         layers.push(LayerBlob { path, sha256 });
     }
     let config_path = archive_member(root, config_name)?;
-    let created_unix_secs = created_of(&read_json(&config_path)?);
+    let created_unix_secs = created_of(&read_json(root, &config_path)?);
     Ok(ImageLayers {
         layers,
         created_unix_secs,
@@ -264,10 +269,10 @@ pub fn docker_layers(root: &Path) -> Result<ImageLayers, ImageError> {
 fn oci_blob(root: &Path, digest: &str) -> Result<PathBuf, ImageError> {
     let (algorithm, hex) = digest
         .split_once(':')
-        .ok_or_else(|| ImageError::Malformed(format!("digest {digest:?} has no algorithm")))?;
+        .ok_or_else(|| ImageError::malformed(format!("digest {digest:?} has no algorithm")))?;
     if algorithm != "sha256" || hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_hexdigit())
     {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "digest {digest:?} is not a sha256 digest"
         )));
     }
@@ -276,14 +281,14 @@ fn oci_blob(root: &Path, digest: &str) -> Result<PathBuf, ImageError> {
 
 /// Layers of an OCI image layout directory (the linux/amd64 image if it holds several).
 pub fn oci_layers(root: &Path) -> Result<ImageLayers, ImageError> {
-    let mut document = read_json(&root.join("index.json"))?;
+    let mut document = read_json(root, &root.join("index.json"))?;
     // Follow nested indexes to an image manifest, a bounded number of times.
     for _ in 0..4 {
         let manifests = document
             .get("manifests")
             .and_then(|manifests| manifests.as_array())
             .filter(|manifests| !manifests.is_empty())
-            .ok_or_else(|| ImageError::Malformed("OCI index lists no manifest".to_owned()))?;
+            .ok_or_else(|| ImageError::malformed("OCI index lists no manifest".to_owned()))?;
         let chosen = manifests
             .iter()
             .find(|descriptor| {
@@ -295,20 +300,20 @@ pub fn oci_layers(root: &Path) -> Result<ImageLayers, ImageError> {
                 })
             })
             .or_else(|| manifests.first())
-            .ok_or_else(|| ImageError::Malformed("OCI index lists no manifest".to_owned()))?;
+            .ok_or_else(|| ImageError::malformed("OCI index lists no manifest".to_owned()))?;
         let digest = chosen
             .get("digest")
             .and_then(|digest| digest.as_str())
-            .ok_or_else(|| ImageError::Malformed("OCI descriptor has no digest".to_owned()))?;
+            .ok_or_else(|| ImageError::malformed("OCI descriptor has no digest".to_owned()))?;
         let blob = oci_blob(root, digest)?;
         check_sha256(&blob, digest)?;
-        let next = read_json(&blob)?;
+        let next = read_json(root, &blob)?;
         if next.get("layers").is_some() {
             return oci_manifest_layers(root, &next);
         }
         document = next;
     }
-    Err(ImageError::Malformed(
+    Err(ImageError::malformed(
         "OCI indexes nest too deeply".to_owned(),
     ))
 }
@@ -321,16 +326,16 @@ fn oci_manifest_layers(
         .get("config")
         .and_then(|config| config.get("digest"))
         .and_then(|digest| digest.as_str())
-        .ok_or_else(|| ImageError::Malformed("OCI manifest has no config".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("OCI manifest has no config".to_owned()))?;
     let config_path = oci_blob(root, config_digest)?;
     check_sha256(&config_path, config_digest)?;
-    let created_unix_secs = created_of(&read_json(&config_path)?);
+    let created_unix_secs = created_of(&read_json(root, &config_path)?);
     let descriptors = manifest
         .get("layers")
         .and_then(|layers| layers.as_array())
-        .ok_or_else(|| ImageError::Malformed("OCI manifest has no layers".to_owned()))?;
+        .ok_or_else(|| ImageError::malformed("OCI manifest has no layers".to_owned()))?;
     if descriptors.len() > LAYERS_MAX {
-        return Err(ImageError::Malformed(format!(
+        return Err(ImageError::malformed(format!(
             "{} layers is more than {LAYERS_MAX}",
             descriptors.len()
         )));
@@ -342,14 +347,14 @@ fn oci_manifest_layers(
             .and_then(|media_type| media_type.as_str())
             .unwrap_or_default();
         if media_type.contains("zstd") {
-            return Err(ImageError::Malformed(format!(
+            return Err(ImageError::malformed(format!(
                 "layer media type {media_type} (zstd) is not supported by this build"
             )));
         }
         let digest = descriptor
             .get("digest")
             .and_then(|digest| digest.as_str())
-            .ok_or_else(|| ImageError::Malformed("OCI layer has no digest".to_owned()))?;
+            .ok_or_else(|| ImageError::malformed("OCI layer has no digest".to_owned()))?;
         layers.push(LayerBlob {
             path: oci_blob(root, digest)?,
             sha256: Some(digest.to_owned()),
@@ -364,7 +369,7 @@ fn oci_manifest_layers(
 
 fn check_sha256(path: &Path, digest: &str) -> Result<(), ImageError> {
     let mut file = File::open(path)
-        .map_err(|error| ImageError::Malformed(format!("blob {digest} is missing: {error}")))?;
+        .map_err(|error| ImageError::malformed(format!("blob {digest} is missing: {error}")))?;
     let mut hasher = Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(ImageError::io("read", path))?;
     let actual: String = hasher
@@ -373,9 +378,8 @@ fn check_sha256(path: &Path, digest: &str) -> Result<(), ImageError> {
         .map(|byte| format!("{byte:02x}"))
         .collect();
     if digest.strip_prefix("sha256:") != Some(actual.as_str()) {
-        return Err(ImageError::Malformed(format!(
-            "blob {} does not match its digest {digest} (sha256:{actual})",
-            path.display()
+        return Err(ImageError::malformed(format!(
+            "a blob does not match its digest {digest}: its bytes are sha256:{actual}"
         )));
     }
     Ok(())
@@ -395,15 +399,16 @@ pub fn apply_layers(
         }
         let length = fs::metadata(&layer.path)
             .map_err(|error| {
-                ImageError::Malformed(format!(
-                    "layer {} is missing: {error}",
-                    layer.path.display()
+                ImageError::malformed(format!(
+                    "layer {} of {} is missing from the archive: {error}",
+                    index + 1,
+                    layers.layers.len()
                 ))
             })?
             .len();
         apply_layer(open_maybe_compressed(&layer.path)?, root, &mut statistics).map_err(
             |error| match error {
-                ImageError::Malformed(detail) => ImageError::Malformed(format!(
+                ImageError::Malformed(detail) => ImageError::malformed(format!(
                     "layer {} of {}: {detail}",
                     index + 1,
                     layers.layers.len()

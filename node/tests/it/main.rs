@@ -13,6 +13,7 @@ mod dhcp;
 mod dockerfile;
 mod http;
 mod image_serving;
+mod images;
 mod lab;
 mod nbd;
 mod serve;
