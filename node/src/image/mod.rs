@@ -872,6 +872,7 @@ pub fn gc(store: &ChunkStore) -> Result<GcReport, ImageError> {
         } else {
             report.bytes_freed += store.remove_chunk(&hash)?;
             report.chunks_removed += 1;
+            store.remove_empty_fan_out(&hash);
         }
     }
     Ok(report)

@@ -1591,6 +1591,59 @@ fn compressible_bytes(seed: u64, length: usize) -> Vec<u8> {
 }
 
 #[test]
+fn an_import_killed_with_sigkill_leaves_no_torn_chunk_and_the_next_writer_cleans_up() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("mksquashfs");
+    let directory = tempfile::tempdir().expect("tempdir");
+    let state = directory.path().join("state");
+    let store = state.join("images");
+    let small = directory.path().join("small");
+    write_rootfs(&small, 80, 2, 256 * 1024);
+    import(&state, "node:v0", &small, &["--created", "1"]);
+    let before = snapshot(&store);
+
+    // A tree big enough that the import is still writing chunks when it is killed.
+    let big = directory.path().join("big");
+    fs::create_dir_all(big.join("data")).expect("mkdir");
+    for index in 0..48u64 {
+        fs::write(
+            big.join(format!("data/file{index:02}")),
+            compressible_bytes(1000 + index, 8 * MIB),
+        )
+        .expect("write");
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+        .arg("image")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["import", "node:big", "--from"])
+        .arg(&big)
+        .args(["--created", "1"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start import");
+    let chunks_before = chunk_files(&store).0;
+    let writing = lab::wait_for(std::time::Duration::from_secs(120), || {
+        chunk_files(&store).0 >= chunks_before + 20
+    });
+    child.kill().expect("SIGKILL the import");
+    child.wait().expect("reap the import");
+    assert!(writing.is_some(), "the import never started writing chunks");
+
+    // Every chunk file on disk is whole: a scrub of the entire store passes.
+    bootmesh_ok(&state, &["verify"]);
+    // The dead import never published anything.
+    assert!(!bootmesh_ok(&state, &["list"]).contains("node:big"));
+    // The next writer removes the staging debris; gc removes the orphaned chunks; the store
+    // is then exactly what it was.
+    bootmesh_ok(&state, &["gc"]);
+    assert_same_snapshot("after kill -9 and gc", &snapshot(&store), &before);
+}
+
+#[test]
 fn growing_one_file_of_a_1_gib_image_reuses_at_least_80_percent_of_its_chunks() {
     if !lab::enabled() {
         return;
@@ -1636,7 +1689,36 @@ fn growing_one_file_of_a_1_gib_image_reuses_at_least_80_percent_of_its_chunks() 
     let tree_bytes: usize = files.iter().map(|(_, size)| size).sum();
     let generated = started.elapsed();
 
-    let (_, v1_summary) = import(&state, "node:v1", &tree, &["--created", "1"]);
+    // Imported under GNU time: the peak RSS of bootmesh and of the mksquashfs it runs (wait4
+    // reports the largest of a process and its waited-for descendants).
+    lab::require_program("/usr/bin/time");
+    let measured = Command::new("/usr/bin/time")
+        .args(["-f", "peak-rss-kib %M"])
+        .arg(env!("CARGO_BIN_EXE_bootmesh"))
+        .arg("image")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["import", "node:v1", "--from"])
+        .arg(&tree)
+        .args(["--created", "1"])
+        .output()
+        .expect("run bootmesh under /usr/bin/time");
+    assert!(
+        measured.status.success(),
+        "import v1: {}",
+        lab::describe(&measured)
+    );
+    let v1_summary = String::from_utf8_lossy(&measured.stdout).into_owned();
+    let peak_rss_kib: u64 = String::from_utf8_lossy(&measured.stderr)
+        .lines()
+        .find_map(|line| line.strip_prefix("peak-rss-kib "))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("peak RSS from /usr/bin/time");
+    eprintln!("import of a {tree_bytes}-byte tree: peak RSS {peak_rss_kib} KiB");
+    assert!(
+        peak_rss_kib < 256 * 1024,
+        "importing 1 GiB took {peak_rss_kib} KiB of RSS (bound: 256 MiB)"
+    );
     let v1_written_bytes = chunk_files(&store).1;
     let v1_imported = started.elapsed();
 
