@@ -95,7 +95,17 @@ pub struct TftpSession<F> {
     /// One packet of `DATA_HEADER_BYTES + blksize_bytes`, allocated once and reused for every
     /// DATA packet so that a transfer does not allocate per block.
     transmit_buffer: Vec<u8>,
+    /// File bytes read ahead of the blocks being sent: one read per [`READ_AHEAD_BYTES`]
+    /// instead of one per block (a syscall, or a chunk-cache lookup, saved on every block of
+    /// a lock-step transfer). Allocated on the first DATA block.
+    read_ahead: Vec<u8>,
+    /// The file offset of `read_ahead[0]`.
+    read_ahead_offset_bytes: u64,
 }
+
+/// Bytes read from the file at a time (at least one block). Bounded per session, so
+/// [`super::TftpConfig::sessions_max`] bounds it in total.
+const READ_AHEAD_BYTES: usize = 32 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
@@ -159,6 +169,8 @@ impl<F: ReadAt> TftpSession<F> {
             last_block_index: file_size_bytes / u64::from(blksize_bytes) + 1,
             retransmit_deadline: None,
             transmit_buffer: vec![0; DATA_HEADER_BYTES + usize::from(blksize_bytes)],
+            read_ahead: Vec::new(),
+            read_ahead_offset_bytes: 0,
         };
         if session.option_ack_packet.is_empty() {
             session.start_window(now);
@@ -377,6 +389,7 @@ impl<F: ReadAt> TftpSession<F> {
     fn finish(&mut self, outcome: SessionOutcome) {
         self.phase = Phase::Finished(outcome);
         self.retransmit_deadline = None;
+        self.read_ahead = Vec::new();
     }
 
     /// Writes DATA `block_index` into the transmit buffer and returns the packet's length. A
@@ -403,13 +416,40 @@ impl<F: ReadAt> TftpSession<F> {
         };
         *header = data_header(block_number(block_index));
         if !payload.is_empty() {
-            let read_bytes = self.file.read_at(offset_bytes, payload)?;
-            if read_bytes != payload.len() {
-                return Err(SourceError::Io(format!(
-                    "short read at offset {offset_bytes}: {read_bytes} of {} bytes",
-                    payload.len()
-                )));
+            let buffered_end = self.read_ahead_offset_bytes + self.read_ahead.len() as u64;
+            let covered = offset_bytes >= self.read_ahead_offset_bytes
+                && offset_bytes + payload.len() as u64 <= buffered_end;
+            if !covered {
+                // Refill from this block on (also after a window restarts further back).
+                let wanted_bytes = READ_AHEAD_BYTES.max(payload.len()).min(
+                    usize::try_from(self.file_size_bytes - offset_bytes).unwrap_or(usize::MAX),
+                );
+                self.read_ahead.resize(wanted_bytes, 0);
+                let read_bytes = match self.file.read_at(offset_bytes, &mut self.read_ahead) {
+                    Ok(read_bytes) => read_bytes,
+                    // A bad spot further on must not cost the blocks before it: read just this
+                    // block, and fail only if it is the one that cannot be read.
+                    Err(_) => {
+                        self.read_ahead.truncate(payload.len());
+                        self.file.read_at(offset_bytes, &mut self.read_ahead)?
+                    }
+                };
+                self.read_ahead.truncate(read_bytes);
+                self.read_ahead_offset_bytes = offset_bytes;
+                if read_bytes < payload.len() {
+                    return Err(SourceError::Io(format!(
+                        "short read at offset {offset_bytes}: {read_bytes} of {} bytes",
+                        payload.len()
+                    )));
+                }
             }
+            let start =
+                usize::try_from(offset_bytes - self.read_ahead_offset_bytes).unwrap_or(usize::MAX);
+            let source = self
+                .read_ahead
+                .get(start..start + payload.len())
+                .ok_or_else(|| SourceError::Io("read-ahead buffer out of step".to_owned()))?;
+            payload.copy_from_slice(source);
         }
         Ok(DATA_HEADER_BYTES + payload_bytes)
     }
