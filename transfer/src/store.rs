@@ -19,8 +19,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use lru::LruCache;
-
 use crate::catalog::Catalog;
 use crate::hash::ContentHash;
 use crate::manifest::{CHUNK_BYTES_LIMIT, MANIFEST_BYTES_MAX, Manifest, ManifestError};
@@ -112,47 +110,35 @@ pub struct StoreLock {
     _file: File,
 }
 
-/// The verified-chunk cache.
-#[derive(Debug)]
-struct VerifiedCache {
-    chunks: LruCache<ContentHash, Arc<[u8]>>,
-    bytes: usize,
-    bytes_max: usize,
-}
+/// Weighs cached chunks by their length, so the cache is bounded in bytes.
+#[derive(Debug, Clone, Copy)]
+struct ChunkBytes;
 
-impl VerifiedCache {
-    fn get(&mut self, hash: &ContentHash) -> Option<Arc<[u8]>> {
-        self.chunks.get(hash).cloned()
-    }
-
-    fn insert(&mut self, hash: ContentHash, bytes: Arc<[u8]>) {
-        if bytes.len() > self.bytes_max {
-            return;
-        }
-        self.bytes += bytes.len();
-        if let Some(previous) = self.chunks.put(hash, bytes) {
-            self.bytes -= previous.len();
-        }
-        while self.bytes > self.bytes_max {
-            match self.chunks.pop_lru() {
-                Some((_, evicted)) => self.bytes -= evicted.len(),
-                None => break,
-            }
-        }
-    }
-
-    fn remove(&mut self, hash: &ContentHash) {
-        if let Some(removed) = self.chunks.pop(hash) {
-            self.bytes -= removed.len();
-        }
+impl quick_cache::Weighter<ContentHash, Arc<[u8]>> for ChunkBytes {
+    fn weight(&self, _hash: &ContentHash, bytes: &Arc<[u8]>) -> u64 {
+        bytes.len() as u64
     }
 }
+
+/// The verified-chunk cache: bounded in bytes, and scan-resistant (quick_cache's CLOCK-Pro
+/// style policy), because serving an image larger than the cache is a sequential scan, which
+/// would leave a plain LRU with no hits at all. Hashing is keyed with fixed keys, so a run
+/// evicts the same chunks every time.
+type VerifiedCache = quick_cache::sync::Cache<
+    ContentHash,
+    Arc<[u8]>,
+    ChunkBytes,
+    std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+>;
+
+/// Typical chunk size, for sizing the cache's tables.
+const CHUNK_BYTES_TYPICAL: usize = 256 * 1024;
 
 /// Content-addressed chunks and manifests in one directory.
 #[derive(Debug)]
 pub struct ChunkStore {
     root: PathBuf,
-    cache: Mutex<VerifiedCache>,
+    cache: VerifiedCache,
     temp_counter: AtomicU64,
     /// Fan-out directories that received a chunk since the last [`sync`](Self::sync).
     unsynced_directories: Mutex<BTreeSet<String>>,
@@ -168,11 +154,13 @@ impl ChunkStore {
         }
         Ok(Self {
             root: root.to_path_buf(),
-            cache: Mutex::new(VerifiedCache {
-                chunks: LruCache::unbounded(),
-                bytes: 0,
-                bytes_max: cache_bytes_max,
-            }),
+            cache: VerifiedCache::with(
+                (cache_bytes_max / CHUNK_BYTES_TYPICAL).max(16),
+                cache_bytes_max as u64,
+                ChunkBytes,
+                Default::default(),
+                Default::default(),
+            ),
             temp_counter: AtomicU64::new(0),
             unsynced_directories: Mutex::new(BTreeSet::new()),
         })
@@ -268,18 +256,12 @@ impl ChunkStore {
         fs::create_dir_all(&directory).map_err(io_error("create", &directory))?;
         self.write_atomically(&path, bytes)?;
         self.lock_unsynced().insert(hash.to_hex()[..2].to_owned());
-        self.lock_cache().remove(&hash);
+        self.cache.remove(&hash);
         Ok(outcome)
     }
 
     fn lock_unsynced(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
         self.unsynced_directories
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, VerifiedCache> {
-        self.cache
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -322,7 +304,7 @@ impl ChunkStore {
     /// A verified chunk: from the cache, or read from disk, verified and cached. A corrupt
     /// chunk is an error (and logged); its bytes are never returned.
     pub fn read_chunk(&self, hash: &ContentHash) -> Result<Arc<[u8]>, StoreError> {
-        if let Some(bytes) = self.lock_cache().get(hash) {
+        if let Some(bytes) = self.cache.get(hash) {
             return Ok(bytes);
         }
         let bytes: Arc<[u8]> = match self.read_verified_from_disk(hash) {
@@ -334,7 +316,7 @@ impl ChunkStore {
                 return Err(error);
             }
         };
-        self.lock_cache().insert(*hash, Arc::clone(&bytes));
+        self.cache.insert(*hash, Arc::clone(&bytes));
         Ok(bytes)
     }
 
@@ -371,7 +353,7 @@ impl ChunkStore {
             Err(error) if error.kind() == ErrorKind::NotFound => return Ok(0),
             Err(error) => return Err(io_error("remove", &path)(error)),
         }
-        self.lock_cache().remove(hash);
+        self.cache.remove(hash);
         Ok(length)
     }
 
@@ -380,6 +362,21 @@ impl ChunkStore {
         if let Some(directory) = self.chunk_path(hash).parent() {
             let _ = fs::remove_dir(directory);
         }
+    }
+
+    /// Removes every empty fan-out directory (what interrupted imports leave); returns how
+    /// many.
+    pub fn remove_empty_fan_outs(&self) -> Result<u64, StoreError> {
+        let chunks = self.root.join("chunks");
+        let mut removed = 0;
+        for fan_out in fs::read_dir(&chunks).map_err(io_error("list", &chunks))? {
+            let fan_out = fan_out.map_err(io_error("list", &chunks))?.path();
+            // Fails on a non-empty directory, which is what should stay.
+            if fan_out.is_dir() && fs::remove_dir(&fan_out).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     /// Stores a manifest (after [`sync`](Self::sync) made its chunks durable) and returns its
@@ -563,9 +560,9 @@ mod tests {
             let hash = ContentHash::of(&bytes);
             store.insert_chunk(hash, &bytes)?;
             store.read_chunk(&hash)?;
-            assert!(store.lock_cache().bytes <= 250);
+            assert!(store.cache.weight() <= 250);
         }
-        assert_eq!(store.lock_cache().chunks.len(), 2);
+        assert!(store.cache.len() <= 2);
         Ok(())
     }
 

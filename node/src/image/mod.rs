@@ -205,27 +205,68 @@ pub fn open_store(state_dir: &Path) -> Result<ChunkStore, ImageError> {
 struct WrittenChunks<'a> {
     store: &'a ChunkStore,
     written: Vec<ContentHash>,
-    seen: HashSet<ContentHash>,
     chunks_reused: u64,
     bytes_written: u64,
     committed: bool,
 }
 
-impl WrittenChunks<'_> {
-    fn insert(&mut self, hash: ContentHash, bytes: &[u8]) -> Result<(), StoreError> {
+/// What the chunk writer did.
+#[derive(Debug, Default)]
+struct WriterTally {
+    written: Vec<ContentHash>,
+    chunks_reused: u64,
+    bytes_written: u64,
+    failure: Option<StoreError>,
+}
+
+/// Chunks queued for the writer thread (at most this many wait, each at most 1 MiB).
+const CHUNK_QUEUE_MAX: usize = 8;
+
+/// The chunking side of the pipeline: hands each distinct chunk to the writer thread, which
+/// stores it (a verify-or-write and an fsync per chunk) while the next chunks are cut and
+/// hashed on this thread.
+struct ChunkSender {
+    sender: std::sync::mpsc::SyncSender<(ContentHash, Vec<u8>)>,
+    seen: HashSet<ContentHash>,
+}
+
+/// Sending failed because the writer stopped (on a store error, reported by its tally).
+#[derive(Debug, thiserror::Error)]
+#[error("the chunk writer stopped")]
+struct WriterStopped;
+
+impl ChunkSender {
+    fn submit(&mut self, hash: ContentHash, bytes: &[u8]) -> Result<(), WriterStopped> {
         if !self.seen.insert(hash) {
             return Ok(());
         }
-        match self.store.insert_chunk(hash, bytes)? {
-            InsertOutcome::Written => {
-                self.written.push(hash);
-                self.bytes_written += bytes.len() as u64;
-            }
-            InsertOutcome::AlreadyPresent => self.chunks_reused += 1,
-            InsertOutcome::Repaired => self.bytes_written += bytes.len() as u64,
-        }
-        Ok(())
+        self.sender
+            .send((hash, bytes.to_vec()))
+            .map_err(|_| WriterStopped)
     }
+}
+
+/// The writer thread's loop.
+fn write_chunks(
+    store: &ChunkStore,
+    queue: std::sync::mpsc::Receiver<(ContentHash, Vec<u8>)>,
+) -> WriterTally {
+    let mut tally = WriterTally::default();
+    for (hash, bytes) in queue {
+        match store.insert_chunk(hash, &bytes) {
+            Ok(InsertOutcome::Written) => {
+                tally.written.push(hash);
+                tally.bytes_written += bytes.len() as u64;
+            }
+            Ok(InsertOutcome::AlreadyPresent) => tally.chunks_reused += 1,
+            Ok(InsertOutcome::Repaired) => tally.bytes_written += bytes.len() as u64,
+            Err(error) => {
+                tally.failure = Some(error);
+                break;
+            }
+        }
+    }
+    tally
 }
 
 impl Drop for WrittenChunks<'_> {
@@ -263,7 +304,7 @@ impl<R: Read> Read for Counting<'_, R> {
 fn chunk_file(
     path: &Path,
     chunking: ChunkingParameters,
-    chunks: &mut WrittenChunks<'_>,
+    chunks: &mut ChunkSender,
     progress: &dyn ImportProgress,
 ) -> Result<Part, ImageError> {
     let file = File::open(path).map_err(ImageError::io("open", path))?;
@@ -273,7 +314,7 @@ fn chunk_file(
 fn chunk_stream(
     reader: impl Read,
     chunking: ChunkingParameters,
-    chunks: &mut WrittenChunks<'_>,
+    chunks: &mut ChunkSender,
     progress: &dyn ImportProgress,
 ) -> Result<Part, ImageError> {
     let reader = std::io::BufReader::with_capacity(
@@ -283,14 +324,63 @@ fn chunk_stream(
             progress,
         },
     );
-    chunk_reader(reader, chunking, |hash, bytes| chunks.insert(hash, bytes)).map_err(|error| {
+    chunk_reader(reader, chunking, |hash, bytes| chunks.submit(hash, bytes)).map_err(|error| {
         match error {
             ChunkingError::Read(detail) => {
                 ImageError::malformed(format!("reading image data: {detail}"))
             }
-            ChunkingError::Consumer(error) => ImageError::Store(error),
+            // The writer's own error replaces this one once it is joined.
+            ChunkingError::Consumer(stopped) => ImageError::Usage(stopped.to_string()),
         }
     })
+}
+
+/// Kernel, initrd and root device, chunked in that order.
+fn chunk_parts(
+    chunks: &mut ChunkSender,
+    chunking: ChunkingParameters,
+    progress: &dyn ImportProgress,
+    boot_files: [Option<&Path>; 2],
+    squashfs_path: &Path,
+    padding_bytes: u64,
+    tree_path: &Path,
+) -> Result<(Option<Part>, Option<Part>, Part), ImageError> {
+    let [kernel_path, initrd_path] = boot_files;
+    let mut boot_parts = [None, None];
+    for ((path, label), slot) in [
+        (kernel_path, "chunking kernel"),
+        (initrd_path, "chunking initrd"),
+    ]
+    .into_iter()
+    .zip(boot_parts.iter_mut())
+    {
+        if let Some(path) = path {
+            progress.phase(label, fs::metadata(path).ok().map(|m| m.len()));
+            *slot = Some(chunk_file(path, chunking, chunks, progress)?);
+            progress.finish();
+        }
+    }
+    let squashfs_data = File::open(squashfs_path).map_err(ImageError::io("open", squashfs_path))?;
+    let tree_data = File::open(tree_path).map_err(ImageError::io("open", tree_path))?;
+    let squashfs_bytes = squashfs_data
+        .metadata()
+        .map_err(ImageError::io("inspect", squashfs_path))?
+        .len();
+    let tree_bytes = tree_data
+        .metadata()
+        .map_err(ImageError::io("inspect", tree_path))?
+        .len();
+    progress.phase(
+        "chunking root image",
+        Some(squashfs_bytes + padding_bytes + tree_bytes),
+    );
+    let root_stream = squashfs_data
+        .chain(std::io::repeat(0).take(padding_bytes))
+        .chain(tree_data);
+    let root = chunk_stream(root_stream, chunking, chunks, progress)?;
+    progress.finish();
+    let [kernel, initrd] = boot_parts;
+    Ok((kernel, initrd, root))
 }
 
 /// Imports an image (see the module documentation).
@@ -436,12 +526,19 @@ pub fn import(
     progress.phase("dm-verity hash tree", Some(squashfs_bytes * 2));
     let mut salt_hasher = blake3::Hasher::new();
     salt_hasher.update(b"bootmesh verity salt v1");
-    let mut salt_reader = Counting {
-        inner: &squashfs_file,
-        progress,
-    };
-    std::io::copy(&mut salt_reader, &mut salt_hasher)
-        .map_err(ImageError::io("read", &squashfs_path))?;
+    // Large reads: std::io::copy would read 8 KiB at a time.
+    let mut salt_buffer = vec![0u8; 1024 * 1024];
+    let mut salt_reader = &squashfs_file;
+    loop {
+        let count = salt_reader
+            .read(&mut salt_buffer)
+            .map_err(ImageError::io("read", &squashfs_path))?;
+        if count == 0 {
+            break;
+        }
+        salt_hasher.update(salt_buffer.get(..count).unwrap_or_default());
+        progress.advance(count as u64);
+    }
     let salt = *salt_hasher.finalize().as_bytes();
     let tree_path = staging_path.join("verity.tree");
     let tree_file = File::options()
@@ -454,51 +551,53 @@ pub fn import(
     progress.advance(squashfs_bytes);
     progress.finish();
 
-    // Chunks.
+    // Chunks: cut and hashed here, stored by a writer thread meanwhile.
     let mut chunks = WrittenChunks {
         store,
         written: Vec::new(),
-        seen: HashSet::new(),
         chunks_reused: 0,
         bytes_written: 0,
         committed: false,
-    };
-    let kernel = match &kernel_path {
-        Some(path) => {
-            progress.phase("chunking kernel", fs::metadata(path).ok().map(|m| m.len()));
-            let part = chunk_file(path, options.chunking, &mut chunks, progress)?;
-            progress.finish();
-            Some(part)
-        }
-        None => None,
-    };
-    let initrd = match &initrd_path {
-        Some(path) => {
-            progress.phase("chunking initrd", fs::metadata(path).ok().map(|m| m.len()));
-            let part = chunk_file(path, options.chunking, &mut chunks, progress)?;
-            progress.finish();
-            Some(part)
-        }
-        None => None,
     };
     let padding_bytes = verity.hash_offset_bytes - squashfs_bytes;
     let tree_bytes = tree_file
         .metadata()
         .map_err(ImageError::io("inspect", &tree_path))?
         .len();
-    progress.phase(
-        "chunking root image",
-        Some(squashfs_bytes + padding_bytes + tree_bytes),
-    );
-    // Fresh handles: the salt pass moved the shared offset of the first ones.
-    let squashfs_data =
-        File::open(&squashfs_path).map_err(ImageError::io("open", &squashfs_path))?;
-    let tree_data = File::open(&tree_path).map_err(ImageError::io("open", &tree_path))?;
-    let root_stream = squashfs_data
-        .chain(std::io::repeat(0).take(padding_bytes))
-        .chain(tree_data);
-    let root_part = chunk_stream(root_stream, options.chunking, &mut chunks, progress)?;
-    progress.finish();
+    let (parts, tally) = std::thread::scope(|scope| {
+        let (sender, queue) = std::sync::mpsc::sync_channel(CHUNK_QUEUE_MAX);
+        let writer = scope.spawn(|| write_chunks(store, queue));
+        let mut sender = ChunkSender {
+            sender,
+            seen: HashSet::new(),
+        };
+        let parts = chunk_parts(
+            &mut sender,
+            options.chunking,
+            progress,
+            [kernel_path.as_deref(), initrd_path.as_deref()],
+            &squashfs_path,
+            padding_bytes,
+            &tree_path,
+        );
+        drop(sender);
+        let tally = writer.join().unwrap_or_else(|_| WriterTally {
+            failure: Some(StoreError::Io {
+                context: "store chunks (writer thread panicked)",
+                path: store.root().to_path_buf(),
+                error: std::io::Error::other("panic"),
+            }),
+            ..WriterTally::default()
+        });
+        (parts, tally)
+    });
+    chunks.written = tally.written;
+    chunks.chunks_reused = tally.chunks_reused;
+    chunks.bytes_written = tally.bytes_written;
+    if let Some(error) = tally.failure {
+        return Err(ImageError::Store(error));
+    }
+    let (kernel, initrd, root_part) = parts?;
     if root_part.size_bytes != verity.hash_offset_bytes + tree_bytes {
         return Err(ImageError::malformed(format!(
             "{} changed while it was imported",
@@ -872,9 +971,9 @@ pub fn gc(store: &ChunkStore) -> Result<GcReport, ImageError> {
         } else {
             report.bytes_freed += store.remove_chunk(&hash)?;
             report.chunks_removed += 1;
-            store.remove_empty_fan_out(&hash);
         }
     }
+    store.remove_empty_fan_outs()?;
     Ok(report)
 }
 
