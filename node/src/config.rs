@@ -66,6 +66,33 @@ pub struct ServerConfig {
     /// Groups of nodes: each boots the image promoted to it (`bootmesh image promote`).
     #[serde(default, rename = "group")]
     pub groups: Vec<GroupSection>,
+    /// The image store (`<state_dir>/images`).
+    #[serde(default)]
+    pub images: ImagesSection,
+}
+
+/// `[images]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImagesSection {
+    /// Bytes of verified chunks kept in memory, in MiB. Chunks read from disk are hashed
+    /// before they are served, so serving images larger than this costs a re-read and a
+    /// re-hash of what was evicted (BENCHMARKS.md: 0.85 of nbdkit with a 256 MiB cache and a
+    /// 259 MiB image); size it to the images served at once.
+    #[serde(default = "default_chunk_cache_mib")]
+    pub chunk_cache_mib: u64,
+}
+
+impl Default for ImagesSection {
+    fn default() -> Self {
+        Self {
+            chunk_cache_mib: default_chunk_cache_mib(),
+        }
+    }
+}
+
+fn default_chunk_cache_mib() -> u64 {
+    1024
 }
 
 /// `[boot]`: what nodes boot. A node boots its group's promoted image when there is one;

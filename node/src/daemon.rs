@@ -62,8 +62,12 @@ pub async fn serve(
     let (stop_sender, stop_receiver) = watch::channel(false);
     // The image store every service reads images from (`bootmesh image import` writes it).
     let images = ImageLibrary::new(Arc::new(
-        crate::image::open_store(&config.state_dir)
-            .map_err(|error| ServeError::Task(format!("image store: {error}")))?,
+        crate::image::open_store_with_cache(
+            &config.state_dir,
+            usize::try_from(config.images.chunk_cache_mib.saturating_mul(1024 * 1024))
+                .unwrap_or(usize::MAX),
+        )
+        .map_err(|error| ServeError::Task(format!("image store: {error}")))?,
     ));
     let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
 

@@ -193,12 +193,21 @@ pub struct ImportSummary {
     pub replaced: Option<ContentHash>,
 }
 
-/// The store of a server whose state directory is `state_dir`.
+/// Verified chunks a command-line run (export, verify) keeps in memory: it reads each chunk
+/// once, so a cache would only hold memory.
+const CLI_CHUNK_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The store of a server whose state directory is `state_dir`, for command-line use.
 pub fn open_store(state_dir: &Path) -> Result<ChunkStore, ImageError> {
-    Ok(ChunkStore::open(
-        &state_dir.join("images"),
-        transfer::store::CHUNK_CACHE_BYTES_DEFAULT,
-    )?)
+    open_store_with_cache(state_dir, CLI_CHUNK_CACHE_BYTES)
+}
+
+/// The store of a server, with a verified-chunk cache of `cache_bytes`.
+pub fn open_store_with_cache(
+    state_dir: &Path,
+    cache_bytes: usize,
+) -> Result<ChunkStore, ImageError> {
+    Ok(ChunkStore::open(&state_dir.join("images"), cache_bytes)?)
 }
 
 /// Chunks written by an import in progress, removed again if it fails.
