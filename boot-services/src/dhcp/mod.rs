@@ -8,6 +8,7 @@
 //! an fsynced local journal or a Raft commit is the caller's business, so the protocol code does
 //! not change when the cluster arrives.
 
+pub mod client;
 pub mod config;
 pub mod lease_table;
 pub mod record;
