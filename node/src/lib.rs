@@ -12,6 +12,7 @@ pub mod files;
 pub mod http_service;
 pub mod image;
 pub mod image_source;
+pub mod initramfs;
 pub mod journal;
 pub mod nbd_service;
 pub mod net;

@@ -14,6 +14,7 @@ mod dockerfile;
 mod http;
 mod image_serving;
 mod images;
+mod initramfs;
 mod lab;
 mod nbd;
 mod serve;
