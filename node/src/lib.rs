@@ -14,6 +14,7 @@ pub mod image;
 pub mod image_source;
 pub mod initramfs;
 pub mod journal;
+pub mod modules;
 pub mod nbd_service;
 pub mod net;
 pub mod seams;
