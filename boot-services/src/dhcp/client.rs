@@ -322,8 +322,11 @@ impl DhcpClient {
         if message.xid() != self.xid {
             return ClientEvent::Ignored("another transaction");
         }
-        let hardware = message.chaddr();
-        if hardware.get(..6) != Some(self.config.hardware_address.as_slice()) {
+        // hlen comes off the wire; dhcproto's `chaddr()` slices by it and panics beyond 16.
+        if message.hlen() != 6 {
+            return ClientEvent::Ignored("another client");
+        }
+        if message.chaddr() != self.config.hardware_address.as_slice() {
             return ClientEvent::Ignored("another client");
         }
         let Some(DhcpOption::MessageType(message_type)) =

@@ -251,6 +251,14 @@ fn replies_for_other_transactions_or_clients_and_garbage_are_ignored() {
         client.handle_datagram(start, b"\x02\x01garbage"),
         ClientEvent::Malformed(_)
     ));
+    // A hardware length beyond the 16-byte chaddr field (found by the fuzzer: dhcproto's
+    // accessor panics on it).
+    let mut long_hlen = offer.to_vec().expect("encodes");
+    long_hlen[2] = 200;
+    assert_eq!(
+        client.handle_datagram(start, &long_hlen),
+        ClientEvent::Ignored("another client")
+    );
     let bytes = offer.to_vec().expect("encodes");
     assert_eq!(
         client.handle_datagram(start, &bytes),
