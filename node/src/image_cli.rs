@@ -294,6 +294,11 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
                     image::export(Arc::clone(&store), &name, part, &mut writer)?
                 };
                 temporary.as_file().sync_all()?;
+                // Temporary files are created 0600; an exported image is an ordinary file.
+                use std::os::unix::fs::PermissionsExt;
+                temporary
+                    .as_file()
+                    .set_permissions(std::fs::Permissions::from_mode(0o644))?;
                 temporary
                     .persist(&target)
                     .with_context(|| format!("write {output}"))?;

@@ -56,10 +56,12 @@ impl ImageLibrary {
             tracing::warn!(image = %hash, %error, "manifest unreadable");
             source_error(&error)
         })?);
+        // Full: drop the entry with the lowest hash, which is as good as any (a dropped
+        // manifest is only decoded again).
         if cache.len() >= MANIFESTS_CACHED_MAX
-            && let Some(oldest) = cache.keys().next().copied()
+            && let Some(lowest) = cache.keys().next().copied()
         {
-            cache.remove(&oldest);
+            cache.remove(&lowest);
         }
         cache.insert(*hash, Arc::clone(&manifest));
         Ok(manifest)
