@@ -326,18 +326,8 @@ impl ChunkStore {
         let mut hashes = Vec::new();
         for fan_out in fs::read_dir(&chunks).map_err(io_error("list", &chunks))? {
             let fan_out = fan_out.map_err(io_error("list", &chunks))?.path();
-            if !fan_out.is_dir() {
-                continue;
-            }
-            for entry in fs::read_dir(&fan_out).map_err(io_error("list", &fan_out))? {
-                let entry = entry.map_err(io_error("list", &fan_out))?;
-                if let Some(hash) = entry
-                    .file_name()
-                    .to_str()
-                    .and_then(|name| name.parse().ok())
-                {
-                    hashes.push(hash);
-                }
+            if fan_out.is_dir() {
+                hashes.extend(hashes_named_in(&fan_out)?);
             }
         }
         hashes.sort();
@@ -417,18 +407,7 @@ impl ChunkStore {
 
     /// Every stored manifest's hash, sorted.
     pub fn list_manifests(&self) -> Result<Vec<ContentHash>, StoreError> {
-        let directory = self.root.join("manifests");
-        let mut hashes = Vec::new();
-        for entry in fs::read_dir(&directory).map_err(io_error("list", &directory))? {
-            let entry = entry.map_err(io_error("list", &directory))?;
-            if let Some(hash) = entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.parse().ok())
-            {
-                hashes.push(hash);
-            }
-        }
+        let mut hashes = hashes_named_in(&self.root.join("manifests"))?;
         hashes.sort();
         Ok(hashes)
     }
@@ -466,6 +445,22 @@ impl ChunkStore {
         self.write_atomically(&path, &bytes)?;
         sync_directory(&self.root)
     }
+}
+
+/// The files in `directory` whose names are content hashes (anything else is ignored).
+fn hashes_named_in(directory: &Path) -> Result<Vec<ContentHash>, StoreError> {
+    let mut hashes = Vec::new();
+    for entry in fs::read_dir(directory).map_err(io_error("list", directory))? {
+        let entry = entry.map_err(io_error("list", directory))?;
+        if let Some(hash) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse().ok())
+        {
+            hashes.push(hash);
+        }
+    }
+    Ok(hashes)
 }
 
 fn sync_directory(path: &Path) -> Result<(), StoreError> {

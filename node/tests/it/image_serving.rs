@@ -120,6 +120,23 @@ impl ImageLab {
         self.lab.run(&self.pair.client, CLIENT_LIMIT, program, args)
     }
 
+    /// `tftp-hpa`'s `get` of `remote` into `local`.
+    fn tftp_get(&self, remote: &str, local: &Path) -> Output {
+        let local = local.to_string_lossy().into_owned();
+        self.client(
+            "tftp",
+            &[
+                &self.pair.server_address,
+                "-m",
+                "binary",
+                "-c",
+                "get",
+                remote,
+                &local,
+            ],
+        )
+    }
+
     fn fetch(&self, url_path: &str) -> (u16, Vec<u8>) {
         let output_path = self.lab.path("fetched");
         let _ = std::fs::remove_file(&output_path);
@@ -234,19 +251,8 @@ fn every_service_serves_images_from_the_store_and_boot_plans_follow_promotion() 
 
     // TFTP and HTTP: kernel and initrd by tag and by hash.
     let tftp_copy = images.lab.path("tftp-kernel");
-    let tftp_output = images.client(
-        "tftp",
-        &[
-            &images.pair.server_address,
-            "-m",
-            "binary",
-            "-c",
-            "get",
-            // tftp-hpa reads `a:b` as host:file, so it asks by hash; curl asks by tag below.
-            &format!("images/{first}/kernel"),
-            &tftp_copy.to_string_lossy(),
-        ],
-    );
+    // tftp-hpa reads `a:b` as host:file, so it asks by hash; curl asks by tag.
+    let tftp_output = images.tftp_get(&format!("images/{first}/kernel"), &tftp_copy);
     assert!(
         tftp_output.status.success(),
         "tftp: {}",
@@ -366,19 +372,8 @@ fn a_corrupt_chunk_is_never_served() {
     assert_eq!(status, 500, "http: {}", String::from_utf8_lossy(&body));
 
     let tftp_copy = images.lab.path("tftp-kernel");
-    let tftp_output = images.client(
-        "tftp",
-        &[
-            &images.pair.server_address,
-            "-m",
-            "binary",
-            "-c",
-            "get",
-            // tftp-hpa reads `a:b` as host:file, so it asks by hash; curl asks by tag below.
-            &format!("images/{hash}/kernel"),
-            &tftp_copy.to_string_lossy(),
-        ],
-    );
+    // tftp-hpa reads `a:b` as host:file, so it asks by hash; curl asks by tag.
+    let tftp_output = images.tftp_get(&format!("images/{hash}/kernel"), &tftp_copy);
     let tftp_text = format!(
         "{}{}",
         String::from_utf8_lossy(&tftp_output.stdout),
