@@ -2,6 +2,7 @@
 //! checked before anything starts. Errors name the line (syntax, types, unknown keys) or the key
 //! path (values that parse but make no sense together).
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -10,6 +11,25 @@ use boot_services::dhcp::{
     AddressRange, BootConfig, DhcpConfig, DhcpMode, HostConfig, Ipv4Network, SubnetConfig,
 };
 use serde::Deserialize;
+
+use crate::plan::{
+    NodeEntry, NodePlan, NodePlans, NodeSecrets, RootMode, SETTINGS_PER_LIST_MAX, Secret,
+    is_valid_secret_name, is_valid_setting_line, is_valid_unit_name,
+};
+
+/// `[boot] token_ttl_secs` when not set: long enough for a slow firmware, kernel and initramfs
+/// to reach the agent's secrets fetch, short enough that a token read off a console log or a
+/// packet capture is soon worthless.
+pub const BOOT_TOKEN_TTL_SECS_DEFAULT: u64 = 300;
+/// The largest `[boot] token_ttl_secs`: a token is a bearer credential on the kernel command
+/// line, so it must not outlive a boot by much.
+pub const BOOT_TOKEN_TTL_SECS_MAX: u64 = 3600;
+/// Entries in `[boot] servers`: with the address the node reached first, `bootmesh.servers=`
+/// names at most 16, which is what the agent reads (each costs up to 48 bytes of a kernel
+/// command line that is 2048 bytes on x86).
+pub const BOOT_SERVERS_MAX: usize = 15;
+/// Bytes of one secret's value: secrets are served whole from memory.
+pub const SECRET_VALUE_BYTES_MAX: usize = 64 * 1024;
 
 /// Why a configuration file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +129,15 @@ pub struct BootPlanSection {
     pub cmdline: String,
     /// The group of hosts that name none.
     pub default_group: Option<String>,
+    /// HTTP addresses (`ip:port`) of the other boot servers, given to agents on the kernel
+    /// command line as fallbacks after the server that served the boot script.
+    #[serde(default)]
+    pub servers: Vec<SocketAddr>,
+    /// Seconds a boot token (`bootmesh.token=`) stays redeemable for the node's secrets. The
+    /// agent fetches secrets last, after a `ram` node has loaded its whole root image, so this
+    /// must cover that load.
+    #[serde(default = "default_token_ttl_secs")]
+    pub token_ttl_secs: u64,
 }
 
 /// `[[group]]`: nodes that boot the same image with the same settings.
@@ -120,6 +149,25 @@ pub struct GroupSection {
     /// Appended to the image's default command line.
     #[serde(default)]
     pub cmdline: String,
+    /// How the group's nodes obtain their root image: `ram` (default) or `nbd`.
+    #[serde(default)]
+    pub root_mode: RootMode,
+    /// Shell commands run in the new root before its init (lts.conf `PREINIT_*`).
+    #[serde(default)]
+    pub preinit: Vec<String>,
+    /// Lines appended to the new root's `/etc/fstab` (lts.conf `FSTAB_*`).
+    #[serde(default)]
+    pub fstab: Vec<String>,
+    /// Shell commands run at boot by the agent's rcfile unit (lts.conf `RCFILE_*`).
+    #[serde(default)]
+    pub rcfile: Vec<String>,
+    /// Units left enabled although diskless nodes mask them by default
+    /// (lts.conf `KEEP_SYSTEM_SERVICES`).
+    #[serde(default)]
+    pub keep_system_services: Vec<String>,
+    /// Secrets by name, handed to each node of the group once per boot token.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// `[dhcp]`.
@@ -232,6 +280,23 @@ pub struct HostSection {
     pub hostname: Option<String>,
     /// The host's group (else `[boot] default_group`).
     pub group: Option<String>,
+    /// Overrides the group's `root_mode`.
+    pub root_mode: Option<RootMode>,
+    /// Appended to the group's `preinit`.
+    #[serde(default)]
+    pub preinit: Vec<String>,
+    /// Appended to the group's `fstab`.
+    #[serde(default)]
+    pub fstab: Vec<String>,
+    /// Appended to the group's `rcfile`.
+    #[serde(default)]
+    pub rcfile: Vec<String>,
+    /// Appended to the group's `keep_system_services`.
+    #[serde(default)]
+    pub keep_system_services: Vec<String>,
+    /// Secrets by name; a name the group also has takes this value.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Secret>,
 }
 
 /// `[tftp]`.
@@ -298,6 +363,9 @@ pub struct NbdExportSection {
     pub description: Option<String>,
 }
 
+fn default_token_ttl_secs() -> u64 {
+    BOOT_TOKEN_TTL_SECS_DEFAULT
+}
 fn default_dhcp_port() -> u16 {
     67
 }
@@ -361,7 +429,7 @@ impl ServerConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let config: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            message: error.to_string(),
+            message: parse_error_message(text, &error),
         })?;
         config.validate()?;
         Ok(config)
@@ -389,6 +457,17 @@ impl ServerConfig {
                 ));
             }
         }
+        for (index, group) in self.groups.iter().enumerate() {
+            let key = format!("group[{index}]");
+            check_node_settings(&key, &group.settings())?;
+            if group.root_mode == RootMode::Nbd && self.nbd.is_none() {
+                return Err(invalid(
+                    format!("{key}.root_mode"),
+                    "\"nbd\" needs an [nbd] section to serve the root image",
+                ));
+            }
+        }
+        self.check_boot_section()?;
         let known_group = |name: &str| group_names.contains(name);
         if let Some(default_group) = self
             .boot
@@ -408,6 +487,7 @@ impl ServerConfig {
                         "names no [[group]]",
                     ));
                 }
+                self.check_host_settings(index, host)?;
             }
         }
         if let Some(dhcp) = &self.dhcp {
@@ -457,6 +537,162 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    fn check_boot_section(&self) -> Result<(), ConfigError> {
+        let Some(boot) = &self.boot else {
+            return Ok(());
+        };
+        if !(1..=BOOT_TOKEN_TTL_SECS_MAX).contains(&boot.token_ttl_secs) {
+            return Err(invalid(
+                "boot.token_ttl_secs",
+                format!("must be 1 to {BOOT_TOKEN_TTL_SECS_MAX}"),
+            ));
+        }
+        if boot.servers.len() > BOOT_SERVERS_MAX {
+            return Err(invalid(
+                "boot.servers",
+                format!("at most {BOOT_SERVERS_MAX} servers (they share the kernel command line)"),
+            ));
+        }
+        for (index, server) in boot.servers.iter().enumerate() {
+            if server.ip().is_unspecified() || server.port() == 0 {
+                return Err(invalid(
+                    format!("boot.servers[{index}]"),
+                    "must be an address and port nodes can reach (not 0.0.0.0, not ::, not port 0)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_host_settings(&self, index: usize, host: &HostSection) -> Result<(), ConfigError> {
+        let key = format!("dhcp.host[{index}]");
+        if let Some(hostname) = &host.hostname {
+            let valid = !hostname.is_empty()
+                && hostname.len() <= 253
+                && hostname
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'));
+            if !valid {
+                return Err(invalid(
+                    format!("{key}.hostname"),
+                    "must be 1-253 of a-z A-Z 0-9 . _ -",
+                ));
+            }
+        }
+        let settings = host.settings();
+        check_node_settings(&key, &settings)?;
+        if host.root_mode == Some(RootMode::Nbd) && self.nbd.is_none() {
+            return Err(invalid(
+                format!("{key}.root_mode"),
+                "\"nbd\" needs an [nbd] section to serve the root image",
+            ));
+        }
+        let group_name = host.group.as_deref().or(self
+            .boot
+            .as_ref()
+            .and_then(|boot| boot.default_group.as_deref()));
+        let Some(group) = group_name.and_then(|name| self.group(name)) else {
+            return Ok(());
+        };
+        for ((list_name, host_lines), (_, group_lines)) in
+            settings.lists().into_iter().zip(group.settings().lists())
+        {
+            if host_lines.len() + group_lines.len() > SETTINGS_PER_LIST_MAX {
+                return Err(invalid(
+                    format!("{key}.{list_name}"),
+                    format!(
+                        "with the {} entries of group {:?}, over {SETTINGS_PER_LIST_MAX} \
+                         (lts.conf numbers them with two digits)",
+                        group_lines.len(),
+                        group.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn group(&self, name: &str) -> Option<&GroupSection> {
+        self.groups.iter().find(|group| group.name == name)
+    }
+
+    /// How long a boot token stays redeemable.
+    pub fn boot_token_ttl(&self) -> Duration {
+        Duration::from_secs(
+            self.boot
+                .as_ref()
+                .map_or(BOOT_TOKEN_TTL_SECS_DEFAULT, |boot| boot.token_ttl_secs),
+        )
+    }
+
+    /// The other boot servers' HTTP addresses (`[boot] servers`).
+    pub fn boot_servers(&self) -> Vec<SocketAddr> {
+        self.boot
+            .as_ref()
+            .map(|boot| boot.servers.clone())
+            .unwrap_or_default()
+    }
+
+    /// What every node gets (`/nodes/<mac>/plan`, `/nodes/<mac>/secrets`, lts.conf): each
+    /// host its group's settings followed by its own, every other MAC the default group's.
+    pub fn node_plans(&self) -> Result<NodePlans, ConfigError> {
+        let default_group = self
+            .boot
+            .as_ref()
+            .and_then(|boot| boot.default_group.as_deref());
+        let default = self.node_entry(default_group, None);
+        let mut hosts = BTreeMap::new();
+        for (index, host) in self
+            .dhcp
+            .iter()
+            .flat_map(|dhcp| dhcp.hosts.iter())
+            .enumerate()
+        {
+            let mac = parse_mac(&host.mac)
+                .map_err(|reason| invalid(format!("dhcp.host[{index}].mac"), reason))?;
+            let group = host.group.as_deref().or(default_group);
+            hosts.insert(mac, self.node_entry(group, Some(host)));
+        }
+        Ok(NodePlans::new(default, hosts))
+    }
+
+    fn node_entry(&self, group_name: Option<&str>, host: Option<&HostSection>) -> NodeEntry {
+        let group = group_name.and_then(|name| self.group(name));
+        let group_settings = group.map(GroupSection::settings);
+        let host_settings = host.map(HostSection::settings);
+        let joined = |pick: for<'a> fn(&NodeSettings<'a>) -> &'a [String]| -> Vec<String> {
+            let group_lines = group_settings.as_ref().map(pick).unwrap_or_default();
+            let host_lines = host_settings.as_ref().map(pick).unwrap_or_default();
+            group_lines.iter().chain(host_lines).cloned().collect()
+        };
+        let plan = NodePlan {
+            hostname: host.and_then(|host| host.hostname.clone()),
+            group: group.map(|group| group.name.clone()),
+            root_mode: host
+                .and_then(|host| host.root_mode)
+                .or(group.map(|group| group.root_mode))
+                .unwrap_or_default(),
+            nbd_port: self.nbd.as_ref().map(|nbd| nbd.listen.port()),
+            preinit: joined(|settings| settings.preinit),
+            fstab: joined(|settings| settings.fstab),
+            rcfile: joined(|settings| settings.rcfile),
+            keep_system_services: joined(|settings| settings.keep_system_services),
+        };
+        let mut secrets = BTreeMap::new();
+        for settings in group_settings.iter().chain(&host_settings) {
+            secrets.extend(
+                settings
+                    .secrets
+                    .iter()
+                    .map(|(name, value)| (name.clone(), value.clone())),
+            );
+        }
+        NodeEntry {
+            plan,
+            secrets: NodeSecrets { secrets },
+        }
     }
 
     /// The DHCP core's configuration, if DHCP is served.
@@ -534,6 +770,140 @@ impl ServerConfig {
             .map_err(|error| invalid("dhcp", error.to_string()))?;
         Ok(Some(config))
     }
+}
+
+/// toml's message for `error`, which quotes the offending line, unless that line may hold a
+/// secret value: then only its number, the column and the reason (errors reach the log).
+fn parse_error_message(text: &str, error: &toml::de::Error) -> String {
+    let Some(start) = error.span().map(|span| span.start) else {
+        return error.to_string();
+    };
+    let before = text.get(..start).unwrap_or(text);
+    let line_index = before.matches('\n').count();
+    if !may_hold_secret(text, line_index) {
+        return error.to_string();
+    }
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, line_start)| line_start)
+        .chars()
+        .count()
+        + 1;
+    format!(
+        "TOML parse error at line {}, column {column}: {} (the line is not shown: it may hold \
+         a secret)",
+        line_index + 1,
+        error.message()
+    )
+}
+
+/// Whether line `line_index` of a TOML text may carry a secret value: it names `secrets`, or
+/// it lies in a table whose header does (`[group.secrets]`).
+fn may_hold_secret(text: &str, line_index: usize) -> bool {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(line) = lines.get(line_index) else {
+        return false;
+    };
+    line.contains("secrets")
+        || lines
+            .get(..line_index)
+            .unwrap_or_default()
+            .iter()
+            .rev()
+            .map(|line| line.trim_start())
+            .find(|line| line.starts_with('['))
+            .is_some_and(|header| header.contains("secrets"))
+}
+
+/// The per-node settings a group and a host both carry, for the checks they share.
+struct NodeSettings<'a> {
+    preinit: &'a [String],
+    fstab: &'a [String],
+    rcfile: &'a [String],
+    keep_system_services: &'a [String],
+    secrets: &'a BTreeMap<String, Secret>,
+}
+
+impl NodeSettings<'_> {
+    /// The lists by their key names.
+    fn lists(&self) -> [(&'static str, &[String]); 4] {
+        [
+            ("preinit", self.preinit),
+            ("fstab", self.fstab),
+            ("rcfile", self.rcfile),
+            ("keep_system_services", self.keep_system_services),
+        ]
+    }
+}
+
+impl GroupSection {
+    fn settings(&self) -> NodeSettings<'_> {
+        NodeSettings {
+            preinit: &self.preinit,
+            fstab: &self.fstab,
+            rcfile: &self.rcfile,
+            keep_system_services: &self.keep_system_services,
+            secrets: &self.secrets,
+        }
+    }
+}
+
+impl HostSection {
+    fn settings(&self) -> NodeSettings<'_> {
+        NodeSettings {
+            preinit: &self.preinit,
+            fstab: &self.fstab,
+            rcfile: &self.rcfile,
+            keep_system_services: &self.keep_system_services,
+            secrets: &self.secrets,
+        }
+    }
+}
+
+/// Checks the lists and secrets of the group or host at `key`. Messages name keys, never
+/// secret values.
+fn check_node_settings(key: &str, settings: &NodeSettings<'_>) -> Result<(), ConfigError> {
+    for (list_name, lines) in settings.lists() {
+        if lines.len() > SETTINGS_PER_LIST_MAX {
+            return Err(invalid(
+                format!("{key}.{list_name}"),
+                format!(
+                    "at most {SETTINGS_PER_LIST_MAX} entries (lts.conf numbers them with two digits)"
+                ),
+            ));
+        }
+        for (index, line) in lines.iter().enumerate() {
+            let (valid, reason) = if list_name == "keep_system_services" {
+                (
+                    is_valid_unit_name(line),
+                    "must be a unit name: not empty, no spaces or control characters",
+                )
+            } else {
+                (
+                    is_valid_setting_line(line),
+                    "must be one line: no newline, NUL or other control character",
+                )
+            };
+            if !valid {
+                return Err(invalid(format!("{key}.{list_name}[{index}]"), reason));
+            }
+        }
+    }
+    for (name, value) in settings.secrets {
+        if !is_valid_secret_name(name) {
+            return Err(invalid(
+                format!("{key}.secrets.{name:?}"),
+                "secret names must be 1-64 of a-z A-Z 0-9 . _ - and not start with .",
+            ));
+        }
+        if value.expose().len() > SECRET_VALUE_BYTES_MAX {
+            return Err(invalid(
+                format!("{key}.secrets.{name}"),
+                format!("the value is over {SECRET_VALUE_BYTES_MAX} bytes"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parses `10.0.0.0/24`.
@@ -678,6 +1048,192 @@ path = "/srv/root.squashfs"
         check_error(
             &GOOD.replace("0.0.0.0:69", "0.0.0.0"),
             &["line 18", "invalid socket address"],
+        );
+    }
+
+    /// GOOD plus groups, a host with its own settings, secrets and `[boot]`.
+    fn with_node_settings() -> String {
+        GOOD.replace(
+            "hostname = \"worker-1\"\n",
+            "hostname = \"worker-1\"\n\
+             group = \"gpus\"\n\
+             root_mode = \"ram\"\n\
+             preinit = [\"echo host\"]\n\
+             keep_system_services = [\"nvidia-persistenced\"]\n\
+             secrets = { kubeadm-join = \"host-value\", ca = \"host-ca\" }\n",
+        ) + "\n\
+             [boot]\n\
+             default_group = \"workers\"\n\
+             servers = [\"10.0.0.2:8080\", \"10.0.0.3:8080\"]\n\
+             token_ttl_secs = 60\n\
+             [[group]]\n\
+             name = \"workers\"\n\
+             preinit = [\"echo workers\"]\n\
+             secrets = { kubeadm-join = \"workers-value\" }\n\
+             [[group]]\n\
+             name = \"gpus\"\n\
+             root_mode = \"nbd\"\n\
+             preinit = [\"echo gpus 1\", \"echo gpus 2\"]\n\
+             fstab = [\"server:/home /home nfs defaults 0 0\"]\n\
+             rcfile = [\"modprobe nvidia\"]\n\
+             keep_system_services = [\"ssh\"]\n\
+             secrets = { kubeadm-join = \"gpus-value\", registry = \"gpus-registry\" }\n"
+    }
+
+    #[test]
+    fn node_plans_join_group_then_host_and_host_secrets_win() {
+        let config = parse(&with_node_settings()).unwrap();
+        assert_eq!(config.boot_token_ttl(), Duration::from_secs(60));
+        assert_eq!(config.boot_servers().len(), 2);
+        let plans = config.node_plans().unwrap();
+        let host = plans.entry(&[0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(
+            host.plan,
+            NodePlan {
+                hostname: Some("worker-1".into()),
+                group: Some("gpus".into()),
+                root_mode: RootMode::Ram,
+                nbd_port: Some(10809),
+                preinit: vec![
+                    "echo gpus 1".into(),
+                    "echo gpus 2".into(),
+                    "echo host".into()
+                ],
+                fstab: vec!["server:/home /home nfs defaults 0 0".into()],
+                rcfile: vec!["modprobe nvidia".into()],
+                keep_system_services: vec!["ssh".into(), "nvidia-persistenced".into()],
+            }
+        );
+        let secret_values: Vec<(&str, &str)> = host
+            .secrets
+            .secrets
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.expose()))
+            .collect();
+        assert_eq!(
+            secret_values,
+            [
+                ("ca", "host-ca"),
+                ("kubeadm-join", "host-value"),
+                ("registry", "gpus-registry")
+            ]
+        );
+        let unknown = plans.entry(&[2, 0, 0, 0, 0, 9]);
+        assert_eq!(unknown.plan.group.as_deref(), Some("workers"));
+        assert_eq!(unknown.plan.hostname, None);
+        assert_eq!(unknown.plan.preinit, ["echo workers"]);
+        assert_eq!(
+            unknown.secrets.secrets["kubeadm-join"].expose(),
+            "workers-value"
+        );
+        // Without [boot], the defaults.
+        let plain = parse(GOOD).unwrap();
+        assert_eq!(
+            plain.boot_token_ttl(),
+            Duration::from_secs(BOOT_TOKEN_TTL_SECS_DEFAULT)
+        );
+        assert_eq!(
+            plain.node_plans().unwrap().plan(&[2, 0, 0, 0, 0, 9]).group,
+            None
+        );
+    }
+
+    #[test]
+    fn node_settings_are_checked_with_their_key_paths() {
+        let good = with_node_settings();
+        check_error(
+            &good.replace("\"echo gpus 2\"", "\"echo gpus\\nreboot\""),
+            &["group[1].preinit[1]", "one line"],
+        );
+        check_error(
+            &good.replace("\"echo host\"", "\"echo \\u0000\""),
+            &["dhcp.host[0].preinit[0]", "NUL"],
+        );
+        check_error(
+            &good.replace("[\"nvidia-persistenced\"]", "[\"nvidia persistenced\"]"),
+            &["dhcp.host[0].keep_system_services[0]", "unit name"],
+        );
+        check_error(
+            &good.replace("ca = \"host-ca\"", "\"../ca\" = \"host-ca\""),
+            &["dhcp.host[0].secrets.\"../ca\"", "secret names"],
+        );
+        check_error(
+            &good.replace("root_mode = \"ram\"", "root_mode = \"disk\""),
+            &["unknown variant `disk`", "ram", "nbd"],
+        );
+        check_error(
+            &good.replace("token_ttl_secs = 60", "token_ttl_secs = 0"),
+            &["boot.token_ttl_secs", "1 to 3600"],
+        );
+        check_error(
+            &good.replace("token_ttl_secs = 60", "token_ttl_secs = 3601"),
+            &["boot.token_ttl_secs"],
+        );
+        check_error(
+            &good.replace("\"10.0.0.3:8080\"", "\"0.0.0.0:8080\""),
+            &["boot.servers[1]", "reach"],
+        );
+        check_error(
+            &good.replace("\"10.0.0.3:8080\"", "\"10.0.0.3\""),
+            &["invalid socket address"],
+        );
+        check_error(
+            &good.replace("hostname = \"worker-1\"", "hostname = \"worker 1\""),
+            &["dhcp.host[0].hostname"],
+        );
+        // GOOD ends with [nbd]; the node settings follow it from [boot] on.
+        let without_nbd =
+            good[..good.find("[nbd]").unwrap()].to_owned() + &good[good.find("[boot]").unwrap()..];
+        check_error(&without_nbd, &["group[1].root_mode", "[nbd]"]);
+        let many: Vec<String> = (0..60).map(|index| format!("\"echo {index}\"")).collect();
+        let crowded = good
+            .replace("\"echo gpus 1\", \"echo gpus 2\"", &many.join(", "))
+            .replace("\"echo host\"", &many.join(", "));
+        check_error(
+            &crowded,
+            &["dhcp.host[0].preinit", "group \"gpus\"", "over 99"],
+        );
+        let too_many: Vec<String> = (0..100).map(|index| format!("\"echo {index}\"")).collect();
+        check_error(
+            &good.replace("\"echo workers\"", &too_many.join(", ")),
+            &["group[0].preinit", "at most 99"],
+        );
+    }
+
+    #[test]
+    fn syntax_errors_do_not_quote_lines_that_may_hold_secrets() {
+        let inline = with_node_settings().replace("\"host-ca\"", "\"host-ca");
+        check_error(&inline, &["line 20", "not shown"]);
+        assert!(!parse(&inline).unwrap_err().to_string().contains("host-ca"));
+        let table = format!(
+            "{}\n[group.secrets]\nregistry = \"in-a-table\" junk\n",
+            with_node_settings().replace(
+                "secrets = { kubeadm-join = \"gpus-value\", registry = \"gpus-registry\" }\n",
+                ""
+            )
+        );
+        let message = parse(&table).unwrap_err().to_string();
+        assert!(message.contains("not shown"), "{message}");
+        assert!(!message.contains("in-a-table"), "{message}");
+        // Other lines are still quoted, caret and all.
+        check_error(
+            &GOOD.replace("\"10.0.0.1\"]", "\"10.0.0.300\"]"),
+            &["line 10", "10.0.0.300", "^"],
+        );
+    }
+
+    #[test]
+    fn errors_never_carry_secret_values() {
+        let oversized = "s".repeat(SECRET_VALUE_BYTES_MAX + 1);
+        let text = with_node_settings().replace("gpus-registry", &oversized);
+        let message = parse(&text).unwrap_err().to_string();
+        assert!(message.contains("group[1].secrets.registry"), "{message}");
+        assert!(!message.contains("sss"), "{message}");
+        let config = parse(&with_node_settings()).unwrap();
+        let debug = format!("{config:?}");
+        assert!(
+            !debug.contains("gpus-value") && !debug.contains("host-ca"),
+            "{debug}"
         );
     }
 }

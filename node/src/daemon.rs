@@ -70,6 +70,8 @@ pub async fn serve(
         .map_err(|error| ServeError::Task(format!("image store: {error}")))?,
     ));
     let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
+    // Every node's plan and secrets: served over HTTP, and (without secrets) as lts.conf.
+    let node_plans = config.node_plans()?;
 
     if let Some(dhcp_config) = config.dhcp_config()? {
         let Some(section) = config.dhcp.clone() else {
@@ -122,7 +124,8 @@ pub async fn serve(
             DirectorySource::new(&tftp.root)
                 .map_err(io_error(format!("tftp root {}", tftp.root.display())))?,
             Some(images.clone()),
-        );
+        )
+        .with_lts_conf(node_plans.lts_conf());
         let tftp_config = TftpConfig {
             blksize_max: tftp.blksize_max,
             windowsize_max: tftp.windowsize_max,
@@ -149,31 +152,20 @@ pub async fn serve(
             .map_err(io_error(format!("http on {}", http.listen)))?;
         let mut scripts = crate::http_service::BootScripts {
             images: Some(images.clone()),
+            plans: node_plans.clone(),
+            servers: config.boot_servers(),
+            token_time_to_live: config.boot_token_ttl(),
             ..Default::default()
         };
         if let Some(boot) = &config.boot {
             scripts.kernel = boot.kernel.clone();
             scripts.initrd = boot.initrd.clone();
             scripts.cmdline = boot.cmdline.clone();
-            scripts.default_group = boot.default_group.clone();
         }
         for group in &config.groups {
             scripts
                 .group_cmdlines
                 .insert(group.name.clone(), group.cmdline.clone());
-        }
-        if let Some(dhcp) = &config.dhcp {
-            for host in &dhcp.hosts {
-                let Ok(mac) = crate::config::parse_mac(&host.mac) else {
-                    continue; // validated at load
-                };
-                if let Some(hostname) = &host.hostname {
-                    scripts.hostnames.insert(mac, hostname.clone());
-                }
-                if let Some(group) = &host.group {
-                    scripts.groups.insert(mac, group.clone());
-                }
-            }
         }
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {

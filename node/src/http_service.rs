@@ -1,17 +1,23 @@
 //! HTTP boot: iPXE, kernels, initrds, scripts and images from a directory, with Range requests
 //! (tower-http's ServeDir), behind a guard that keeps every path inside the root, and a bound on
-//! requests in flight that answers 503 instead of queueing without limit.
+//! requests in flight that answers 503 instead of queueing without limit. Agents get their node
+//! plan (`/nodes/<mac>/plan`) and, once per boot token, their secrets (`/nodes/<mac>/secrets`).
+//!
+//! Boot tokens and secret values never reach the log: no handler logs a query string, a
+//! command line, a script or a response body.
+
+pub mod boot_tokens;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use boot_services::ipxe::{BootPlan, render_script};
@@ -20,8 +26,12 @@ use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::services::ServeDir;
 
+use crate::config::{BOOT_TOKEN_TTL_SECS_DEFAULT, parse_mac};
 use crate::files::DirectorySource;
 use crate::image_source::{ImageLibrary, image_path};
+use crate::plan::NodePlans;
+use crate::seams::{monotonic_now, os_random_bytes};
+use boot_tokens::{BootToken, BootTokens, TokenRefusal};
 
 /// How long a request may take before it is cut off; a stalled client must not hold a slot.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
@@ -31,13 +41,14 @@ const PREVERIFY_BYTES_MAX: u64 = 128 * 1024 * 1024;
 /// Bytes per body frame when streaming an image part.
 const STREAM_FRAME_BYTES: usize = 256 * 1024;
 
-/// What `/boot/<mac>.ipxe` answers: the boot plan with URLs relative to the address the node
-/// reached us on, and each known host's hostname.
+/// What `/boot/<mac>.ipxe` and `/nodes/<mac>/...` answer: the boot plan with URLs relative to
+/// the address the node reached us on, and each node's plan and secrets.
 ///
 /// A node boots its group's promoted image when the store has one (kernel and initrd from the
-/// image, `bootmesh.image=<manifest hash>` on the command line); otherwise the static
-/// `kernel`/`initrd` below.
-#[derive(Debug, Clone, Default)]
+/// image, `bootmesh.image=<manifest hash>` on the command line, with the agent's `bootmesh.mac`,
+/// `bootmesh.servers` and a fresh `bootmesh.token`); otherwise the static `kernel`/`initrd`
+/// below.
+#[derive(Debug, Clone)]
 pub struct BootScripts {
     /// Kernel path under the HTTP root.
     pub kernel: Option<String>,
@@ -45,16 +56,31 @@ pub struct BootScripts {
     pub initrd: Option<String>,
     /// Kernel command line.
     pub cmdline: String,
-    /// Hostnames by MAC.
-    pub hostnames: BTreeMap<[u8; 6], String>,
-    /// Groups by MAC.
-    pub groups: BTreeMap<[u8; 6], String>,
-    /// The group of nodes not listed in `groups`.
-    pub default_group: Option<String>,
+    /// Every node's plan (hostname and group included) and secrets.
+    pub plans: NodePlans,
     /// Extra command line per group.
     pub group_cmdlines: BTreeMap<String, String>,
     /// The image store.
     pub images: Option<ImageLibrary>,
+    /// HTTP addresses of the other boot servers, named after our own in `bootmesh.servers`.
+    pub servers: Vec<SocketAddr>,
+    /// How long a boot token stays redeemable.
+    pub token_time_to_live: Duration,
+}
+
+impl Default for BootScripts {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+            plans: NodePlans::default(),
+            group_cmdlines: BTreeMap::new(),
+            images: None,
+            servers: Vec::new(),
+            token_time_to_live: Duration::from_secs(BOOT_TOKEN_TTL_SECS_DEFAULT),
+        }
+    }
 }
 
 /// Kernel URL, initrd URL and command line for one node.
@@ -62,13 +88,15 @@ struct PlannedFiles {
     kernel: String,
     initrd: Option<String>,
     cmdline: String,
+    /// Whether these are a group's image, which the agent boots (and so needs its identity).
+    from_group_image: bool,
 }
 
 impl BootScripts {
     /// What `mac` boots: its group's image, else the static files; `Err` is a message for a
     /// 5xx (a group whose image cannot be read must not silently boot something else).
     fn plan_files(&self, mac: &[u8; 6]) -> Result<Option<PlannedFiles>, String> {
-        let group = self.groups.get(mac).or(self.default_group.as_ref());
+        let group = self.plans.plan(mac).group.as_ref();
         if let (Some(group), Some(images)) = (group, &self.images) {
             match images.group_image(group) {
                 Ok(Some((reference, hash, manifest))) => {
@@ -90,6 +118,7 @@ impl BootScripts {
                             .as_ref()
                             .map(|_| format!("images/{hash}/initrd")),
                         cmdline: cmdline.join(" "),
+                        from_group_image: true,
                     }));
                 }
                 Ok(None) => {}
@@ -100,7 +129,22 @@ impl BootScripts {
             kernel: kernel.clone(),
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
+            from_group_image: false,
         }))
+    }
+}
+
+/// What the boot-script and node-document handlers share.
+#[derive(Debug)]
+struct BootState {
+    scripts: BootScripts,
+    tokens: Mutex<BootTokens>,
+}
+
+impl BootState {
+    fn tokens(&self) -> std::sync::MutexGuard<'_, BootTokens> {
+        // The table stays consistent between calls, so a panic elsewhere leaves it usable.
+        self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -111,16 +155,31 @@ pub fn router(
     scripts: BootScripts,
     requests_in_flight_max: usize,
 ) -> Router {
+    let state = Arc::new(BootState {
+        tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
+        scripts,
+    });
+    router_with_state(source, state, requests_in_flight_max)
+}
+
+fn router_with_state(
+    source: DirectorySource,
+    state: Arc<BootState>,
+    requests_in_flight_max: usize,
+) -> Router {
     let serve_dir = ServeDir::new(source.root_path());
-    let images = scripts.images.clone();
+    let images = state.scripts.images.clone();
+    // The last layer added sees a request first: node documents never reach the file
+    // handlers, whose logs name the path.
     Router::new()
         .fallback_service(serve_dir)
         .layer(middleware::from_fn_with_state(source, confine_to_root))
         .layer(middleware::from_fn_with_state(images, serve_from_store))
         .layer(middleware::from_fn_with_state(
-            Arc::new(scripts),
+            Arc::clone(&state),
             serve_boot_script,
         ))
+        .layer(middleware::from_fn_with_state(state, serve_node_documents))
         .layer(
             ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(
@@ -139,7 +198,7 @@ fn boot_script_mac(path: &str) -> Option<[u8; 6]> {
 }
 
 async fn serve_boot_script(
-    State(scripts): State<Arc<BootScripts>>,
+    State(state): State<Arc<BootState>>,
     request: Request,
     next: Next,
 ) -> Response {
@@ -148,10 +207,11 @@ async fn serve_boot_script(
     };
     let span = tracing::info_span!("boot_script", mac = %boot_services::dhcp::format_mac(&mac));
     let _entered = span.enter();
+    let scripts = &state.scripts;
     // URLs name the address the node used to reach us, so they work on every segment.
     let Some(host) = request
         .headers()
-        .get(axum::http::header::HOST)
+        .get(header::HOST)
         .and_then(|host| host.to_str().ok())
     else {
         return (StatusCode::BAD_REQUEST, "missing Host header\n").into_response();
@@ -168,27 +228,226 @@ async fn serve_boot_script(
             return (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response();
         }
     };
-    let plan = BootPlan {
+    let mut plan = BootPlan {
         kernel_urls: vec![url(&files.kernel)],
         initrd_urls: files.initrd.iter().map(|initrd| url(initrd)).collect(),
         cmdline: files.cmdline,
-        hostname: scripts.hostnames.get(&mac).cloned(),
+        hostname: scripts.plans.plan(&mac).hostname.clone(),
     };
-    match render_script(&plan) {
-        Ok(script) => {
-            tracing::info!("boot script served");
-            (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    "text/plain; charset=utf-8",
-                )],
-                script,
-            )
-                .into_response()
-        }
+    if !files.from_group_image {
+        return match render_script(&plan) {
+            Ok(script) => {
+                tracing::info!("boot script served");
+                script_response(script)
+            }
+            Err(error) => script_refused(&error),
+        };
+    }
+    // The agent's identity for this boot: the NIC that booted, the servers to ask, and the
+    // token that buys its secrets once.
+    push_argument(
+        &mut plan.cmdline,
+        &format!("bootmesh.mac={}", colon_mac(&mac)),
+    );
+    let servers = boot_servers(host, &scripts.servers);
+    if !servers.is_empty() {
+        let list: Vec<String> = servers.iter().map(SocketAddr::to_string).collect();
+        push_argument(
+            &mut plan.cmdline,
+            &format!("bootmesh.servers={}", list.join(",")),
+        );
+    }
+    // Rendered once before the token is added: a refusal quotes the command line, and it
+    // must not quote a token.
+    if let Err(error) = render_script(&plan) {
+        return script_refused(&error);
+    }
+    let token = match os_random_bytes() {
+        Ok(bytes) => BootToken::from_bytes(bytes),
         Err(error) => {
-            tracing::warn!(%error, "boot script refused");
-            (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
+            tracing::error!(%error, "no randomness from the OS for a boot token");
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no randomness for a boot token\n",
+            )
+                .into_response();
+        }
+    };
+    push_argument(
+        &mut plan.cmdline,
+        &format!("bootmesh.token={}", token.to_hex()),
+    );
+    let Ok(script) = render_script(&plan) else {
+        // A hex token cannot make a script unsafe that rendered without it; the error is not
+        // logged because it would quote the token.
+        tracing::error!("boot script refused once its token was added");
+        return (StatusCode::INTERNAL_SERVER_ERROR, "boot script refused\n").into_response();
+    };
+    state.tokens().issue(monotonic_now(), mac, token);
+    tracing::info!("boot script served with a fresh boot token");
+    script_response(script)
+}
+
+fn script_response(script: String) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        script,
+    )
+        .into_response()
+}
+
+fn script_refused(error: &boot_services::ipxe::ScriptError) -> Response {
+    tracing::warn!(%error, "boot script refused");
+    (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response()
+}
+
+/// Appends one `key=value` argument to a kernel command line.
+fn push_argument(cmdline: &mut String, argument: &str) {
+    if !cmdline.is_empty() {
+        cmdline.push(' ');
+    }
+    cmdline.push_str(argument);
+}
+
+/// `52:54:00:12:34:56`: the form the agent and `parse_mac` read.
+fn colon_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// `bootmesh.servers`: the address the node reached us on, then the other servers, each once.
+/// IP literals only, because the agent has no resolver: a Host header naming us by DNS name
+/// leaves only the configured servers.
+fn boot_servers(host: &str, others: &[SocketAddr]) -> Vec<SocketAddr> {
+    let mut servers: Vec<SocketAddr> = host_address(host).into_iter().collect();
+    for server in others {
+        if !servers.contains(server) {
+            servers.push(*server);
+        }
+    }
+    servers
+}
+
+/// The address in a Host header: `ip:port`, `[v6]:port`, or an IP alone (port 80).
+fn host_address(host: &str) -> Option<SocketAddr> {
+    if let Ok(address) = host.parse::<SocketAddr>() {
+        return Some(address);
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|rest| rest.strip_suffix(']'))
+        .unwrap_or(host);
+    bare.parse::<IpAddr>()
+        .ok()
+        .map(|address| SocketAddr::new(address, 80))
+}
+
+/// The documents under `/nodes/<mac>/`.
+#[derive(Debug, Clone, Copy)]
+enum NodeDocument {
+    Plan,
+    Secrets,
+}
+
+/// `GET /nodes/<mac>/plan` and `GET /nodes/<mac>/secrets?token=<hex>`; every other path
+/// passes on. The MAC may take any form `parse_mac` reads.
+async fn serve_node_documents(
+    State(state): State<Arc<BootState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(rest) = request.uri().path().strip_prefix("/nodes/") else {
+        return next.run(request).await;
+    };
+    let not_found = || (StatusCode::NOT_FOUND, "not found\n").into_response();
+    // Decoded, so that `52%3A54%3A...` names the same node as `52:54:...`.
+    let Some(decoded) = percent_decode(rest) else {
+        return not_found();
+    };
+    let Some((mac_text, document)) = decoded.split_once('/') else {
+        return not_found();
+    };
+    let Ok(mac) = parse_mac(mac_text) else {
+        return not_found();
+    };
+    let document = match document {
+        "plan" => NodeDocument::Plan,
+        "secrets" => NodeDocument::Secrets,
+        _ => return not_found(),
+    };
+    // The span names the node and the document, never the query (which holds the token).
+    let span = tracing::info_span!(
+        "node_document",
+        mac = %boot_services::dhcp::format_mac(&mac),
+        ?document
+    );
+    let _entered = span.enter();
+    // Not even HEAD: a HEAD of the secrets would spend the token and deliver nothing.
+    if request.method() != Method::GET {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            [(header::ALLOW, "GET")],
+            "only GET\n",
+        )
+            .into_response();
+    }
+    match document {
+        NodeDocument::Plan => {
+            let plan = state.scripts.plans.plan(&mac);
+            tracing::info!(
+                group = plan.group.as_deref().unwrap_or("-"),
+                "node plan served"
+            );
+            json_response(plan)
+        }
+        NodeDocument::Secrets => {
+            let Some(presented) = request.uri().query().and_then(token_parameter) else {
+                tracing::info!("secrets refused: no token given");
+                return (StatusCode::FORBIDDEN, "no boot token given\n").into_response();
+            };
+            // A token that does not even parse is as wrong as one that does not match.
+            let redeemed = match BootToken::parse_hex(presented) {
+                Some(token) => state.tokens().redeem(monotonic_now(), &mac, &token),
+                None => Err(TokenRefusal::Mismatch),
+            };
+            if let Err(refusal) = redeemed {
+                tracing::info!(%refusal, "secrets refused");
+                return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
+            }
+            let secrets = state.scripts.plans.secrets(&mac);
+            tracing::info!(
+                secrets = secrets.secrets.len(),
+                "secrets served; boot token spent"
+            );
+            json_response(secrets)
+        }
+    }
+}
+
+/// The value of `token=` in a query string.
+fn token_parameter(query: &str) -> Option<&str> {
+    query
+        .split('&')
+        .find_map(|parameter| parameter.strip_prefix("token="))
+}
+
+/// `value` as JSON, never cached: plans change with the configuration, secrets are for one
+/// reader.
+fn json_response(value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            body,
+        )
+            .into_response(),
+        Err(error) => {
+            tracing::error!(%error, "json encoding failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n").into_response()
         }
     }
 }
@@ -404,4 +663,156 @@ pub async fn run_http(
     axum::serve(listener, router(source, scripts, requests_in_flight_max))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{NodeEntry, NodePlan, NodeSecrets, Secret};
+    use tower::ServiceExt as _;
+
+    const KNOWN_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
+    const TOKEN: [u8; 16] = [0x5a; 16];
+
+    fn state() -> Arc<BootState> {
+        let known = NodeEntry {
+            plan: NodePlan {
+                hostname: Some("worker-1".into()),
+                group: Some("gpus".into()),
+                ..NodePlan::default()
+            },
+            secrets: NodeSecrets {
+                secrets: BTreeMap::from([("join".into(), Secret::new("s3cret"))]),
+            },
+        };
+        let default = NodeEntry {
+            plan: NodePlan {
+                group: Some("workers".into()),
+                ..NodePlan::default()
+            },
+            secrets: NodeSecrets::default(),
+        };
+        let scripts = BootScripts {
+            plans: NodePlans::new(default, BTreeMap::from([(KNOWN_MAC, known)])),
+            ..BootScripts::default()
+        };
+        Arc::new(BootState {
+            tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
+            scripts,
+        })
+    }
+
+    /// Sends one request; returns the status and the body.
+    async fn send(state: &Arc<BootState>, method: Method, uri: &str) -> (StatusCode, String) {
+        let root = tempfile::tempdir().unwrap();
+        let source = DirectorySource::new(root.path()).unwrap();
+        let request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Body::empty())
+            .unwrap();
+        let response = router_with_state(source, Arc::clone(state), 4)
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn plans_are_served_for_known_and_unknown_macs_in_any_mac_form() {
+        let state = state();
+        for uri in [
+            "/nodes/52:54:00:00:00:01/plan",
+            "/nodes/52-54-00-00-00-01/plan",
+            "/nodes/52%3A54%3A00%3A00%3A00%3A01/plan",
+        ] {
+            let (status, body) = send(&state, Method::GET, uri).await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            let plan: NodePlan = serde_json::from_str(&body).unwrap();
+            assert_eq!(plan.hostname.as_deref(), Some("worker-1"), "{uri}");
+        }
+        let (status, body) = send(&state, Method::GET, "/nodes/02:00:00:00:00:09/plan").await;
+        assert_eq!(status, StatusCode::OK);
+        let plan: NodePlan = serde_json::from_str(&body).unwrap();
+        assert_eq!(plan.group.as_deref(), Some("workers"));
+        for uri in [
+            "/nodes/52:54:00:00:01/plan",
+            "/nodes/52:54:00:00:00:01/other",
+        ] {
+            assert_eq!(
+                send(&state, Method::GET, uri).await.0,
+                StatusCode::NOT_FOUND
+            );
+        }
+        let (status, _) = send(&state, Method::POST, "/nodes/52:54:00:00:00:01/plan").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn secrets_are_served_once_per_token() {
+        let state = state();
+        let token = BootToken::from_bytes(TOKEN).to_hex();
+        state
+            .tokens()
+            .issue(monotonic_now(), KNOWN_MAC, BootToken::from_bytes(TOKEN));
+        let secrets_uri = |token: &str| format!("/nodes/52:54:00:00:00:01/secrets?token={token}");
+        let (status, body) = send(&state, Method::GET, "/nodes/52:54:00:00:00:01/secrets").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::FORBIDDEN, "no boot token given\n")
+        );
+        let wrong = BootToken::from_bytes([0x5b; 16]).to_hex();
+        for presented in [wrong.as_str(), "nothex", ""] {
+            let (status, body) = send(&state, Method::GET, &secrets_uri(presented)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{presented:?}");
+            assert_eq!(body, "boot token does not match\n");
+        }
+        let (status, _) = send(&state, Method::HEAD, &secrets_uri(&token)).await;
+        assert_eq!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "HEAD must not spend it"
+        );
+        let (status, body) = send(&state, Method::GET, &secrets_uri(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let secrets: NodeSecrets = serde_json::from_str(&body).unwrap();
+        assert_eq!(secrets.secrets["join"].expose(), "s3cret");
+        let (status, body) = send(&state, Method::GET, &secrets_uri(&token)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert_eq!(body, "no current boot token for this node\n");
+    }
+
+    #[test]
+    fn servers_start_with_the_host_header_address_and_name_each_once() {
+        let others: Vec<SocketAddr> = vec![
+            "10.0.0.1:8080".parse().unwrap(),
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:8080".parse().unwrap(),
+        ];
+        let check = |host: &str, expected: &[&str]| {
+            let servers: Vec<String> = boot_servers(host, &others)
+                .iter()
+                .map(SocketAddr::to_string)
+                .collect();
+            assert_eq!(servers, expected, "Host: {host}");
+        };
+        check("10.0.0.2:8080", &["10.0.0.2:8080", "10.0.0.1:8080"]);
+        check(
+            "10.0.0.3",
+            &["10.0.0.3:80", "10.0.0.1:8080", "10.0.0.2:8080"],
+        );
+        check(
+            "[fd00::1]:8080",
+            &["[fd00::1]:8080", "10.0.0.1:8080", "10.0.0.2:8080"],
+        );
+        check(
+            "[fd00::1]",
+            &["[fd00::1]:80", "10.0.0.1:8080", "10.0.0.2:8080"],
+        );
+        check("boot.example:8080", &["10.0.0.1:8080", "10.0.0.2:8080"]);
+    }
 }

@@ -43,6 +43,15 @@ pub(crate) enum ImageCommand {
         #[arg(long, default_value_t = node::image::squashfs::COMPRESSION_LEVEL_DEFAULT,
               value_parser = clap::value_parser!(u8).range(1..=22))]
         compression_level: u8,
+        /// The static bootmesh agent: the image's initrd becomes the bootmesh initramfs (this
+        /// agent as /init plus the image's own modules for NIC, NBD, loop, squashfs, overlay,
+        /// dm-verity). Default: `bootmesh-agent` beside this binary, if there is one. `--initrd`
+        /// wins over it.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// A kernel module to add to the bootmesh initramfs (a NIC driver, say); repeatable.
+        #[arg(long = "module")]
+        modules: Vec<String>,
     },
     /// List tagged images.
     List,
@@ -165,7 +174,15 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
             created,
             fragments,
             compression_level,
+            agent,
+            modules,
         } => {
+            let agent = agent.or_else(|| {
+                let beside = std::env::current_exe()
+                    .ok()?
+                    .with_file_name("bootmesh-agent");
+                beside.is_file().then_some(beside)
+            });
             let options = ImportOptions {
                 reference: ImageReference::parse(&reference)?,
                 source: if from == "-" {
@@ -182,6 +199,8 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
                     compression_level,
                 },
                 chunking: ChunkingParameters::DEFAULT,
+                agent,
+                extra_modules: modules,
             };
             let started = now();
             let bars = Bars {

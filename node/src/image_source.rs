@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use boot_services::source::{BlockSource, FileSource, ReadAt, SourceError};
+use boot_services::source::{BlockSource, FileSource, MemoryFile, ReadAt, SourceError};
 use transfer::{
     ChunkStore, ContentHash, ImageReference, Manifest, PartName, PartReader, StoreError,
 };
@@ -172,27 +172,51 @@ impl BlockSource for ImageLibrary {
     }
 }
 
-/// A directory, plus the images of the store under `images/`.
+/// A directory, plus the images of the store under `images/`, plus a generated `lts.conf`.
 #[derive(Debug, Clone)]
 pub struct FilesAndImages<S> {
     files: S,
     images: Option<ImageLibrary>,
+    lts_conf: Option<MemoryFile>,
 }
 
 impl<S> FilesAndImages<S> {
     /// Serves `files`, and `images` under `images/`.
     pub fn new(files: S, images: Option<ImageLibrary>) -> Self {
-        Self { files, images }
+        Self {
+            files,
+            images,
+            lts_conf: None,
+        }
+    }
+
+    /// Also serves `text` (`NodePlans::lts_conf`) where LTSP 5 clients look for their
+    /// lts.conf: `ltsp/<arch>/lts.conf` for any one `<arch>`, and `lts.conf` unless the
+    /// directory has a file of that name.
+    pub fn with_lts_conf(mut self, text: String) -> Self {
+        self.lts_conf = Some(MemoryFile::new(text.into_bytes()));
+        self
     }
 }
 
-/// A file from either place.
+/// Whether `path` (normalised) is `ltsp/<one component>/lts.conf`.
+fn is_ltsp_lts_conf_path(path: &str) -> bool {
+    let mut components = path.split('/');
+    matches!(
+        (components.next(), components.next(), components.next(), components.next()),
+        (Some("ltsp"), Some(arch), Some("lts.conf"), None) if !arch.is_empty()
+    )
+}
+
+/// A file from either place, or generated.
 #[derive(Debug, Clone)]
 pub enum FileOrImage<F> {
     /// From the directory.
     File(F),
     /// From the image store.
     Image(StoreFile),
+    /// Generated from the configuration (lts.conf).
+    Generated(MemoryFile),
 }
 
 impl<F: ReadAt> ReadAt for FileOrImage<F> {
@@ -200,12 +224,14 @@ impl<F: ReadAt> ReadAt for FileOrImage<F> {
         match self {
             Self::File(file) => file.size_bytes(),
             Self::Image(image) => image.size_bytes(),
+            Self::Generated(generated) => generated.size_bytes(),
         }
     }
     fn read_at(&self, offset: u64, buffer: &mut [u8]) -> Result<usize, SourceError> {
         match self {
             Self::File(file) => file.read_at(offset, buffer),
             Self::Image(image) => image.read_at(offset, buffer),
+            Self::Generated(generated) => generated.read_at(offset, buffer),
         }
     }
 }
@@ -216,6 +242,18 @@ impl<S: FileSource> FileSource for FilesAndImages<S> {
     fn open(&self, path: &str) -> Result<Self::File, SourceError> {
         if let (Some(images), Some((name, part))) = (&self.images, image_path(path)) {
             return images.open_part(name, part).map(FileOrImage::Image);
+        }
+        if let Some(lts_conf) = &self.lts_conf {
+            if is_ltsp_lts_conf_path(path) {
+                return Ok(FileOrImage::Generated(lts_conf.clone()));
+            }
+            // An lts.conf the operator put in the root wins over the generated one.
+            if path == "lts.conf" {
+                return match self.files.open(path) {
+                    Err(SourceError::NotFound) => Ok(FileOrImage::Generated(lts_conf.clone())),
+                    other => other.map(FileOrImage::File),
+                };
+            }
         }
         self.files.open(path).map(FileOrImage::File)
     }
@@ -260,5 +298,50 @@ impl<B: BlockSource> BlockSource for ExportsAndImages<B> {
         self.exports
             .export_description(name)
             .or_else(|| self.images.as_ref()?.export_description(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::DirectorySource;
+
+    fn read_all(file: &impl ReadAt) -> Vec<u8> {
+        let mut buffer = vec![0u8; usize::try_from(file.size_bytes()).unwrap()];
+        assert_eq!(file.read_at(0, &mut buffer), Ok(buffer.len()));
+        buffer
+    }
+
+    #[test]
+    fn lts_conf_is_generated_where_ltsp_looks_and_a_real_root_file_wins() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("undionly.kpxe"), b"ipxe").unwrap();
+        let files = DirectorySource::new(root.path()).unwrap();
+        let source = FilesAndImages::new(files, None).with_lts_conf("[default]\n".into());
+        for path in ["ltsp/i386/lts.conf", "ltsp/amd64/lts.conf", "lts.conf"] {
+            assert_eq!(
+                read_all(&source.open(path).unwrap()),
+                b"[default]\n",
+                "{path}"
+            );
+        }
+        for path in ["ltsp/lts.conf", "ltsp/a/b/lts.conf", "other/i386/lts.conf"] {
+            assert_eq!(
+                source.open(path).err(),
+                Some(SourceError::NotFound),
+                "{path}"
+            );
+        }
+        assert_eq!(read_all(&source.open("undionly.kpxe").unwrap()), b"ipxe");
+        std::fs::write(root.path().join("lts.conf"), b"# the operator's own\n").unwrap();
+        assert_eq!(
+            read_all(&source.open("lts.conf").unwrap()),
+            b"# the operator's own\n"
+        );
+        let without = FilesAndImages::new(DirectorySource::new(root.path()).unwrap(), None);
+        assert_eq!(
+            without.open("ltsp/i386/lts.conf").err(),
+            Some(SourceError::NotFound)
+        );
     }
 }

@@ -5,6 +5,7 @@
 //! The wiring (`dhcp_service`, `tftp_service`, ...) is generic over the seams in [`seams`] and
 //! [`journal`], so the simulator in `sim` runs it unchanged with simulated ones.
 
+pub mod agent;
 pub mod config;
 pub mod daemon;
 pub mod dhcp_service;
@@ -13,9 +14,11 @@ pub mod http_service;
 pub mod image;
 pub mod image_source;
 pub mod initramfs;
+pub mod initramfs_builder;
 pub mod journal;
 pub mod modules;
 pub mod nbd_service;
 pub mod net;
+pub mod plan;
 pub mod seams;
 pub mod tftp_service;

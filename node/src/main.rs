@@ -50,11 +50,62 @@ enum Command {
         #[command(subcommand)]
         command: image_cli::ImageCommand,
     },
+    /// Build the bootmesh initramfs (what `image import --agent` puts in an image).
+    Initramfs {
+        #[command(subcommand)]
+        command: InitramfsCommand,
+    },
+    /// The node agent: `/init` of the bootmesh initramfs (it starts by itself as PID 1).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
         #[arg(long)]
         state_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InitramfsCommand {
+    /// Writes a gzip-compressed newc archive: the static agent as /init and the kernel modules
+    /// (with their dependencies) from an image's file tree.
+    Build {
+        /// The static bootmesh binary.
+        #[arg(long)]
+        agent: PathBuf,
+        /// The image's root directory (modules come from its `lib/modules/<version>`).
+        #[arg(long)]
+        root: PathBuf,
+        /// Kernel version; needed only when the root has more than one.
+        #[arg(long)]
+        kernel_version: Option<String>,
+        /// A module to add (a NIC driver, say); repeatable.
+        #[arg(long = "module")]
+        modules: Vec<String>,
+        /// Where to write the archive.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Parses a kernel command line as the agent would and prints what it would boot; touches
+    /// nothing (it also proves the static binary runs where no shared library exists).
+    Explain {
+        /// The command line (default: this machine's /proc/cmdline).
+        #[arg(long)]
+        cmdline: Option<String>,
+    },
+    /// Brings up the NIC with `mac` and configures it from DHCP as the agent does at boot, then
+    /// prints the lease (for testing the agent's network path outside a VM; needs root).
+    Network {
+        /// The NIC's MAC address (default: the first Ethernet NIC).
+        #[arg(long)]
+        mac: Option<String>,
     },
 }
 
@@ -73,6 +124,10 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the initramfs's /init the kernel passes its own arguments; PID 1 is the agent, always.
+    if std::process::id() == 1 {
+        node::agent::run_as_init();
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -95,6 +150,41 @@ fn main() -> anyhow::Result<()> {
         Command::Leases { state_dir } => print_leases(&state_dir),
         Command::Image { state_dir, command } => image_cli::run(&state_dir, command),
         Command::Demo => demo::run_demo(),
+        Command::Initramfs {
+            command:
+                InitramfsCommand::Build {
+                    agent,
+                    root,
+                    kernel_version,
+                    modules,
+                    output,
+                },
+        } => build_initramfs(agent, &root, kernel_version, modules, &output),
+        Command::Agent { command } => match command {
+            AgentCommand::Explain { cmdline } => explain_cmdline(cmdline),
+            AgentCommand::Network { mac } => {
+                let mac = mac
+                    .map(|text| node::config::parse_mac(&text))
+                    .transpose()
+                    .map_err(|error| anyhow::anyhow!("--mac: {error}"))?;
+                let interface = node::agent::network::find_interface(mac)?;
+                node::agent::network::bring_up(&interface)?;
+                let lease =
+                    node::agent::network::acquire_lease(&interface, u64::from(std::process::id()))?;
+                let report = format!(
+                    "interface {}\naddress {}/{}\nrouters {:?}\nserver {}\nhostname {}\n",
+                    interface.name,
+                    lease.address,
+                    lease.prefix_length,
+                    lease.routers,
+                    lease.server_identifier,
+                    lease.hostname.as_deref().unwrap_or("-")
+                );
+                use std::io::Write;
+                std::io::stdout().write_all(report.as_bytes())?;
+                Ok(())
+            }
+        },
     }
 }
 
@@ -139,5 +229,90 @@ fn print_leases(state_dir: &std::path::Path) -> anyhow::Result<()> {
     }
     use std::io::Write;
     std::io::stdout().write_all(output.as_bytes())?;
+    Ok(())
+}
+
+fn explain_cmdline(cmdline: Option<String>) -> anyhow::Result<()> {
+    let text = match cmdline {
+        Some(text) => text,
+        None => std::fs::read_to_string("/proc/cmdline").context("read /proc/cmdline")?,
+    };
+    let parsed = node::agent::cmdline::AgentCmdline::parse(&text)?;
+    let mut output = format!("image   {}\n", parsed.image);
+    let servers: Vec<String> = parsed.servers.iter().map(ToString::to_string).collect();
+    output.push_str(&format!("servers {}\n", servers.join(" ")));
+    if let Some(mac) = parsed.mac {
+        output.push_str(&format!(
+            "mac     {}\n",
+            boot_services::dhcp::format_mac(&mac)
+        ));
+    }
+    if let Some(group) = &parsed.group {
+        output.push_str(&format!("group   {group}\n"));
+    }
+    if let Some(mode) = parsed.root_mode {
+        output.push_str(&format!("root    {}\n", mode.as_str()));
+    }
+    output.push_str(&format!("init    {}\n", parsed.init));
+    output.push_str(&format!(
+        "token   {}\n",
+        if parsed.token.is_some() {
+            "present"
+        } else {
+            "none"
+        }
+    ));
+    use std::io::Write;
+    std::io::stdout().write_all(output.as_bytes())?;
+    Ok(())
+}
+
+fn build_initramfs(
+    agent: PathBuf,
+    root: &std::path::Path,
+    kernel_version: Option<String>,
+    extra_modules: Vec<String>,
+    output: &std::path::Path,
+) -> anyhow::Result<()> {
+    use node::initramfs_builder::{InitramfsSpec, build_initramfs, kernel_versions};
+    let versions = kernel_versions(root);
+    let (version, directory) = match kernel_version {
+        Some(wanted) => versions
+            .into_iter()
+            .find(|(version, _)| *version == wanted)
+            .with_context(|| format!("no modules for kernel {wanted} under {}", root.display()))?,
+        None => match versions.as_slice() {
+            [only] => only.clone(),
+            [] => anyhow::bail!("no kernel modules under {}", root.display()),
+            _ => anyhow::bail!(
+                "{} has modules for several kernels; pick one with --kernel-version",
+                root.display()
+            ),
+        },
+    };
+    let built = build_initramfs(&InitramfsSpec {
+        agent,
+        modules_directory: directory,
+        kernel_version: version.clone(),
+        extra_modules,
+    })?;
+    std::fs::write(output, &built.bytes).with_context(|| format!("write {}", output.display()))?;
+    let mut report = format!(
+        "{}: bootmesh initramfs for kernel {version}, {} bytes\n  modules ({}):\n",
+        output.display(),
+        built.bytes.len(),
+        built.modules.len()
+    );
+    for module in &built.modules {
+        report.push_str(&format!("    {module}\n"));
+    }
+    if !built.modules_absent.is_empty() {
+        report.push_str(&format!(
+            "  NIC drivers this kernel lacks: {}\n",
+            built.modules_absent.join(" ")
+        ));
+    }
+    use std::io::Write;
+    std::io::stdout().write_all(report.as_bytes())?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! The seams through which the service wiring reaches the outside world: wall-clock time, the
-//! DHCP links and (in `journal`) storage. `serve` plugs in the real ones; the simulator plugs in
-//! simulated ones and runs the very same wiring.
+//! DHCP links, OS randomness and (in `journal`) storage. `serve` plugs in the real ones; the
+//! simulator plugs in simulated ones and runs the very same wiring.
 //!
 //! Monotonic time and timers come from `tokio::time`, which the simulator already virtualises,
 //! so they need no seam of their own.
@@ -62,6 +62,14 @@ pub trait DhcpLink: Send + Sync + 'static {
 #[allow(clippy::disallowed_methods)] // The seam for monotonic time.
 pub fn monotonic_now() -> std::time::Instant {
     tokio::time::Instant::now().into_std()
+}
+
+/// Random bytes from the operating system, for credentials (boot tokens). Not a seeded RNG on
+/// purpose: a token must be unpredictable, and no simulated run depends on one.
+pub fn os_random_bytes<const N: usize>() -> Result<[u8; N], getrandom::Error> {
+    let mut bytes = [0u8; N];
+    getrandom::fill(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// A UDP socket (real or simulated).

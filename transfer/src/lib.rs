@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod reader;
 pub mod reference;
 pub mod store;
+pub mod transport;
 pub mod verity;
 
 pub use catalog::{Catalog, CatalogError};
@@ -24,4 +25,5 @@ pub use manifest::{ChunkRef, Manifest, ManifestError, Part, PartName, RootImage}
 pub use reader::PartReader;
 pub use reference::ImageReference;
 pub use store::{ChunkStore, InsertOutcome, StoreError, StoreLock};
+pub use transport::{ChunkTransport, ChunkVerifyError, verify_chunk};
 pub use verity::VerityParameters;

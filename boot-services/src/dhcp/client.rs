@@ -139,6 +139,18 @@ pub struct DhcpClient {
     pending: Option<ClientTransmit>,
 }
 
+/// A BOOTP header with the DHCP magic cookie and no options, built without randomness.
+fn blank_message() -> Message {
+    let mut header = [0u8; 241];
+    header[0] = 1; // BOOTREQUEST
+    header[1] = 1; // Ethernet
+    header[2] = 6;
+    header[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    header[240] = 255; // End option.
+    Message::from_bytes(&header)
+        .unwrap_or_else(|_| unreachable!("the blank DHCP header is well formed"))
+}
+
 impl DhcpClient {
     /// A client that starts selecting at once; `seed` (from the caller's RNG seam) picks the
     /// transaction ids.
@@ -241,14 +253,14 @@ impl DhcpClient {
     }
 
     fn base_message(&self, message_type: MessageType, client_address: Ipv4Addr) -> Message {
-        let mut message = Message::new_with_id(
-            self.xid,
-            client_address,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            &self.config.hardware_address,
-        );
+        // Decoded from a blank header rather than made with dhcproto's constructors: those draw
+        // a random xid from the thread RNG, and getrandom(2) blocks in a freshly booted machine
+        // until the kernel's entropy pool is ready, which under emulation takes minutes. A
+        // sans-IO core must not reach for randomness of its own anyway.
+        let mut message = blank_message();
+        message.set_xid(self.xid);
+        message.set_ciaddr(client_address);
+        message.set_chaddr(&self.config.hardware_address);
         message.set_opcode(Opcode::BootRequest);
         message.set_htype(HType::Eth);
         if client_address.is_unspecified() {

@@ -75,6 +75,9 @@ pub enum ImageError {
     /// A flag combination that cannot work.
     #[error("{0}")]
     Usage(String),
+    /// The bootmesh initramfs could not be built.
+    #[error("bootmesh initramfs: {0}")]
+    Initramfs(#[from] crate::initramfs_builder::InitramfsError),
 }
 
 /// Longest reason kept in a [`ImageError::Malformed`].
@@ -142,6 +145,11 @@ pub struct ImportOptions {
     pub layout: SquashfsLayout,
     /// Chunk sizes.
     pub chunking: ChunkingParameters,
+    /// The static agent: when given (and no `initrd`), the image's initrd is the bootmesh
+    /// initramfs built from it and the image's own kernel modules.
+    pub agent: Option<PathBuf>,
+    /// Kernel modules for the bootmesh initramfs beyond the required and NIC ones.
+    pub extra_modules: Vec<String>,
 }
 
 /// Progress reporting for long imports (the CLI draws bars; tests ignore it).
@@ -516,7 +524,32 @@ pub fn import(
         None => (None, None),
     };
     let kernel_path = options.kernel.clone().or(found_kernel);
-    let initrd_path = options.initrd.clone().or(found_initrd);
+    let initrd_path = match (&options.initrd, &options.agent) {
+        (Some(initrd), _) => Some(initrd.clone()),
+        (None, Some(agent)) => {
+            let Some(tree) = &tree else {
+                return Err(ImageError::Usage(
+                    "--agent needs a source with a file tree (docker, OCI or rootfs), to take \
+                     the kernel modules from; for a squashfs, pass --initrd"
+                        .to_owned(),
+                ));
+            };
+            progress.phase("bootmesh initramfs", None);
+            let built =
+                agent_initramfs(tree, kernel_path.as_deref(), agent, &options.extra_modules)?;
+            let path = staging_path.join("bootmesh-initramfs.cpio.gz");
+            fs::write(&path, &built.bytes).map_err(ImageError::io("write", &path))?;
+            progress.finish();
+            tracing::info!(
+                modules = built.modules.len(),
+                absent = ?built.modules_absent,
+                bytes = built.bytes.len(),
+                "bootmesh initramfs built"
+            );
+            Some(path)
+        }
+        (None, None) => found_initrd,
+    };
 
     // The verity tree, salted with a digest of the squashfs so the same input gives the same
     // tree.
@@ -703,6 +736,44 @@ fn version_key(text: &str) -> Vec<(u64, String)> {
         key.push((0, letters));
     }
     key
+}
+
+/// Builds the bootmesh initramfs for the kernel of `tree`: the version comes from the kernel's
+/// file name (`vmlinuz-VERSION`), else from the only directory under `lib/modules`.
+fn agent_initramfs(
+    tree: &Path,
+    kernel: Option<&Path>,
+    agent: &Path,
+    extra_modules: &[String],
+) -> Result<crate::initramfs_builder::BuiltInitramfs, ImageError> {
+    use crate::initramfs_builder::{InitramfsSpec, build_initramfs, kernel_versions};
+    let versions = kernel_versions(tree);
+    let from_kernel_name = kernel
+        .and_then(|path| path.file_name())
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_prefix("vmlinuz-"));
+    let chosen = match from_kernel_name {
+        Some(version) => versions.iter().find(|(found, _)| found == version),
+        None if versions.len() == 1 => versions.first(),
+        None => None,
+    };
+    let Some((version, directory)) = chosen else {
+        let found: Vec<&str> = versions
+            .iter()
+            .map(|(version, _)| version.as_str())
+            .collect();
+        return Err(ImageError::Usage(format!(
+            "cannot tell which kernel modules to put in the bootmesh initramfs: kernel {:?}, \
+             module directories {found:?}",
+            from_kernel_name.unwrap_or("unnamed"),
+        )));
+    };
+    Ok(build_initramfs(&InitramfsSpec {
+        agent: agent.to_path_buf(),
+        modules_directory: directory.clone(),
+        kernel_version: version.clone(),
+        extra_modules: extra_modules.to_vec(),
+    })?)
 }
 
 /// The newest `boot/vmlinuz-VERSION` of the tree and its `initrd.img-VERSION` (Debian) or

@@ -1,6 +1,8 @@
 //! HTTP boot against curl: whole files byte-identical, Range requests (206 with exactly the
 //! requested bytes), and paths that leave the root (`..`, encoded `..`, symlinks) refused
-//! without ever sending the file behind them.
+//! without ever sending the file behind them. Node plans and secrets: a plan per MAC, secrets
+//! once per boot token (never after, never with a wrong or expired token, never in the log),
+//! and the generated lts.conf over TFTP (tftp-hpa).
 
 use std::process::Output;
 use std::time::Duration;
@@ -241,4 +243,338 @@ fn paths_outside_the_root_are_refused_and_missing_files_not_found() {
         log.contains("http path refused: outside the served root"),
         "the server did not log the refusals:\n{log}"
     );
+}
+
+/// A host with settings of its own (upper-case hex in lts.conf: `52:54:00:79:AB:02`).
+const WORKER_MAC: &str = "52:54:00:79:ab:02";
+/// A MAC no host entry names: it gets the default group's plan.
+const UNKNOWN_MAC: &str = "52:54:00:79:00:99";
+const GROUP_SECRET: &str = "group-join-9f2c41d7e0b3";
+const HOST_SECRET: &str = "host-join-3b8e5a60c1f4";
+const REGISTRY_SECRET: &str = "group-registry-77d1aa0e";
+
+/// A server with groups, a host, secrets and a group image, and a client namespace.
+struct NodeLab {
+    lab: Lab,
+    pair: ServerAndClient,
+}
+
+impl NodeLab {
+    /// Serves with `[boot] token_ttl_secs = token_ttl_secs`; imports and promotes an image for
+    /// group "workers" when `with_image`, so that boot scripts carry boot tokens.
+    fn start(prefix: &str, subnet: &str, token_ttl_secs: u64, with_image: bool) -> Self {
+        let mut lab = Lab::new();
+        let pair = lab.server_and_client(prefix, subnet);
+        let state = lab.path("state");
+        std::fs::create_dir_all(&state).expect("state dir");
+        std::fs::create_dir_all(lab.path("www")).expect("www dir");
+        if with_image {
+            import_and_promote(&lab, "workers");
+        }
+        let config = format!(
+            "state_dir = \"{state}\"\n\
+             [tftp]\nlisten = \"{address}:69\"\nroot = \"{www}\"\n\
+             [http]\nlisten = \"{address}:{PORT}\"\nroot = \"{www}\"\n\
+             [nbd]\nlisten = \"{address}:10809\"\n\
+             [boot]\ndefault_group = \"workers\"\n\
+             servers = [\"{address}:{PORT}\", \"{subnet}.9:{PORT}\"]\n\
+             token_ttl_secs = {token_ttl_secs}\n\
+             [[group]]\nname = \"workers\"\n\
+             preinit = [\"echo workers > /etc/motd\"]\n\
+             keep_system_services = [\"ssh\"]\n\
+             secrets = {{ kubeadm-join = \"{GROUP_SECRET}\", registry = \"{REGISTRY_SECRET}\" }}\n\
+             [dhcp]\ninterfaces = [\"{interface}\"]\n\
+             [[dhcp.subnet]]\ncidr = \"{subnet}.0/24\"\nranges = [\"{subnet}.100-{subnet}.199\"]\n\
+             [[dhcp.host]]\nmac = \"{WORKER_MAC}\"\nhostname = \"worker-2\"\n\
+             root_mode = \"nbd\"\n\
+             preinit = [\"sysctl -w vm.swappiness=0\"]\n\
+             fstab = [\"server:/home /home nfs defaults 0 0\"]\n\
+             secrets = {{ kubeadm-join = \"{HOST_SECRET}\" }}\n",
+            state = state.display(),
+            www = lab.path("www").display(),
+            address = pair.server_address,
+            interface = pair.server_interface,
+        );
+        // Debug logging, so that the secrecy checks below read every line the server can write.
+        lab.serve_with_environment("server", &pair.server, &config, &["BOOTMESH_LOG=debug"]);
+        Self { lab, pair }
+    }
+
+    /// GETs `path`; returns the status and the body.
+    fn get(&self, path: &str) -> (String, String) {
+        let body_path = self.lab.path("body");
+        let _ = std::fs::remove_file(&body_path);
+        let url = format!("http://{}:{PORT}/{path}", self.pair.server_address);
+        let output = self.lab.run(
+            &self.pair.client,
+            CLIENT_LIMIT,
+            "curl",
+            &[
+                "--silent",
+                "--show-error",
+                "--output",
+                &body_path.to_string_lossy(),
+                "--write-out",
+                "%{http_code}",
+                &url,
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "curl {path}: {}",
+            lab::describe(&output)
+        );
+        (
+            status(&output),
+            std::fs::read_to_string(&body_path).unwrap_or_default(),
+        )
+    }
+
+    /// The boot script of `mac` and the boot token on its command line.
+    fn boot_script(&self, mac: &str) -> (String, String) {
+        let (code, script) = self.get(&format!("boot/{}.ipxe", mac.replace(':', "-")));
+        assert_eq!(code, "200", "boot script: {script}");
+        let token = script
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("bootmesh.token="))
+            .unwrap_or_else(|| panic!("no bootmesh.token in {script}"))
+            .to_owned();
+        assert_eq!(token.len(), 32, "128 bits in hex: {token}");
+        assert!(
+            token.bytes().all(|byte| byte.is_ascii_hexdigit()),
+            "{token}"
+        );
+        (script, token)
+    }
+
+    fn secrets(&self, mac: &str, token: &str) -> (String, String) {
+        self.get(&format!("nodes/{mac}/secrets?token={token}"))
+    }
+}
+
+/// Imports a small rootfs with a kernel and an initrd as `node:v1` and promotes it to `group`.
+fn import_and_promote(lab: &Lab, group: &str) {
+    let tree = lab.path("rootfs");
+    std::fs::create_dir_all(tree.join("boot")).expect("boot dir");
+    std::fs::write(
+        tree.join("boot/vmlinuz-6.1.0-1-amd64"),
+        lab::deterministic_bytes(0x6b65, 64 << 10),
+    )
+    .expect("kernel");
+    std::fs::write(
+        tree.join("boot/initrd.img-6.1.0-1-amd64"),
+        lab::deterministic_bytes(0x696e, 32 << 10),
+    )
+    .expect("initrd");
+    let state = lab.path("state").to_string_lossy().into_owned();
+    let from = tree.to_string_lossy().into_owned();
+    for arguments in [
+        vec!["import", "node:v1", "--from", &from, "--created", "1"],
+        vec!["promote", "node:v1", "--group", group],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+            .args(["image", "--state-dir", &state])
+            .args(&arguments)
+            .output()
+            .expect("run bootmesh image");
+        assert!(
+            output.status.success(),
+            "bootmesh image {arguments:?}: {}",
+            lab::describe(&output)
+        );
+    }
+}
+
+fn plan(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|error| panic!("plan {body:?}: {error}"))
+}
+
+#[test]
+fn plans_follow_the_mac_and_secrets_are_served_once_per_token_and_never_logged() {
+    if !lab::enabled() {
+        return;
+    }
+    for program in ["curl", "mksquashfs"] {
+        lab::require_program(program);
+    }
+    let nodes = NodeLab::start("hn", "10.79.1", 300, true);
+
+    // Plans: the host's (any MAC spelling), and the default group's for an unknown MAC.
+    for spelling in [
+        WORKER_MAC.to_owned(),
+        WORKER_MAC.replace(':', "-").to_uppercase(),
+    ] {
+        let (code, body) = nodes.get(&format!("nodes/{spelling}/plan"));
+        assert_eq!(code, "200", "{body}");
+        assert_eq!(
+            plan(&body),
+            serde_json::json!({
+                "hostname": "worker-2",
+                "group": "workers",
+                "root_mode": "nbd",
+                "nbd_port": 10809,
+                "preinit": ["echo workers > /etc/motd", "sysctl -w vm.swappiness=0"],
+                "fstab": ["server:/home /home nfs defaults 0 0"],
+                "rcfile": [],
+                "keep_system_services": ["ssh"],
+            })
+        );
+    }
+    let (code, body) = nodes.get(&format!("nodes/{UNKNOWN_MAC}/plan"));
+    assert_eq!(code, "200", "{body}");
+    let unknown = plan(&body);
+    assert_eq!(unknown["hostname"], serde_json::Value::Null);
+    assert_eq!(unknown["group"], "workers");
+    assert_eq!(unknown["root_mode"], "ram");
+    assert_eq!(
+        unknown["preinit"],
+        serde_json::json!(["echo workers > /etc/motd"])
+    );
+    let (code, _) = nodes.get("nodes/not-a-mac/plan");
+    assert_eq!(code, "404");
+
+    // The boot script names the node, the servers (the one asked first, each once) and a
+    // fresh token.
+    let (script, first_token) = nodes.boot_script(WORKER_MAC);
+    assert!(
+        script.contains(&format!("bootmesh.mac={WORKER_MAC}")),
+        "{script}"
+    );
+    assert!(
+        script.contains("bootmesh.servers=10.79.1.1:8080,10.79.1.9:8080 "),
+        "{script}"
+    );
+    // A newer boot script replaces the token: only the newest is good.
+    let (_, token) = nodes.boot_script(WORKER_MAC);
+    assert_ne!(token, first_token);
+    let (code, body) = nodes.secrets(WORKER_MAC, &first_token);
+    assert_eq!(code, "403", "a replaced token: {body}");
+
+    let wrong = "0123456789abcdef0123456789abcdef";
+    let (code, body) = nodes.secrets(WORKER_MAC, wrong);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "boot token does not match\n")
+    );
+    let (code, body) = nodes.secrets(UNKNOWN_MAC, &token);
+    assert_eq!(code, "403", "a token is good for its own MAC only: {body}");
+
+    let (code, body) = nodes.secrets(WORKER_MAC, &token);
+    assert_eq!(code, "200", "{body}");
+    let secrets: serde_json::Value = serde_json::from_str(&body).expect("secrets json");
+    assert_eq!(
+        secrets,
+        serde_json::json!({"secrets": {"kubeadm-join": HOST_SECRET, "registry": REGISTRY_SECRET}}),
+        "the host's value wins over the group's"
+    );
+    let (code, body) = nodes.secrets(WORKER_MAC, &token);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "no current boot token for this node\n"),
+        "a token is good once"
+    );
+
+    // An unknown MAC boots the default group's image and gets the group's secrets.
+    let (_, unknown_token) = nodes.boot_script(UNKNOWN_MAC);
+    let (code, body) = nodes.secrets(UNKNOWN_MAC, &unknown_token);
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains(GROUP_SECRET), "{body}");
+
+    // A file request logs its path at debug level: proof that the server logged everything.
+    std::fs::write(nodes.lab.path("www/boot.txt"), "file").expect("file");
+    assert_eq!(nodes.get("boot.txt?token=x").0, "200");
+    let log = nodes.lab.log("server");
+    assert!(log.contains("DEBUG"), "debug logging is off:\n{log}");
+    assert!(log.contains("secrets served"), "{log}");
+    assert!(log.contains("secrets refused"), "{log}");
+    for (what, value) in [
+        ("a secret", GROUP_SECRET),
+        ("a secret", HOST_SECRET),
+        ("a secret", REGISTRY_SECRET),
+        ("a token", first_token.as_str()),
+        ("a token", token.as_str()),
+        ("a token", unknown_token.as_str()),
+        ("a token", wrong),
+    ] {
+        assert!(!log.contains(value), "the server logged {what}:\n{log}");
+    }
+}
+
+#[test]
+fn an_expired_token_is_refused() {
+    if !lab::enabled() {
+        return;
+    }
+    for program in ["curl", "mksquashfs"] {
+        lab::require_program(program);
+    }
+    let nodes = NodeLab::start("he", "10.79.2", 1, true);
+    let (_, token) = nodes.boot_script(WORKER_MAC);
+    // Well past the 1 s lifetime: this checks expiry, not timing.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, body) = nodes.secrets(WORKER_MAC, &token);
+    assert_eq!(
+        (code.as_str(), body.as_str()),
+        ("403", "boot token expired\n")
+    );
+    let log = nodes.lab.log("server");
+    assert!(!log.contains(&token), "the server logged the token:\n{log}");
+}
+
+#[test]
+fn tftp_serves_a_generated_lts_conf_with_each_hosts_section_and_no_secrets() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("tftp");
+    let nodes = NodeLab::start("hl", "10.79.3", 300, false);
+    for remote in ["ltsp/amd64/lts.conf", "lts.conf"] {
+        let local = nodes.lab.path(&remote.replace('/', "_"));
+        let local_argument = local.to_string_lossy().into_owned();
+        let output = nodes.lab.run(
+            &nodes.pair.client,
+            CLIENT_LIMIT,
+            "tftp",
+            &[
+                &nodes.pair.server_address,
+                "-m",
+                "binary",
+                "-c",
+                "get",
+                remote,
+                &local_argument,
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "tftp {remote}: {}",
+            lab::describe(&output)
+        );
+        let text = std::fs::read_to_string(&local).expect("lts.conf");
+        let host_section = text
+            .split_once("\n[52:54:00:79:AB:02]\n")
+            .unwrap_or_else(|| panic!("{remote} has no section for the host:\n{text}"))
+            .1;
+        for line in [
+            "HOSTNAME=\"worker-2\"",
+            "PREINIT_01=\"echo workers > /etc/motd\"",
+            "PREINIT_02=\"sysctl -w vm.swappiness=0\"",
+            "FSTAB_01=\"server:/home /home nfs defaults 0 0\"",
+            "KEEP_SYSTEM_SERVICES=\"ssh\"",
+        ] {
+            assert!(
+                host_section.lines().any(|own| own == line),
+                "{remote} lacks {line}:\n{text}"
+            );
+        }
+        let default_section = text.split_once("[default]\n").expect("[default]").1;
+        assert!(
+            default_section
+                .starts_with("# group workers\nPREINIT_01=\"echo workers > /etc/motd\"\n"),
+            "{text}"
+        );
+        for secret in [GROUP_SECRET, HOST_SECRET, REGISTRY_SECRET] {
+            assert!(!text.contains(secret), "{remote} carries a secret:\n{text}");
+        }
+    }
 }

@@ -199,16 +199,32 @@ impl Lab {
 
     /// Starts `bootmesh serve` in `namespace` with `config` and waits until it serves.
     pub fn serve(&mut self, name: &str, namespace: &str, config: &str) {
+        self.serve_with_environment(name, namespace, config, &[]);
+    }
+
+    /// [`serve`](Self::serve) with extra environment variables (`NAME=value`), e.g.
+    /// `BOOTMESH_LOG=debug` for a test that reads every log line.
+    pub fn serve_with_environment(
+        &mut self,
+        name: &str,
+        namespace: &str,
+        config: &str,
+        environment: &[&str],
+    ) {
         let config_path = self.path(&format!("{name}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let binary = env!("CARGO_BIN_EXE_bootmesh");
         let config_argument = config_path.to_string_lossy().into_owned();
-        self.spawn(
-            name,
-            namespace,
-            binary,
-            &["serve", "--config", &config_argument],
-        );
+        let serve_arguments = ["serve", "--config", config_argument.as_str()];
+        if environment.is_empty() {
+            self.spawn(name, namespace, binary, &serve_arguments);
+        } else {
+            // env(1) sets the variables and then becomes the server (same pid).
+            let mut arguments = environment.to_vec();
+            arguments.push(binary);
+            arguments.extend(serve_arguments);
+            self.spawn(name, namespace, "env", &arguments);
+        }
         let log_path = self.path(&format!("{name}.log"));
         wait_for(Duration::from_secs(20), || {
             std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("bootmesh serving"))

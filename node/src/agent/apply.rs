@@ -1,0 +1,213 @@
+//! Applies the node plan to the assembled root (the overlay's upper layer takes every write):
+//! hostname, fstab lines, the RCFILE unit, masked services, secrets, and a record of the boot
+//! for the booted system.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
+use std::path::Path;
+
+use crate::plan::{MASKED_BY_DEFAULT, NodePlan, NodeSecrets, is_valid_secret_name};
+
+/// Why the plan could not be applied.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ApplyError {
+    what: String,
+    source: std::io::Error,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ApplyError {
+    let what = what.into();
+    move |source| ApplyError { what, source }
+}
+
+/// The unit that runs the RCFILE commands once the system is up.
+pub const RCFILE_UNIT: &str = "bootmesh-rcfile.service";
+/// The script it runs.
+pub const RCFILE_SCRIPT: &str = "/etc/bootmesh/rcfile.sh";
+/// Where secrets land in the booted system (a tmpfs: they never touch a disk).
+pub const SECRETS_DIR: &str = "/run/bootmesh/secrets";
+
+fn write_file(root: &Path, path: &str, contents: &str, mode: u32) -> Result<(), ApplyError> {
+    let full = root.join(path.trim_start_matches('/'));
+    if let Some(parent) = full.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("mkdir {}", parent.display())))?;
+    }
+    // A symlink left in the image must not redirect our write elsewhere.
+    let _ = std::fs::remove_file(&full);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&full)
+        .map_err(io(format!("create {path}")))?;
+    file.write_all(contents.as_bytes())
+        .map_err(io(format!("write {path}")))?;
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode))
+        .map_err(io(format!("chmod {path}")))
+}
+
+/// The units to mask: the defaults minus what the plan keeps.
+pub fn units_to_mask(plan: &NodePlan) -> Vec<&'static str> {
+    MASKED_BY_DEFAULT
+        .iter()
+        .copied()
+        .filter(|unit| {
+            !plan
+                .keep_system_services
+                .iter()
+                .any(|kept| kept == unit || kept.trim_end_matches(".service") == *unit)
+        })
+        .collect()
+}
+
+/// The RCFILE unit: runs after the system is up, once per boot.
+fn rcfile_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=bootmesh RCFILE commands of this node's group and host\n\
+         After=network-online.target\n\
+         Wants=network-online.target\n\n\
+         [Service]\n\
+         Type=oneshot\n\
+         RemainAfterExit=yes\n\
+         ExecStart=/bin/sh -e {RCFILE_SCRIPT}\n\n\
+         [Install]\n\
+         WantedBy=multi-user.target\n"
+    )
+}
+
+/// Writes the plan into `root`. `hostname` is the plan's or the DHCP lease's.
+pub fn apply_plan(root: &Path, plan: &NodePlan, hostname: Option<&str>) -> Result<(), ApplyError> {
+    if let Some(hostname) = hostname {
+        write_file(root, "/etc/hostname", &format!("{hostname}\n"), 0o644)?;
+        if let Err(error) = rustix::system::sethostname(hostname.as_bytes()) {
+            tracing::warn!(%hostname, %error, "sethostname failed; /etc/hostname is written");
+        }
+    }
+    if !plan.fstab.is_empty() {
+        let fstab_path = root.join("etc/fstab");
+        let mut fstab = std::fs::read_to_string(&fstab_path).unwrap_or_default();
+        if !fstab.is_empty() && !fstab.ends_with('\n') {
+            fstab.push('\n');
+        }
+        fstab.push_str("# added by bootmesh (FSTAB of this node's group and host)\n");
+        for line in &plan.fstab {
+            fstab.push_str(line);
+            fstab.push('\n');
+        }
+        write_file(root, "/etc/fstab", &fstab, 0o644)?;
+    }
+    let systemd = root.join("etc/systemd/system");
+    if !plan.rcfile.is_empty() {
+        let mut script =
+            String::from("# bootmesh: RCFILE commands of this node's group and host\n");
+        for command in &plan.rcfile {
+            script.push_str(command);
+            script.push('\n');
+        }
+        write_file(root, RCFILE_SCRIPT, &script, 0o755)?;
+        write_file(
+            root,
+            &format!("/etc/systemd/system/{RCFILE_UNIT}"),
+            &rcfile_unit(),
+            0o644,
+        )?;
+        let wants = systemd.join("multi-user.target.wants");
+        std::fs::create_dir_all(&wants).map_err(io("mkdir multi-user.target.wants"))?;
+        let link = wants.join(RCFILE_UNIT);
+        let _ = std::fs::remove_file(&link);
+        symlink(format!("/etc/systemd/system/{RCFILE_UNIT}"), &link)
+            .map_err(io("enable the RCFILE unit"))?;
+    }
+    std::fs::create_dir_all(&systemd).map_err(io("mkdir /etc/systemd/system"))?;
+    for unit in units_to_mask(plan) {
+        let link = systemd.join(unit);
+        let _ = std::fs::remove_file(&link);
+        symlink("/dev/null", &link).map_err(io(format!("mask {unit}")))?;
+    }
+    Ok(())
+}
+
+/// Writes each secret to `SECRETS_DIR/<name>`, readable by root only.
+pub fn write_secrets(root: &Path, secrets: &NodeSecrets) -> Result<usize, ApplyError> {
+    let directory = root.join(SECRETS_DIR.trim_start_matches('/'));
+    std::fs::create_dir_all(&directory).map_err(io("mkdir secrets"))?;
+    std::fs::set_permissions(&directory, std::fs::Permissions::from_mode(0o700))
+        .map_err(io("chmod secrets"))?;
+    let mut written = 0;
+    for (name, value) in &secrets.secrets {
+        if !is_valid_secret_name(name) {
+            tracing::warn!(%name, "secret with an unusable name skipped");
+            continue;
+        }
+        write_file(
+            root,
+            &format!("{SECRETS_DIR}/{name}"),
+            value.expose(),
+            0o600,
+        )?;
+        written += 1;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Secret;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn plan_lands_in_the_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("etc")).unwrap();
+        std::fs::write(
+            root.path().join("etc/fstab"),
+            "proc /proc proc defaults 0 0",
+        )
+        .unwrap();
+        let plan = NodePlan {
+            fstab: vec!["tmpfs /scratch tmpfs size=1G 0 0".into()],
+            rcfile: vec!["echo rc > /run/rc".into()],
+            keep_system_services: vec!["fstrim.timer".into()],
+            ..NodePlan::default()
+        };
+        apply_plan(root.path(), &plan, None).unwrap();
+        let fstab = std::fs::read_to_string(root.path().join("etc/fstab")).unwrap();
+        assert!(fstab.starts_with("proc /proc proc defaults 0 0\n# added by bootmesh"));
+        assert!(fstab.ends_with("tmpfs /scratch tmpfs size=1G 0 0\n"));
+        let systemd = root.path().join("etc/systemd/system");
+        assert_eq!(
+            std::fs::read_link(systemd.join("apt-daily.timer")).unwrap(),
+            Path::new("/dev/null")
+        );
+        assert!(
+            !systemd.join("fstrim.timer").exists()
+                && std::fs::symlink_metadata(systemd.join("fstrim.timer")).is_err()
+        );
+        assert!(
+            std::fs::symlink_metadata(systemd.join("multi-user.target.wants").join(RCFILE_UNIT))
+                .is_ok()
+        );
+        let script = std::fs::read_to_string(root.path().join("etc/bootmesh/rcfile.sh")).unwrap();
+        assert!(script.contains("echo rc > /run/rc"));
+    }
+
+    #[test]
+    fn secrets_are_private_and_names_cannot_escape() {
+        let root = tempfile::tempdir().unwrap();
+        let secrets = NodeSecrets {
+            secrets: BTreeMap::from([
+                ("join".to_owned(), Secret::new("token-value")),
+                ("../escape".to_owned(), Secret::new("x")),
+            ]),
+        };
+        assert_eq!(write_secrets(root.path(), &secrets).unwrap(), 1);
+        let path = root.path().join("run/bootmesh/secrets/join");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "token-value");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!root.path().join("run/bootmesh/escape").exists());
+    }
+}

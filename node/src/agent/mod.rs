@@ -1,0 +1,547 @@
+//! The agent: `/init` of the bootmesh initramfs (the same `bootmesh` binary, built static).
+//!
+//! As PID 1 it mounts the kernel filesystems, loads the modules the initramfs builder listed,
+//! brings up the NIC that booted with its own DHCP client, fetches the node plan and the
+//! manifest named by `bootmesh.image=` on the command line, obtains the root image (`ram`: every
+//! chunk fetched and verified into a sealed memfd, then a read-only loop device; `nbd`: the
+//! kernel's NBD client on a server's export), puts dm-verity over it, mounts the squashfs under
+//! a tmpfs overlay, applies the plan, runs PREINIT, and `switch_root`s to the image's init.
+//!
+//! It says on the console what it does at every step. A failed step is retried with the next
+//! server, then the whole round again; PID 1 never exits (the kernel would panic), so after
+//! the last round it reboots into the firmware's PXE again.
+//!
+//! It resolves no host names: every address is an IP literal (a static glibc binary cannot
+//! load NSS modules).
+
+// A driver at the edge (PID 1 of a booting node): it reads the real clock for progress reports.
+#![allow(clippy::disallowed_methods)]
+
+pub mod apply;
+pub mod cmdline;
+pub mod devices;
+pub mod fetch;
+pub mod nbd;
+pub mod netlink;
+pub mod network;
+pub mod system;
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use boot_services::dhcp::client::DhcpLease;
+use transfer::{ChunkTransport, Manifest};
+
+use crate::plan::{NodePlan, NodeSecrets, RootMode};
+use cmdline::AgentCmdline;
+use fetch::{FetchError, HttpTransport};
+use network::Interface;
+
+/// Why one boot round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The kernel command line is unusable.
+    #[error(transparent)]
+    Cmdline(#[from] cmdline::CmdlineError),
+    /// Reading a kernel file failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The network did not come up.
+    #[error(transparent)]
+    Network(#[from] network::NetworkError),
+    /// Fetching failed on every server.
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    /// A device could not be made.
+    #[error(transparent)]
+    Device(#[from] devices::DeviceError),
+    /// The NBD root could not be attached on any server.
+    #[error(transparent)]
+    Nbd(#[from] nbd::NbdError),
+    /// Mounting, modules, switching root.
+    #[error(transparent)]
+    System(#[from] system::SystemError),
+    /// Writing the plan into the root.
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    /// The manifest cannot be booted by this agent.
+    #[error("image {image}: {reason}")]
+    Unbootable {
+        /// The image.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+    /// No server to ask.
+    #[error("no boot servers: the command line names none and DHCP gave no next server")]
+    NoServers,
+}
+
+/// Boot rounds before the agent gives up and reboots into PXE.
+const ROUNDS_MAX: u32 = 5;
+/// Pause between rounds: long enough for a restarting server, short enough for an operator.
+const ROUND_PAUSE: Duration = Duration::from_secs(5);
+/// The tmpfs over the image takes the writes of the running system; bounded so a runaway
+/// writer meets ENOSPC instead of the OOM killer.
+const OVERLAY_SIZE: &str = "50%";
+
+/// State kept across rounds: what worked need not be redone.
+#[derive(Debug, Default)]
+struct Progress {
+    interface: Option<Interface>,
+    lease: Option<DhcpLease>,
+    root_mounted: bool,
+    /// The boot token is single-use: once spent, later rounds keep what it fetched.
+    token_spent: bool,
+    secrets: Option<NodeSecrets>,
+}
+
+/// Console logging at `info`, or at the level `bootmesh.log=<level>` on the kernel command line
+/// names (read once /proc is mounted).
+fn init_console_logging() {
+    let level = std::fs::read_to_string("/proc/cmdline")
+        .ok()
+        .and_then(|cmdline| {
+            cmdline
+                .split_ascii_whitespace()
+                .find_map(|word| word.strip_prefix("bootmesh.log=").map(str::to_owned))
+        })
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The kernel log, not the console tty: the kernel writes it to every console itself (by
+    // polling, so a serial port whose interrupts never come cannot block PID 1 in write(2),
+    // which the tty path did under emulation), and it lands in the booted system's journal.
+    // Its lines carry the kernel's timestamps already.
+    let kernel_log = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n")
+        .ok()
+        .and_then(|()| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/kmsg")
+                .ok()
+        });
+    match kernel_log {
+        Some(kernel_log) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_target(false)
+            .without_time()
+            .with_writer(KernelLogWriter::new(kernel_log))
+            .init(),
+        None => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_target(false)
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+}
+
+/// Writes each log line as one kernel log record, `bootmesh:` first.
+#[derive(Debug, Clone)]
+struct KernelLogWriter {
+    kernel_log: std::sync::Arc<File>,
+}
+
+impl KernelLogWriter {
+    fn new(kernel_log: File) -> Self {
+        Self {
+            kernel_log: std::sync::Arc::new(kernel_log),
+        }
+    }
+}
+
+impl std::io::Write for KernelLogWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        // One write(2) per record; the kernel cuts records at about 1 KiB.
+        let text = String::from_utf8_lossy(bytes);
+        for line in text.lines().filter(|line| !line.trim().is_empty()) {
+            let record = format!("<6>bootmesh: {}\n", line.trim_end());
+            let _ = (&*self.kernel_log).write(record.as_bytes());
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'writer> tracing_subscriber::fmt::MakeWriter<'writer> for KernelLogWriter {
+    type Writer = KernelLogWriter;
+
+    fn make_writer(&'writer self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+/// Runs the agent as PID 1 of the initramfs. Never returns.
+pub fn run_as_init() -> ! {
+    let mounted = system::early_mounts();
+    init_console_logging();
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        "bootmesh agent starting"
+    );
+    if let Err(error) = mounted {
+        tracing::error!(%error, "early mounts failed");
+    }
+    match system::load_modules() {
+        Ok(loaded) => tracing::info!(loaded, "kernel modules loaded"),
+        Err(error) => tracing::error!(%error, "kernel modules"),
+    }
+    let mut progress = Progress::default();
+    for round in 1..=ROUNDS_MAX {
+        let error = boot_round(round, &mut progress);
+        tracing::error!(round, rounds = ROUNDS_MAX, %error, "boot round failed");
+        if progress.root_mounted {
+            // A half-switched system cannot be retried safely; start over from the firmware.
+            break;
+        }
+        std::thread::sleep(ROUND_PAUSE);
+    }
+    tracing::error!("giving up; rebooting to PXE-boot again");
+    system::reboot()
+}
+
+/// One attempt at the whole boot; returns only with the reason it failed.
+fn boot_round(round: u32, progress: &mut Progress) -> AgentError {
+    match try_boot(round, progress) {
+        Ok(never) => match never {},
+        Err(error) => error,
+    }
+}
+
+enum Never {}
+
+fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
+    let cmdline_text =
+        std::fs::read_to_string("/proc/cmdline").map_err(|source| AgentError::Io {
+            what: "read /proc/cmdline",
+            source,
+        })?;
+    let cmdline = AgentCmdline::parse(&cmdline_text)?;
+    tracing::info!(round, image = %cmdline.image, servers = ?cmdline.servers, "boot round");
+
+    let interface = match progress.interface.clone() {
+        Some(interface) => interface,
+        None => {
+            let interface = network::find_interface(cmdline.mac)?;
+            tracing::info!(interface = %interface.name, mac = %boot_services::dhcp::format_mac(&interface.mac), "bringing up the network");
+            network::bring_up(&interface)?;
+            progress.interface = Some(interface.clone());
+            interface
+        }
+    };
+    let lease = match progress.lease.clone() {
+        Some(lease) => lease,
+        None => {
+            let seed = u64::from_le_bytes([
+                interface.mac[0],
+                interface.mac[1],
+                interface.mac[2],
+                interface.mac[3],
+                interface.mac[4],
+                interface.mac[5],
+                0,
+                0,
+            ]) ^ u64::from(std::process::id());
+            let lease = network::acquire_lease(&interface, seed)?;
+            progress.lease = Some(lease.clone());
+            lease
+        }
+    };
+    let mut servers = cmdline.servers.clone();
+    if servers.is_empty()
+        && let Some(next_server) = lease.next_server
+    {
+        servers.push(SocketAddr::new(next_server.into(), 80));
+    }
+    if servers.is_empty() {
+        return Err(AgentError::NoServers);
+    }
+    // Start each round at a different server, so a server that fails mid-boot is not first
+    // again.
+    let rotation = (round as usize - 1) % servers.len();
+    servers.rotate_left(rotation);
+    let transport = HttpTransport::new(servers);
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| AgentError::Io {
+            what: "start the fetch runtime",
+            source,
+        })?;
+    let mac_text = boot_services::dhcp::format_mac(&interface.mac).replace(':', "-");
+    let token = if progress.token_spent {
+        None
+    } else {
+        cmdline.token.as_deref()
+    };
+    let fetched = runtime.block_on(fetch_everything(&transport, &cmdline, token, &mac_text))?;
+    drop(runtime);
+    let FetchedBoot {
+        plan,
+        manifest,
+        root_memory,
+        secrets,
+        plan_source,
+    } = fetched;
+    if token.is_some() {
+        progress.token_spent = true;
+        progress.secrets = secrets;
+    }
+    let root_mode = cmdline.root_mode.unwrap_or(plan.root_mode);
+
+    // Held until dm-verity holds the loop device (autoclear would detach it otherwise).
+    let mut loop_handle = None;
+    let backing = match (root_mode, root_memory) {
+        (RootMode::Ram, Some(memory)) => {
+            let attached = devices::attach_loop_read_only(&memory)?;
+            // The loop device holds the memory now; our descriptor can go.
+            drop(memory);
+            loop_handle = Some(attached.handle);
+            attached.device
+        }
+        _ => attach_nbd(&transport, &plan, &cmdline)?,
+    };
+    tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");
+    let verified = devices::create_verity_device(
+        &format!("bootmesh-root-{round}"),
+        &backing,
+        &manifest.root.verity,
+    )?;
+    drop(loop_handle);
+    tracing::info!(device = %verified.path.display(), "dm-verity over the root image");
+    system::assemble_root(&verified.path, OVERLAY_SIZE)?;
+    progress.root_mounted = true;
+    let new_root = Path::new(system::NEW_ROOT);
+    if std::fs::symlink_metadata(new_root.join(cmdline.init.trim_start_matches('/'))).is_err() {
+        return Err(AgentError::Unbootable {
+            image: manifest.reference(),
+            reason: format!("no {} in the image", cmdline.init),
+        });
+    }
+
+    let hostname = plan.hostname.clone().or_else(|| lease.hostname.clone());
+    apply::apply_plan(new_root, &plan, hostname.as_deref())?;
+    if let Some(secrets) = &progress.secrets {
+        let written = apply::write_secrets(Path::new("/"), secrets)?;
+        tracing::info!(
+            secrets = written,
+            "secrets written to /run/bootmesh/secrets"
+        );
+    }
+    for command in &plan.preinit {
+        match system::run_in_new_root(command) {
+            Ok(status) if status.success() => tracing::info!(%command, "PREINIT done"),
+            Ok(status) => tracing::warn!(%command, %status, "PREINIT failed; booting on"),
+            Err(error) => tracing::warn!(%error, "PREINIT could not run; booting on"),
+        }
+    }
+    record_boot(
+        &cmdline,
+        &manifest,
+        root_mode,
+        &lease,
+        &interface,
+        transport.source_name(plan_source),
+    )?;
+    tracing::info!(
+        image = %manifest.reference(),
+        hostname = hostname.as_deref().unwrap_or("-"),
+        init = %cmdline.init,
+        "switching to the image"
+    );
+    Err(system::switch_root(&cmdline.init).into())
+}
+
+struct FetchedBoot {
+    plan: NodePlan,
+    manifest: Manifest,
+    root_memory: Option<File>,
+    secrets: Option<NodeSecrets>,
+    plan_source: usize,
+}
+
+async fn fetch_everything(
+    transport: &HttpTransport,
+    cmdline: &AgentCmdline,
+    token: Option<&str>,
+    mac_text: &str,
+) -> Result<FetchedBoot, AgentError> {
+    let (plan, plan_source): (NodePlan, usize) = transport
+        .get_json(&format!("nodes/{mac_text}/plan"), "node plan")
+        .await?;
+    tracing::info!(
+        server = %transport.source_name(plan_source),
+        hostname = plan.hostname.as_deref().unwrap_or("-"),
+        group = plan.group.as_deref().unwrap_or("-"),
+        root = plan.root_mode.as_str(),
+        "node plan"
+    );
+    let manifest = fetch::fetch_manifest(transport, &cmdline.image).await?;
+    tracing::info!(
+        image = %manifest.reference(),
+        root_bytes = manifest.root.part.size_bytes,
+        chunks = manifest.root.part.chunks.len(),
+        "manifest verified against bootmesh.image"
+    );
+    let root_mode = cmdline.root_mode.unwrap_or(plan.root_mode);
+    let root_memory = match root_mode {
+        RootMode::Ram => Some(fetch_root_into_memory(transport, &manifest).await?),
+        RootMode::Nbd => None,
+    };
+    // Secrets last: the single-use token is spent only once the boot is otherwise ready.
+    let secrets = match token {
+        Some(token) => {
+            let path = format!("nodes/{mac_text}/secrets?token={token}");
+            match transport.get_json::<NodeSecrets>(&path, "secrets").await {
+                Ok((secrets, _)) => Some(secrets),
+                Err(error) => {
+                    tracing::warn!(%error, "no secrets for this boot");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    Ok(FetchedBoot {
+        plan,
+        manifest,
+        root_memory,
+        secrets,
+        plan_source,
+    })
+}
+
+async fn fetch_root_into_memory(
+    transport: &HttpTransport,
+    manifest: &Manifest,
+) -> Result<File, AgentError> {
+    use rustix::fs::{MemfdFlags, SealFlags};
+    let part = &manifest.root.part;
+    let memory = rustix::fs::memfd_create(
+        "bootmesh-root",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(|error| AgentError::Io {
+        what: "memfd_create",
+        source: error.into(),
+    })?;
+    let memory = File::from(memory);
+    memory
+        .set_len(part.size_bytes)
+        .map_err(|source| AgentError::Io {
+            what: "size the root image in memory",
+            source,
+        })?;
+    let started = Instant::now();
+    let total = part.size_bytes.max(1);
+    let mut next_report = 25u64;
+    let summary = fetch::fetch_part_into(transport, part, &memory, |summary| {
+        let percent = summary.bytes * 100 / total;
+        if percent >= next_report {
+            tracing::info!(percent, bytes = summary.bytes, "root image");
+            next_report = (percent / 25 + 1) * 25;
+        }
+    })
+    .await?;
+    let seconds = started.elapsed().as_secs_f64().max(0.001);
+    tracing::info!(
+        chunks = summary.chunks,
+        bytes = summary.bytes,
+        rejected = summary.chunks_rejected,
+        retried = summary.requests_failed,
+        mib_per_second = format!("{:.1}", summary.bytes as f64 / 1_048_576.0 / seconds),
+        "root image in memory, every chunk verified"
+    );
+    // Sealed: nothing, not even this process, can change the image under the verity tree.
+    rustix::fs::fcntl_add_seals(
+        &memory,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )
+    .map_err(|error| AgentError::Io {
+        what: "seal the root image",
+        source: error.into(),
+    })?;
+    Ok(memory)
+}
+
+fn attach_nbd(
+    transport: &HttpTransport,
+    plan: &NodePlan,
+    cmdline: &AgentCmdline,
+) -> Result<devices::BlockDevice, AgentError> {
+    let port = plan.nbd_port.unwrap_or(10809);
+    let export_name = cmdline.image.to_hex();
+    let mut last = None;
+    for server in transport.servers() {
+        let address = SocketAddr::new(server.ip(), port);
+        match nbd::negotiate(address, &export_name).and_then(|export| {
+            let device = nbd::attach(&export)?;
+            Ok((device, export.size_bytes))
+        }) {
+            Ok((device, size_bytes)) => {
+                tracing::info!(server = %address, size_bytes, device = %device.path.display(), "nbd root attached");
+                return Ok(device);
+            }
+            Err(error) => {
+                tracing::warn!(server = %address, %error, "nbd: trying the next server");
+                last = Some(error);
+            }
+        }
+    }
+    Err(match last {
+        Some(error) => error.into(),
+        None => AgentError::NoServers,
+    })
+}
+
+/// What the booted system (and its agent) needs to know about this boot.
+#[derive(Debug, serde::Serialize)]
+struct BootRecord<'a> {
+    image: String,
+    reference: String,
+    root_mode: &'static str,
+    interface: &'a str,
+    address: String,
+    server: String,
+    servers: Vec<String>,
+}
+
+fn record_boot(
+    cmdline: &AgentCmdline,
+    manifest: &Manifest,
+    root_mode: RootMode,
+    lease: &DhcpLease,
+    interface: &Interface,
+    server: String,
+) -> Result<(), AgentError> {
+    let record = BootRecord {
+        image: cmdline.image.to_hex(),
+        reference: manifest.reference(),
+        root_mode: root_mode.as_str(),
+        interface: &interface.name,
+        address: format!("{}/{}", lease.address, lease.prefix_length),
+        server,
+        servers: cmdline.servers.iter().map(ToString::to_string).collect(),
+    };
+    let json = serde_json::to_string_pretty(&record).unwrap_or_default();
+    std::fs::create_dir_all(system::AGENT_RUN_DIR)
+        .and_then(|()| std::fs::write(Path::new(system::AGENT_RUN_DIR).join("boot.json"), json))
+        .map_err(|source| AgentError::Io {
+            what: "write /run/bootmesh/boot.json",
+            source,
+        })
+}
