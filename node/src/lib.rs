@@ -22,3 +22,4 @@ pub mod net;
 pub mod plan;
 pub mod seams;
 pub mod tftp_service;
+pub mod vmlab;

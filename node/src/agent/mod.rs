@@ -120,6 +120,9 @@ fn init_console_logging() {
     // polling, so a serial port whose interrupts never come cannot block PID 1 in write(2),
     // which the tty path did under emulation), and it lands in the booted system's journal.
     // Its lines carry the kernel's timestamps already.
+    // `quiet` on the command line hides info lines from the console; the agent's steps are
+    // what an operator at a serial console needs, so they show until the image's init runs.
+    show_agent_lines_on_console(true);
     let kernel_log = std::fs::write("/proc/sys/kernel/printk_devkmsg", "on\n")
         .ok()
         .and_then(|()| {
@@ -143,6 +146,33 @@ fn init_console_logging() {
             .with_timer(tracing_subscriber::fmt::time::uptime())
             .with_writer(std::io::stderr)
             .init(),
+    }
+}
+
+/// Console log level while the agent runs: info lines show. The image's own setting (`quiet`
+/// or not) is put back before its init starts.
+fn show_agent_lines_on_console(agent_running: bool) {
+    use std::sync::Mutex;
+    static SAVED: Mutex<Option<String>> = Mutex::new(None);
+    let path = "/proc/sys/kernel/printk";
+    let Ok(mut saved) = SAVED.lock() else {
+        return;
+    };
+    if agent_running {
+        if let Ok(levels) = std::fs::read_to_string(path) {
+            let mut fields = levels.split_whitespace();
+            let console_level: u32 = fields
+                .next()
+                .and_then(|level| level.parse().ok())
+                .unwrap_or(7);
+            if console_level < 7 {
+                let rest: Vec<&str> = fields.collect();
+                let _ = std::fs::write(path, format!("7 {}\n", rest.join(" ")));
+                *saved = Some(levels);
+            }
+        }
+    } else if let Some(levels) = saved.take() {
+        let _ = std::fs::write(path, levels);
     }
 }
 
@@ -316,11 +346,8 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
     tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");
-    let verified = devices::create_verity_device(
-        &format!("bootmesh-root-{round}"),
-        &backing,
-        &manifest.root.verity,
-    )?;
+    let verity_name = format!("bootmesh-root-{round}");
+    let verified = devices::create_verity_device(&verity_name, &backing, &manifest.root.verity)?;
     drop(loop_handle);
     tracing::info!(device = %verified.path.display(), "dm-verity over the root image");
     system::assemble_root(&verified.path, OVERLAY_SIZE)?;
@@ -363,7 +390,42 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         init = %cmdline.init,
         "switching to the image"
     );
-    Err(system::switch_root(&cmdline.init).into())
+    show_agent_lines_on_console(false);
+    let device_name = verity_name.clone();
+    let image = manifest.reference();
+    Err(system::switch_root(&cmdline.init, move || {
+        watch_root_integrity(&device_name, &image)
+    })
+    .into())
+}
+
+/// How often the watcher reads dm-verity's status.
+const INTEGRITY_POLL: Duration = Duration::from_secs(1);
+
+/// The watcher left behind in the booted system: reports, once, when dm-verity has refused a
+/// block of the root image (the read failed with EIO; nothing corrupt reached a program).
+fn watch_root_integrity(device_name: &str, image: &str) {
+    tracing::info!(device = %device_name, pid = std::process::id(), "integrity watcher running");
+    loop {
+        match devices::device_status(device_name) {
+            // verity's status is `V` while every block read verified, `C` once one did not.
+            Ok(status) if status.trim() == "C" => {
+                tracing::error!(
+                    %image,
+                    device = %device_name,
+                    "ROOT IMAGE CORRUPTION: dm-verity refused a block of the root image; the read \
+                     failed and nothing corrupt was used. The server's copy or the path to it is bad"
+                );
+                return;
+            }
+            Ok(status) => tracing::trace!(%status, "dm-verity status"),
+            Err(error) => {
+                tracing::warn!(%error, "integrity watcher stops: cannot read dm-verity status");
+                return;
+            }
+        }
+        std::thread::sleep(INTEGRITY_POLL);
+    }
 }
 
 struct FetchedBoot {

@@ -202,8 +202,9 @@ fn remove_initramfs_contents(root_device: u64) {
 }
 
 /// Moves the kernel filesystems into the new root, frees the initramfs, makes the new root `/`
-/// and execs `init` there. Returns only on failure.
-pub fn switch_root(init: &str) -> SystemError {
+/// and execs `init` there; `companion` runs in a forked child that already sees the new root
+/// (the agent's watcher). Returns only on failure.
+pub fn switch_root(init: &str, companion: impl FnOnce()) -> SystemError {
     let new_root = Path::new(NEW_ROOT);
     for name in ["dev", "proc", "sys", "run"] {
         let source = Path::new("/").join(name);
@@ -232,8 +233,27 @@ pub fn switch_root(init: &str) -> SystemError {
     if let Err(error) = std::env::set_current_dir("/") {
         return io("chdir /")(error);
     }
+    fork_companion(companion);
     let error = exec_init(init);
     io(format!("exec {init}"))(error)
+}
+
+/// Runs `companion` in a child process that outlives the exec of the image's init.
+#[allow(unsafe_code)]
+fn fork_companion(companion: impl FnOnce()) {
+    // SAFETY: PID 1 is single-threaded here (the fetch runtime was dropped and joined its
+    // threads), so the child inherits no lock held by another thread.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        0 => {
+            companion();
+            std::process::exit(0);
+        }
+        pid if pid < 0 => {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "no watcher: fork failed");
+        }
+        _ => {}
+    }
 }
 
 fn exec_init(init: &str) -> std::io::Error {

@@ -19,3 +19,4 @@ mod lab;
 mod nbd;
 mod serve;
 mod tftp;
+mod vm;

@@ -1,0 +1,609 @@
+//! Real machines boot: QEMU VMs PXE-boot through bootmesh (DHCP -> TFTP iPXE -> HTTP boot script,
+//! kernel and bootmesh initramfs -> agent -> verified root -> the image's init), in a lab of a
+//! network namespace, a bridge and taps that each test makes and removes.
+//!
+//! CI runs three tests with six VM boots in all; `BOOTMESH_SLOW=1` adds the rest. The VM tests
+//! need the static agent (`BOOTMESH_AGENT`, which `.ci/run` builds) and QEMU; CI sets
+//! `BOOTMESH_VM_TESTS=1` so that anything missing fails instead of skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use node::vmlab::{self, BootLab, DebianKernel, Firmware, VmSpec};
+
+use crate::lab;
+
+/// How long a VM may take from QEMU start to its marker under software emulation.
+const BOOT_LIMIT: Duration = Duration::from_secs(240);
+
+/// Whether the VM tests can run here; with BOOTMESH_VM_TESTS set, "cannot" is a failure.
+fn vm_tests_enabled() -> Option<PathBuf> {
+    if !lab::enabled() {
+        return None;
+    }
+    let required = std::env::var_os("BOOTMESH_VM_TESTS").is_some();
+    let missing = vmlab::missing_requirements();
+    let agent = std::env::var_os("BOOTMESH_AGENT").map(PathBuf::from);
+    if missing.is_empty() && agent.as_ref().is_some_and(|agent| agent.is_file()) {
+        return agent;
+    }
+    let reason = format!(
+        "VM tests need QEMU and firmware ({missing:?} missing) and the static agent in \
+         BOOTMESH_AGENT ({agent:?}); .ci/run installs and builds them"
+    );
+    assert!(!required, "{reason}");
+    eprintln!("skipping: {reason}");
+    None
+}
+
+fn slow_tests_enabled() -> bool {
+    std::env::var_os("BOOTMESH_SLOW").is_some()
+}
+
+/// Downloads and images are kept between tests (and runs): a Debian root takes minutes.
+fn cache_directory() -> PathBuf {
+    let directory = std::env::var_os("BOOTMESH_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/bootmesh-test-cache"));
+    std::fs::create_dir_all(&directory).expect("cache directory");
+    directory
+}
+
+/// Runs `body` holding an exclusive lock on `name` in the cache, so that tests running at once
+/// build each cached thing once.
+fn with_cache_lock<T>(name: &str, body: impl FnOnce(&Path) -> T) -> T {
+    let cache = cache_directory();
+    let lock = std::fs::File::create(cache.join(format!("{name}.lock"))).expect("lock file");
+    lock.lock().expect("lock the cache");
+    let result = body(&cache);
+    let _ = lock.unlock();
+    result
+}
+
+fn kernel() -> DebianKernel {
+    with_cache_lock("kernel", |cache| {
+        vmlab::prepare_kernel(cache).expect("Debian kernel")
+    })
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|error| panic!("run {program}: {error}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}",
+        lab::describe(&output)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn bootmesh(args: &[&str]) -> String {
+    run(env!("CARGO_BIN_EXE_bootmesh"), args)
+}
+
+/// The busybox image's init: prints the marker with what the node was given, then powers off.
+const BUSYBOX_INIT: &str = r#"#!/bin/sh
+nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
+image=$(tr ' ' '\n' < /proc/cmdline | grep '^bootmesh.image=' | head -n 1)
+address=$(ip -4 -o addr show 2>/dev/null | grep -v ' lo ' | head -n 1 | tr -s ' ' | cut -d ' ' -f 4)
+echo "BOOTMESH-MARKER ${nonce} host=$(hostname) ${image} address=${address} preinit=$(cat /etc/preinit-proof 2>/dev/null) root=$(grep -o '"root_mode": "[a-z]*"' /run/bootmesh/boot.json | tr -d '" ')" > /dev/kmsg
+if [ -e /etc/read-all ]; then
+  # The test says when to read (after it has corrupted the served image) through a file the
+  # boot server starts serving.
+  server=$(tr ' ' '\n' < /proc/cmdline | grep '^bootmesh.servers=' | cut -d = -f 2 | cut -d , -f 1)
+  tries=0
+  until wget -q -O /dev/null "http://${server}/read-now" || [ $tries -ge 120 ]; do
+    tries=$((tries + 1)); sleep 1
+  done
+  if cat /etc/big-file > /dev/null 2>&1; then
+    echo "BOOTMESH-READ ok" > /dev/kmsg
+  else
+    echo "BOOTMESH-READ failed" > /dev/kmsg
+  fi
+  sleep 5
+fi
+poweroff -f
+"#;
+
+/// A busybox image imported as `reference` into `state`, with `extra` files (path, bytes).
+fn busybox_image(state: &Path, reference: &str, agent: &Path, extra: &[(&str, Vec<u8>)]) -> String {
+    let kernel = kernel();
+    let tree = tempfile::tempdir().expect("tree");
+    with_cache_lock("busybox", |cache| {
+        vmlab::busybox_image_tree(cache, &kernel, tree.path(), BUSYBOX_INIT).expect("busybox image")
+    });
+    for (path, bytes) in extra {
+        std::fs::write(tree.path().join(path), bytes).expect("extra file");
+    }
+    import(state, reference, tree.path(), agent)
+}
+
+fn import(state: &Path, reference: &str, tree: &Path, agent: &Path) -> String {
+    bootmesh(&[
+        "image",
+        "--state-dir",
+        &state.display().to_string(),
+        "import",
+        reference,
+        "--from",
+        &tree.display().to_string(),
+        "--agent",
+        &agent.display().to_string(),
+        "--cmdline",
+        "console=ttyS0 panic=-1",
+    ]);
+    let shown = bootmesh(&[
+        "image",
+        "--state-dir",
+        &state.display().to_string(),
+        "show",
+        reference,
+    ]);
+    shown
+        .lines()
+        .find_map(|line| line.strip_prefix("hash").map(|hash| hash.trim().to_owned()))
+        .expect("image hash")
+}
+
+fn promote(state: &Path, group: &str, reference: &str) {
+    bootmesh(&[
+        "image",
+        "--state-dir",
+        &state.display().to_string(),
+        "promote",
+        "--group",
+        group,
+        reference,
+    ]);
+}
+
+/// Boot files for the firmware: iPXE for BIOS and UEFI, from the Debian package.
+fn files_directory(directory: &Path) -> PathBuf {
+    let files = directory.join("files");
+    std::fs::create_dir_all(&files).expect("files");
+    for name in ["undionly.kpxe", "ipxe.efi", "snponly.efi"] {
+        std::fs::copy(Path::new("/usr/lib/ipxe").join(name), files.join(name)).expect("ipxe");
+    }
+    files
+}
+
+/// A fresh nonce for this run's markers, so a stale log can never pass.
+fn nonce() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("randomness");
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+struct ServerSetup<'a> {
+    state: &'a Path,
+    files: &'a Path,
+    group_settings: &'a str,
+    hosts: &'a str,
+    extra: &'a str,
+}
+
+fn server_config(lab: &BootLab, setup: &ServerSetup<'_>) -> String {
+    let subnet = lab.server_address.octets()[1];
+    format!(
+        r#"state_dir = "{state}"
+[dhcp]
+interfaces = ["{bridge}"]
+[[dhcp.subnet]]
+cidr = "10.{subnet}.0.0/24"
+ranges = ["10.{subnet}.0.100-10.{subnet}.0.199"]
+routers = ["10.{subnet}.0.1"]
+lease_secs = 600
+{hosts}
+[tftp]
+listen = "0.0.0.0:69"
+root = "{files}"
+[http]
+listen = "0.0.0.0:8080"
+root = "{files}"
+[nbd]
+listen = "0.0.0.0:10809"
+{extra}
+[boot]
+default_group = "lab"
+[[group]]
+name = "lab"
+{group_settings}
+"#,
+        state = setup.state.display(),
+        bridge = lab.bridge,
+        files = setup.files.display(),
+        hosts = setup.hosts,
+        extra = setup.extra,
+        group_settings = setup.group_settings,
+    )
+}
+
+/// A marker line's `key=value` fields.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Four VMs boot at once: three BIOS, one UEFI; one MAC has a host entry (fixed address,
+/// hostname, its own group and image), three are unknown (dynamic leases, the default group).
+#[test]
+fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    let default_hash = busybox_image(&state, "lab:v1", &agent, &[]);
+    let special_hash = busybox_image(
+        &state,
+        "special:v1",
+        &agent,
+        &[("etc/special", b"special image\n".to_vec())],
+    );
+    assert_ne!(default_hash, special_hash);
+    promote(&state, "lab", "lab:v1");
+    promote(&state, "special", "special:v1");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-four", 61, work.path().join("lab")).expect("lab");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!(
+                "cmdline = \"lab.nonce={nonce}\"\npreinit = [\"echo default-group > /etc/preinit-proof\"]"
+            ),
+            hosts: "[[dhcp.host]]\nmac = \"52:54:00:61:00:01\"\naddress = \"10.61.0.50\"\nhostname = \"known-node\"\ngroup = \"special\"",
+            extra: "",
+        },
+    );
+    let config = format!(
+        "{config}[[group]]\nname = \"special\"\ncmdline = \"lab.nonce={nonce}\"\npreinit = [\"echo special-group > /etc/preinit-proof\"]\n"
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    let specs = [
+        ("known", [0x52, 0x54, 0, 0x61, 0, 1], Firmware::Bios),
+        (
+            "unknown-bios-1",
+            [0x52, 0x54, 0, 0x61, 0, 2],
+            Firmware::Bios,
+        ),
+        (
+            "unknown-bios-2",
+            [0x52, 0x54, 0, 0x61, 0, 3],
+            Firmware::Bios,
+        ),
+        ("unknown-uefi", [0x52, 0x54, 0, 0x61, 0, 4], Firmware::Uefi),
+    ];
+    let mut vms: Vec<_> = specs
+        .iter()
+        .map(|(name, mac, firmware)| {
+            lab.start_vm(&VmSpec {
+                name: (*name).to_owned(),
+                mac: *mac,
+                firmware: *firmware,
+                memory_mib: 512,
+            })
+            .expect("start VM")
+        })
+        .collect();
+    let mut addresses = Vec::new();
+    for vm in &mut vms {
+        let (elapsed, line) = vm
+            .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+            .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+        eprintln!(
+            "{}: marker after {:.1} s: {line}",
+            vm.name,
+            elapsed.as_secs_f64()
+        );
+        let address = field(&line, "address").expect("address").to_owned();
+        if vm.name == "known" {
+            assert_eq!(field(&line, "host"), Some("known-node"), "{line}");
+            assert_eq!(address, "10.61.0.50/24", "{line}");
+            assert_eq!(
+                field(&line, "bootmesh.image"),
+                Some(special_hash.as_str()),
+                "{line}"
+            );
+            assert_eq!(field(&line, "preinit"), Some("special-group"), "{line}");
+        } else {
+            assert_eq!(
+                field(&line, "bootmesh.image"),
+                Some(default_hash.as_str()),
+                "{line}"
+            );
+            assert_eq!(field(&line, "preinit"), Some("default-group"), "{line}");
+            assert!(
+                address.starts_with("10.61.0.1"),
+                "dynamic lease from the range: {line}"
+            );
+        }
+        assert_eq!(field(&line, "root"), Some("root_mode:ram"), "{line}");
+        addresses.push(address);
+    }
+    addresses.sort();
+    addresses.dedup();
+    assert_eq!(
+        addresses.len(),
+        4,
+        "every VM has its own address: {addresses:?}"
+    );
+    let uefi_serial = vms[3].serial();
+    assert!(
+        uefi_serial.contains("initrd=initrd.img"),
+        "the UEFI boot named its initrd on the cmdline"
+    );
+}
+
+/// `nbd` root mode: the kernel's NBD client reads the root from the server through dm-verity;
+/// a byte flipped in the served image afterwards makes the guest's read fail, and the agent's
+/// watcher reports the corruption.
+#[test]
+fn nbd_root_boots_and_a_flipped_byte_fails_the_read_through_verity() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    // A file of its own blocks, so the byte flipped is in data the guest reads after boot.
+    let big_file: Vec<u8> = lab::deterministic_bytes(61, 4 * 1024 * 1024);
+    let hash = busybox_image(
+        &state,
+        "lab:v1",
+        &agent,
+        &[
+            ("etc/big-file", big_file.clone()),
+            ("etc/read-all", Vec::new()),
+        ],
+    );
+    promote(&state, "lab", "lab:v1");
+    // The export the agent asks for (the manifest hash) is served from a file that this test
+    // corrupts: the store itself would refuse to serve a corrupt chunk.
+    let exported = work.path().join("root.img");
+    bootmesh(&[
+        "image",
+        "--state-dir",
+        &state.display().to_string(),
+        "export",
+        "lab:v1",
+        "--part",
+        "root",
+        "--output",
+        &exported.display().to_string(),
+    ]);
+    let image = std::fs::read(&exported).expect("exported root");
+    let at = image
+        .windows(64)
+        .position(|window| window == &big_file[1024 * 1024..1024 * 1024 + 64])
+        .expect("the big file is stored uncompressed in the squashfs");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-nbd", 62, work.path().join("lab")).expect("lab");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\"\nroot_mode = \"nbd\""),
+            hosts: "",
+            extra: &format!(
+                "[[nbd.export]]\nname = \"{hash}\"\npath = \"{}\"\n",
+                exported.display()
+            ),
+        },
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    let mut vm = lab
+        .start_vm(&VmSpec {
+            name: "nbd".into(),
+            mac: [0x52, 0x54, 0, 0x62, 0, 1],
+            firmware: Firmware::Bios,
+            memory_mib: 512,
+        })
+        .expect("VM");
+    // The image boots through the intact export.
+    let (elapsed, line) = vm
+        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    eprintln!("nbd: marker after {:.1} s: {line}", elapsed.as_secs_f64());
+    assert_eq!(field(&line, "root"), Some("root_mode:nbd"), "{line}");
+    // The guest has not read the file yet: it waits for `read-now`. Flip a byte of the served
+    // image, then let it read.
+    let mut corrupted = image.clone();
+    corrupted[at + 1000] ^= 0x01;
+    std::fs::write(&exported, &corrupted).expect("flip a byte");
+    std::fs::write(files.join("read-now"), b"now\n").expect("trigger");
+    let (_, read) = vm
+        .wait_for_line("BOOTMESH-READ", BOOT_LIMIT)
+        .expect("the read finishes");
+    assert!(
+        read.contains("BOOTMESH-READ failed"),
+        "the corrupted block must not be readable: {read}\n{}",
+        vm.serial()
+    );
+    // The agent's watcher polls dm-verity's status once a second.
+    let (_, report) = vm
+        .wait_for_line("ROOT IMAGE CORRUPTION", Duration::from_secs(20))
+        .expect("the agent's watcher reports the corruption");
+    assert!(
+        report.contains(&hash[..16]) || report.contains("lab:v1"),
+        "{report}"
+    );
+    assert!(
+        vm.serial().contains("is corrupted"),
+        "dm-verity names the block"
+    );
+}
+
+/// Rollout (slow set): a VM boots image v2 after `image promote`, and v1 again after
+/// `image rollback`, from the same running server.
+#[test]
+fn a_promoted_image_boots_and_a_rollback_boots_the_previous_one() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return;
+    }
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    let first = busybox_image(&state, "lab:v1", &agent, &[]);
+    let second = busybox_image(
+        &state,
+        "lab:v2",
+        &agent,
+        &[("etc/version", b"2\n".to_vec())],
+    );
+    promote(&state, "lab", "lab:v1");
+    promote(&state, "lab", "lab:v2");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-roll", 63, work.path().join("lab")).expect("lab");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
+            hosts: "",
+            extra: "",
+        },
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    for (round, expected) in [(1, &second), (2, &first)] {
+        if round == 2 {
+            bootmesh(&[
+                "image",
+                "--state-dir",
+                &state.display().to_string(),
+                "rollback",
+                "--group",
+                "lab",
+            ]);
+        }
+        let mut vm = lab
+            .start_vm(&VmSpec {
+                name: format!("rollout-{round}"),
+                mac: [0x52, 0x54, 0, 0x63, 0, 1],
+                firmware: Firmware::Bios,
+                memory_mib: 512,
+            })
+            .expect("VM");
+        let (elapsed, line) = vm
+            .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+            .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+        eprintln!(
+            "rollout {round}: marker after {:.1} s",
+            elapsed.as_secs_f64()
+        );
+        assert_eq!(
+            field(&line, "bootmesh.image"),
+            Some(expected.as_str()),
+            "{line}"
+        );
+        vm.wait_exit(Duration::from_secs(30));
+    }
+}
+
+/// Corrupted chunks in `ram` mode (slow set): a second server named on the command line serves
+/// every chunk with a byte flipped. The agent rejects each one it gets from there, says so on
+/// the console, takes the chunk from the good server, and boots: nothing corrupt is mounted.
+#[test]
+fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return;
+    }
+    lab::require_program("python3");
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    busybox_image(&state, "lab:v1", &agent, &[]);
+    promote(&state, "lab", "lab:v1");
+    // The bad server's tree: chunks/<hash> with one byte flipped each.
+    let bad = work.path().join("bad");
+    std::fs::create_dir_all(bad.join("chunks")).expect("bad chunks");
+    let mut corrupted = 0;
+    for fan_out in std::fs::read_dir(state.join("images/chunks")).expect("chunk store") {
+        for chunk in std::fs::read_dir(fan_out.expect("fan-out").path()).expect("fan-out") {
+            let chunk = chunk.expect("chunk").path();
+            let mut bytes = std::fs::read(&chunk).expect("chunk bytes");
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x80;
+            std::fs::write(
+                bad.join("chunks").join(chunk.file_name().expect("name")),
+                bytes,
+            )
+            .expect("corrupt chunk");
+            corrupted += 1;
+        }
+    }
+    assert!(corrupted > 10, "{corrupted} chunks");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-bad", 64, work.path().join("lab")).expect("lab");
+    lab.spawn(
+        "bad-server",
+        "python3",
+        &[
+            "-m",
+            "http.server",
+            "8081",
+            "--bind",
+            "10.64.0.1",
+            "--directory",
+            &bad.display().to_string(),
+        ],
+        &[],
+    )
+    .expect("bad server");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
+            hosts: "",
+            extra: "",
+        },
+    )
+    .replace("[boot]\n", "[boot]\nservers = [\"10.64.0.1:8081\"]\n");
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    let mut vm = lab
+        .start_vm(&VmSpec {
+            name: "bad-chunks".into(),
+            mac: [0x52, 0x54, 0, 0x64, 0, 1],
+            firmware: Firmware::Bios,
+            memory_mib: 512,
+        })
+        .expect("VM");
+    let (elapsed, _) = vm
+        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    eprintln!("bad chunks: marker after {:.1} s", elapsed.as_secs_f64());
+    let serial = vm.serial();
+    let rejected = serial.matches("REJECTED chunk").count();
+    assert!(
+        rejected > 0,
+        "the agent reports the chunks it refused:\n{serial}"
+    );
+    let summary = serial
+        .lines()
+        .find(|line| line.contains("every chunk verified"))
+        .expect("fetch summary");
+    assert!(!summary.contains("rejected=0"), "{summary}");
+    eprintln!("bad chunks: {rejected} rejections reported; {summary}");
+}
