@@ -607,3 +607,150 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
     assert!(!summary.contains("rejected=0"), "{summary}");
     eprintln!("bad chunks: {rejected} rejections reported; {summary}");
 }
+
+/// The marker unit of the Debian image: ordered after multi-user.target, it prints what the
+/// node was given (hostname, PREINIT's effect, the RCFILE unit's state, a masked and a kept
+/// unit, the FSTAB line) with this run's nonce, then powers the VM off.
+const DEBIAN_MARKER_SCRIPT: &str = r#"#!/bin/sh
+nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
+echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
+systemctl poweroff --no-block
+"#;
+
+const DEBIAN_MARKER_UNIT: &str = "[Unit]
+Description=bootmesh test marker
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/bootmesh-marker
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// A Debian bookworm root with systemd (mmdebstrap from the Debian mirror; cached as a tar),
+/// with the marker unit and the Debian kernel's modules.
+fn debian_systemd_tree(tree: &Path) {
+    let kernel = kernel();
+    let tar = with_cache_lock("debian-systemd", |cache| {
+        let tar = cache.join("debian-bookworm-systemd.tar");
+        if !tar.is_file() {
+            // mmdebstrap picks the output format from the name: it must end in .tar.
+            let partial = cache.join("partial-debian-bookworm-systemd.tar");
+            run(
+                "mmdebstrap",
+                &[
+                    "--quiet",
+                    "--variant=minbase",
+                    "--include=systemd-sysv,udev",
+                    "bookworm",
+                    &partial.display().to_string(),
+                ],
+            );
+            std::fs::rename(&partial, &tar).expect("keep the Debian root");
+        }
+        tar
+    });
+    std::fs::create_dir_all(tree).expect("tree");
+    run(
+        "tar",
+        &[
+            "-xf",
+            &tar.display().to_string(),
+            "-C",
+            &tree.display().to_string(),
+            "--numeric-owner",
+        ],
+    );
+    let script = tree.join("usr/local/sbin/bootmesh-marker");
+    std::fs::create_dir_all(script.parent().expect("sbin")).expect("sbin");
+    std::fs::write(&script, DEBIAN_MARKER_SCRIPT).expect("marker script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let systemd = tree.join("etc/systemd/system");
+    std::fs::write(systemd.join("bootmesh-marker.service"), DEBIAN_MARKER_UNIT).expect("unit");
+    let wants = systemd.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants).expect("wants");
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/bootmesh-marker.service",
+        wants.join("bootmesh-marker.service"),
+    )
+    .expect("enable the marker");
+    vmlab::add_kernel_to_tree(&kernel, tree).expect("kernel");
+}
+
+/// Test 1: BIOS PXE into a Debian systemd root in RAM through dm-verity, with the node's
+/// host and group settings applied (hostname, PREINIT before PID 1, FSTAB, RCFILE unit,
+/// masked and kept units).
+#[test]
+fn a_debian_systemd_root_boots_in_ram_with_its_node_settings() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    lab::require_program("mmdebstrap");
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    let tree = work.path().join("tree");
+    debian_systemd_tree(&tree);
+    let hash = import(&state, "debian:v1", &tree, &agent);
+    promote(&state, "lab", "debian:v1");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-deb", 65, work.path().join("lab")).expect("lab");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!(
+                "cmdline = \"lab.nonce={nonce}\"
+preinit = [\"echo preinit-ran-before-init > /etc/bootmesh-preinit-proof\"]
+fstab = [\"tmpfs /mnt/bootmesh-scratch tmpfs size=16m 0 0\"]
+rcfile = [\"echo rcfile-ran > /run/rcfile-proof\"]
+keep_system_services = [\"fstrim.timer\"]"
+            ),
+            hosts: "[[dhcp.host]]\nmac = \"52:54:00:65:00:01\"\nhostname = \"debian-node-1\"",
+            extra: "",
+        },
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    let mut vm = lab
+        .start_vm(&VmSpec {
+            name: "debian".into(),
+            mac: [0x52, 0x54, 0, 0x65, 0, 1],
+            firmware: Firmware::Bios,
+            memory_mib: 1024,
+        })
+        .expect("VM");
+    let (elapsed, line) = vm
+        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    eprintln!(
+        "debian: marker after {:.1} s: {line}",
+        elapsed.as_secs_f64()
+    );
+    let expect = |key: &str, value: &str| {
+        assert_eq!(field(&line, key), Some(value), "{key} in {line}");
+    };
+    expect("host", "debian-node-1");
+    expect("preinit", "preinit-ran-before-init");
+    expect("rcfile", "active");
+    expect("rcfile-ran", "rcfile-ran");
+    expect("apt-daily.timer", "masked");
+    expect("fstab", "1");
+    expect("scratch", "tmpfs");
+    expect("init", "systemd");
+    assert_ne!(field(&line, "fstrim.timer"), Some("masked"), "kept: {line}");
+    let serial = vm.serial();
+    assert!(
+        serial.contains(&format!("bootmesh.image={hash}")),
+        "booted the promoted image"
+    );
+    assert!(
+        serial.contains("dm-verity over the root image"),
+        "root through dm-verity"
+    );
+    assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
+}
