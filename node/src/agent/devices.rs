@@ -2,7 +2,7 @@
 //! over a sealed memfd, and a dm-verity target over any block device, through the kernel's
 //! ioctls (`linux/loop.h`, `linux/dm-ioctl.h`).
 //!
-//! This is the one module of the agent that needs `unsafe`: `ioctl(2)` takes a pointer to a
+//! With `system`'s fork and pre-exec chroot, the agent's `unsafe`: `ioctl(2)` takes a pointer to a
 //! struct whose layout the kernel defines. Each struct is `repr(C)` with its size asserted
 //! against the kernel's, and each call passes a pointer to a live, correctly sized value.
 #![allow(unsafe_code)]

@@ -388,6 +388,7 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         image = %manifest.reference(),
         hostname = hostname.as_deref().unwrap_or("-"),
         init = %cmdline.init,
+        peak_rss_kib = peak_rss_kib().unwrap_or(0),
         "switching to the image"
     );
     show_agent_lines_on_console(false);
@@ -397,6 +398,18 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         watch_root_integrity(&device_name, &image)
     })
     .into())
+}
+
+/// The agent's peak resident memory (VmHWM), for the boot report.
+fn peak_rss_kib() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// How often the watcher reads dm-verity's status.

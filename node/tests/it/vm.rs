@@ -613,7 +613,7 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
 /// unit, the FSTAB line) with this run's nonce, then powers the VM off.
 const DEBIAN_MARKER_SCRIPT: &str = r#"#!/bin/sh
 nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
-echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
+echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) secret=$(cat /run/bootmesh/secrets/join-token 2>/dev/null) secret-mode=$(stat -c %a /run/bootmesh/secrets/join-token 2>/dev/null) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
 systemctl poweroff --no-block
 "#;
 
@@ -697,6 +697,8 @@ fn a_debian_systemd_root_boots_in_ram_with_its_node_settings() {
     promote(&state, "lab", "debian:v1");
     let files = files_directory(work.path());
     let mut lab = BootLab::new("bmvm-deb", 65, work.path().join("lab")).expect("lab");
+    // A stand-in for a `kubeadm join` token: it must reach the node and no log.
+    let secret = format!("join-{}", nonce());
     let nonce = nonce();
     let config = server_config(
         &lab,
@@ -708,7 +710,8 @@ fn a_debian_systemd_root_boots_in_ram_with_its_node_settings() {
 preinit = [\"echo preinit-ran-before-init > /etc/bootmesh-preinit-proof\"]
 fstab = [\"tmpfs /mnt/bootmesh-scratch tmpfs size=16m 0 0\"]
 rcfile = [\"echo rcfile-ran > /run/rcfile-proof\"]
-keep_system_services = [\"fstrim.timer\"]"
+keep_system_services = [\"fstrim.timer\"]
+secrets = {{ join-token = \"{secret}\" }}"
             ),
             hosts: "[[dhcp.host]]\nmac = \"52:54:00:65:00:01\"\nhostname = \"debian-node-1\"",
             extra: "",
@@ -741,6 +744,20 @@ keep_system_services = [\"fstrim.timer\"]"
     expect("apt-daily.timer", "masked");
     expect("fstab", "1");
     expect("scratch", "tmpfs");
+    expect("secret", &secret);
+    expect("secret-mode", "600");
+    let server_log = lab.log("server");
+    assert!(
+        !server_log.contains(&secret),
+        "the secret never appears in the server's log"
+    );
+    assert!(
+        vm.serial()
+            .lines()
+            .filter(|console_line| console_line.contains("bootmesh:"))
+            .all(|console_line| !console_line.contains(&secret)),
+        "the agent never logs the secret"
+    );
     expect("init", "systemd");
     assert_ne!(field(&line, "fstrim.timer"), Some("masked"), "kept: {line}");
     let serial = vm.serial();
