@@ -23,6 +23,7 @@
 //! unprocessed. A write payload is discarded as it streams in, never held whole.
 
 mod buffer;
+pub mod client;
 mod handshake;
 mod transmission;
 mod wire;

@@ -8,6 +8,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use boot_services::nbd::client::NbdClientHandshake;
+
 use super::devices::BlockDevice;
 use super::netlink::{self, Message, NetlinkError, NetlinkSocket};
 
@@ -27,20 +29,6 @@ pub enum NbdError {
     Netlink(#[from] NetlinkError),
 }
 
-const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const INFO_BLOCK_SIZE: u16 = 3;
-/// Replies to one option are bounded: a server that streams INFO forever is refused.
-const OPTION_REPLIES_MAX: usize = 32;
-const OPTION_REPLY_BYTES_MAX: u32 = 64 * 1024;
-
 /// An export negotiated and ready for the kernel.
 #[derive(Debug)]
 pub struct NegotiatedExport {
@@ -52,95 +40,48 @@ pub struct NegotiatedExport {
     pub transmission_flags: u16,
 }
 
-fn read_exact<const N: usize>(socket: &mut TcpStream) -> std::io::Result<[u8; N]> {
-    let mut bytes = [0u8; N];
-    socket.read_exact(&mut bytes)?;
-    Ok(bytes)
-}
-
-/// Connects to `server` and negotiates `export_name` with `NBD_OPT_GO`. Simple replies only:
-/// the kernel's client does not speak structured replies.
+/// Connects to `server` and negotiates `export_name` (the sans-IO handshake of
+/// `boot_services::nbd::client`, driven over a blocking socket with timeouts).
 pub fn negotiate(server: SocketAddr, export_name: &str) -> Result<NegotiatedExport, NbdError> {
     let fail = |reason: String| NbdError::Handshake { server, reason };
+    let mut handshake =
+        NbdClientHandshake::new(export_name).map_err(|error| fail(error.to_string()))?;
     let mut socket = TcpStream::connect_timeout(&server, Duration::from_secs(5))
         .map_err(|error| fail(format!("connect: {error}")))?;
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|error| fail(format!("timeout: {error}")))?;
     let _ = socket.set_nodelay(true);
-    let io = |error: std::io::Error| fail(format!("handshake: {error}"));
-
-    let magic = u64::from_be_bytes(read_exact::<8>(&mut socket).map_err(io)?);
-    let option_magic = u64::from_be_bytes(read_exact::<8>(&mut socket).map_err(io)?);
-    if magic != NBD_MAGIC || option_magic != IHAVEOPT {
-        return Err(fail("not a newstyle NBD server".into()));
-    }
-    let handshake_flags = u16::from_be_bytes(read_exact::<2>(&mut socket).map_err(io)?);
-    if handshake_flags & FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(fail("server does not speak fixed newstyle".into()));
-    }
-    let client_flags = u32::from(FLAG_FIXED_NEWSTYLE | (handshake_flags & FLAG_NO_ZEROES));
-    socket.write_all(&client_flags.to_be_bytes()).map_err(io)?;
-
-    let name = export_name.as_bytes();
-    let mut data = Vec::with_capacity(8 + name.len());
-    data.extend_from_slice(&(name.len() as u32).to_be_bytes());
-    data.extend_from_slice(name);
-    data.extend_from_slice(&1u16.to_be_bytes());
-    data.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    let mut option = Vec::with_capacity(16 + data.len());
-    option.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    option.extend_from_slice(&OPT_GO.to_be_bytes());
-    option.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    option.extend_from_slice(&data);
-    socket.write_all(&option).map_err(io)?;
-
-    let mut export = None;
-    for _ in 0..OPTION_REPLIES_MAX {
-        let magic = u64::from_be_bytes(read_exact::<8>(&mut socket).map_err(io)?);
-        let _option = u32::from_be_bytes(read_exact::<4>(&mut socket).map_err(io)?);
-        let reply_type = u32::from_be_bytes(read_exact::<4>(&mut socket).map_err(io)?);
-        let length = u32::from_be_bytes(read_exact::<4>(&mut socket).map_err(io)?);
-        if magic != REPLY_MAGIC || length > OPTION_REPLY_BYTES_MAX {
-            return Err(fail("malformed option reply".into()));
+    let mut buffer = [0u8; 4096];
+    while handshake.wants_input() {
+        let received = socket
+            .read(&mut buffer)
+            .map_err(|error| fail(format!("handshake: {error}")))?;
+        if received == 0 {
+            return Err(fail(
+                "server closed the connection during the handshake".into(),
+            ));
         }
-        let mut payload = vec![0u8; length as usize];
-        socket.read_exact(&mut payload).map_err(io)?;
-        if reply_type & 0x8000_0000 != 0 {
-            let message = String::from_utf8_lossy(&payload).into_owned();
-            return Err(fail(format!(
-                "export {export_name:?} refused (error {reply_type:#x}): {message}"
-            )));
-        }
-        match reply_type {
-            REP_INFO if payload.len() >= 12 => {
-                let info = u16::from_be_bytes([payload[0], payload[1]]);
-                if info == INFO_EXPORT {
-                    let mut size = [0u8; 8];
-                    size.copy_from_slice(&payload[2..10]);
-                    export = Some((
-                        u64::from_be_bytes(size),
-                        u16::from_be_bytes([payload[10], payload[11]]),
-                    ));
-                }
-            }
-            REP_ACK => {
-                let Some((size_bytes, transmission_flags)) = export else {
-                    return Err(fail("GO acknowledged without export information".into()));
-                };
-                socket
-                    .set_read_timeout(None)
-                    .map_err(|error| fail(format!("timeout: {error}")))?;
-                return Ok(NegotiatedExport {
-                    socket,
-                    size_bytes,
-                    transmission_flags,
-                });
-            }
-            _ => {}
+        handshake
+            .handle_input(&buffer[..received])
+            .map_err(|error| fail(error.to_string()))?;
+        if let Some(output) = handshake.poll_output() {
+            socket
+                .write_all(&output)
+                .map_err(|error| fail(format!("handshake: {error}")))?;
         }
     }
-    Err(fail("too many option replies".into()))
+    let export = handshake
+        .outcome()
+        .ok_or_else(|| fail("handshake ended without an export".into()))?;
+    socket
+        .set_read_timeout(None)
+        .map_err(|error| fail(format!("timeout: {error}")))?;
+    Ok(NegotiatedExport {
+        socket,
+        size_bytes: export.size_bytes,
+        transmission_flags: export.transmission_flags,
+    })
 }
 
 const NBD_CMD_CONNECT: u8 = 1;
