@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -260,40 +260,123 @@ pub struct FetchSummary {
 }
 
 /// One chunk, from whichever source gives the right bytes first.
+/// How long a source that did not answer is skipped: a dead server then costs one timeout per
+/// fetch, not one per chunk.
+const SOURCE_BACKOFF: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SourceState {
+    Good,
+    DownUntil(Instant),
+    /// Served bytes that are not what the manifest says: not asked again during this fetch.
+    Banned,
+}
+
+/// What this fetch learned about its sources.
+#[derive(Debug)]
+struct SourceHealth {
+    states: std::sync::Mutex<Vec<SourceState>>,
+}
+
+impl SourceHealth {
+    fn new(sources: usize) -> Self {
+        Self {
+            states: std::sync::Mutex::new(vec![SourceState::Good; sources]),
+        }
+    }
+
+    /// The sources to try, in rotation from `first`: usable ones first, then (if a chunk must
+    /// still be found) ones that were down; never banned ones.
+    fn order(&self, first: usize) -> Vec<usize> {
+        let Ok(states) = self.states.lock() else {
+            return Vec::new();
+        };
+        let now = Instant::now();
+        let count = states.len();
+        let rotation = (0..count).map(|offset| (first + offset) % count);
+        let mut usable: Vec<usize> = rotation
+            .clone()
+            .filter(|source| match states[*source] {
+                SourceState::Good => true,
+                SourceState::DownUntil(until) => now >= until,
+                SourceState::Banned => false,
+            })
+            .collect();
+        usable.extend(rotation.filter(
+            |source| matches!(states[*source], SourceState::DownUntil(until) if now < until),
+        ));
+        usable
+    }
+
+    fn mark_down(&self, source: usize) {
+        if let Ok(mut states) = self.states.lock()
+            && let Some(state) = states.get_mut(source)
+            && *state != SourceState::Banned
+        {
+            *state = SourceState::DownUntil(Instant::now() + SOURCE_BACKOFF);
+        }
+    }
+
+    fn mark_good(&self, source: usize) {
+        if let Ok(mut states) = self.states.lock()
+            && let Some(state) = states.get_mut(source)
+            && matches!(*state, SourceState::DownUntil(_))
+        {
+            *state = SourceState::Good;
+        }
+    }
+
+    fn ban(&self, source: usize) {
+        if let Ok(mut states) = self.states.lock()
+            && let Some(state) = states.get_mut(source)
+        {
+            *state = SourceState::Banned;
+        }
+    }
+}
+
+/// One chunk, from whichever source gives the right bytes first.
 async fn fetch_chunk_verified<T: ChunkTransport>(
     transport: &T,
     chunk: &ChunkRef,
     first_source: usize,
+    health: &SourceHealth,
     summary: &std::sync::Mutex<FetchSummary>,
 ) -> Result<Vec<u8>, FetchError> {
-    let sources = transport.source_count().max(1);
     let mut last = String::from("no servers");
-    // Each source twice: a transient failure (a restart) gets a second chance before the boot
-    // round is abandoned.
-    for attempt in 0..sources * 2 {
-        let source = (first_source + attempt) % sources;
-        match transport.fetch_chunk(source, &chunk.hash).await {
-            Ok(bytes) => match verify_chunk(chunk, &bytes) {
-                Ok(()) => return Ok(bytes),
+    // Two passes: a transient failure (a restart) gets a second chance before the boot round
+    // is abandoned.
+    for _ in 0..2 {
+        for source in health.order(first_source) {
+            match transport.fetch_chunk(source, &chunk.hash).await {
+                Ok(bytes) => match verify_chunk(chunk, &bytes) {
+                    Ok(()) => {
+                        health.mark_good(source);
+                        return Ok(bytes);
+                    }
+                    Err(error) => {
+                        tracing::error!(
+                            server = %transport.source_name(source),
+                            chunk = %chunk.hash,
+                            %error,
+                            "REJECTED chunk: bytes do not match the manifest; that server is \
+                             not asked again during this boot"
+                        );
+                        health.ban(source);
+                        if let Ok(mut summary) = summary.lock() {
+                            summary.chunks_rejected += 1;
+                        }
+                        last = error.to_string();
+                    }
+                },
                 Err(error) => {
-                    tracing::error!(
-                        server = %transport.source_name(source),
-                        chunk = %chunk.hash,
-                        %error,
-                        "REJECTED chunk: bytes do not match the manifest; asking another server"
-                    );
+                    tracing::warn!(server = %transport.source_name(source), %error, "chunk: trying the next server");
+                    health.mark_down(source);
                     if let Ok(mut summary) = summary.lock() {
-                        summary.chunks_rejected += 1;
+                        summary.requests_failed += 1;
                     }
                     last = error.to_string();
                 }
-            },
-            Err(error) => {
-                tracing::warn!(server = %transport.source_name(source), %error, "chunk: trying the next server");
-                if let Ok(mut summary) = summary.lock() {
-                    summary.requests_failed += 1;
-                }
-                last = error.to_string();
             }
         }
     }
@@ -313,6 +396,8 @@ pub async fn fetch_part_into<T: ChunkTransport + Sync>(
 ) -> Result<FetchSummary, FetchError> {
     let summary = std::sync::Mutex::new(FetchSummary::default());
     let sources = transport.source_count().max(1);
+    let health = SourceHealth::new(sources);
+    let health_ref = &health;
     let mut offset = 0u64;
     let mut placed = Vec::with_capacity(part.chunks.len());
     for (index, chunk) in part.chunks.iter().enumerate() {
@@ -323,7 +408,8 @@ pub async fn fetch_part_into<T: ChunkTransport + Sync>(
     let mut fetches = futures_util::stream::iter(placed)
         .map(|(index, chunk, offset)| async move {
             let bytes =
-                fetch_chunk_verified(transport, &chunk, index % sources, summary_ref).await?;
+                fetch_chunk_verified(transport, &chunk, index % sources, health_ref, summary_ref)
+                    .await?;
             Ok::<_, FetchError>((bytes, offset))
         })
         .buffer_unordered(CHUNKS_IN_FLIGHT);
@@ -348,6 +434,20 @@ pub async fn fetch_part_into<T: ChunkTransport + Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_sources_go_last_and_banned_ones_never_come_back() {
+        let health = SourceHealth::new(3);
+        assert_eq!(health.order(1), vec![1, 2, 0]);
+        health.mark_down(2);
+        assert_eq!(health.order(1), vec![1, 0, 2]);
+        health.ban(0);
+        assert_eq!(health.order(0), vec![1, 2]);
+        health.mark_good(2);
+        assert_eq!(health.order(2), vec![2, 1]);
+        health.mark_good(0);
+        assert_eq!(health.order(0), vec![1, 2], "a ban lasts the whole fetch");
+    }
 
     #[test]
     fn tokens_in_urls_are_redacted() {

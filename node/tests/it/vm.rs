@@ -516,8 +516,10 @@ fn a_promoted_image_boots_and_a_rollback_boots_the_previous_one() {
 }
 
 /// Corrupted chunks in `ram` mode (slow set): a second server named on the command line serves
-/// every chunk with a byte flipped. The agent rejects each one it gets from there, says so on
-/// the console, takes the chunk from the good server, and boots: nothing corrupt is mounted.
+/// every chunk with a byte flipped, and a third one is dead. The agent rejects what it gets
+/// from the bad one, says so on the console and asks it nothing more; it skips the dead one
+/// after its first timeouts; it takes every chunk from the good server and boots: nothing
+/// corrupt is mounted.
 #[test]
 fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
     let Some(agent) = vm_tests_enabled() else {
@@ -579,7 +581,10 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
             extra: "",
         },
     )
-    .replace("[boot]\n", "[boot]\nservers = [\"10.64.0.1:8081\"]\n");
+    .replace(
+        "[boot]\n",
+        "[boot]\nservers = [\"10.64.0.1:8081\", \"10.64.0.9:8080\"]\n",
+    );
     lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
         .expect("server");
     let mut vm = lab
@@ -605,6 +610,16 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
         .find(|line| line.contains("every chunk verified"))
         .expect("fetch summary");
     assert!(!summary.contains("rejected=0"), "{summary}");
+    let retried: usize = summary
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("retried="))
+        .and_then(|count| count.parse().ok())
+        .expect("retried count");
+    // The dead server costs the requests in flight when it is first tried, then it is skipped.
+    assert!(
+        retried <= 8,
+        "a dead server is skipped after its first failures: {summary}"
+    );
     eprintln!("bad chunks: {rejected} rejections reported; {summary}");
 }
 
