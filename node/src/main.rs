@@ -169,7 +169,7 @@ fn main() -> anyhow::Result<()> {
                     .map_err(|error| anyhow::anyhow!("--mac: {error}"))?;
                 let interface = node::agent::network::find_interface(mac)?;
                 node::agent::network::bring_up(&interface)?;
-                let lease =
+                let (lease, _keeper) =
                     node::agent::network::acquire_lease(&interface, u64::from(std::process::id()))?;
                 let report = format!(
                     "interface {}\naddress {}/{}\nrouters {:?}\nserver {}\nhostname {}\n",

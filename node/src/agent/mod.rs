@@ -97,6 +97,7 @@ const OVERLAY_SIZE: &str = "50%";
 struct Progress {
     interface: Option<Interface>,
     lease: Option<DhcpLease>,
+    lease_keeper: Option<network::LeaseKeeper>,
     root_mounted: bool,
     /// The boot token is single-use: once spent, later rounds keep what it fetched.
     token_spent: bool,
@@ -285,8 +286,9 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
                 0,
                 0,
             ]) ^ u64::from(std::process::id());
-            let lease = network::acquire_lease(&interface, seed)?;
+            let (lease, keeper) = network::acquire_lease(&interface, seed)?;
             progress.lease = Some(lease.clone());
+            progress.lease_keeper = Some(keeper);
             lease
         }
     };
@@ -394,8 +396,9 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
     show_agent_lines_on_console(false);
     let device_name = verity_name.clone();
     let image = manifest.reference();
+    let keeper = progress.lease_keeper.take();
     Err(system::switch_root(&cmdline.init, move || {
-        watch_root_integrity(&device_name, &image)
+        run_companion(&device_name, &image, keeper)
     })
     .into())
 }
@@ -410,6 +413,29 @@ fn peak_rss_kib() -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The agent's companion in the booted system: keeps the DHCP lease and watches the root
+/// image's integrity, until the machine stops.
+fn run_companion(device_name: &str, image: &str, keeper: Option<network::LeaseKeeper>) {
+    let device_name = device_name.to_owned();
+    let image = image.to_owned();
+    let watcher = std::thread::Builder::new()
+        .name("integrity".into())
+        .spawn(move || watch_root_integrity(&device_name, &image));
+    if let Err(error) = &watcher {
+        tracing::warn!(%error, "no integrity watcher: thread not started");
+    }
+    match keeper {
+        Some(keeper) => {
+            let error = keeper.keep();
+            tracing::error!(%error, "DHCP lease no longer kept");
+        }
+        None => tracing::warn!("no DHCP lease to keep"),
+    }
+    if let Ok(watcher) = watcher {
+        let _ = watcher.join();
+    }
 }
 
 /// How often the watcher reads dm-verity's status.

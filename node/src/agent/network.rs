@@ -152,82 +152,142 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> NetworkError {
 /// How long one DHCP attempt runs before the agent reports and starts over.
 const LEASE_WAIT: Duration = Duration::from_secs(60);
 
-/// Runs DHCP on `interface` until a lease is bound, then configures it.
-pub fn acquire_lease(interface: &Interface, seed: u64) -> Result<DhcpLease, NetworkError> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV4,
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )
-    .map_err(io("dhcp socket"))?;
-    socket.set_reuse_address(true).map_err(io("SO_REUSEADDR"))?;
-    socket.set_broadcast(true).map_err(io("SO_BROADCAST"))?;
-    // Without an address there is no route; binding to the device makes broadcasts leave
-    // through this NIC and only its replies come back.
-    socket
-        .bind_device(Some(interface.name.as_bytes()))
-        .map_err(io("SO_BINDTODEVICE"))?;
-    socket
-        .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68).into())
-        .map_err(io("bind 0.0.0.0:68"))?;
-    let socket: UdpSocket = socket.into();
-    tracing::debug!(interface = %interface.name, "dhcp socket bound to port 68");
+/// The DHCP client of a node and its socket, kept for as long as the node runs: after the
+/// switch to the image, the agent's companion process renews the lease at T1, rebinds at T2,
+/// and starts over if it is lost, because on a diskless node nothing else will (the image's
+/// own DHCP clients are masked by default, and an expired lease is an address the server may
+/// give to another node).
+#[derive(Debug)]
+pub struct LeaseKeeper {
+    interface: Interface,
+    socket: UdpSocket,
+    client: DhcpClient,
+    buffer: Vec<u8>,
+}
 
-    let mut config = DhcpClientConfig::new(interface.mac);
-    config.vendor_class = "bootmesh-agent".into();
-    let mut client = DhcpClient::new(config, Instant::now(), seed);
-    let started = Instant::now();
-    let mut buffer = vec![0u8; 1500];
-    loop {
-        while let Some(transmit) = client.poll_transmit() {
+impl LeaseKeeper {
+    fn new(interface: &Interface, seed: u64) -> Result<Self, NetworkError> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .map_err(io("dhcp socket"))?;
+        socket.set_reuse_address(true).map_err(io("SO_REUSEADDR"))?;
+        socket.set_broadcast(true).map_err(io("SO_BROADCAST"))?;
+        // Without an address there is no route; binding to the device makes broadcasts leave
+        // through this NIC and only its replies come back.
+        socket
+            .bind_device(Some(interface.name.as_bytes()))
+            .map_err(io("SO_BINDTODEVICE"))?;
+        socket
+            .bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68).into())
+            .map_err(io("bind 0.0.0.0:68"))?;
+        tracing::debug!(interface = %interface.name, "dhcp socket bound to port 68");
+        let mut config = DhcpClientConfig::new(interface.mac);
+        config.vendor_class = "bootmesh-agent".into();
+        Ok(Self {
+            interface: interface.clone(),
+            socket: socket.into(),
+            client: DhcpClient::new(config, Instant::now(), seed),
+            buffer: vec![0u8; 1500],
+        })
+    }
+
+    /// Sends what the client wants sent, then waits for one datagram or the client's next
+    /// timer, whichever comes first.
+    fn step(&mut self) -> Result<Option<ClientEvent>, NetworkError> {
+        while let Some(transmit) = self.client.poll_transmit() {
             let destination = match transmit.destination {
                 ClientDestination::Broadcast => SocketAddrV4::new(Ipv4Addr::BROADCAST, 67),
                 ClientDestination::Unicast(server) => SocketAddrV4::new(server, 67),
             };
             tracing::debug!(%destination, bytes = transmit.bytes.len(), "dhcp send");
-            if let Err(error) = socket.send_to(&transmit.bytes, destination) {
+            if let Err(error) = self.socket.send_to(&transmit.bytes, destination) {
                 tracing::warn!(%error, "dhcp send failed; retrying on the next timeout");
             }
         }
-        if let Some(lease) = client.lease() {
-            let lease = lease.clone();
-            configure(interface, &lease)?;
-            return Ok(lease);
-        }
         let now = Instant::now();
-        let wait = client
+        let wait = self
+            .client
             .poll_timeout()
             .map(|deadline| deadline.saturating_duration_since(now))
             .unwrap_or(Duration::from_secs(1))
-            .max(Duration::from_millis(10));
-        socket
+            .clamp(Duration::from_millis(10), Duration::from_secs(3600));
+        self.socket
             .set_read_timeout(Some(wait))
             .map_err(io("dhcp read timeout"))?;
-        match socket.recv_from(&mut buffer) {
-            Ok((length, _)) => match client
-                .handle_datagram(Instant::now(), buffer.get(..length).unwrap_or_default())
-            {
-                ClientEvent::Offered(address) => tracing::info!(%address, "dhcp offer"),
-                ClientEvent::Bound(address) => tracing::info!(%address, "dhcp bound"),
-                ClientEvent::Refused => tracing::warn!("dhcp server refused; starting over"),
-                ClientEvent::Malformed(reason) => tracing::debug!(%reason, "not a dhcp reply"),
-                ClientEvent::Ignored(_) => {}
-            },
+        match self.socket.recv_from(&mut self.buffer) {
+            Ok((length, _)) => {
+                let bytes = self.buffer.get(..length).unwrap_or_default();
+                Ok(Some(self.client.handle_datagram(Instant::now(), bytes)))
+            }
             Err(error)
                 if matches!(
                     error.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                client.handle_timeout(Instant::now());
-                if started.elapsed() > LEASE_WAIT {
-                    return Err(NetworkError::NoLease {
-                        interface: interface.name.clone(),
-                        waited: LEASE_WAIT,
-                    });
-                }
+                self.client.handle_timeout(Instant::now());
+                Ok(None)
             }
-            Err(error) => return Err(io("dhcp receive")(error)),
+            Err(error) => Err(io("dhcp receive")(error)),
+        }
+    }
+
+    /// Keeps the lease for as long as the process runs. Returns only if the socket fails.
+    pub fn keep(mut self) -> NetworkError {
+        loop {
+            match self.step() {
+                Ok(Some(ClientEvent::Bound(address))) => {
+                    let Some(lease) = self.client.lease().cloned() else {
+                        continue;
+                    };
+                    match configure(&self.interface, &lease) {
+                        Ok(()) => tracing::info!(
+                            %address,
+                            lease_secs = lease.lease_time.as_secs(),
+                            "dhcp lease renewed"
+                        ),
+                        Err(error) => tracing::error!(%error, "renewed lease not applied"),
+                    }
+                }
+                Ok(Some(ClientEvent::Refused)) => tracing::error!(
+                    interface = %self.interface.name,
+                    "DHCP LEASE LOST: the server refused the renewal; asking for a new one"
+                ),
+                Ok(_) => {}
+                Err(error) => return error,
+            }
+        }
+    }
+}
+
+/// Runs DHCP on `interface` until a lease is bound, then configures it; returns the lease and
+/// the client that keeps it.
+pub fn acquire_lease(
+    interface: &Interface,
+    seed: u64,
+) -> Result<(DhcpLease, LeaseKeeper), NetworkError> {
+    let mut keeper = LeaseKeeper::new(interface, seed)?;
+    let started = Instant::now();
+    loop {
+        match keeper.step()? {
+            Some(ClientEvent::Offered(address)) => tracing::info!(%address, "dhcp offer"),
+            Some(ClientEvent::Bound(address)) => tracing::info!(%address, "dhcp bound"),
+            Some(ClientEvent::Refused) => tracing::warn!("dhcp server refused; starting over"),
+            Some(ClientEvent::Malformed(reason)) => tracing::debug!(%reason, "not a dhcp reply"),
+            Some(ClientEvent::Ignored(_)) | None => {}
+        }
+        if let Some(lease) = keeper.client.lease().cloned() {
+            configure(interface, &lease)?;
+            return Ok((lease, keeper));
+        }
+        if started.elapsed() > LEASE_WAIT {
+            return Err(NetworkError::NoLease {
+                interface: interface.name.clone(),
+                waited: LEASE_WAIT,
+            });
         }
     }
 }

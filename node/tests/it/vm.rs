@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use node::vmlab::{self, BootLab, DebianKernel, Firmware, VmSpec};
+use node::vmlab::{self, BootLab, DebianKernel, Firmware, Vm, VmSpec};
 
 use crate::lab;
 
@@ -91,6 +91,10 @@ nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
 image=$(tr ' ' '\n' < /proc/cmdline | grep '^bootmesh.image=' | head -n 1)
 address=$(ip -4 -o addr show 2>/dev/null | grep -v ' lo ' | head -n 1 | tr -s ' ' | cut -d ' ' -f 4)
 echo "BOOTMESH-MARKER ${nonce} host=$(hostname) ${image} address=${address} preinit=$(cat /etc/preinit-proof 2>/dev/null) root=$(grep -o '"root_mode": "[a-z]*"' /run/bootmesh/boot.json | tr -d '" ')" > /dev/kmsg
+if [ -e /etc/wait-for-renewal ]; then
+  # Long enough for the lease's T1 (half of lease_secs) to pass in the booted system.
+  sleep 14
+fi
 if [ -e /etc/read-all ]; then
   # The test says when to read (after it has corrupted the served image) through a file the
   # boot server starts serving.
@@ -222,6 +226,49 @@ name = "lab"
     )
 }
 
+/// A lab serving `state` with one group (`lab`) whose command line carries a fresh nonce.
+fn plain_lab(work: &Path, prefix: &str, subnet: u8, state: &Path) -> (BootLab, String) {
+    let files = files_directory(work);
+    let mut lab = BootLab::new(prefix, subnet, work.join("lab")).expect("lab");
+    let nonce = nonce();
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state,
+            files: &files,
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
+            hosts: "",
+            extra: "",
+        },
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    (lab, nonce)
+}
+
+/// Starts one BIOS VM on `lab` and waits for its marker; returns the VM, the time from QEMU's
+/// start, and the marker line.
+fn boot_to_marker(
+    lab: &mut BootLab,
+    name: impl Into<String>,
+    mac: [u8; 6],
+    memory_mib: u32,
+    nonce: &str,
+) -> (Vm, Duration, String) {
+    let mut vm = lab
+        .start_vm(&VmSpec {
+            name: name.into(),
+            mac,
+            firmware: Firmware::Bios,
+            memory_mib,
+        })
+        .expect("VM");
+    let (elapsed, line) = vm
+        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    (vm, elapsed, line)
+}
+
 /// A marker line's `key=value` fields.
 fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line.split_whitespace()
@@ -242,7 +289,10 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
         &state,
         "special:v1",
         &agent,
-        &[("etc/special", b"special image\n".to_vec())],
+        &[
+            ("etc/special", b"special image\n".to_vec()),
+            ("etc/wait-for-renewal", Vec::new()),
+        ],
     );
     assert_ne!(default_hash, special_hash);
     promote(&state, "lab", "lab:v1");
@@ -262,6 +312,9 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
             extra: "",
         },
     );
+    // Short leases: the known VM stays up past T1, and its lease must be renewed by the agent's
+    // companion in the booted system.
+    let config = config.replace("lease_secs = 600", "lease_secs = 20");
     let config = format!(
         "{config}[[group]]\nname = \"special\"\ncmdline = \"lab.nonce={nonce}\"\npreinit = [\"echo special-group > /etc/preinit-proof\"]\n"
     );
@@ -335,6 +388,14 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
         4,
         "every VM has its own address: {addresses:?}"
     );
+    let (renewed_after, renewal) = vms[0]
+        .wait_for_line("dhcp lease renewed", Duration::from_secs(60))
+        .expect("the booted known node renews its lease");
+    eprintln!(
+        "known: lease renewed {:.1} s after QEMU start: {renewal}",
+        renewed_after.as_secs_f64()
+    );
+    assert!(renewal.contains("10.61.0.50"), "{renewal}");
     let uefi_serial = vms[3].serial();
     assert!(
         uefi_serial.contains("initrd=initrd.img"),
@@ -465,21 +526,7 @@ fn a_promoted_image_boots_and_a_rollback_boots_the_previous_one() {
     );
     promote(&state, "lab", "lab:v1");
     promote(&state, "lab", "lab:v2");
-    let files = files_directory(work.path());
-    let mut lab = BootLab::new("bmvm-roll", 63, work.path().join("lab")).expect("lab");
-    let nonce = nonce();
-    let config = server_config(
-        &lab,
-        &ServerSetup {
-            state: &state,
-            files: &files,
-            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
-            hosts: "",
-            extra: "",
-        },
-    );
-    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
-        .expect("server");
+    let (mut lab, nonce) = plain_lab(work.path(), "bmvm-roll", 63, &state);
     for (round, expected) in [(1, &second), (2, &first)] {
         if round == 2 {
             bootmesh(&[
@@ -587,17 +634,13 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
     );
     lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
         .expect("server");
-    let mut vm = lab
-        .start_vm(&VmSpec {
-            name: "bad-chunks".into(),
-            mac: [0x52, 0x54, 0, 0x64, 0, 1],
-            firmware: Firmware::Bios,
-            memory_mib: 512,
-        })
-        .expect("VM");
-    let (elapsed, _) = vm
-        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
-        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    let (vm, elapsed, _) = boot_to_marker(
+        &mut lab,
+        "bad-chunks",
+        [0x52, 0x54, 0, 0x64, 0, 1],
+        512,
+        &nonce,
+    );
     eprintln!("bad chunks: marker after {:.1} s", elapsed.as_secs_f64());
     let serial = vm.serial();
     let rejected = serial.matches("REJECTED chunk").count();
@@ -644,25 +687,38 @@ ExecStart=/usr/local/sbin/bootmesh-marker
 WantedBy=multi-user.target
 ";
 
-/// A Debian bookworm root with systemd (mmdebstrap from the Debian mirror; cached as a tar),
-/// with the marker unit and the Debian kernel's modules.
-fn debian_systemd_tree(tree: &Path) {
-    let kernel = kernel();
-    let tar = with_cache_lock("debian-systemd", |cache| {
-        let tar = cache.join("debian-bookworm-systemd.tar");
+/// Installs `script` as `/usr/local/sbin/bootmesh-marker` and the marker unit, enabled.
+fn install_marker_unit(tree: &Path, script: &str) {
+    let path = tree.join("usr/local/sbin/bootmesh-marker");
+    std::fs::create_dir_all(path.parent().expect("sbin")).expect("sbin");
+    std::fs::write(&path, script).expect("marker script");
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let systemd = tree.join("etc/systemd/system");
+    std::fs::write(systemd.join("bootmesh-marker.service"), DEBIAN_MARKER_UNIT).expect("unit");
+    let wants = systemd.join("multi-user.target.wants");
+    std::fs::create_dir_all(&wants).expect("wants");
+    std::os::unix::fs::symlink(
+        "/etc/systemd/system/bootmesh-marker.service",
+        wants.join("bootmesh-marker.service"),
+    )
+    .expect("enable the marker");
+}
+
+/// A Debian bookworm root from mmdebstrap (`--variant=minbase`, `include`d packages, extra
+/// options), built once into the cache as `<name>.tar`, unpacked at `tree`.
+fn debian_root(name: &str, include: &str, options: &[&str], tree: &Path) {
+    let tar = with_cache_lock(name, |cache| {
+        let tar = cache.join(format!("{name}.tar"));
         if !tar.is_file() {
             // mmdebstrap picks the output format from the name: it must end in .tar.
-            let partial = cache.join("partial-debian-bookworm-systemd.tar");
-            run(
-                "mmdebstrap",
-                &[
-                    "--quiet",
-                    "--variant=minbase",
-                    "--include=systemd-sysv,udev",
-                    "bookworm",
-                    &partial.display().to_string(),
-                ],
-            );
+            let partial = cache.join(format!("partial-{name}.tar"));
+            let include = format!("--include={include}");
+            let partial_text = partial.display().to_string();
+            let mut arguments = vec!["--quiet", "--variant=minbase", include.as_str()];
+            arguments.extend_from_slice(options);
+            arguments.extend(["bookworm", partial_text.as_str()]);
+            run("mmdebstrap", &arguments);
             std::fs::rename(&partial, &tar).expect("keep the Debian root");
         }
         tar
@@ -678,20 +734,14 @@ fn debian_systemd_tree(tree: &Path) {
             "--numeric-owner",
         ],
     );
-    let script = tree.join("usr/local/sbin/bootmesh-marker");
-    std::fs::create_dir_all(script.parent().expect("sbin")).expect("sbin");
-    std::fs::write(&script, DEBIAN_MARKER_SCRIPT).expect("marker script");
-    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let systemd = tree.join("etc/systemd/system");
-    std::fs::write(systemd.join("bootmesh-marker.service"), DEBIAN_MARKER_UNIT).expect("unit");
-    let wants = systemd.join("multi-user.target.wants");
-    std::fs::create_dir_all(&wants).expect("wants");
-    std::os::unix::fs::symlink(
-        "/etc/systemd/system/bootmesh-marker.service",
-        wants.join("bootmesh-marker.service"),
-    )
-    .expect("enable the marker");
+}
+
+/// A Debian bookworm root with systemd (mmdebstrap from the Debian mirror; cached as a tar),
+/// with the marker unit and the Debian kernel's modules.
+fn debian_systemd_tree(tree: &Path) {
+    let kernel = kernel();
+    debian_root("debian-bookworm-systemd", "systemd-sysv,udev", &[], tree);
+    install_marker_unit(tree, DEBIAN_MARKER_SCRIPT);
     vmlab::add_kernel_to_tree(&kernel, tree).expect("kernel");
 }
 
@@ -734,17 +784,13 @@ secrets = {{ join-token = \"{secret}\" }}"
     );
     lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
         .expect("server");
-    let mut vm = lab
-        .start_vm(&VmSpec {
-            name: "debian".into(),
-            mac: [0x52, 0x54, 0, 0x65, 0, 1],
-            firmware: Firmware::Bios,
-            memory_mib: 1024,
-        })
-        .expect("VM");
-    let (elapsed, line) = vm
-        .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
-        .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
+    let (mut vm, elapsed, line) = boot_to_marker(
+        &mut lab,
+        "debian",
+        [0x52, 0x54, 0, 0x65, 0, 1],
+        1024,
+        &nonce,
+    );
     eprintln!(
         "debian: marker after {:.1} s: {line}",
         elapsed.as_secs_f64()
@@ -785,4 +831,61 @@ secrets = {{ join-token = \"{secret}\" }}"
         "root through dm-verity"
     );
     assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
+}
+
+/// LTSP compatibility (slow set): bootmesh's NBD export boots an unmodified Debian initramfs
+/// built by initramfs-tools with the nbd-client hook, the way LTSP clients boot (`nbdroot=`,
+/// `root=/dev/nbd0`): no bootmesh agent involved, the image's own kernel and initrd.
+#[test]
+fn an_initramfs_tools_nbdroot_image_boots_from_the_nbd_export() {
+    let Some(_agent) = vm_tests_enabled() else {
+        return;
+    };
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return;
+    }
+    lab::require_program("mmdebstrap");
+    let work = tempfile::tempdir().expect("work");
+    let tree = work.path().join("tree");
+    debian_root(
+        "debian-bookworm-nbdroot",
+        "systemd-sysv,udev,linux-image-amd64,initramfs-tools,nbd-client",
+        // The root is a squashfs: its module must be in the initramfs.
+        &[
+            "--customize-hook=echo squashfs >> \"$1/etc/initramfs-tools/modules\" && chroot \"$1\" update-initramfs -u -k all",
+        ],
+        &tree,
+    );
+    install_marker_unit(
+        &tree,
+        "#!/bin/sh\nnonce=$(tr ' ' '\\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)\n\
+         echo \"BOOTMESH-MARKER ${nonce} init=$(cat /proc/1/comm) root=$(findmnt -n -o SOURCE /) fstype=$(findmnt -n -o FSTYPE /)\" > /dev/kmsg\n\
+         systemctl poweroff --no-block\n",
+    );
+    // The image's own kernel and initrd (found in /boot), and LTSP's command line.
+    let state = work.path().join("state");
+    bootmesh(&[
+        "image",
+        "--state-dir",
+        &state.display().to_string(),
+        "import",
+        "ltsp:v1",
+        "--from",
+        &tree.display().to_string(),
+        "--cmdline",
+        "console=ttyS0 panic=-1 ip=dhcp root=/dev/nbd0 nbdroot=10.66.0.1,ltsp:v1,nbd0 ro",
+    ]);
+    promote(&state, "lab", "ltsp:v1");
+    let (mut lab, nonce) = plain_lab(work.path(), "bmvm-ltsp", 66, &state);
+    let (vm, elapsed, line) =
+        boot_to_marker(&mut lab, "ltsp", [0x52, 0x54, 0, 0x66, 0, 1], 1024, &nonce);
+    eprintln!("ltsp: marker after {:.1} s: {line}", elapsed.as_secs_f64());
+    assert_eq!(field(&line, "init"), Some("systemd"), "{line}");
+    assert_eq!(field(&line, "root"), Some("/dev/nbd0"), "{line}");
+    assert_eq!(field(&line, "fstype"), Some("squashfs"), "{line}");
+    assert!(
+        !vm.serial().contains("bootmesh agent starting"),
+        "the image's own initramfs booted, not the agent"
+    );
 }
