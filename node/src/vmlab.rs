@@ -149,6 +149,9 @@ pub enum Firmware {
     Bios,
     /// OVMF, UEFI network boot through the NIC's iPXE EFI ROM.
     Uefi,
+    /// OVMF with its own network stack (no option ROM on the NIC): UEFI PXE fetches the iPXE
+    /// EFI binary that DHCP names over TFTP, as on servers whose NIC firmware has no iPXE.
+    UefiNativePxe,
 }
 
 /// One VM to start.
@@ -443,11 +446,19 @@ impl BootLab {
             "-netdev".into(),
             format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
             "-device".into(),
-            format!("virtio-net-pci,netdev=n0,mac={mac},bootindex=1"),
+            format!(
+                "virtio-net-pci,netdev=n0,mac={mac},bootindex=1{}",
+                // An empty romfile leaves the NIC without its iPXE option ROM.
+                if spec.firmware == Firmware::UefiNativePxe {
+                    ",romfile="
+                } else {
+                    ""
+                }
+            ),
         ];
         match spec.firmware {
             Firmware::Bios => args.extend(["-boot".into(), "n".into()]),
-            Firmware::Uefi => {
+            Firmware::Uefi | Firmware::UefiNativePxe => {
                 let variables = self.directory.join(format!("{}.OVMF_VARS.fd", spec.name));
                 std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &variables)
                     .map_err(io("copy the UEFI variables"))?;

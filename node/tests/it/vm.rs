@@ -275,7 +275,7 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Four VMs boot at once: three BIOS, one UEFI; one MAC has a host entry (fixed address,
+/// Four VMs boot at once: three BIOS, one UEFI with OVMF's own PXE; one MAC has a host entry (fixed address,
 /// hostname, its own group and image), three are unknown (dynamic leases, the default group).
 #[test]
 fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
@@ -332,7 +332,12 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
             [0x52, 0x54, 0, 0x61, 0, 3],
             Firmware::Bios,
         ),
-        ("unknown-uefi", [0x52, 0x54, 0, 0x61, 0, 4], Firmware::Uefi),
+        // OVMF's own PXE, no iPXE ROM on the NIC: the DHCP offer's ipxe.efi comes over TFTP.
+        (
+            "unknown-uefi",
+            [0x52, 0x54, 0, 0x61, 0, 4],
+            Firmware::UefiNativePxe,
+        ),
     ];
     let mut vms: Vec<_> = specs
         .iter()
@@ -400,6 +405,11 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
     assert!(
         uefi_serial.contains("initrd=initrd.img"),
         "the UEFI boot named its initrd on the cmdline"
+    );
+    assert!(
+        lab.log("server").contains("ipxe.efi"),
+        "the UEFI node's own PXE fetched ipxe.efi over TFTP:\n{}",
+        lab.log("server")
     );
 }
 
@@ -888,4 +898,33 @@ fn an_initramfs_tools_nbdroot_image_boots_from_the_nbd_export() {
         !vm.serial().contains("bootmesh agent starting"),
         "the image's own initramfs booted, not the agent"
     );
+}
+
+/// The agent needs no shared library: the static binary runs in an empty chroot (as it must as
+/// /init, where there are none) and parses a boot command line there. No VM.
+#[test]
+fn the_static_agent_runs_in_an_empty_chroot() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    let root = tempfile::tempdir().expect("empty root");
+    std::fs::copy(&agent, root.path().join("init")).expect("copy the agent");
+    let output = run(
+        "chroot",
+        &[
+            &root.path().display().to_string(),
+            "/init",
+            "agent",
+            "explain",
+            "--cmdline",
+            "console=ttyS0 bootmesh.image=af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262 bootmesh.servers=10.0.0.1:8080,10.0.0.2:8080 bootmesh.root=nbd",
+        ],
+    );
+    assert!(
+        output.contains("servers 10.0.0.1:8080 10.0.0.2:8080"),
+        "{output}"
+    );
+    assert!(output.contains("root    nbd"), "{output}");
+    let entries = std::fs::read_dir(root.path()).expect("root").count();
+    assert_eq!(entries, 1, "nothing but the agent was in the chroot");
 }
