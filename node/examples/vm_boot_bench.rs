@@ -143,7 +143,7 @@ fn run_benchmark(
     vmlab::busybox_image_tree(cache, &kernel, &tree, MARKER_INIT)?;
     let state = work.join("state");
     let state_text = state.display().to_string();
-    bootmesh(
+    vmlab::run_bootmesh(
         binary,
         &[
             "image",
@@ -160,7 +160,7 @@ fn run_benchmark(
         ],
     )?;
     for group in MODES {
-        bootmesh(
+        vmlab::run_bootmesh(
             binary,
             &[
                 "image",
@@ -173,7 +173,7 @@ fn run_benchmark(
             ],
         )?;
     }
-    let shown = bootmesh(
+    let shown = vmlab::run_bootmesh(
         binary,
         &["image", "--state-dir", &state_text, "show", "bench:v1"],
     )?;
@@ -237,22 +237,6 @@ fn run_benchmark(
     }
     print_report(runs, &cells, &bootmesh_script);
     Ok(())
-}
-
-fn bootmesh(binary: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run bootmesh {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "bootmesh {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// `52:54:00:<subnet>:<mode>:<n>`: one MAC per (lab, mode, VM slot), reused across runs.
@@ -419,7 +403,7 @@ fn start_baseline_lab(
     let files = work.join("baseline-files");
     copy_ipxe(&files)?;
     for (part, name) in [("kernel", "kernel"), ("initrd", "initrd.img")] {
-        bootmesh(
+        vmlab::run_bootmesh(
             binary,
             &[
                 "image",
@@ -435,7 +419,7 @@ fn start_baseline_lab(
         )?;
     }
     let root = work.join("baseline-root.img");
-    bootmesh(
+    vmlab::run_bootmesh(
         binary,
         &[
             "image",

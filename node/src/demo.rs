@@ -9,7 +9,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -39,22 +38,6 @@ fn step(number: usize, title: &str) -> Instant {
 
 fn done(started: Instant, detail: &str) {
     println!("ok  {:>6.1}s  {detail}", started.elapsed().as_secs_f64());
-}
-
-fn bootmesh(binary: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let output = Command::new(binary)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run bootmesh {}", args.join(" ")))?;
-    if !output.status.success() {
-        bail!(
-            "bootmesh {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Says what is missing (root, programs, firmware, the static agent) and how to get it.
@@ -126,7 +109,7 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
     vmlab::busybox_image_tree(&cache, &kernel, &tree, DEMO_INIT)?;
     let state = work.path().join("state");
     let state_text = state.display().to_string();
-    bootmesh(
+    vmlab::run_bootmesh(
         &binary,
         &[
             "image",
@@ -143,7 +126,7 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
         ],
     )?;
     for group in ["in-ram", "over-nbd"] {
-        bootmesh(
+        vmlab::run_bootmesh(
             &binary,
             &[
                 "image",
@@ -156,7 +139,7 @@ pub(crate) fn run_demo() -> anyhow::Result<()> {
             ],
         )?;
     }
-    let shown = bootmesh(
+    let shown = vmlab::run_bootmesh(
         &binary,
         &["image", "--state-dir", &state_text, "show", "demo:v1"],
     )?;

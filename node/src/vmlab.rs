@@ -269,6 +269,13 @@ fn run(program: &str, args: &[&str]) -> Result<std::process::Output, LabError> {
     Ok(output)
 }
 
+/// Runs the `bootmesh` binary at `binary` with `args` (an image command, say) and returns
+/// its standard output; a failure carries its standard error.
+pub fn run_bootmesh(binary: &Path, args: &[&str]) -> Result<String, LabError> {
+    let output = run(&binary.display().to_string(), args)?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 impl BootLab {
     /// Makes namespace `<prefix>` with bridge `<prefix>-br` holding `10.<subnet>.0.1/24` and
     /// `fd00:<subnet>::1/64`, and starts router advertisements on it.
