@@ -152,6 +152,9 @@ pub enum Firmware {
     /// OVMF with its own network stack (no option ROM on the NIC): UEFI PXE fetches the iPXE
     /// EFI binary that DHCP names over TFTP, as on servers whose NIC firmware has no iPXE.
     UefiNativePxe,
+    /// OVMF with its own network stack and PXE switched off: UEFI HTTP boot (DHCP vendor class
+    /// HTTPClient) fetches the iPXE EFI binary from the URL the DHCP offer names.
+    UefiHttp,
 }
 
 /// One VM to start.
@@ -456,7 +459,7 @@ impl BootLab {
             format!(
                 "virtio-net-pci,netdev=n0,mac={mac},bootindex=1{}",
                 // An empty romfile leaves the NIC without its iPXE option ROM.
-                if spec.firmware == Firmware::UefiNativePxe {
+                if matches!(spec.firmware, Firmware::UefiNativePxe | Firmware::UefiHttp) {
                     ",romfile="
                 } else {
                     ""
@@ -465,7 +468,7 @@ impl BootLab {
         ];
         match spec.firmware {
             Firmware::Bios => args.extend(["-boot".into(), "n".into()]),
-            Firmware::Uefi | Firmware::UefiNativePxe => {
+            Firmware::Uefi | Firmware::UefiNativePxe | Firmware::UefiHttp => {
                 let variables = self.directory.join(format!("{}.OVMF_VARS.fd", spec.name));
                 std::fs::copy("/usr/share/OVMF/OVMF_VARS_4M.fd", &variables)
                     .map_err(io("copy the UEFI variables"))?;
@@ -480,6 +483,13 @@ impl BootLab {
                     "-fw_cfg".into(),
                     "name=opt/org.tianocore/IPv6Support,string=no".into(),
                 ]);
+                if spec.firmware == Firmware::UefiHttp {
+                    // Without PXE, OVMF's boot manager goes on to its HTTPv4 entry.
+                    args.extend([
+                        "-fw_cfg".into(),
+                        "name=opt/org.tianocore/IPv4PXESupport,string=no".into(),
+                    ]);
+                }
             }
         }
         let log_path = self.directory.join(format!("{}.qemu.log", spec.name));

@@ -275,8 +275,10 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Four VMs boot at once: three BIOS, one UEFI with OVMF's own PXE; one MAC has a host entry (fixed address,
-/// hostname, its own group and image), three are unknown (dynamic leases, the default group).
+/// Four VMs boot at once: two BIOS (iPXE ROM), one UEFI with OVMF's own PXE (ipxe.efi over
+/// TFTP), one UEFI HTTP boot (ipxe.efi from the URL in the offer); one MAC has a host entry
+/// (fixed address, hostname, its own group and image), three are unknown (dynamic leases, the
+/// default group).
 #[test]
 fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
     let Some(agent) = vm_tests_enabled() else {
@@ -327,10 +329,11 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
             [0x52, 0x54, 0, 0x61, 0, 2],
             Firmware::Bios,
         ),
+        // UEFI HTTP boot: the offer's URL names ipxe.efi on the HTTP service.
         (
-            "unknown-bios-2",
+            "unknown-uefi-http",
             [0x52, 0x54, 0, 0x61, 0, 3],
-            Firmware::Bios,
+            Firmware::UefiHttp,
         ),
         // OVMF's own PXE, no iPXE ROM on the NIC: the DHCP offer's ipxe.efi comes over TFTP.
         (
@@ -401,6 +404,20 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
         renewed_after.as_secs_f64()
     );
     assert!(renewal.contains("10.61.0.50"), "{renewal}");
+    // OVMF says on its console which boot option it starts and the URI DHCP gave it.
+    let http_boot_serial = vms[2].serial();
+    let firmware_lines: String = http_boot_serial
+        .lines()
+        .filter(|line| line.contains(">>Start") || line.contains("URI:"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(
+        firmware_lines.contains(">>Start HTTP Boot over IPv4")
+            && !firmware_lines.contains(">>Start PXE")
+            && firmware_lines.contains("URI: http://10.61.0.1")
+            && firmware_lines.contains("/ipxe.efi"),
+        "the HTTP-boot node fetched ipxe.efi from the URL in the offer:\n{firmware_lines}"
+    );
     let uefi_serial = vms[3].serial();
     assert!(
         uefi_serial.contains("initrd=initrd.img"),
