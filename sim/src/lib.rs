@@ -7,6 +7,8 @@
 //! randomness.
 
 pub mod clients;
+pub mod cluster;
+pub mod disk;
 pub mod seams;
 pub mod trace;
 

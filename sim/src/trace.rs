@@ -22,6 +22,17 @@ impl Trace {
         }
     }
 
+    /// Appends `event` from outside the simulated hosts (the harness), stamped with `elapsed`.
+    pub fn record_at(&self, elapsed: std::time::Duration, event: impl AsRef<str>) {
+        if let Ok(mut events) = self.events.lock() {
+            events.push(format!(
+                "{:>12.6} {}",
+                elapsed.as_secs_f64(),
+                event.as_ref()
+            ));
+        }
+    }
+
     /// Number of events.
     pub fn len(&self) -> usize {
         self.events.lock().map(|events| events.len()).unwrap_or(0)

@@ -1,5 +1,7 @@
 //! The simulator's integration tests: determinism first.
 
+mod cluster;
+
 use sim::run_boot_path;
 
 #[test]

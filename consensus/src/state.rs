@@ -1,0 +1,509 @@
+//! `MeshState`, the replicated state machine, and the commands that change it.
+//!
+//! `apply` is pure and deterministic: the same commands with the same proposal times give the
+//! same state and responses on every server, in the simulator and in production. Time comes
+//! only from the proposal (the proposer's clock when it proposed), never from the applying
+//! server's clock, so replicas that apply an entry at different moments still agree.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use boot_services::dhcp::LeaseChange;
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub type UnixMillis = u64;
+
+/// A server's id in the cluster (its Raft node id).
+pub type ServerId = u64;
+
+/// What a log entry carries: a command and when its proposer made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    /// The proposer's clock when it proposed; the `now` of `apply`.
+    pub at: UnixMillis,
+    /// What to change.
+    pub command: MeshCommand,
+}
+
+/// A change to the replicated state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshCommand {
+    /// DHCP lease changes, batched; each is the DHCP core's journal record
+    /// ([`LeaseChange::encode`]), applied in order, each accepted or refused on its own.
+    Leases(Vec<Vec<u8>>),
+    /// `server` holds address block `block` until `until` (grant or renewal).
+    LeaseBlock {
+        /// The block.
+        block: BlockId,
+        /// Its holder.
+        server: ServerId,
+        /// End of the block lease.
+        until: UnixMillis,
+    },
+    /// Replaces the fleet configuration document if its version is still `expected_version`.
+    SetConfig {
+        /// The version the proposer based its change on (compare-and-set).
+        expected_version: u64,
+        /// The validated document (TOML).
+        document: String,
+    },
+    /// Records that `reference` (`name:tag`) is the image with manifest `manifest`.
+    TagImage {
+        /// `name:tag`.
+        reference: String,
+        /// The manifest's hash, hex.
+        manifest: String,
+        /// The image's size in bytes.
+        size_bytes: u64,
+    },
+    /// Makes `group` boot `reference`.
+    Promote {
+        /// The group.
+        group: String,
+        /// A tagged image.
+        reference: String,
+    },
+    /// Adds or updates a member's addresses and rack.
+    UpsertMember(Member),
+    /// Removes a member.
+    RemoveMember(ServerId),
+}
+
+/// An address block: a fixed-size run of a subnet's dynamic range, named by its first address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct BlockId(pub Ipv4Addr);
+
+/// A server of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its Raft node id.
+    pub id: ServerId,
+    /// Its cluster endpoint (`address:port`).
+    pub address: String,
+    /// Its rack.
+    pub rack: String,
+}
+
+/// A DHCP lease as the cluster holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The client id (option 61, or hardware type + chaddr).
+    pub client: Vec<u8>,
+    /// The client's chaddr.
+    pub hardware_address: Vec<u8>,
+    /// End of the lease, Unix seconds; a released lease ends when released.
+    pub expires_at_unix_secs: u64,
+    /// Hostname given.
+    pub hostname: Option<String>,
+}
+
+/// Who holds a block, until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockLease {
+    /// Holder.
+    pub server: ServerId,
+    /// End of the block lease.
+    pub until: UnixMillis,
+}
+
+/// A tagged image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogEntry {
+    /// Manifest hash, hex.
+    pub manifest: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+}
+
+/// The fleet configuration document and its version (bumped by every change).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigDocument {
+    /// Number of changes so far.
+    pub version: u64,
+    /// The document (TOML).
+    pub document: String,
+}
+
+/// The answer to one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshResponse {
+    /// Done.
+    Applied,
+    /// Per lease change of a [`MeshCommand::Leases`] batch, in order.
+    Leases(Vec<LeaseOutcome>),
+    /// Refused, with the reason; the state is unchanged.
+    Refused(String),
+    /// Membership change entries and blanks carry no command.
+    Nothing,
+}
+
+/// What became of one lease change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseOutcome {
+    /// Committed: the proposer may ACK.
+    Committed,
+    /// Refused: another client holds the address (or it is quarantined) until then; the
+    /// proposer must not ACK.
+    AddressHeld {
+        /// Unix seconds.
+        until_unix_secs: u64,
+    },
+    /// The record could not be decoded.
+    Malformed(String),
+}
+
+/// A key of the state, for writing back only what a command changed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StateKey {
+    /// A lease, by address.
+    Lease(Ipv4Addr),
+    /// A quarantined address.
+    Quarantine(Ipv4Addr),
+    /// A block.
+    Block(BlockId),
+    /// The config document.
+    Config,
+    /// A catalog entry.
+    Image(String),
+    /// A group's promotion.
+    Promotion(String),
+    /// A member.
+    Member(ServerId),
+}
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshState {
+    /// Leases by address. Expired ones stay until the address is needed, so a returning client
+    /// gets its old address.
+    pub leases: BTreeMap<Ipv4Addr, LeaseRecord>,
+    /// Declined addresses, quarantined until then (Unix seconds).
+    pub quarantine: BTreeMap<Ipv4Addr, u64>,
+    /// Address blocks and their holders.
+    pub blocks: BTreeMap<BlockId, BlockLease>,
+    /// The fleet configuration.
+    pub config: ConfigDocument,
+    /// `name:tag` -> image.
+    pub catalog: BTreeMap<String, CatalogEntry>,
+    /// Group -> the `name:tag` it boots.
+    pub promotions: BTreeMap<String, String>,
+    /// Members by id.
+    pub members: BTreeMap<ServerId, Member>,
+    /// Client id -> its leased address; derived from `leases` (see [`MeshState::reindex`]).
+    #[serde(skip)]
+    lease_by_client: BTreeMap<Vec<u8>, Ipv4Addr>,
+}
+
+impl MeshState {
+    /// Rebuilds the derived indexes after the leases were loaded or replaced.
+    pub fn reindex(&mut self) {
+        self.lease_by_client = self
+            .leases
+            .iter()
+            .map(|(address, lease)| (lease.client.clone(), *address))
+            .collect();
+    }
+
+    /// The address `client` holds (possibly expired), if any.
+    pub fn lease_of(&self, client: &[u8]) -> Option<Ipv4Addr> {
+        self.lease_by_client.get(client).copied()
+    }
+
+    /// Applies `proposal`; returns the response and the keys it changed.
+    pub fn apply(&mut self, proposal: &Proposal) -> (MeshResponse, Vec<StateKey>) {
+        let now = proposal.at;
+        let mut changed = Vec::new();
+        let response = match &proposal.command {
+            MeshCommand::Leases(records) => MeshResponse::Leases(
+                records
+                    .iter()
+                    .map(|record| match LeaseChange::decode(record) {
+                        Ok(change) => self.apply_lease(&change, now, &mut changed),
+                        Err(error) => LeaseOutcome::Malformed(error.to_string()),
+                    })
+                    .collect(),
+            ),
+            MeshCommand::LeaseBlock {
+                block,
+                server,
+                until,
+            } => match self.blocks.get(block) {
+                Some(held) if held.server != *server && held.until > now => {
+                    MeshResponse::Refused(format!(
+                        "block {} is held by server {} until {}",
+                        block.0, held.server, held.until
+                    ))
+                }
+                _ => {
+                    self.blocks.insert(
+                        *block,
+                        BlockLease {
+                            server: *server,
+                            until: *until,
+                        },
+                    );
+                    changed.push(StateKey::Block(*block));
+                    MeshResponse::Applied
+                }
+            },
+            MeshCommand::SetConfig {
+                expected_version,
+                document,
+            } => {
+                if *expected_version == self.config.version {
+                    self.config = ConfigDocument {
+                        version: self.config.version + 1,
+                        document: document.clone(),
+                    };
+                    changed.push(StateKey::Config);
+                    MeshResponse::Applied
+                } else {
+                    MeshResponse::Refused(format!(
+                        "config changed meanwhile: version {} expected, {} now",
+                        expected_version, self.config.version
+                    ))
+                }
+            }
+            MeshCommand::TagImage {
+                reference,
+                manifest,
+                size_bytes,
+            } => {
+                self.catalog.insert(
+                    reference.clone(),
+                    CatalogEntry {
+                        manifest: manifest.clone(),
+                        size_bytes: *size_bytes,
+                    },
+                );
+                changed.push(StateKey::Image(reference.clone()));
+                MeshResponse::Applied
+            }
+            MeshCommand::Promote { group, reference } => {
+                if self.catalog.contains_key(reference) {
+                    self.promotions.insert(group.clone(), reference.clone());
+                    changed.push(StateKey::Promotion(group.clone()));
+                    MeshResponse::Applied
+                } else {
+                    MeshResponse::Refused(format!("no image tagged {reference}"))
+                }
+            }
+            MeshCommand::UpsertMember(member) => {
+                self.members.insert(member.id, member.clone());
+                changed.push(StateKey::Member(member.id));
+                MeshResponse::Applied
+            }
+            MeshCommand::RemoveMember(id) => {
+                self.members.remove(id);
+                changed.push(StateKey::Member(*id));
+                MeshResponse::Applied
+            }
+        };
+        (response, changed)
+    }
+
+    /// The uniqueness guard of the whole cluster: whatever servers propose, the log orders it,
+    /// and a bind of an address that another client holds unexpired is refused here, on every
+    /// server alike.
+    fn apply_lease(
+        &mut self,
+        change: &LeaseChange,
+        now: UnixMillis,
+        changed: &mut Vec<StateKey>,
+    ) -> LeaseOutcome {
+        let now_secs = now / 1000;
+        match change {
+            LeaseChange::Bind {
+                client,
+                hardware_address,
+                address,
+                expires_at_unix_secs,
+                hostname,
+            } => {
+                if let Some(until) = self.quarantine.get(address).copied() {
+                    if until > now_secs {
+                        return LeaseOutcome::AddressHeld {
+                            until_unix_secs: until,
+                        };
+                    }
+                    self.quarantine.remove(address);
+                    changed.push(StateKey::Quarantine(*address));
+                }
+                if let Some(held) = self.leases.get(address)
+                    && held.client != client.0
+                    && held.expires_at_unix_secs > now_secs
+                {
+                    return LeaseOutcome::AddressHeld {
+                        until_unix_secs: held.expires_at_unix_secs,
+                    };
+                }
+                // A client holds one address: a bind elsewhere ends its old binding.
+                if let Some(old) = self.lease_by_client.get(&client.0).copied()
+                    && old != *address
+                {
+                    self.leases.remove(&old);
+                    changed.push(StateKey::Lease(old));
+                }
+                if let Some(replaced) = self.leases.get(address) {
+                    self.lease_by_client.remove(&replaced.client);
+                }
+                self.lease_by_client.insert(client.0.clone(), *address);
+                self.leases.insert(
+                    *address,
+                    LeaseRecord {
+                        client: client.0.clone(),
+                        hardware_address: hardware_address.clone(),
+                        expires_at_unix_secs: *expires_at_unix_secs,
+                        hostname: hostname.clone(),
+                    },
+                );
+                changed.push(StateKey::Lease(*address));
+                LeaseOutcome::Committed
+            }
+            LeaseChange::Release {
+                client,
+                address,
+                at_unix_secs,
+            } => {
+                if let Some(held) = self.leases.get_mut(address)
+                    && held.client == client.0
+                {
+                    held.expires_at_unix_secs = held.expires_at_unix_secs.min(*at_unix_secs);
+                    changed.push(StateKey::Lease(*address));
+                }
+                LeaseOutcome::Committed
+            }
+            LeaseChange::Decline {
+                address,
+                until_unix_secs,
+            } => {
+                self.quarantine.insert(*address, *until_unix_secs);
+                changed.push(StateKey::Quarantine(*address));
+                LeaseOutcome::Committed
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boot_services::dhcp::ClientId;
+
+    fn bind(client: u8, address: [u8; 4], expires: u64) -> Vec<u8> {
+        let mut record = Vec::new();
+        LeaseChange::Bind {
+            client: ClientId(vec![1, client]),
+            hardware_address: vec![client; 6],
+            address: Ipv4Addr::from(address),
+            expires_at_unix_secs: expires,
+            hostname: None,
+        }
+        .encode(&mut record);
+        record
+    }
+
+    fn leases(at_secs: u64, records: Vec<Vec<u8>>) -> Proposal {
+        Proposal {
+            at: at_secs * 1000,
+            command: MeshCommand::Leases(records),
+        }
+    }
+
+    #[test]
+    fn an_address_held_by_another_client_is_refused_until_it_expires() {
+        let mut state = MeshState::default();
+        let (response, changed) = state.apply(&leases(100, vec![bind(1, [10, 0, 0, 5], 200)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::Committed])
+        );
+        assert_eq!(changed, vec![StateKey::Lease(Ipv4Addr::new(10, 0, 0, 5))]);
+        let (response, changed) = state.apply(&leases(150, vec![bind(2, [10, 0, 0, 5], 300)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::AddressHeld {
+                until_unix_secs: 200
+            }])
+        );
+        assert!(changed.is_empty());
+        let (response, _) = state.apply(&leases(200, vec![bind(2, [10, 0, 0, 5], 300)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::Committed])
+        );
+        assert_eq!(state.leases[&Ipv4Addr::new(10, 0, 0, 5)].client, vec![1, 2]);
+    }
+
+    #[test]
+    fn a_client_that_binds_elsewhere_leaves_its_old_address() {
+        let mut state = MeshState::default();
+        state.apply(&leases(100, vec![bind(1, [10, 0, 0, 5], 200)]));
+        state.apply(&leases(110, vec![bind(1, [10, 0, 0, 6], 200)]));
+        assert_eq!(
+            state.leases.keys().copied().collect::<Vec<_>>(),
+            vec![Ipv4Addr::new(10, 0, 0, 6)]
+        );
+    }
+
+    #[test]
+    fn blocks_config_and_promotions_are_guarded() {
+        let mut state = MeshState::default();
+        let block = BlockId(Ipv4Addr::new(10, 0, 0, 0));
+        let take = |server, at, until| Proposal {
+            at,
+            command: MeshCommand::LeaseBlock {
+                block,
+                server,
+                until,
+            },
+        };
+        assert_eq!(state.apply(&take(1, 0, 1000)).0, MeshResponse::Applied);
+        assert!(matches!(
+            state.apply(&take(2, 999, 5000)).0,
+            MeshResponse::Refused(_)
+        ));
+        assert_eq!(state.apply(&take(2, 1000, 5000)).0, MeshResponse::Applied);
+        let set = |expected_version| Proposal {
+            at: 0,
+            command: MeshCommand::SetConfig {
+                expected_version,
+                document: format!("# v{expected_version}"),
+            },
+        };
+        assert_eq!(state.apply(&set(0)).0, MeshResponse::Applied);
+        assert!(matches!(state.apply(&set(0)).0, MeshResponse::Refused(_)));
+        assert_eq!(state.config.version, 1);
+        let promote = Proposal {
+            at: 0,
+            command: MeshCommand::Promote {
+                group: "default".into(),
+                reference: "k8s:v1".into(),
+            },
+        };
+        assert!(matches!(state.apply(&promote).0, MeshResponse::Refused(_)));
+        state.apply(&Proposal {
+            at: 0,
+            command: MeshCommand::TagImage {
+                reference: "k8s:v1".into(),
+                manifest: "ab".into(),
+                size_bytes: 1,
+            },
+        });
+        assert_eq!(state.apply(&promote).0, MeshResponse::Applied);
+    }
+
+    #[test]
+    fn a_malformed_record_is_refused_alone() {
+        let mut state = MeshState::default();
+        let (response, _) = state.apply(&leases(100, vec![vec![99], bind(1, [10, 0, 0, 5], 200)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![
+                LeaseOutcome::Malformed("unknown record tag 99".into()),
+                LeaseOutcome::Committed
+            ])
+        );
+    }
+}

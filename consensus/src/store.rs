@@ -1,0 +1,643 @@
+//! One redb database per server holds the Raft log, the vote and the state machine.
+//!
+//! Every write transaction commits with `Durability::Immediate`: when `append` reports an entry
+//! flushed, or `save_vote` returns, the bytes are on disk. The state machine writes back only
+//! the rows a command changed, in the same transaction as its applied log id, so a crash leaves
+//! state and applied id consistent; entries after the applied id are re-applied from the log on
+//! restart. The storage seam is redb's `StorageBackend`: a file in production, a simulated disk
+//! (which can drop unsynced writes) in the simulator.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::net::Ipv4Addr;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, StorageBackend, TableDefinition,
+    WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::state::{BlockId, MeshResponse, MeshState, StateKey};
+use crate::{MeshTypeConfig, ServerNode};
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("mesh_state");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const LAST_PURGED: &str = "last_purged";
+const APPLIED: &str = "applied";
+const MEMBERSHIP: &str = "membership";
+const SNAPSHOT_META: &str = "snapshot_meta";
+const SNAPSHOT_DATA: &str = "snapshot_data";
+
+type Storage = StorageError<u64>;
+
+/// Why the store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed.
+    #[error("database: {0}")]
+    Database(#[from] redb::Error),
+    /// A stored value could not be decoded.
+    #[error("stored {what} is unreadable: {source}")]
+    Corrupt {
+        /// Which value.
+        what: String,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+fn database_error(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Database(error.into())
+}
+
+/// Opens (or creates) the store in the file at `path`.
+pub fn open_file(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let database = Database::create(path).map_err(database_error)?;
+    open_database(database)
+}
+
+/// Opens (or creates) the store on `backend`.
+pub fn open_backend(
+    backend: impl StorageBackend,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let database = Database::builder()
+        .create_with_backend(backend)
+        .map_err(database_error)?;
+    open_database(database)
+}
+
+fn open_database(database: Database) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let database = Arc::new(database);
+    let transaction = begin_write(&database).map_err(database_error)?;
+    {
+        transaction.open_table(LOG).map_err(database_error)?;
+        transaction.open_table(META).map_err(database_error)?;
+        transaction.open_table(STATE).map_err(database_error)?;
+    }
+    transaction.commit().map_err(database_error)?;
+    let state_machine = StateMachineStore::load(Arc::clone(&database))?;
+    Ok((LogStore { database }, state_machine))
+}
+
+fn begin_write(database: &Database) -> Result<WriteTransaction, redb::Error> {
+    let mut transaction = database.begin_write()?;
+    transaction.set_durability(Durability::Immediate)?;
+    Ok(transaction)
+}
+
+fn encode(value: &impl Serialize) -> Vec<u8> {
+    // Serializing these plain data types to JSON cannot fail (string keys, no custom impls).
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        what: what.to_owned(),
+        source,
+    })
+}
+
+fn read_meta<T: DeserializeOwned>(database: &Database, key: &str) -> Result<Option<T>, StoreError> {
+    let transaction = database.begin_read().map_err(database_error)?;
+    let table = transaction.open_table(META).map_err(database_error)?;
+    match table.get(key).map_err(database_error)? {
+        Some(bytes) => decode(key, bytes.value()).map(Some),
+        None => Ok(None),
+    }
+}
+
+fn write_meta(database: &Database, key: &str, value: &impl Serialize) -> Result<(), redb::Error> {
+    let transaction = begin_write(database)?;
+    {
+        let mut table = transaction.open_table(META)?;
+        table.insert(key, encode(value).as_slice())?;
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+/// The Raft log and vote.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    database: Arc<Database>,
+}
+
+impl LogStore {
+    fn entries(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+    ) -> Result<Vec<Entry<MeshTypeConfig>>, StoreError> {
+        let transaction = self.database.begin_read().map_err(database_error)?;
+        let table = transaction.open_table(LOG).map_err(database_error)?;
+        let mut entries = Vec::new();
+        for row in table.range::<u64>(range).map_err(database_error)? {
+            let (index, bytes) = row.map_err(database_error)?;
+            entries.push(decode(
+                &format!("log entry {}", index.value()),
+                bytes.value(),
+            )?);
+        }
+        Ok(entries)
+    }
+
+    fn last_entry_id(&self) -> Result<Option<LogId<u64>>, StoreError> {
+        let transaction = self.database.begin_read().map_err(database_error)?;
+        let table = transaction.open_table(LOG).map_err(database_error)?;
+        match table.last().map_err(database_error)? {
+            Some((index, bytes)) => {
+                let entry: Entry<MeshTypeConfig> =
+                    decode(&format!("log entry {}", index.value()), bytes.value())?;
+                Ok(Some(entry.log_id))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Removes the entries in `range` and records `purged` if given, in one transaction.
+    fn remove(
+        &self,
+        range: (Bound<u64>, Bound<u64>),
+        purged: Option<LogId<u64>>,
+    ) -> Result<(), redb::Error> {
+        let transaction = begin_write(&self.database)?;
+        {
+            let mut table = transaction.open_table(LOG)?;
+            let indexes = table
+                .range::<u64>(range)?
+                .map(|row| row.map(|(index, _)| index.value()))
+                .collect::<Result<Vec<u64>, _>>()?;
+            for index in indexes {
+                table.remove(index)?;
+            }
+            if let Some(purged) = purged {
+                let mut meta = transaction.open_table(META)?;
+                meta.insert(LAST_PURGED, encode(&purged).as_slice())?;
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+}
+
+impl RaftLogReader<MeshTypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<MeshTypeConfig>>, Storage> {
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        self.entries(bounds)
+            .map_err(|error| StorageIOError::read_logs(&error).into())
+    }
+}
+
+impl RaftLogStorage<MeshTypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<MeshTypeConfig>, Storage> {
+        let read = || -> Result<_, StoreError> {
+            let last_purged_log_id: Option<LogId<u64>> = read_meta(&self.database, LAST_PURGED)?;
+            let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id,
+            })
+        };
+        read().map_err(|error| StorageIOError::read_logs(&error).into())
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Storage> {
+        write_meta(&self.database, VOTE, vote)
+            .map_err(|error| StorageIOError::write_vote(&error).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Storage> {
+        read_meta(&self.database, VOTE).map_err(|error| StorageIOError::read_vote(&error).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Storage> {
+        write_meta(&self.database, COMMITTED, &committed)
+            .map_err(|error| StorageIOError::write(&error).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Storage> {
+        read_meta::<Option<LogId<u64>>>(&self.database, COMMITTED)
+            .map(Option::flatten)
+            .map_err(|error| StorageIOError::read(&error).into())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<MeshTypeConfig>,
+    ) -> Result<(), Storage>
+    where
+        I: IntoIterator<Item = Entry<MeshTypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let write = || -> Result<(), redb::Error> {
+            let transaction = begin_write(&self.database)?;
+            {
+                let mut table = transaction.open_table(LOG)?;
+                for entry in entries {
+                    table.insert(entry.log_id.index, encode(&entry).as_slice())?;
+                }
+            }
+            transaction.commit()?;
+            Ok(())
+        };
+        match write() {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(error) => {
+                let message = error.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(message)));
+                Err(StorageIOError::write_logs(&error).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), Storage> {
+        self.remove((Bound::Included(log_id.index), Bound::Unbounded), None)
+            .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), Storage> {
+        self.remove(
+            (Bound::Unbounded, Bound::Included(log_id.index)),
+            Some(log_id),
+        )
+        .map_err(|error| StorageIOError::write_logs(&error).into())
+    }
+}
+
+/// A snapshot as stored and sent: the whole state with the log position it reflects.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SnapshotBody {
+    state: MeshState,
+}
+
+/// Told of every applied entry: its log id and response (`None` for blanks and membership).
+pub type ApplyObserver = Arc<dyn Fn(&LogId<u64>, Option<&MeshResponse>) + Send + Sync>;
+
+/// Decodes a snapshot as a leader sends it (untrusted until decoded whole).
+pub fn decode_snapshot(data: &[u8]) -> Result<MeshState, StoreError> {
+    let body: SnapshotBody = decode("snapshot", data)?;
+    let mut state = body.state;
+    state.reindex();
+    Ok(state)
+}
+
+/// The state machine, kept in memory and written back row by row.
+pub struct StateMachineStore {
+    database: Arc<Database>,
+    state: MeshState,
+    applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, ServerNode>,
+    observer: Option<ApplyObserver>,
+}
+
+impl Debug for StateMachineStore {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("StateMachineStore")
+            .field("applied", &self.applied)
+            .field("membership", &self.membership)
+            .finish_non_exhaustive()
+    }
+}
+
+fn state_key(key: &StateKey) -> String {
+    match key {
+        StateKey::Lease(address) => format!("lease/{address}"),
+        StateKey::Quarantine(address) => format!("quarantine/{address}"),
+        StateKey::Block(block) => format!("block/{}", block.0),
+        StateKey::Config => "config".to_owned(),
+        StateKey::Image(reference) => format!("image/{reference}"),
+        StateKey::Promotion(group) => format!("promotion/{group}"),
+        StateKey::Member(id) => format!("member/{id}"),
+    }
+}
+
+/// The current value of `key` in `state`, encoded; `None` when absent.
+fn state_value(state: &MeshState, key: &StateKey) -> Option<Vec<u8>> {
+    match key {
+        StateKey::Lease(address) => state.leases.get(address).map(encode),
+        StateKey::Quarantine(address) => state.quarantine.get(address).map(encode),
+        StateKey::Block(block) => state.blocks.get(block).map(encode),
+        StateKey::Config => Some(encode(&state.config)),
+        StateKey::Image(reference) => state.catalog.get(reference).map(encode),
+        StateKey::Promotion(group) => state.promotions.get(group).map(encode),
+        StateKey::Member(id) => state.members.get(id).map(encode),
+    }
+}
+
+/// Puts one stored row back into `state`.
+fn load_row(state: &mut MeshState, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    let address = |text: &str| -> Result<Ipv4Addr, StoreError> {
+        text.parse().map_err(|_| StoreError::Corrupt {
+            what: key.to_owned(),
+            source: serde::de::Error::custom("not an IPv4 address"),
+        })
+    };
+    match key.split_once('/') {
+        Some(("lease", rest)) => {
+            state.leases.insert(address(rest)?, decode(key, bytes)?);
+        }
+        Some(("quarantine", rest)) => {
+            state.quarantine.insert(address(rest)?, decode(key, bytes)?);
+        }
+        Some(("block", rest)) => {
+            state
+                .blocks
+                .insert(BlockId(address(rest)?), decode(key, bytes)?);
+        }
+        Some(("image", rest)) => {
+            state.catalog.insert(rest.to_owned(), decode(key, bytes)?);
+        }
+        Some(("promotion", rest)) => {
+            state
+                .promotions
+                .insert(rest.to_owned(), decode(key, bytes)?);
+        }
+        Some(("member", rest)) => {
+            let id = rest.parse().map_err(|_| StoreError::Corrupt {
+                what: key.to_owned(),
+                source: serde::de::Error::custom("not a member id"),
+            })?;
+            state.members.insert(id, decode(key, bytes)?);
+        }
+        _ if key == "config" => state.config = decode(key, bytes)?,
+        _ => {
+            return Err(StoreError::Corrupt {
+                what: key.to_owned(),
+                source: serde::de::Error::custom("unknown state row"),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl StateMachineStore {
+    fn load(database: Arc<Database>) -> Result<Self, StoreError> {
+        let mut state = MeshState::default();
+        {
+            let transaction = database.begin_read().map_err(database_error)?;
+            let table = transaction.open_table(STATE).map_err(database_error)?;
+            for row in table.iter().map_err(database_error)? {
+                let (key, bytes) = row.map_err(database_error)?;
+                load_row(&mut state, key.value(), bytes.value())?;
+            }
+        }
+        state.reindex();
+        let applied = read_meta(&database, APPLIED)?.flatten();
+        let membership = read_meta(&database, MEMBERSHIP)?.unwrap_or_default();
+        Ok(Self {
+            database,
+            state,
+            applied,
+            membership,
+            observer: None,
+        })
+    }
+
+    /// Calls `observer` for every entry applied from now on (traces, metrics).
+    pub fn observe_applies(&mut self, observer: ApplyObserver) {
+        self.observer = Some(observer);
+    }
+
+    /// The state as applied so far.
+    pub fn state(&self) -> &MeshState {
+        &self.state
+    }
+
+    fn write_back(&self, changed: &[StateKey]) -> Result<(), redb::Error> {
+        let transaction = begin_write(&self.database)?;
+        {
+            let mut table = transaction.open_table(STATE)?;
+            for key in changed {
+                let name = state_key(key);
+                match state_value(&self.state, key) {
+                    Some(value) => {
+                        table.insert(name.as_str(), value.as_slice())?;
+                    }
+                    None => {
+                        table.remove(name.as_str())?;
+                    }
+                }
+            }
+            let mut meta = transaction.open_table(META)?;
+            meta.insert(APPLIED, encode(&self.applied).as_slice())?;
+            meta.insert(MEMBERSHIP, encode(&self.membership).as_slice())?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Replaces the whole state (snapshot install) in one transaction.
+    fn replace(
+        &mut self,
+        state: MeshState,
+        meta: &SnapshotMeta<u64, ServerNode>,
+        data: &[u8],
+    ) -> Result<(), redb::Error> {
+        let transaction = begin_write(&self.database)?;
+        {
+            let mut table = transaction.open_table(STATE)?;
+            let keys = table
+                .iter()?
+                .map(|row| row.map(|(key, _)| key.value().to_owned()))
+                .collect::<Result<Vec<String>, _>>()?;
+            for key in keys {
+                table.remove(key.as_str())?;
+            }
+            let mut rows = Vec::new();
+            rows.extend(state.leases.keys().map(|address| StateKey::Lease(*address)));
+            rows.extend(
+                state
+                    .quarantine
+                    .keys()
+                    .map(|address| StateKey::Quarantine(*address)),
+            );
+            rows.extend(state.blocks.keys().map(|block| StateKey::Block(*block)));
+            rows.push(StateKey::Config);
+            rows.extend(
+                state
+                    .catalog
+                    .keys()
+                    .map(|reference| StateKey::Image(reference.clone())),
+            );
+            rows.extend(
+                state
+                    .promotions
+                    .keys()
+                    .map(|group| StateKey::Promotion(group.clone())),
+            );
+            rows.extend(state.members.keys().map(|id| StateKey::Member(*id)));
+            for key in &rows {
+                if let Some(value) = state_value(&state, key) {
+                    table.insert(state_key(key).as_str(), value.as_slice())?;
+                }
+            }
+            let mut stored = transaction.open_table(META)?;
+            stored.insert(APPLIED, encode(&meta.last_log_id).as_slice())?;
+            stored.insert(MEMBERSHIP, encode(&meta.last_membership).as_slice())?;
+            stored.insert(SNAPSHOT_META, encode(meta).as_slice())?;
+            stored.insert(SNAPSHOT_DATA, data)?;
+        }
+        transaction.commit()?;
+        self.state = state;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+}
+
+impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, ServerNode>), Storage> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<MeshResponse>, Storage>
+    where
+        I: IntoIterator<Item = Entry<MeshTypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut changed = Vec::new();
+        for entry in entries {
+            self.applied = Some(entry.log_id);
+            let (response, command) = match entry.payload {
+                EntryPayload::Blank => (MeshResponse::Nothing, false),
+                EntryPayload::Normal(proposal) => {
+                    let (response, keys) = self.state.apply(&proposal);
+                    changed.extend(keys);
+                    (response, true)
+                }
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    (MeshResponse::Nothing, false)
+                }
+            };
+            if let Some(observer) = &self.observer {
+                observer(&entry.log_id, command.then_some(&response));
+            }
+            responses.push(response);
+        }
+        changed.sort();
+        changed.dedup();
+        self.write_back(&changed)
+            .map_err(|error| StorageIOError::write_state_machine(&error))?;
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            database: Arc::clone(&self.database),
+            state: self.state.clone(),
+            applied: self.applied,
+            membership: self.membership.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Storage> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, ServerNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Storage> {
+        let data = snapshot.into_inner();
+        let state = decode_snapshot(&data)
+            .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), &error))?;
+        self.replace(state, meta, &data)
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error).into())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<MeshTypeConfig>>, Storage> {
+        let read = || -> Result<Option<Snapshot<MeshTypeConfig>>, StoreError> {
+            let Some(meta) =
+                read_meta::<SnapshotMeta<u64, ServerNode>>(&self.database, SNAPSHOT_META)?
+            else {
+                return Ok(None);
+            };
+            let transaction = self.database.begin_read().map_err(database_error)?;
+            let table = transaction.open_table(META).map_err(database_error)?;
+            let data = table
+                .get(SNAPSHOT_DATA)
+                .map_err(database_error)?
+                .map(|bytes| bytes.value().to_vec())
+                .unwrap_or_default();
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+        };
+        read().map_err(|error| StorageIOError::read_snapshot(None, &error).into())
+    }
+}
+
+/// Builds a snapshot of the state as it was when the builder was made.
+#[derive(Debug)]
+pub struct SnapshotBuilder {
+    database: Arc<Database>,
+    state: MeshState,
+    applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, ServerNode>,
+}
+
+impl RaftSnapshotBuilder<MeshTypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<MeshTypeConfig>, Storage> {
+        let data = encode(&SnapshotBody {
+            state: self.state.clone(),
+        });
+        let snapshot_id = match self.applied {
+            Some(applied) => format!("{}-{}-{}", applied.leader_id, applied.index, data.len()),
+            None => format!("empty-{}", data.len()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let write = || -> Result<(), redb::Error> {
+            let transaction = begin_write(&self.database)?;
+            {
+                let mut table = transaction.open_table(META)?;
+                table.insert(SNAPSHOT_META, encode(&meta).as_slice())?;
+                table.insert(SNAPSHOT_DATA, data.as_slice())?;
+            }
+            transaction.commit()?;
+            Ok(())
+        };
+        write().map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
