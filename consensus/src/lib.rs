@@ -15,6 +15,9 @@ pub mod store;
 
 use std::io::Cursor;
 
+/// The Raft library, for drivers that need its request and error types.
+pub use openraft;
+
 use serde::{Deserialize, Serialize};
 
 pub use runtime::{MeshRuntime, SeededRng, with_seeded_rng};

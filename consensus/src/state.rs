@@ -64,6 +64,21 @@ pub enum MeshCommand {
         /// A tagged image.
         reference: String,
     },
+    /// Records a one-time join token by the hash of its secret (never the secret).
+    CreateJoinToken {
+        /// SHA-256 of the token's secret, hex.
+        secret_hash: String,
+        /// The token is refused from then on.
+        expires_at: UnixMillis,
+    },
+    /// Uses up a join token and admits `member` under the next free server id (the `id` it
+    /// carries is ignored); answered with [`MeshResponse::Joined`].
+    RedeemJoinToken {
+        /// SHA-256 of the presented secret, hex.
+        secret_hash: String,
+        /// The joining server's addresses and rack.
+        member: Member,
+    },
     /// Adds or updates a member's addresses and rack.
     UpsertMember(Member),
     /// Removes a member.
@@ -134,6 +149,11 @@ pub enum MeshResponse {
     Leases(Vec<LeaseOutcome>),
     /// Refused, with the reason; the state is unchanged.
     Refused(String),
+    /// A join token was redeemed: the new server's id.
+    Joined {
+        /// Its server id.
+        server_id: ServerId,
+    },
     /// Membership change entries and blanks carry no command.
     Nothing,
 }
@@ -170,6 +190,19 @@ pub enum StateKey {
     Promotion(String),
     /// A member.
     Member(ServerId),
+    /// A join token.
+    JoinToken(String),
+    /// The next server id.
+    NextServerId,
+}
+
+/// A join token as the cluster keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinTokenRecord {
+    /// Refused from then on.
+    pub expires_at: UnixMillis,
+    /// Redeemed by this server, once.
+    pub used_by: Option<ServerId>,
 }
 
 /// The replicated state.
@@ -190,6 +223,10 @@ pub struct MeshState {
     pub promotions: BTreeMap<String, String>,
     /// Members by id.
     pub members: BTreeMap<ServerId, Member>,
+    /// Join tokens by secret hash.
+    pub join_tokens: BTreeMap<String, JoinTokenRecord>,
+    /// The id the next joining server gets (ids are never reused).
+    pub next_server_id: ServerId,
     /// Client id -> its leased address; derived from `leases` (see [`MeshState::reindex`]).
     #[serde(skip)]
     lease_by_client: BTreeMap<Vec<u8>, Ipv4Addr>,
@@ -289,6 +326,66 @@ impl MeshState {
                     MeshResponse::Refused(format!("no image tagged {reference}"))
                 }
             }
+            MeshCommand::CreateJoinToken {
+                secret_hash,
+                expires_at,
+            } => {
+                if self.join_tokens.contains_key(secret_hash) {
+                    MeshResponse::Refused("a token with this secret exists".into())
+                } else {
+                    // Spent and expired tokens are forgotten a day after expiry, so the table
+                    // stays bounded by the tokens of the last day.
+                    let forget_before = now.saturating_sub(86_400_000);
+                    let stale: Vec<String> = self
+                        .join_tokens
+                        .iter()
+                        .filter(|(_, token)| token.expires_at < forget_before)
+                        .map(|(hash, _)| hash.clone())
+                        .collect();
+                    for hash in stale {
+                        self.join_tokens.remove(&hash);
+                        changed.push(StateKey::JoinToken(hash));
+                    }
+                    self.join_tokens.insert(
+                        secret_hash.clone(),
+                        JoinTokenRecord {
+                            expires_at: *expires_at,
+                            used_by: None,
+                        },
+                    );
+                    changed.push(StateKey::JoinToken(secret_hash.clone()));
+                    MeshResponse::Applied
+                }
+            }
+            MeshCommand::RedeemJoinToken {
+                secret_hash,
+                member,
+            } => match self.join_tokens.get_mut(secret_hash) {
+                None => MeshResponse::Refused("unknown join token".into()),
+                Some(token) if token.used_by.is_some() => {
+                    MeshResponse::Refused("join token already used".into())
+                }
+                Some(token) if token.expires_at <= now => {
+                    MeshResponse::Refused("join token expired".into())
+                }
+                Some(token) => {
+                    let first_free = self.members.keys().next_back().map_or(1, |last| last + 1);
+                    let server_id = self.next_server_id.max(first_free);
+                    token.used_by = Some(server_id);
+                    self.next_server_id = server_id + 1;
+                    self.members.insert(
+                        server_id,
+                        Member {
+                            id: server_id,
+                            ..member.clone()
+                        },
+                    );
+                    changed.push(StateKey::JoinToken(secret_hash.clone()));
+                    changed.push(StateKey::NextServerId);
+                    changed.push(StateKey::Member(server_id));
+                    MeshResponse::Joined { server_id }
+                }
+            },
             MeshCommand::UpsertMember(member) => {
                 self.members.insert(member.id, member.clone());
                 changed.push(StateKey::Member(member.id));
@@ -492,6 +589,66 @@ mod tests {
             },
         });
         assert_eq!(state.apply(&promote).0, MeshResponse::Applied);
+    }
+
+    #[test]
+    fn a_join_token_admits_one_server_once_before_it_expires() {
+        let mut state = MeshState::default();
+        state.apply(&Proposal {
+            at: 0,
+            command: MeshCommand::UpsertMember(Member {
+                id: 1,
+                address: "10.0.0.1:7000".into(),
+                rack: "r1".into(),
+            }),
+        });
+        let create = |hash: &str, expires_at| Proposal {
+            at: 1000,
+            command: MeshCommand::CreateJoinToken {
+                secret_hash: hash.into(),
+                expires_at,
+            },
+        };
+        let redeem = |hash: &str, at| Proposal {
+            at,
+            command: MeshCommand::RedeemJoinToken {
+                secret_hash: hash.into(),
+                member: Member {
+                    id: 0,
+                    address: "10.0.0.2:7000".into(),
+                    rack: "r2".into(),
+                },
+            },
+        };
+        assert_eq!(state.apply(&create("a", 60_000)).0, MeshResponse::Applied);
+        assert_eq!(state.apply(&create("b", 2_000)).0, MeshResponse::Applied);
+        assert_eq!(
+            state.apply(&redeem("a", 5_000)).0,
+            MeshResponse::Joined { server_id: 2 }
+        );
+        assert_eq!(state.members[&2].rack, "r2");
+        assert_eq!(
+            state.apply(&redeem("a", 6_000)).0,
+            MeshResponse::Refused("join token already used".into())
+        );
+        assert_eq!(
+            state.apply(&redeem("b", 2_000)).0,
+            MeshResponse::Refused("join token expired".into())
+        );
+        assert_eq!(
+            state.apply(&redeem("c", 2_000)).0,
+            MeshResponse::Refused("unknown join token".into())
+        );
+        // Ids are never reused, even after the member is removed.
+        state.apply(&Proposal {
+            at: 7_000,
+            command: MeshCommand::RemoveMember(2),
+        });
+        state.apply(&create("d", 60_000));
+        assert_eq!(
+            state.apply(&redeem("d", 8_000)).0,
+            MeshResponse::Joined { server_id: 3 }
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::io::Cursor;
 use std::net::Ipv4Addr;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockWriteGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
@@ -306,10 +306,27 @@ pub fn decode_snapshot(data: &[u8]) -> Result<MeshState, StoreError> {
     Ok(state)
 }
 
+/// Read access to the applied state for the rest of the server (admin answers, the DHCP
+/// service's view of leases). Readers hold the lock briefly and never across an await.
+#[derive(Debug, Clone, Default)]
+pub struct StateHandle(Arc<RwLock<MeshState>>);
+
+impl StateHandle {
+    /// Runs `read` on the state as applied so far.
+    pub fn read<T>(&self, read: impl FnOnce(&MeshState) -> T) -> T {
+        let state = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        read(&state)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, MeshState> {
+        self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The state machine, kept in memory and written back row by row.
 pub struct StateMachineStore {
     database: Arc<Database>,
-    state: MeshState,
+    state: StateHandle,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, ServerNode>,
     observer: Option<ApplyObserver>,
@@ -334,6 +351,8 @@ fn state_key(key: &StateKey) -> String {
         StateKey::Image(reference) => format!("image/{reference}"),
         StateKey::Promotion(group) => format!("promotion/{group}"),
         StateKey::Member(id) => format!("member/{id}"),
+        StateKey::JoinToken(hash) => format!("token/{hash}"),
+        StateKey::NextServerId => "next_server_id".to_owned(),
     }
 }
 
@@ -347,6 +366,8 @@ fn state_value(state: &MeshState, key: &StateKey) -> Option<Vec<u8>> {
         StateKey::Image(reference) => state.catalog.get(reference).map(encode),
         StateKey::Promotion(group) => state.promotions.get(group).map(encode),
         StateKey::Member(id) => state.members.get(id).map(encode),
+        StateKey::JoinToken(hash) => state.join_tokens.get(hash).map(encode),
+        StateKey::NextServerId => Some(encode(&state.next_server_id)),
     }
 }
 
@@ -385,7 +406,13 @@ fn load_row(state: &mut MeshState, key: &str, bytes: &[u8]) -> Result<(), StoreE
             })?;
             state.members.insert(id, decode(key, bytes)?);
         }
+        Some(("token", rest)) => {
+            state
+                .join_tokens
+                .insert(rest.to_owned(), decode(key, bytes)?);
+        }
         _ if key == "config" => state.config = decode(key, bytes)?,
+        _ if key == "next_server_id" => state.next_server_id = decode(key, bytes)?,
         _ => {
             return Err(StoreError::Corrupt {
                 what: key.to_owned(),
@@ -412,7 +439,7 @@ impl StateMachineStore {
         let membership = read_meta(&database, MEMBERSHIP)?.unwrap_or_default();
         Ok(Self {
             database,
-            state,
+            state: StateHandle(Arc::new(RwLock::new(state))),
             applied,
             membership,
             observer: None,
@@ -424,18 +451,19 @@ impl StateMachineStore {
         self.observer = Some(observer);
     }
 
-    /// The state as applied so far.
-    pub fn state(&self) -> &MeshState {
-        &self.state
+    /// A handle to the state as applied, for readers outside Raft.
+    pub fn state(&self) -> StateHandle {
+        self.state.clone()
     }
 
     fn write_back(&self, changed: &[StateKey]) -> Result<(), redb::Error> {
+        let state = self.state.0.read().unwrap_or_else(PoisonError::into_inner);
         let transaction = begin_write(&self.database)?;
         {
             let mut table = transaction.open_table(STATE)?;
             for key in changed {
                 let name = state_key(key);
-                match state_value(&self.state, key) {
+                match state_value(&state, key) {
                     Some(value) => {
                         table.insert(name.as_str(), value.as_slice())?;
                     }
@@ -492,6 +520,13 @@ impl StateMachineStore {
                     .map(|group| StateKey::Promotion(group.clone())),
             );
             rows.extend(state.members.keys().map(|id| StateKey::Member(*id)));
+            rows.extend(
+                state
+                    .join_tokens
+                    .keys()
+                    .map(|hash| StateKey::JoinToken(hash.clone())),
+            );
+            rows.push(StateKey::NextServerId);
             for key in &rows {
                 if let Some(value) = state_value(&state, key) {
                     table.insert(state_key(key).as_str(), value.as_slice())?;
@@ -504,7 +539,7 @@ impl StateMachineStore {
             stored.insert(SNAPSHOT_DATA, data)?;
         }
         transaction.commit()?;
-        self.state = state;
+        *self.state.write() = state;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
@@ -532,7 +567,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
             let (response, command) = match entry.payload {
                 EntryPayload::Blank => (MeshResponse::Nothing, false),
                 EntryPayload::Normal(proposal) => {
-                    let (response, keys) = self.state.apply(&proposal);
+                    let (response, keys) = self.state.write().apply(&proposal);
                     changed.extend(keys);
                     (response, true)
                 }
@@ -556,7 +591,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             database: Arc::clone(&self.database),
-            state: self.state.clone(),
+            state: self.state.read(MeshState::clone),
             applied: self.applied,
             membership: self.membership.clone(),
         }

@@ -89,7 +89,16 @@ pub struct ServerConfig {
     /// The image store (`<state_dir>/images`).
     #[serde(default)]
     pub images: ImagesSection,
+    /// Present: this server is a cluster member, with the identity `bootmesh cluster init` or
+    /// `cluster join` wrote in `<state_dir>/cluster`.
+    pub cluster: Option<ClusterSection>,
 }
+
+/// `[cluster]`. Everything about the member itself is in its identity; this section says the
+/// server takes part.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {}
 
 /// `[images]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -35,6 +35,9 @@ pub enum ServeError {
     /// The DHCP service stopped on a journal failure.
     #[error(transparent)]
     Dhcp(#[from] crate::dhcp_service::DhcpServiceError),
+    /// The cluster member could not start or failed.
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A service task panicked.
     #[error("service task failed: {0}")]
     Task(String),
@@ -208,6 +211,19 @@ pub async fn serve(
             .await
             .map_err(io_error("nbd"))
         });
+    }
+
+    if config.cluster.is_some() {
+        let files = crate::cluster::files::ClusterFiles::new(&config.state_dir);
+        if !files.exists() {
+            return Err(ServeError::Task(format!(
+                "[cluster] is set but {} has no cluster identity: run `bootmesh cluster init` or `bootmesh cluster join` first",
+                config.state_dir.display()
+            )));
+        }
+        let member = crate::cluster::member::ClusterMember::start(&files).await?;
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move { member.run(shutdown).await.map_err(ServeError::from) });
     }
 
     tracing::info!(services = services.len(), "bootmesh serving");

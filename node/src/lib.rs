@@ -6,6 +6,8 @@
 //! [`journal`], so the simulator in `sim` runs it unchanged with simulated ones.
 
 pub mod agent;
+pub mod cluster;
+pub mod cluster_cli;
 pub mod config;
 pub mod daemon;
 pub mod dhcp_service;

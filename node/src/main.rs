@@ -60,6 +60,22 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Found, join, inspect and change the cluster of boot servers.
+    Cluster {
+        /// The server's `state_dir` (its cluster identity is in `cluster/`).
+        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: node::cluster_cli::ClusterCommand,
+    },
+    /// One-time join tokens for new servers.
+    Token {
+        /// The server's `state_dir`.
+        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: node::cluster_cli::TokenCommand,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -148,6 +164,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Cluster { state_dir, command } => {
+            node::cluster_cli::run_cluster(&state_dir, command)
+        }
+        Command::Token { state_dir, command } => node::cluster_cli::run_token(&state_dir, command),
         Command::Image { state_dir, command } => image_cli::run(&state_dir, command),
         Command::Demo => demo::run_demo(),
         Command::Initramfs {

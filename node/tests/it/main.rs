@@ -9,6 +9,7 @@
 
 mod architecture;
 mod bad_input;
+mod cluster;
 mod dhcp;
 mod dockerfile;
 mod http;

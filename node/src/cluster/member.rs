@@ -1,0 +1,548 @@
+//! A running cluster member: the Raft node on its redb store, its QUIC endpoint serving Raft,
+//! admin and join streams, and the leader's duties (recording its own membership when it
+//! founded the cluster, promoting caught-up learners to voters).
+//!
+//! A connection for Raft or admin must present a certificate of the cluster CA whose server
+//! id is in the current membership; anything else is refused and logged. Only the join
+//! protocol is open to a server without a certificate, and it only redeems a token.
+
+// A driver: it spawns its connection tasks and stamps proposals with the wall clock.
+#![allow(clippy::disallowed_methods)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use consensus::openraft::ChangeMembers;
+use consensus::openraft::error::{ClientWriteError, RaftError};
+use consensus::rpc::{StreamNetworkFactory, read_frame, serve_stream, write_frame};
+use consensus::state::{Member, MeshCommand, Proposal};
+use consensus::store::{StateHandle, open_file};
+use consensus::{MeshRaft, MeshResponse, ServerNode, raft_config};
+use quinn::{Connection, Endpoint};
+use tokio::sync::Semaphore;
+
+use super::ClusterError;
+use super::admin::{AdminReply, AdminRequest, ClusterStatus, JoinReply, JoinRequest, MemberStatus};
+use super::files::{ClusterFiles, IdentityRecord};
+use super::pki::{ClusterCa, JoinToken};
+use super::transport::{
+    ALPN_ADMIN, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, peer_server_id, protocol,
+};
+
+/// Connections served at once; more are refused.
+const CONNECTIONS_MAX: usize = 256;
+/// Streams served at once per connection.
+const STREAMS_PER_CONNECTION_MAX: usize = 64;
+/// A learner is promoted once it is this close to the leader's last log index.
+const PROMOTION_LAG_MAX: u64 = 100;
+/// How often the leader looks for learners to promote.
+const DUTY_INTERVAL: Duration = Duration::from_secs(2);
+/// Longest join token lifetime.
+const TOKEN_TTL_MAX_SECS: u64 = 7 * 24 * 3600;
+
+/// A running member.
+#[derive(Clone)]
+pub struct ClusterMember {
+    /// The Raft node.
+    pub raft: MeshRaft,
+    /// The applied state.
+    pub state: StateHandle,
+    /// Who this server is.
+    pub record: IdentityRecord,
+    ca: Arc<ClusterCa>,
+    endpoint: Endpoint,
+}
+
+impl std::fmt::Debug for ClusterMember {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("ClusterMember")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix milliseconds now (a cluster command's time stamp).
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ClusterMember {
+    /// Loads the identity in `files`, opens the store, binds the endpoint and starts Raft.
+    pub async fn start(files: &ClusterFiles) -> Result<Self, ClusterError> {
+        let loaded = files.load()?;
+        let (log, state_machine) = open_file(&files.raft_store())?;
+        let state = state_machine.state();
+        let endpoint = bind_server(loaded.record.address, &loaded.identity)?;
+        let dialer = QuicDialer::new(endpoint.clone(), &loaded.identity)?;
+        let config = raft_config(&loaded.record.cluster_name)
+            .validate()
+            .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        let raft = MeshRaft::new(
+            loaded.record.server_id,
+            Arc::new(config),
+            StreamNetworkFactory::new(loaded.record.server_id, dialer),
+            log,
+            state_machine,
+        )
+        .await
+        .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        let member = Self {
+            raft,
+            state,
+            record: loaded.record,
+            ca: Arc::new(loaded.ca),
+            endpoint,
+        };
+        if member.record.bootstrap
+            && !member
+                .raft
+                .is_initialized()
+                .await
+                .map_err(|error| ClusterError::Raft(error.to_string()))?
+        {
+            let founders = BTreeMap::from([(
+                member.record.server_id,
+                ServerNode {
+                    address: member.record.address.to_string(),
+                },
+            )]);
+            member
+                .raft
+                .initialize(founders)
+                .await
+                .map_err(|error| ClusterError::Raft(error.to_string()))?;
+            tracing::info!(server_id = member.record.server_id, "cluster founded");
+        }
+        tracing::info!(
+            server_id = member.record.server_id,
+            address = %member.record.address,
+            "cluster member started"
+        );
+        Ok(member)
+    }
+
+    /// Serves until `shutdown` resolves, then stops Raft and closes the endpoint.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ClusterError> {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(self.clone().accept_connections());
+        tasks.spawn(self.clone().leader_duties());
+        shutdown.await;
+        tasks.abort_all();
+        self.endpoint.close(0u32.into(), b"shutting down");
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        Ok(())
+    }
+
+    async fn accept_connections(self) {
+        let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        while let Some(incoming) = self.endpoint.accept().await {
+            let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+                tracing::warn!(remote = %incoming.remote_address(), "cluster connection refused: too many");
+                incoming.refuse();
+                continue;
+            };
+            let member = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(connection) => member.serve_connection(connection).await,
+                    Err(error) => {
+                        tracing::info!(%remote, %error, "cluster handshake failed");
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// Whether `server_id` may talk Raft and admin to this member: it is in the membership
+    /// this member knows, or this member knows none yet (a joiner waiting for the leader's
+    /// first message, holding nothing; the CA vouched for the peer).
+    fn accepts_peer(&self, server_id: u64) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let mut nodes = metrics.membership_config.nodes().peekable();
+        nodes.peek().is_none() || nodes.any(|(id, _)| *id == server_id)
+    }
+
+    async fn serve_connection(self, connection: Connection) {
+        let remote = connection.remote_address();
+        let protocol = protocol(&connection).unwrap_or_default();
+        let peer = peer_server_id(&connection);
+        let span = tracing::info_span!(
+            "cluster connection",
+            %remote,
+            protocol = %String::from_utf8_lossy(&protocol),
+            peer = ?peer
+        );
+        let _entered = span.enter();
+        if protocol == ALPN_JOIN {
+            drop(_entered);
+            self.serve_streams(connection, Stream::Join).await;
+            return;
+        }
+        match peer {
+            Some(server_id) if self.accepts_peer(server_id) => {}
+            Some(server_id) => {
+                tracing::warn!(server_id, "cluster peer refused: not a member");
+                connection.close(1u32.into(), b"not a member");
+                return;
+            }
+            None => {
+                tracing::warn!("cluster peer refused: no certificate of this cluster");
+                connection.close(1u32.into(), b"certificate required");
+                return;
+            }
+        }
+        drop(_entered);
+        if protocol == ALPN_RAFT {
+            self.serve_streams(connection, Stream::Raft).await;
+        } else if protocol == ALPN_ADMIN {
+            self.serve_streams(connection, Stream::Admin).await;
+        } else {
+            connection.close(2u32.into(), b"unknown protocol");
+        }
+    }
+
+    async fn serve_streams(self, connection: Connection, kind: Stream) {
+        let slots = Arc::new(Semaphore::new(STREAMS_PER_CONNECTION_MAX));
+        loop {
+            let Ok((send, receive)) = connection.accept_bi().await else {
+                return;
+            };
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let stream = tokio::io::join(receive, send);
+            let member = self.clone();
+            tokio::spawn(async move {
+                match kind {
+                    Stream::Raft => serve_stream(member.raft.clone(), stream).await,
+                    Stream::Admin => member.serve_request(stream, Self::admin).await,
+                    Stream::Join => member.serve_request(stream, Self::join).await,
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn serve_request<Request, Reply, Handler, Answer>(
+        self,
+        mut stream: super::transport::QuicStream,
+        handler: Handler,
+    ) where
+        Request: serde::de::DeserializeOwned + std::fmt::Debug,
+        Reply: serde::Serialize,
+        Handler: FnOnce(Self, Request) -> Answer,
+        Answer: Future<Output = Reply>,
+    {
+        let request: Request = match read_frame(&mut stream).await {
+            Ok(Some(request)) => request,
+            Ok(None) => return,
+            Err(error) => {
+                tracing::warn!(%error, "cluster request dropped: bad frame");
+                return;
+            }
+        };
+        let reply = handler(self, request).await;
+        if let Err(error) = write_frame(&mut stream, &reply).await {
+            tracing::info!(%error, "cluster reply not delivered");
+        }
+    }
+
+    fn leader_address(&self) -> Option<SocketAddr> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let leader = metrics.current_leader?;
+        metrics
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .and_then(|(_, node)| node.address.parse().ok())
+    }
+
+    /// Commits `command`; `Err(None)` when this member is not the leader.
+    async fn propose(&self, command: MeshCommand) -> Result<MeshResponse, Option<String>> {
+        let proposal = Proposal {
+            at: now_ms(),
+            command,
+        };
+        match self.raft.client_write(proposal).await {
+            Ok(response) => Ok(response.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(None),
+            Err(error) => Err(Some(error.to_string())),
+        }
+    }
+
+    async fn admin(self, request: AdminRequest) -> AdminReply {
+        tracing::info!(?request, "admin request");
+        match request {
+            AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::CreateToken { ttl_secs } => {
+                let ttl_secs = ttl_secs.clamp(1, TOKEN_TTL_MAX_SECS);
+                let token = match JoinToken::generate(self.ca.fingerprint()) {
+                    Ok(token) => token,
+                    Err(error) => return AdminReply::Failed(error.to_string()),
+                };
+                let expires_at = now_ms().saturating_add(ttl_secs * 1000);
+                match self
+                    .propose(MeshCommand::CreateJoinToken {
+                        secret_hash: token.secret_hash(),
+                        expires_at,
+                    })
+                    .await
+                {
+                    Ok(MeshResponse::Applied) => AdminReply::Token {
+                        token: token.encode(),
+                        expires_at,
+                    },
+                    Ok(other) => AdminReply::Failed(format!("{other:?}")),
+                    Err(None) => AdminReply::NotLeader {
+                        leader: self.leader_address(),
+                    },
+                    Err(Some(error)) => AdminReply::Failed(error),
+                }
+            }
+            AdminRequest::RemoveMember { server_id } => {
+                if server_id == self.record.server_id {
+                    return AdminReply::Failed(
+                        "a leader does not remove itself: ask another member".into(),
+                    );
+                }
+                match self.propose(MeshCommand::RemoveMember(server_id)).await {
+                    Ok(_) => {}
+                    Err(None) => {
+                        return AdminReply::NotLeader {
+                            leader: self.leader_address(),
+                        };
+                    }
+                    Err(Some(error)) => return AdminReply::Failed(error),
+                }
+                let ids = BTreeSet::from([server_id]);
+                let voter = {
+                    let metrics = self.raft.metrics();
+                    let metrics = metrics.borrow();
+                    metrics
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|id| id == server_id)
+                };
+                let change = if voter {
+                    ChangeMembers::RemoveVoters(ids)
+                } else {
+                    ChangeMembers::RemoveNodes(ids)
+                };
+                match self.raft.change_membership(change, false).await {
+                    Ok(_) => AdminReply::Removed { server_id },
+                    Err(error) => AdminReply::Failed(error.to_string()),
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let members = metrics
+            .membership_config
+            .nodes()
+            .map(|(id, node)| MemberStatus {
+                server_id: *id,
+                address: node.address.clone(),
+                rack: self
+                    .state
+                    .read(|state| state.members.get(id).map(|member| member.rack.clone())),
+                voter: voters.contains(id),
+                matched: metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(id).cloned().flatten())
+                    .map(|log_id| log_id.index)
+                    .or_else(|| {
+                        (*id == metrics.id)
+                            .then_some(metrics.last_log_index)
+                            .flatten()
+                    }),
+            })
+            .collect();
+        ClusterStatus {
+            server_id: self.record.server_id,
+            cluster_name: self.record.cluster_name.clone(),
+            role: format!("{:?}", metrics.state),
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index,
+            last_applied: metrics.last_applied.map(|log_id| log_id.index),
+            members,
+        }
+    }
+
+    async fn join(self, request: JoinRequest) -> JoinReply {
+        let span = tracing::info_span!("join", address = %request.address, rack = %request.rack);
+        let _entered = span.enter();
+        let token = match JoinToken::parse(&request.token) {
+            Ok(token) => token,
+            Err(error) => {
+                tracing::warn!(%error, "join refused: malformed token");
+                return JoinReply::Refused(format!("malformed token: {error}"));
+            }
+        };
+        if token.ca != self.ca.fingerprint() {
+            tracing::warn!("join refused: token of another cluster");
+            return JoinReply::Refused("the token is for another cluster".into());
+        }
+        if request.address.ip().is_unspecified() || request.address.port() == 0 {
+            return JoinReply::Refused("the joiner's address must be an IP and a port".into());
+        }
+        drop(_entered);
+        // Ids come from the recorded members: this member's own record must be in before a
+        // joiner gets the next id (a founder that just started may not have written it yet).
+        if let Err(reply) = self.record_self().await {
+            return reply;
+        }
+        let member = Member {
+            id: 0,
+            address: request.address.to_string(),
+            rack: request.rack.clone(),
+        };
+        let server_id = match self
+            .propose(MeshCommand::RedeemJoinToken {
+                secret_hash: token.secret_hash(),
+                member,
+            })
+            .await
+        {
+            Ok(MeshResponse::Joined { server_id }) => server_id,
+            Ok(MeshResponse::Refused(reason)) => {
+                tracing::warn!(%reason, "join refused");
+                return JoinReply::Refused(reason);
+            }
+            Ok(other) => return JoinReply::Refused(format!("{other:?}")),
+            Err(None) => {
+                return JoinReply::NotLeader {
+                    leader: self.leader_address(),
+                };
+            }
+            Err(Some(error)) => return JoinReply::Refused(error),
+        };
+        let certificate = match self
+            .ca
+            .issue_server_certificate(server_id, &request.subject_public_key_info)
+        {
+            Ok(certificate) => certificate,
+            Err(error) => return JoinReply::Refused(format!("certificate: {error}")),
+        };
+        let node = ServerNode {
+            address: request.address.to_string(),
+        };
+        if let Err(error) = self.raft.add_learner(server_id, node, false).await {
+            return JoinReply::Refused(format!("adding the learner: {error}"));
+        }
+        tracing::info!(server_id, address = %request.address, "server joined as a learner");
+        JoinReply::Admitted {
+            server_id,
+            cluster_name: self.record.cluster_name.clone(),
+            certificate: certificate.to_vec(),
+            ca_key_pem: self.ca.key_pem(),
+        }
+    }
+
+    /// Makes sure the cluster state has this member's own record (address, rack).
+    async fn record_self(&self) -> Result<(), JoinReply> {
+        let own = Member {
+            id: self.record.server_id,
+            address: self.record.address.to_string(),
+            rack: self.record.rack.clone(),
+        };
+        if self
+            .state
+            .read(|state| state.members.get(&own.id) == Some(&own))
+        {
+            return Ok(());
+        }
+        match self.propose(MeshCommand::UpsertMember(own)).await {
+            Ok(_) => Ok(()),
+            Err(None) => Err(JoinReply::NotLeader {
+                leader: self.leader_address(),
+            }),
+            Err(Some(error)) => Err(JoinReply::Refused(error)),
+        }
+    }
+
+    /// On the leader: records the founder's own member entry, and promotes learners that are
+    /// members of the cluster state and have caught up.
+    async fn leader_duties(self) {
+        let mut interval = tokio::time::interval(DUTY_INTERVAL);
+        loop {
+            interval.tick().await;
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.current_leader != Some(self.record.server_id) {
+                continue;
+            }
+            let own = Member {
+                id: self.record.server_id,
+                address: self.record.address.to_string(),
+                rack: self.record.rack.clone(),
+            };
+            let recorded = self
+                .state
+                .read(|state| state.members.get(&own.id) == Some(&own));
+            if !recorded
+                && let Err(Some(error)) = self.propose(MeshCommand::UpsertMember(own)).await
+            {
+                tracing::warn!(%error, "could not record this server as a member");
+            }
+            let last = metrics.last_log_index.unwrap_or(0);
+            let learners: Vec<u64> = metrics
+                .membership_config
+                .membership()
+                .learner_ids()
+                .collect();
+            for learner in learners {
+                let known = self
+                    .state
+                    .read(|state| state.members.contains_key(&learner));
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|replication| replication.get(&learner).cloned().flatten())
+                    .map(|log_id| log_id.index);
+                let caught_up = matched.is_some_and(|matched| matched + PROMOTION_LAG_MAX >= last);
+                if known && caught_up {
+                    match self
+                        .raft
+                        .change_membership(
+                            ChangeMembers::AddVoterIds(BTreeSet::from([learner])),
+                            false,
+                        )
+                        .await
+                    {
+                        Ok(_) => tracing::info!(server_id = learner, "learner promoted to voter"),
+                        Err(error) => {
+                            tracing::warn!(server_id = learner, %error, "promotion failed")
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Raft,
+    Admin,
+    Join,
+}

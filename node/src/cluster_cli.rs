@@ -1,0 +1,254 @@
+//! `bootmesh cluster ...` and `bootmesh token ...`: found or join a cluster, look at it, remove
+//! a member, create join tokens. Requests go over the admin protocol to a member (by default
+//! the server whose state directory is given), as that server.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use clap::Subcommand;
+
+use crate::cluster::admin::{AdminReply, AdminRequest, ClusterStatus, JoinSpec, admin_call, join};
+use crate::cluster::files::{ClusterFiles, IdentityRecord};
+use crate::cluster::pki::{ClusterCa, ServerKey};
+
+/// `bootmesh cluster`.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Founds a cluster: creates its CA and this server's identity (id 1). `bootmesh serve`
+    /// with a `[cluster]` section then starts it as the only voter.
+    Init {
+        /// This server's cluster address: its own IP and a UDP port.
+        #[arg(long)]
+        address: SocketAddr,
+        /// This server's rack.
+        #[arg(long, default_value = "default")]
+        rack: String,
+        /// The cluster's name.
+        #[arg(long, default_value = "bootmesh")]
+        name: String,
+    },
+    /// Joins a cluster with a token from `bootmesh token create`: the server at `--server` is
+    /// trusted only if it shows the CA pinned in the token.
+    Join {
+        /// The token.
+        #[arg(long)]
+        token: String,
+        /// Any member's cluster address.
+        #[arg(long)]
+        server: SocketAddr,
+        /// This server's cluster address: its own IP and a UDP port.
+        #[arg(long)]
+        address: SocketAddr,
+        /// This server's rack.
+        #[arg(long, default_value = "default")]
+        rack: String,
+    },
+    /// Shows a member's view: role, term, leader, log position, members.
+    Status {
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists the members.
+    Members {
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a member (its certificate stops being accepted).
+    Remove {
+        /// The member's id.
+        server_id: u64,
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+}
+
+/// `bootmesh token`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Creates a one-time join token.
+    Create {
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+}
+
+fn print(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn status_of(reply: AdminReply) -> anyhow::Result<ClusterStatus> {
+    match reply {
+        AdminReply::Status(status) => Ok(status),
+        AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// The table `cluster members` prints.
+pub fn members_table(status: &ClusterStatus) -> String {
+    let mut table = String::from("ID    ROLE     ADDRESS                 RACK        MATCHED\n");
+    for member in &status.members {
+        let role = if status.leader == Some(member.server_id) {
+            "leader"
+        } else if member.voter {
+            "voter"
+        } else {
+            "learner"
+        };
+        table.push_str(&format!(
+            "{:<5} {:<8} {:<23} {:<11} {}\n",
+            member.server_id,
+            role,
+            member.address,
+            member.rack.as_deref().unwrap_or("-"),
+            member
+                .matched
+                .map_or_else(|| "-".to_owned(), |index| index.to_string())
+        ));
+    }
+    table
+}
+
+/// Runs a `cluster` command for the server whose state is in `state_dir`.
+pub fn run_cluster(state_dir: &Path, command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Init {
+            address,
+            rack,
+            name,
+        } => {
+            let ca = ClusterCa::generate(&name)?;
+            let key = ServerKey::generate()?;
+            let certificate = ca.issue_server_certificate(1, &key.subject_public_key_info_der())?;
+            let record = IdentityRecord {
+                server_id: 1,
+                cluster_name: name.clone(),
+                address,
+                rack,
+                bootstrap: true,
+            };
+            ClusterFiles::new(state_dir).write_new(&record, &ca, &key, &certificate)?;
+            print(&format!(
+                "cluster {name} founded: this server is member 1 at {address}\nCA fingerprint {}\nstart it with `bootmesh serve` and a [cluster] section, then `bootmesh token create`\n",
+                ca.fingerprint().to_hex()
+            ))
+        }
+        ClusterCommand::Join {
+            token,
+            server,
+            address,
+            rack,
+        } => {
+            let record = runtime()?.block_on(join(
+                state_dir,
+                &JoinSpec {
+                    token,
+                    server,
+                    address,
+                    rack,
+                },
+            ))?;
+            print(&format!(
+                "joined cluster {} as member {} at {}; start it with `bootmesh serve`\n",
+                record.cluster_name, record.server_id, record.address
+            ))
+        }
+        ClusterCommand::Status { server, json } => {
+            let status = status_of(runtime()?.block_on(admin_call(
+                state_dir,
+                server,
+                &AdminRequest::Status,
+            ))?)?;
+            if json {
+                return print(&format!("{}\n", serde_json::to_string_pretty(&status)?));
+            }
+            let mut text = format!(
+                "cluster {}\nmember  {} ({})\nterm    {}\nleader  {}\nlog     last {} applied {}\n\n",
+                status.cluster_name,
+                status.server_id,
+                status.role,
+                status.term,
+                status
+                    .leader
+                    .map_or_else(|| "none".to_owned(), |leader| leader.to_string()),
+                status
+                    .last_log_index
+                    .map_or_else(|| "-".to_owned(), |index| index.to_string()),
+                status
+                    .last_applied
+                    .map_or_else(|| "-".to_owned(), |index| index.to_string()),
+            );
+            text.push_str(&members_table(&status));
+            print(&text)
+        }
+        ClusterCommand::Members { server, json } => {
+            let status = status_of(runtime()?.block_on(admin_call(
+                state_dir,
+                server,
+                &AdminRequest::Status,
+            ))?)?;
+            if json {
+                return print(&format!(
+                    "{}\n",
+                    serde_json::to_string_pretty(&status.members)?
+                ));
+            }
+            print(&members_table(&status))
+        }
+        ClusterCommand::Remove { server_id, server } => {
+            match runtime()?.block_on(admin_call(
+                state_dir,
+                server,
+                &AdminRequest::RemoveMember { server_id },
+            ))? {
+                AdminReply::Removed { server_id } => {
+                    print(&format!("member {server_id} removed\n"))
+                }
+                AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Runs a `token` command.
+pub fn run_token(state_dir: &Path, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { ttl_secs, server } => {
+            let reply = runtime()?
+                .block_on(admin_call(
+                    state_dir,
+                    server,
+                    &AdminRequest::CreateToken { ttl_secs },
+                ))
+                .context("create a join token")?;
+            match reply {
+                AdminReply::Token { token, .. } => print(&format!("{token}\n")),
+                AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+}
