@@ -26,7 +26,7 @@ use redb::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::state::{BlockId, MeshResponse, MeshState, StateKey};
+use crate::state::{BlockId, MeshResponse, MeshState, Proposal, StateKey};
 use crate::{MeshTypeConfig, ServerNode};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
@@ -295,8 +295,9 @@ struct SnapshotBody {
     state: MeshState,
 }
 
-/// Told of every applied entry: its log id and response (`None` for blanks and membership).
-pub type ApplyObserver = Arc<dyn Fn(&LogId<u64>, Option<&MeshResponse>) + Send + Sync>;
+/// Told of every applied entry: its log id, and its proposal and response (`None` for blanks
+/// and membership changes).
+pub type ApplyObserver = Arc<dyn Fn(&LogId<u64>, Option<(&Proposal, &MeshResponse)>) + Send + Sync>;
 
 /// Decodes a snapshot as a leader sends it (untrusted until decoded whole).
 pub fn decode_snapshot(data: &[u8]) -> Result<MeshState, StoreError> {
@@ -564,20 +565,23 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
         let mut changed = Vec::new();
         for entry in entries {
             self.applied = Some(entry.log_id);
-            let (response, command) = match entry.payload {
-                EntryPayload::Blank => (MeshResponse::Nothing, false),
+            let (response, proposal) = match entry.payload {
+                EntryPayload::Blank => (MeshResponse::Nothing, None),
                 EntryPayload::Normal(proposal) => {
                     let (response, keys) = self.state.write().apply(&proposal);
                     changed.extend(keys);
-                    (response, true)
+                    (response, Some(proposal))
                 }
                 EntryPayload::Membership(membership) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), membership);
-                    (MeshResponse::Nothing, false)
+                    (MeshResponse::Nothing, None)
                 }
             };
             if let Some(observer) = &self.observer {
-                observer(&entry.log_id, command.then_some(&response));
+                observer(
+                    &entry.log_id,
+                    proposal.as_ref().map(|proposal| (proposal, &response)),
+                );
             }
             responses.push(response);
         }

@@ -8,7 +8,9 @@ use std::path::Path;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::cluster::admin::{AdminReply, AdminRequest, ClusterStatus, JoinSpec, admin_call, join};
+use crate::cluster::admin::{
+    AdminReply, AdminRequest, ClusterStatus, JoinSpec, LeaseView, admin_call, join,
+};
 use crate::cluster::files::{ClusterFiles, IdentityRecord};
 use crate::cluster::pki::{ClusterCa, ServerKey};
 
@@ -66,6 +68,28 @@ pub enum ClusterCommand {
     Remove {
         /// The member's id.
         server_id: u64,
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+}
+
+/// `bootmesh lease`.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// Lists the leases the cluster holds.
+    List {
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+        /// JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ends a lease now (the address can go to another client once nobody holds it).
+    Release {
+        /// The leased address.
+        address: std::net::Ipv4Addr,
         /// Ask this member instead of the local server.
         #[arg(long)]
         server: Option<SocketAddr>,
@@ -246,6 +270,77 @@ pub fn run_token(state_dir: &Path, command: TokenCommand) -> anyhow::Result<()> 
                 .context("create a join token")?;
             match reply {
                 AdminReply::Token { token, .. } => print(&format!("{token}\n")),
+                AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
+    }
+}
+
+fn leases(state_dir: &Path, server: Option<SocketAddr>) -> anyhow::Result<Vec<LeaseView>> {
+    match runtime()?.block_on(admin_call(state_dir, server, &AdminRequest::Leases))? {
+        AdminReply::Leases(leases) => Ok(leases),
+        AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
+}
+
+fn hex_bytes(text: &str) -> anyhow::Result<Vec<u8>> {
+    (0..text.len())
+        .step_by(2)
+        .map(|index| {
+            text.get(index..index + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .context("client id is not hex")
+        })
+        .collect()
+}
+
+/// Runs a `lease` command.
+pub fn run_lease(state_dir: &Path, command: LeaseCommand) -> anyhow::Result<()> {
+    match command {
+        LeaseCommand::List { server, json } => {
+            let leases = leases(state_dir, server)?;
+            if json {
+                return print(&format!("{}\n", serde_json::to_string_pretty(&leases)?));
+            }
+            let mut table =
+                String::from("ADDRESS          HARDWARE           EXPIRES(UNIX)  HOSTNAME\n");
+            for lease in &leases {
+                table.push_str(&format!(
+                    "{:<16} {:<18} {:<14} {}\n",
+                    lease.address.to_string(),
+                    lease.hardware_address,
+                    lease.expires_at_unix_secs,
+                    lease.hostname.as_deref().unwrap_or("-")
+                ));
+            }
+            print(&table)
+        }
+        LeaseCommand::Release { address, server } => {
+            let lease = leases(state_dir, server)?
+                .into_iter()
+                .find(|lease| lease.address == address)
+                .with_context(|| format!("no lease for {address}"))?;
+            #[allow(clippy::disallowed_methods)] // The CLI stamps the release with its clock.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| since.as_secs())
+                .unwrap_or(0);
+            let mut record = Vec::new();
+            boot_services::dhcp::LeaseChange::Release {
+                client: boot_services::dhcp::ClientId(hex_bytes(&lease.client)?),
+                address,
+                at_unix_secs: now,
+            }
+            .encode(&mut record);
+            let command = consensus::MeshCommand::Leases(vec![record]);
+            match runtime()?.block_on(admin_call(
+                state_dir,
+                server,
+                &AdminRequest::Propose(command),
+            ))? {
+                AdminReply::Proposed(_) => print(&format!("lease of {address} released\n")),
                 AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
                 other => anyhow::bail!("unexpected answer: {other:?}"),
             }

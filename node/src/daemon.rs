@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, ServerConfig};
-use crate::dhcp_service::{DhcpCounters, run_dhcp};
+use crate::dhcp_service::{DhcpCounters, run_dhcp, run_dhcp_with_store};
 use crate::files::{DirectorySource, FileExports};
 use crate::image_source::{ExportsAndImages, FilesAndImages, ImageLibrary};
 use crate::journal::FileLeaseJournal;
@@ -76,6 +76,25 @@ pub async fn serve(
     // Every node's plan and secrets: served over HTTP, and (without secrets) as lts.conf.
     let node_plans = config.node_plans()?;
 
+    // The cluster member starts first: the DHCP service commits its leases through it.
+    let member = match config.cluster {
+        Some(_) => {
+            let files = crate::cluster::files::ClusterFiles::new(&config.state_dir);
+            if !files.exists() {
+                return Err(ServeError::Task(format!(
+                    "[cluster] is set but {} has no cluster identity: run `bootmesh cluster init` or `bootmesh cluster join` first",
+                    config.state_dir.display()
+                )));
+            }
+            let member = crate::cluster::member::ClusterMember::start(&files).await?;
+            let shutdown = shutdown_signal(stop_receiver.clone());
+            let running = member.clone();
+            services.spawn(async move { running.run(shutdown).await.map_err(ServeError::from) });
+            Some(member)
+        }
+        None => None,
+    };
+
     if let Some(dhcp_config) = config.dhcp_config()? {
         let Some(section) = config.dhcp.clone() else {
             return Err(ServeError::Task("dhcp config without section".into()));
@@ -99,26 +118,48 @@ pub async fn serve(
                 )?));
             }
         }
-        let journal =
-            FileLeaseJournal::open(&config.state_dir).map_err(|error| ServeError::Io {
-                what: error.to_string(),
-                source: std::io::Error::other("journal"),
-            })?;
         let shutdown = shutdown_signal(stop_receiver.clone());
         let queue_max = section.receive_queue_max;
-        services.spawn(async move {
-            run_dhcp(
-                server,
-                links,
-                journal,
-                SystemClock,
-                queue_max,
-                Arc::new(DhcpCounters::default()),
-                shutdown,
-            )
-            .await
-            .map_err(ServeError::from)
-        });
+        let counters = Arc::new(DhcpCounters::default());
+        match &member {
+            // In a cluster, leases are committed through Raft and shared by every server.
+            Some(member) => {
+                let store = crate::cluster::leases::ClusterLeaseStore::new(member.clone());
+                services.spawn(async move {
+                    run_dhcp_with_store(
+                        server,
+                        links,
+                        store,
+                        SystemClock,
+                        queue_max,
+                        counters,
+                        shutdown,
+                    )
+                    .await
+                    .map_err(ServeError::from)
+                });
+            }
+            None => {
+                let journal =
+                    FileLeaseJournal::open(&config.state_dir).map_err(|error| ServeError::Io {
+                        what: error.to_string(),
+                        source: std::io::Error::other("journal"),
+                    })?;
+                services.spawn(async move {
+                    run_dhcp(
+                        server,
+                        links,
+                        journal,
+                        SystemClock,
+                        queue_max,
+                        counters,
+                        shutdown,
+                    )
+                    .await
+                    .map_err(ServeError::from)
+                });
+            }
+        }
         tracing::info!(interfaces = ?section.interfaces, port = section.port, ?mode, "dhcp serving");
     }
 
@@ -211,19 +252,6 @@ pub async fn serve(
             .await
             .map_err(io_error("nbd"))
         });
-    }
-
-    if config.cluster.is_some() {
-        let files = crate::cluster::files::ClusterFiles::new(&config.state_dir);
-        if !files.exists() {
-            return Err(ServeError::Task(format!(
-                "[cluster] is set but {} has no cluster identity: run `bootmesh cluster init` or `bootmesh cluster join` first",
-                config.state_dir.display()
-            )));
-        }
-        let member = crate::cluster::member::ClusterMember::start(&files).await?;
-        let shutdown = shutdown_signal(stop_receiver.clone());
-        services.spawn(async move { member.run(shutdown).await.map_err(ServeError::from) });
     }
 
     tracing::info!(services = services.len(), "bootmesh serving");

@@ -1,12 +1,17 @@
 //! The DHCP wiring: links feed a bounded queue, the core handles each datagram, lease proposals
-//! are made durable in batches through the journal, and only then do ACKs leave. Generic over
-//! its seams, so `serve` and the simulator run this same code.
+//! are made durable in batches through a [`LeaseStore`] (the local journal, or the cluster's
+//! Raft log), and only then do ACKs leave. Generic over its seams, so `serve` and the simulator
+//! run this same code.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use boot_services::dhcp::{Datagram, DhcpServer, LeaseChange};
+use std::collections::VecDeque;
+
+use boot_services::dhcp::{
+    Datagram, DhcpServer, LeaseChange, LeaseProposal, LeaseTable, ProposalId,
+};
 use tokio::sync::mpsc;
 
 use crate::journal::{JournalError, LeaseJournal};
@@ -39,6 +44,103 @@ pub enum DhcpServiceError {
     /// The journal failed: we cannot promise durability, so we stop rather than answer.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The lease store is gone (the cluster member stopped).
+    #[error("lease store: {0}")]
+    Store(String),
+}
+
+/// What became of submitted lease proposals, or what another server committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseEvent {
+    /// Durable: release their replies.
+    Committed(Vec<ProposalId>),
+    /// Refused by the replicated state (another client holds the address): no reply; the
+    /// client starts over.
+    Refused(ProposalId, String),
+    /// Not committed now (no leader, a timeout): no reply; the client retries.
+    Failed(Vec<ProposalId>, String),
+    /// A change another server committed: the lease table learns of it.
+    Remote(LeaseChange),
+    /// Reload every lease from the store (the event stream lost events).
+    Resync(Vec<LeaseChange>),
+}
+
+/// Where lease changes become durable before an ACK leaves.
+pub trait LeaseStore: Send + 'static {
+    /// The changes recorded so far, oldest first, restored into the core at start.
+    fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError>;
+    /// Hands over a batch of proposals. `Err` is fatal: durability cannot be promised.
+    fn submit(
+        &mut self,
+        proposals: Vec<LeaseProposal>,
+        table: &LeaseTable,
+    ) -> Result<(), DhcpServiceError>;
+    /// An event that is ready now, if any.
+    fn try_event(&mut self) -> Option<LeaseEvent>;
+    /// Waits for the next event; `None` when no more will come.
+    fn next_event(&mut self) -> impl Future<Output = Option<LeaseEvent>> + Send;
+}
+
+/// A [`LeaseJournal`] as a [`LeaseStore`]: a batch is durable when `append` returns.
+#[derive(Debug)]
+pub struct JournalStore<J> {
+    journal: J,
+    ready: VecDeque<LeaseEvent>,
+}
+
+impl<J: LeaseJournal> JournalStore<J> {
+    /// Wraps `journal`.
+    pub fn new(journal: J) -> Self {
+        Self {
+            journal,
+            ready: VecDeque::new(),
+        }
+    }
+}
+
+impl<J: LeaseJournal> LeaseStore for JournalStore<J> {
+    fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError> {
+        Ok(self.journal.load()?)
+    }
+
+    fn submit(
+        &mut self,
+        proposals: Vec<LeaseProposal>,
+        table: &LeaseTable,
+    ) -> Result<(), DhcpServiceError> {
+        let changes: Vec<LeaseChange> = proposals
+            .iter()
+            .map(|proposal| proposal.change.clone())
+            .collect();
+        let ids = proposals.iter().map(|proposal| proposal.id).collect();
+        if let Err(error) = self.journal.append(&changes) {
+            tracing::error!(%error, "lease journal append failed; stopping DHCP rather than ACK without durability");
+            return Err(error.into());
+        }
+        self.ready.push_back(LeaseEvent::Committed(ids));
+        // The table does not hold this batch yet: it is applied when the ACKs are released.
+        if self
+            .journal
+            .needs_compaction(table.binding_count() + changes.len())
+        {
+            let mut live = table.snapshot();
+            live.extend(changes);
+            self.journal.compact(&live)?;
+        }
+        Ok(())
+    }
+
+    fn try_event(&mut self) -> Option<LeaseEvent> {
+        self.ready.pop_front()
+    }
+
+    async fn next_event(&mut self) -> Option<LeaseEvent> {
+        match self.ready.pop_front() {
+            Some(event) => Some(event),
+            // Every event of a journal is ready at once; none will come later.
+            None => std::future::pending().await,
+        }
+    }
 }
 
 struct Received {
@@ -49,9 +151,9 @@ struct Received {
 
 /// Replays the journal into `server`, then serves until `shutdown` resolves.
 pub async fn run_dhcp<L, J, C>(
-    mut server: DhcpServer,
+    server: DhcpServer,
     links: Vec<Arc<L>>,
-    mut journal: J,
+    journal: J,
     clock: C,
     receive_queue_max: usize,
     counters: Arc<DhcpCounters>,
@@ -62,7 +164,34 @@ where
     J: LeaseJournal,
     C: Clock,
 {
-    let restored = journal.load()?;
+    run_dhcp_with_store(
+        server,
+        links,
+        JournalStore::new(journal),
+        clock,
+        receive_queue_max,
+        counters,
+        shutdown,
+    )
+    .await
+}
+
+/// Restores the leases of `store` into `server`, then serves until `shutdown` resolves.
+pub async fn run_dhcp_with_store<L, S, C>(
+    mut server: DhcpServer,
+    links: Vec<Arc<L>>,
+    mut store: S,
+    clock: C,
+    receive_queue_max: usize,
+    counters: Arc<DhcpCounters>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DhcpServiceError>
+where
+    L: DhcpLink,
+    S: LeaseStore,
+    C: Clock,
+{
+    let restored = store.load()?;
     for change in &restored {
         server.restore(change);
     }
@@ -88,6 +217,12 @@ where
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            event = store.next_event() => {
+                let Some(event) = event else {
+                    return Err(DhcpServiceError::Store("the lease store closed".into()));
+                };
+                handle_lease_event(&mut server, event, &clock, &counters);
+            }
             received = receiver.recv() => {
                 let Some(received) = received else { break };
                 batch.push(received);
@@ -116,7 +251,10 @@ where
                 tracing::debug!(%reason, "dhcp datagram dropped");
             }
         }
-        commit_proposals(&mut server, &mut journal, &clock, &counters)?;
+        submit_proposals(&mut server, &mut store)?;
+        while let Some(event) = store.try_event() {
+            handle_lease_event(&mut server, event, &clock, &counters);
+        }
         while let Some(transmit) = server.poll_transmit() {
             let span = tracing::debug_span!("dhcp_reply", xid = format_args!("{:#010x}", transmit.xid), kind = ?transmit.message_type);
             let _entered = span.enter();
@@ -140,12 +278,10 @@ where
     Ok(())
 }
 
-/// Makes every pending proposal durable in one journal write, then releases the replies.
-fn commit_proposals<J: LeaseJournal, C: Clock>(
+/// Hands every pending proposal to the store as one batch.
+fn submit_proposals<S: LeaseStore>(
     server: &mut DhcpServer,
-    journal: &mut J,
-    clock: &C,
-    counters: &DhcpCounters,
+    store: &mut S,
 ) -> Result<(), DhcpServiceError> {
     let mut proposals = Vec::new();
     while let Some(proposal) = server.poll_lease_proposal() {
@@ -154,30 +290,49 @@ fn commit_proposals<J: LeaseJournal, C: Clock>(
     if proposals.is_empty() {
         return Ok(());
     }
-    let changes: Vec<LeaseChange> = proposals
-        .iter()
-        .map(|proposal| proposal.change.clone())
-        .collect();
-    if let Err(error) = journal.append(&changes) {
-        for proposal in &proposals {
-            server.handle_lease_commit_failed(proposal.id);
+    let ids: Vec<ProposalId> = proposals.iter().map(|proposal| proposal.id).collect();
+    if let Err(error) = store.submit(proposals, server.lease_table()) {
+        for id in ids {
+            server.handle_lease_commit_failed(id);
         }
-        tracing::error!(%error, "lease journal append failed; stopping DHCP rather than ACK without durability");
-        return Err(error.into());
-    }
-    let now = clock.wall_now();
-    for proposal in proposals {
-        tracing::debug!(change = ?proposal.change, "lease committed");
-        server.handle_lease_committed(now, proposal.id);
-    }
-    counters
-        .committed
-        .fetch_add(changes.len() as u64, Ordering::Relaxed);
-    if journal.needs_compaction(server.lease_table().binding_count()) {
-        let live = server.lease_table().snapshot();
-        journal.compact(&live)?;
+        return Err(error);
     }
     Ok(())
+}
+
+fn handle_lease_event<C: Clock>(
+    server: &mut DhcpServer,
+    event: LeaseEvent,
+    clock: &C,
+    counters: &DhcpCounters,
+) {
+    match event {
+        LeaseEvent::Committed(ids) => {
+            let now = clock.wall_now();
+            counters
+                .committed
+                .fetch_add(ids.len() as u64, Ordering::Relaxed);
+            for id in ids {
+                server.handle_lease_committed(now, id);
+            }
+        }
+        LeaseEvent::Refused(id, reason) => {
+            tracing::info!(%reason, "lease refused by the cluster; no ACK");
+            server.handle_lease_commit_failed(id);
+        }
+        LeaseEvent::Failed(ids, reason) => {
+            tracing::warn!(%reason, proposals = ids.len(), "leases not committed; no ACK, clients retry");
+            for id in ids {
+                server.handle_lease_commit_failed(id);
+            }
+        }
+        LeaseEvent::Remote(change) => server.restore(&change),
+        LeaseEvent::Resync(changes) => {
+            for change in &changes {
+                server.restore(change);
+            }
+        }
+    }
 }
 
 async fn read_link<L: DhcpLink>(

@@ -154,7 +154,8 @@ async fn run_server(
     {
         let trace = trace.clone();
         let shared = Arc::clone(&shared);
-        state_machine.observe_applies(Arc::new(move |log_id, response| {
+        state_machine.observe_applies(Arc::new(move |log_id, applied| {
+            let response = applied.map(|(_, response)| response);
             let what = format!("{log_id} {response:?}");
             trace.record(format!("{} applied {what}", server_name(id)));
             let mut observed = lock(&shared);

@@ -36,6 +36,26 @@ pub enum AdminRequest {
         /// Its id.
         server_id: u64,
     },
+    /// Commits a command (members forward their DHCP lease batches to the leader this way);
+    /// the leader stamps it with its clock.
+    Propose(consensus::MeshCommand),
+    /// The leases in the cluster state.
+    Leases,
+}
+
+/// A lease as `lease list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LeaseView {
+    /// The address.
+    pub address: std::net::Ipv4Addr,
+    /// The holder's hardware address, `aa:bb:..`.
+    pub hardware_address: String,
+    /// The holder's client id, hex.
+    pub client: String,
+    /// End of the lease, Unix seconds.
+    pub expires_at_unix_secs: u64,
+    /// Hostname given.
+    pub hostname: Option<String>,
 }
 
 /// The answer to an [`AdminRequest`].
@@ -55,6 +75,10 @@ pub enum AdminReply {
         /// The removed member.
         server_id: u64,
     },
+    /// To `Propose`: the command's response.
+    Proposed(consensus::MeshResponse),
+    /// To `Leases`.
+    Leases(Vec<LeaseView>),
     /// Ask the leader (its cluster address, when known).
     NotLeader {
         /// The leader's address.

@@ -12,24 +12,29 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use boot_services::dhcp::{ClientId, LeaseChange};
 
 use consensus::openraft::ChangeMembers;
 use consensus::openraft::error::{ClientWriteError, RaftError};
 use consensus::rpc::{StreamNetworkFactory, read_frame, serve_stream, write_frame};
-use consensus::state::{Member, MeshCommand, Proposal};
+use consensus::state::{LeaseOutcome, Member, MeshCommand, Proposal};
 use consensus::store::{StateHandle, open_file};
 use consensus::{MeshRaft, MeshResponse, ServerNode, raft_config};
 use quinn::{Connection, Endpoint};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, broadcast};
 
 use super::ClusterError;
-use super::admin::{AdminReply, AdminRequest, ClusterStatus, JoinReply, JoinRequest, MemberStatus};
+use super::admin::{
+    AdminReply, AdminRequest, ClusterStatus, JoinReply, JoinRequest, LeaseView, MemberStatus,
+};
 use super::files::{ClusterFiles, IdentityRecord};
 use super::pki::{ClusterCa, JoinToken};
 use super::transport::{
-    ALPN_ADMIN, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, peer_server_id, protocol,
+    ALPN_ADMIN, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, connect, member_client_config,
+    open_stream, peer_server_id, protocol,
 };
 
 /// Connections served at once; more are refused.
@@ -42,6 +47,27 @@ const PROMOTION_LAG_MAX: u64 = 100;
 const DUTY_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest join token lifetime.
 const TOKEN_TTL_MAX_SECS: u64 = 7 * 24 * 3600;
+/// Lease changes buffered for a slow DHCP service before it must reload them all.
+const APPLIED_LEASES_BUFFERED: usize = 65_536;
+/// Attempts to reach the leader with a proposal while leadership moves.
+const FORWARD_ATTEMPTS_MAX: usize = 5;
+/// Pause between those attempts (an election takes a second or two).
+const FORWARD_RETRY_DELAY: Duration = Duration::from_millis(500);
+
+/// The lease changes of `proposal` that the state machine committed.
+fn committed_lease_changes(proposal: &Proposal, response: &MeshResponse) -> Vec<LeaseChange> {
+    let (MeshCommand::Leases(records), MeshResponse::Leases(outcomes)) =
+        (&proposal.command, response)
+    else {
+        return Vec::new();
+    };
+    records
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| **outcome == LeaseOutcome::Committed)
+        .filter_map(|(record, _)| LeaseChange::decode(record).ok())
+        .collect()
+}
 
 /// A running member.
 #[derive(Clone)]
@@ -54,6 +80,11 @@ pub struct ClusterMember {
     pub record: IdentityRecord,
     ca: Arc<ClusterCa>,
     endpoint: Endpoint,
+    /// Every lease change the state machine committed, from any server, in log order.
+    applied_leases: broadcast::Sender<LeaseChange>,
+    /// Admin connections to other members (requests forwarded to the leader).
+    admin_config: quinn::ClientConfig,
+    admin_connections: Arc<Mutex<BTreeMap<SocketAddr, Connection>>>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -77,8 +108,20 @@ impl ClusterMember {
     /// Loads the identity in `files`, opens the store, binds the endpoint and starts Raft.
     pub async fn start(files: &ClusterFiles) -> Result<Self, ClusterError> {
         let loaded = files.load()?;
-        let (log, state_machine) = open_file(&files.raft_store())?;
+        let (log, mut state_machine) = open_file(&files.raft_store())?;
         let state = state_machine.state();
+        let (applied_leases, _) = broadcast::channel(APPLIED_LEASES_BUFFERED);
+        {
+            let applied_leases = applied_leases.clone();
+            state_machine.observe_applies(Arc::new(move |_, applied| {
+                if let Some((proposal, response)) = applied {
+                    for change in committed_lease_changes(proposal, response) {
+                        // Nobody listening (no DHCP service) is fine.
+                        let _ = applied_leases.send(change);
+                    }
+                }
+            }));
+        }
         let endpoint = bind_server(loaded.record.address, &loaded.identity)?;
         let dialer = QuicDialer::new(endpoint.clone(), &loaded.identity)?;
         let config = raft_config(&loaded.record.cluster_name)
@@ -93,12 +136,16 @@ impl ClusterMember {
         )
         .await
         .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        let admin_config = member_client_config(&loaded.identity, ALPN_ADMIN)?;
         let member = Self {
             raft,
             state,
             record: loaded.record,
             ca: Arc::new(loaded.ca),
             endpoint,
+            applied_leases,
+            admin_config,
+            admin_connections: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -271,6 +318,106 @@ impl ClusterMember {
             .and_then(|(_, node)| node.address.parse().ok())
     }
 
+    /// Lease changes as the state machine commits them, from now on.
+    pub fn subscribe_leases(&self) -> broadcast::Receiver<LeaseChange> {
+        self.applied_leases.subscribe()
+    }
+
+    /// Commits `command` through the leader, wherever it is: here, or forwarded over the admin
+    /// protocol. Retries while leadership moves, a few times.
+    pub async fn propose_anywhere(&self, command: MeshCommand) -> Result<MeshResponse, String> {
+        let mut last_error = String::from("no leader");
+        for attempt in 0..FORWARD_ATTEMPTS_MAX {
+            if attempt > 0 {
+                tokio::time::sleep(FORWARD_RETRY_DELAY).await;
+            }
+            match self.propose(command.clone()).await {
+                Ok(response) => return Ok(response),
+                Err(Some(error)) => return Err(error),
+                Err(None) => {}
+            }
+            let Some(leader) = self.leader_address() else {
+                continue;
+            };
+            match self
+                .forward(leader, &AdminRequest::Propose(command.clone()))
+                .await
+            {
+                Ok(AdminReply::Proposed(response)) => return Ok(response),
+                Ok(AdminReply::NotLeader { .. }) => last_error = "leadership moved".into(),
+                Ok(AdminReply::Failed(error)) => return Err(error),
+                Ok(other) => return Err(format!("unexpected answer: {other:?}")),
+                Err(error) => last_error = error.to_string(),
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Sends an admin request to another member, on a connection kept for the next one.
+    async fn forward(
+        &self,
+        member: SocketAddr,
+        request: &AdminRequest,
+    ) -> Result<AdminReply, ClusterError> {
+        let cached = {
+            let connections = self
+                .admin_connections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            connections
+                .get(&member)
+                .filter(|connection| connection.close_reason().is_none())
+                .cloned()
+        };
+        let connection = match cached {
+            Some(connection) => connection,
+            None => {
+                let connection = connect(&self.endpoint, self.admin_config.clone(), member).await?;
+                self.admin_connections
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(member, connection.clone());
+                connection
+            }
+        };
+        let mut stream = open_stream(&connection).await?;
+        write_frame(&mut stream, request)
+            .await
+            .map_err(|error| ClusterError::Transport(error.to_string()))?;
+        match read_frame(&mut stream).await {
+            Ok(Some(reply)) => Ok(reply),
+            Ok(None) => Err(ClusterError::Transport("closed without an answer".into())),
+            Err(error) => Err(ClusterError::Transport(error.to_string())),
+        }
+    }
+
+    /// The leases of the cluster state, as lease changes (for a DHCP core to restore).
+    pub fn lease_changes(&self) -> Vec<LeaseChange> {
+        self.state.read(|state| {
+            let mut changes: Vec<LeaseChange> = state
+                .leases
+                .iter()
+                .map(|(address, lease)| LeaseChange::Bind {
+                    client: ClientId(lease.client.clone()),
+                    hardware_address: lease.hardware_address.clone(),
+                    address: *address,
+                    expires_at_unix_secs: lease.expires_at_unix_secs,
+                    hostname: lease.hostname.clone(),
+                })
+                .collect();
+            changes.extend(
+                state
+                    .quarantine
+                    .iter()
+                    .map(|(address, until)| LeaseChange::Decline {
+                        address: *address,
+                        until_unix_secs: *until,
+                    }),
+            );
+            changes
+        })
+    }
+
     /// Commits `command`; `Err(None)` when this member is not the leader.
     async fn propose(&self, command: MeshCommand) -> Result<MeshResponse, Option<String>> {
         let proposal = Proposal {
@@ -288,6 +435,14 @@ impl ClusterMember {
         tracing::info!(?request, "admin request");
         match request {
             AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::Leases => AdminReply::Leases(self.lease_views()),
+            AdminRequest::Propose(command) => match self.propose(command).await {
+                Ok(response) => AdminReply::Proposed(response),
+                Err(None) => AdminReply::NotLeader {
+                    leader: self.leader_address(),
+                },
+                Err(Some(error)) => AdminReply::Failed(error),
+            },
             AdminRequest::CreateToken { ttl_secs } => {
                 let ttl_secs = ttl_secs.clamp(1, TOKEN_TTL_MAX_SECS);
                 let token = match JoinToken::generate(self.ca.fingerprint()) {
@@ -349,6 +504,31 @@ impl ClusterMember {
                 }
             }
         }
+    }
+
+    fn lease_views(&self) -> Vec<LeaseView> {
+        self.state.read(|state| {
+            state
+                .leases
+                .iter()
+                .map(|(address, lease)| LeaseView {
+                    address: *address,
+                    hardware_address: lease
+                        .hardware_address
+                        .iter()
+                        .map(|byte| format!("{byte:02x}"))
+                        .collect::<Vec<_>>()
+                        .join(":"),
+                    client: lease
+                        .client
+                        .iter()
+                        .map(|byte| format!("{byte:02x}"))
+                        .collect(),
+                    expires_at_unix_secs: lease.expires_at_unix_secs,
+                    hostname: lease.hostname.clone(),
+                })
+                .collect()
+        })
     }
 
     fn status(&self) -> ClusterStatus {

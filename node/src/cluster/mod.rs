@@ -1,10 +1,11 @@
 //! The boot servers' cluster (DESIGN section 4): a server's identity and certificates
 //! ([`pki`], [`files`]), the QUIC endpoint whose protocols are told apart by ALPN
 //! ([`transport`]), the admin and join protocols ([`admin`]), and the running Raft member
-//! ([`member`]).
+//! ([`member`]), and DHCP leases committed through it ([`leases`]).
 
 pub mod admin;
 pub mod files;
+pub mod leases;
 pub mod member;
 pub mod pki;
 pub mod transport;

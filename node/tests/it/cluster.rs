@@ -1,8 +1,15 @@
 //! Boot servers form a Raft cluster over QUIC with mutual TLS: separate `bootmesh serve`
 //! processes, each in its own network namespace on one bridge, data directories on disk.
 
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+
+use dhcproto::v4::{DhcpOption, Message, MessageType};
+use dhcproto::{Decodable, Encodable};
 
 use crate::lab::{self, Lab, run_checked, wait_for};
 
@@ -11,10 +18,20 @@ const PORT: u16 = 7100;
 struct ClusterLab {
     lab: Lab,
     namespaces: Vec<String>,
+    interfaces: Vec<String>,
+    /// The namespace of the relay agent and its DHCP clients.
+    client_namespace: String,
+    /// Extra configuration for every server (a `[dhcp]` section).
+    extra_config: String,
 }
 
+/// The relay agent's address: DHCP clients behind it are on 10.71.0.0/16.
+const GIADDR: Ipv4Addr = Ipv4Addr::new(10, 71, 0, 1);
+
 impl ClusterLab {
-    /// `servers` namespaces `s1..`, addresses 10.70.0.<i>/24 on one bridge.
+    /// `servers` namespaces `s1..`, addresses 10.70.0.<i>/24 on one bridge, and a relay
+    /// namespace at 10.70.0.200 holding the relay address 10.71.0.1 (every server routes
+    /// 10.71.0.0/16 to it).
     fn new(servers: usize) -> Self {
         let mut lab = Lab::new();
         let switch = lab.namespace("sw");
@@ -24,6 +41,7 @@ impl ClusterLab {
         );
         run_checked("ip", &["-n", &switch, "link", "set", "br0", "up"]);
         let mut namespaces = Vec::new();
+        let mut interfaces = Vec::new();
         for index in 1..=servers {
             let namespace = lab.namespace(&format!("s{index}"));
             let (inside, outside) = lab.veth(&format!("c{index}"), &namespace, &switch);
@@ -32,9 +50,33 @@ impl ClusterLab {
                 "ip",
                 &["-n", &switch, "link", "set", &outside, "master", "br0"],
             );
+            lab.add_route(&namespace, "10.71.0.0/16", "10.70.0.200");
             namespaces.push(namespace);
+            interfaces.push(inside);
         }
-        Self { lab, namespaces }
+        let client_namespace = lab.namespace("cl");
+        let (inside, outside) = lab.veth("cr", &client_namespace, &switch);
+        lab.add_address(&client_namespace, &inside, "10.70.0.200/24");
+        lab.add_address(&client_namespace, "lo", "10.71.0.1/32");
+        run_checked(
+            "ip",
+            &["-n", &switch, "link", "set", &outside, "master", "br0"],
+        );
+        Self {
+            lab,
+            namespaces,
+            interfaces,
+            client_namespace,
+            extra_config: String::new(),
+        }
+    }
+
+    /// Every server also serves DHCP on its interface, for relayed clients on 10.71.0.0/16.
+    fn with_dhcp(mut self, lease_secs: u64) -> Self {
+        self.extra_config = format!(
+            "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n[[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\nranges = [\"10.71.1.0-10.71.9.255\"]\nrouters = [\"10.71.0.1\"]\nlease_secs = {lease_secs}\n"
+        );
+        self
     }
 
     fn state_dir(&self, index: usize) -> PathBuf {
@@ -75,8 +117,10 @@ impl ClusterLab {
 
     fn serve(&mut self, index: usize) {
         let config = format!(
-            "state_dir = \"{}\"\n\n[cluster]\n",
-            self.state_dir(index).display()
+            "state_dir = \"{}\"\n\n[cluster]\n\n{}",
+            self.state_dir(index).display(),
+            self.extra_config
+                .replace("INTERFACE", &self.interfaces[index - 1])
         );
         let namespace = self.namespaces[index - 1].clone();
         self.lab.serve(&format!("s{index}"), &namespace, &config);
@@ -274,4 +318,437 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
     );
     let token = cluster.token(3, 60);
     assert!(token.starts_with("bmjoin1."), "{token}");
+}
+
+/// Founds the cluster on s1 and joins the others; returns once all are voters.
+fn form(cluster: &mut ClusterLab, count: usize) {
+    let founder = ClusterLab::address(1);
+    let (ok, _, stderr) = cluster.bootmesh(
+        1,
+        &[
+            "cluster",
+            "init",
+            "--address",
+            founder.as_str(),
+            "--rack",
+            "rack1",
+        ],
+    );
+    assert!(ok, "cluster init: {stderr}");
+    cluster.serve(1);
+    wait_for(Duration::from_secs(30), || {
+        cluster
+            .status(1)
+            .is_some_and(|status| status["leader"] == serde_json::json!(1))
+    })
+    .unwrap_or_else(|| panic!("the founder never led:\n{}", cluster.logs()));
+    for index in 2..=count {
+        let token = cluster.token(1, 600);
+        let (ok, _, stderr) = cluster.join(index, &token, 1);
+        assert!(ok, "join s{index}: {stderr}\n{}", cluster.logs());
+        cluster.serve(index);
+    }
+    wait_for(Duration::from_secs(90), || {
+        cluster
+            .status(1)
+            .is_some_and(|status| voters(&status) == count)
+    })
+    .unwrap_or_else(|| panic!("{count} voters never formed:\n{}", cluster.logs()));
+}
+
+/// A relay agent with every server as a helper address, and the clients behind it: each
+/// message goes to all servers, as a relay forwards a broadcast.
+struct RelayFarm {
+    socket: UdpSocket,
+    servers: Vec<Ipv4Addr>,
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct FarmLog {
+    /// Client index -> (address, server) of its last ACK.
+    acked: BTreeMap<u32, (Ipv4Addr, Ipv4Addr)>,
+    /// Every (address, client) ever ACKed.
+    every_ack: Vec<(Ipv4Addr, u32)>,
+    /// Exchanges that got no ACK after all retries.
+    unanswered: usize,
+}
+
+fn client_mac(index: u32) -> [u8; 6] {
+    [
+        0x02,
+        0x71,
+        0,
+        (index >> 16) as u8,
+        (index >> 8) as u8,
+        index as u8,
+    ]
+}
+
+impl RelayFarm {
+    fn bind(servers: usize) -> Self {
+        let socket = UdpSocket::bind(SocketAddr::from((GIADDR, 67))).expect("bind the relay");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(700)))
+            .expect("timeout");
+        Self {
+            socket,
+            servers: (1..=servers)
+                .map(|index| Ipv4Addr::new(10, 70, 0, index as u8))
+                .collect(),
+        }
+    }
+
+    fn message(message_type: MessageType, client: u32, xid: u32) -> Message {
+        let mut message = Message::default();
+        message
+            .set_xid(xid)
+            .set_chaddr(&client_mac(client))
+            .set_giaddr(GIADDR)
+            .set_hops(1);
+        message
+            .opts_mut()
+            .insert(DhcpOption::MessageType(message_type));
+        message
+    }
+
+    /// Sends `request` to every helper and returns the first reply for its xid of a kind in
+    /// `kinds`, with the server that sent it (its option 54).
+    fn exchange(&self, request: &Message, kinds: &[MessageType]) -> Option<(Message, Ipv4Addr)> {
+        let bytes = request.to_vec().expect("encode");
+        let mut buffer = [0u8; 1500];
+        for _ in 0..4 {
+            for server in &self.servers {
+                let _ = self.socket.send_to(&bytes, (*server, 67));
+            }
+            let deadline = Instant::now() + Duration::from_millis(700);
+            while Instant::now() < deadline {
+                let Ok((length, _)) = self.socket.recv_from(&mut buffer) else {
+                    break;
+                };
+                let Ok(reply) = Message::from_bytes(&buffer[..length]) else {
+                    continue;
+                };
+                let kind = reply.opts().msg_type();
+                if reply.xid() == request.xid() && kind.is_some_and(|kind| kinds.contains(&kind)) {
+                    let server = match reply.opts().get(dhcproto::v4::OptionCode::ServerIdentifier)
+                    {
+                        Some(DhcpOption::ServerIdentifier(server)) => *server,
+                        _ => Ipv4Addr::UNSPECIFIED,
+                    };
+                    return Some((reply, server));
+                }
+            }
+        }
+        None
+    }
+
+    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACKed address and server.
+    fn lease(&self, client: u32, xid: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        let (offer, server) = self.exchange(
+            &Self::message(MessageType::Discover, client, xid),
+            &[MessageType::Offer],
+        )?;
+        let mut request = Self::message(MessageType::Request, client, xid);
+        request
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        request
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(server));
+        let (ack, acked_by) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some((ack.yiaddr(), acked_by))
+    }
+
+    /// REBINDING: a REQUEST from the address it holds, to any server.
+    fn rebind(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        let mut request = Self::message(MessageType::Request, client, xid);
+        request.set_ciaddr(address);
+        let (ack, acked_by) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some((ack.yiaddr(), acked_by))
+    }
+
+    /// Leases for `clients`, counting progress in `done`.
+    fn storm(
+        &self,
+        clients: std::ops::Range<u32>,
+        xid_base: u32,
+        done: &AtomicUsize,
+        log: &mut FarmLog,
+    ) {
+        for client in clients {
+            let mut acked = None;
+            for attempt in 0..3 {
+                acked = self.lease(client, xid_base + client * 4 + attempt);
+                if acked.is_some() {
+                    break;
+                }
+            }
+            match acked {
+                Some((address, server)) => {
+                    log.acked.insert(client, (address, server));
+                    log.every_ack.push((address, client));
+                }
+                None => log.unanswered += 1,
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `work` on a thread inside `namespace` while the caller goes on.
+fn in_namespace<T: Send + 'static>(
+    namespace: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = PathBuf::from("/var/run/netns").join(namespace);
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).expect("open netns");
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(result, 0, "setns: {}", std::io::Error::last_os_error());
+        work()
+    })
+}
+
+/// Every client's last ACKed address, checked against one server's lease table.
+fn check_lease_table(
+    cluster: &ClusterLab,
+    server: usize,
+    acked: &BTreeMap<u32, (Ipv4Addr, Ipv4Addr)>,
+) {
+    let (ok, stdout, stderr) = cluster.bootmesh(server, &["lease", "list", "--json"]);
+    assert!(ok, "lease list on s{server}: {stderr}");
+    let leases: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("lease json");
+    let table: BTreeMap<String, String> = leases
+        .iter()
+        .map(|lease| {
+            (
+                lease["hardware_address"].as_str().unwrap_or("").to_owned(),
+                lease["address"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        table.len(),
+        leases.len(),
+        "one lease per client on s{server}"
+    );
+    for (client, (address, _)) in acked {
+        let mac = client_mac(*client)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(
+            table.get(&mac),
+            Some(&address.to_string()),
+            "s{server} holds client {client}'s ACKed lease"
+        );
+    }
+}
+
+/// No address was ACKed to two clients, ever.
+fn check_unique(log: &FarmLog) {
+    let mut holder: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    for (address, client) in &log.every_ack {
+        if let Some(other) = holder.insert(*address, *client) {
+            assert_eq!(
+                other, *client,
+                "{address} ACKed to clients {other} and {client}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dhcp_through_three_servers_loses_no_acked_lease_when_the_granting_server_or_the_leader_is_killed()
+ {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(3).with_dhcp(600);
+    form(&mut cluster, 3);
+
+    // A first storm with every server up.
+    const PHASE: u32 = 120;
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let farm_done = Arc::clone(&done);
+    let first = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind(3);
+        let mut log = FarmLog::default();
+        farm.storm(0..PHASE, 0x1000_0000, &farm_done, &mut log);
+        (farm, log)
+    })
+    .join()
+    .expect("farm");
+    let (farm, mut log) = first;
+    eprintln!(
+        "{} leases through 3 servers in {:.1} s ({} unanswered)",
+        log.acked.len(),
+        started.elapsed().as_secs_f64(),
+        log.unanswered
+    );
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    check_unique(&log);
+    for server in 1..=3 {
+        check_lease_table(&cluster, server, &log.acked);
+    }
+
+    // kill -9 of the server that granted client 0's lease, during a second storm (triggered by
+    // the storm's progress, not a timer).
+    let (_, granting) = log.acked[&0];
+    let granting_index = usize::from(granting.octets()[3]);
+    let done = Arc::new(AtomicUsize::new(0));
+    let farm_done = Arc::clone(&done);
+    let storm = in_namespace(&cluster.client_namespace, move || {
+        farm.storm(PHASE..2 * PHASE, 0x2000_0000, &farm_done, &mut log);
+        (farm, log)
+    });
+    wait_for(Duration::from_secs(120), || {
+        done.load(Ordering::Relaxed) >= (PHASE / 3) as usize
+    })
+    .expect("the second storm progresses");
+    cluster
+        .lab
+        .signal(&format!("s{granting_index}"), libc::SIGKILL);
+    let killed = Instant::now();
+    let (farm, log) = storm.join().expect("farm");
+    let survivors: Vec<usize> = (1..=3).filter(|index| *index != granting_index).collect();
+    eprintln!(
+        "granting server s{granting_index} killed; storm ended {:.1} s later, {} unanswered",
+        killed.elapsed().as_secs_f64(),
+        log.unanswered
+    );
+    check_unique(&log);
+    // Every client of the first storm rebinds through the survivors and keeps its address.
+    let rebind_started = Instant::now();
+    let (farm, log, rebound) = in_namespace(&cluster.client_namespace, move || {
+        let mut rebound = BTreeMap::new();
+        for (client, (address, _)) in log.acked.clone() {
+            if client >= PHASE {
+                continue;
+            }
+            if let Some(acked) = farm.rebind(client, 0x3000_0000 + client, address) {
+                rebound.insert(client, acked);
+            }
+        }
+        (farm, log, rebound)
+    })
+    .join()
+    .expect("rebind");
+    eprintln!(
+        "{} of {PHASE} clients rebound through the survivors in {:.1} s",
+        rebound.len(),
+        rebind_started.elapsed().as_secs_f64()
+    );
+    for (client, (address, server)) in &rebound {
+        assert_eq!(
+            *address, log.acked[client].0,
+            "client {client} kept its address"
+        );
+        assert_ne!(usize::from(server.octets()[3]), granting_index);
+    }
+    assert_eq!(rebound.len(), PHASE as usize, "every client rebound");
+    for server in &survivors {
+        check_lease_table(&cluster, *server, &log.acked);
+    }
+
+    // kill -9 of the leader during a third storm, on the two that are left... which would
+    // leave no majority: restart the killed server first.
+    cluster.serve(granting_index);
+    wait_for(Duration::from_secs(60), || {
+        cluster.status(granting_index).is_some_and(|status| {
+            status["leader"].as_u64().is_some()
+                && status["last_applied"]
+                    == cluster
+                        .status(survivors[0])
+                        .map(|other| other["last_applied"].clone())
+                        .unwrap_or_default()
+        })
+    })
+    .unwrap_or_else(|| panic!("the restarted server did not catch up:\n{}", cluster.logs()));
+    let leader = cluster
+        .status(survivors[0])
+        .and_then(|status| status["leader"].as_u64())
+        .expect("a leader") as usize;
+    let done = Arc::new(AtomicUsize::new(0));
+    let farm_done = Arc::clone(&done);
+    let mut log = log;
+    let storm = in_namespace(&cluster.client_namespace, move || {
+        farm.storm(2 * PHASE..3 * PHASE, 0x4000_0000, &farm_done, &mut log);
+        log
+    });
+    wait_for(Duration::from_secs(120), || {
+        done.load(Ordering::Relaxed) >= (PHASE / 3) as usize
+    })
+    .expect("the third storm progresses");
+    cluster.lab.signal(&format!("s{leader}"), libc::SIGKILL);
+    let killed = Instant::now();
+    let others: Vec<usize> = (1..=3).filter(|index| *index != leader).collect();
+    let elected = wait_for(Duration::from_secs(60), || {
+        cluster.status(others[0]).is_some_and(|status| {
+            status["leader"]
+                .as_u64()
+                .is_some_and(|new| new as usize != leader)
+        })
+    });
+    let election = killed.elapsed();
+    assert!(
+        elected.is_some(),
+        "no new leader within 60 s:\n{}",
+        cluster.logs()
+    );
+    let log = storm.join().expect("farm");
+    eprintln!(
+        "leader s{leader} killed: new leader after {:.1} s; storm ended {:.1} s after the kill, {} unanswered in all",
+        election.as_secs_f64(),
+        killed.elapsed().as_secs_f64(),
+        log.unanswered
+    );
+    check_unique(&log);
+    for server in &others {
+        check_lease_table(&cluster, *server, &log.acked);
+    }
+}
+
+#[test]
+fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(5).with_dhcp(600);
+    form(&mut cluster, 5);
+    let done = Arc::new(AtomicUsize::new(0));
+    let log = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind(5);
+        let mut log = FarmLog::default();
+        farm.storm(0..60, 0x5000_0000, &done, &mut log);
+        log
+    })
+    .join()
+    .expect("farm");
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    check_unique(&log);
+    let granting: std::collections::BTreeSet<Ipv4Addr> =
+        log.acked.values().map(|(_, server)| *server).collect();
+    eprintln!(
+        "60 leases through 5 servers, ACKed by {} of them",
+        granting.len()
+    );
+    for server in 1..=5 {
+        wait_for(Duration::from_secs(10), || {
+            cluster.status(server).is_some_and(|status| {
+                status["last_applied"]
+                    == cluster
+                        .status(1)
+                        .map(|one| one["last_applied"].clone())
+                        .unwrap_or_default()
+            })
+        });
+        check_lease_table(&cluster, server, &log.acked);
+    }
 }
