@@ -17,6 +17,15 @@ pub type UnixMillis = u64;
 /// A server's id in the cluster (its Raft node id).
 pub type ServerId = u64;
 
+/// Longest lease a server cut off from the majority may grant from its blocks (DESIGN 4.3),
+/// milliseconds. A block whose lease ended is reassigned only after this much more time, plus
+/// [`DRIFT_BOUND_MS`], so no lease granted from it on a minority side can still run.
+pub const MINORITY_LEASE_MAX_MS: u64 = 5 * 60 * 1000;
+
+/// The largest clock difference between servers the uniqueness argument allows for (ADR 0007),
+/// milliseconds.
+pub const DRIFT_BOUND_MS: u64 = 10 * 1000;
+
 /// What a log entry carries: a command and when its proposer made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
@@ -266,10 +275,21 @@ impl MeshState {
                 server,
                 until,
             } => match self.blocks.get(block) {
-                Some(held) if held.server != *server && held.until > now => {
+                // The majority reassigns a block only after its lease, the longest lease a
+                // cut-off holder may have granted from it, and the drift bound (ADR 0007).
+                Some(held)
+                    if held.server != *server
+                        && held
+                            .until
+                            .saturating_add(MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS)
+                            > now =>
+                {
                     MeshResponse::Refused(format!(
-                        "block {} is held by server {} until {}",
-                        block.0, held.server, held.until
+                        "block {} is held by server {} until {} (reassignable {} ms later)",
+                        block.0,
+                        held.server,
+                        held.until,
+                        MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS
                     ))
                 }
                 _ => {
@@ -557,11 +577,22 @@ mod tests {
             },
         };
         assert_eq!(state.apply(&take(1, 0, 1000)).0, MeshResponse::Applied);
+        // The holder renews; another server waits for the expiry plus the longest minority
+        // lease plus the drift bound.
+        assert_eq!(state.apply(&take(1, 500, 2000)).0, MeshResponse::Applied);
+        let reassignable = 2000 + MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS;
         assert!(matches!(
-            state.apply(&take(2, 999, 5000)).0,
+            state.apply(&take(2, 2001, 9_000_000)).0,
             MeshResponse::Refused(_)
         ));
-        assert_eq!(state.apply(&take(2, 1000, 5000)).0, MeshResponse::Applied);
+        assert!(matches!(
+            state.apply(&take(2, reassignable - 1, 9_000_000)).0,
+            MeshResponse::Refused(_)
+        ));
+        assert_eq!(
+            state.apply(&take(2, reassignable, 9_000_000)).0,
+            MeshResponse::Applied
+        );
         let set = |expected_version| Proposal {
             at: 0,
             command: MeshCommand::SetConfig {

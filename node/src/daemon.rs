@@ -100,6 +100,11 @@ pub async fn serve(
             return Err(ServeError::Task("dhcp config without section".into()));
         };
         let mode = dhcp_config.mode;
+        let dynamic_ranges: Vec<boot_services::dhcp::AddressRange> = dhcp_config
+            .subnets
+            .iter()
+            .flat_map(|subnet| subnet.ranges.iter().copied())
+            .collect();
         let server = DhcpServer::new(dhcp_config).map_err(|error| ConfigError::Invalid {
             key: "dhcp".into(),
             reason: error.to_string(),
@@ -124,7 +129,8 @@ pub async fn serve(
         match &member {
             // In a cluster, leases are committed through Raft and shared by every server.
             Some(member) => {
-                let store = crate::cluster::leases::ClusterLeaseStore::new(member.clone());
+                let store =
+                    crate::cluster::leases::ClusterLeaseStore::new(member.clone(), &dynamic_ranges);
                 services.spawn(async move {
                     run_dhcp_with_store(
                         server,

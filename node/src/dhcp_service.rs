@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::VecDeque;
 
 use boot_services::dhcp::{
-    Datagram, DhcpServer, LeaseChange, LeaseProposal, LeaseTable, ProposalId,
+    AddressRange, Datagram, DhcpServer, LeaseChange, LeaseProposal, LeaseTable, ProposalId,
+    Rendezvous,
 };
 use tokio::sync::mpsc;
 
@@ -63,6 +64,10 @@ pub enum LeaseEvent {
     Remote(LeaseChange),
     /// Reload every lease from the store (the event stream lost events).
     Resync(Vec<LeaseChange>),
+    /// The addresses this server may give new clients changed (its blocks, in a cluster).
+    Allocatable(Option<Vec<AddressRange>>),
+    /// The servers of the segment changed: this server's rank order.
+    Rendezvous(Option<Rendezvous>),
 }
 
 /// Where lease changes become durable before an ACK leaves.
@@ -214,9 +219,17 @@ where
     tokio::pin!(shutdown);
     let mut batch = Vec::with_capacity(DATAGRAMS_PER_BATCH_MAX);
     loop {
+        // Offers held back by the rendezvous stagger are due then.
+        let offer_delay = server.poll_timeout().map(|due| {
+            due.duration_since(clock.wall_now())
+                .unwrap_or(std::time::Duration::ZERO)
+        });
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            () = sleep_for(offer_delay) => {
+                server.handle_timeout(clock.wall_now());
+            }
             event = store.next_event() => {
                 let Some(event) = event else {
                     return Err(DhcpServiceError::Store("the lease store closed".into()));
@@ -278,6 +291,14 @@ where
     Ok(())
 }
 
+/// Sleeps for `delay`, or forever when there is none.
+async fn sleep_for(delay: Option<std::time::Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Hands every pending proposal to the store as one batch.
 fn submit_proposals<S: LeaseStore>(
     server: &mut DhcpServer,
@@ -331,6 +352,14 @@ fn handle_lease_event<C: Clock>(
             for change in &changes {
                 server.restore(change);
             }
+        }
+        LeaseEvent::Allocatable(ranges) => {
+            tracing::info!(?ranges, "addresses for new clients");
+            server.set_allocatable(ranges);
+        }
+        LeaseEvent::Rendezvous(rendezvous) => {
+            tracing::info!(?rendezvous, "dhcp rank order");
+            server.set_rendezvous(rendezvous);
         }
     }
 }

@@ -178,6 +178,63 @@ pub struct DhcpServer {
     proposals: VecDeque<LeaseProposal>,
     transmits: VecDeque<Transmit>,
     next_proposal: u64,
+    /// In a cluster: the only addresses this server may hand to a new client (its blocks).
+    /// `None`: every address of the ranges (a single server).
+    allocatable: Option<Vec<AddressRange>>,
+    /// In a cluster: this server's place among the servers that hear a segment.
+    rendezvous: Option<Rendezvous>,
+    /// Offers waiting for their stagger delay, in due order.
+    delayed_offers: VecDeque<DelayedOffer>,
+}
+
+/// Where this server ranks among the servers of a segment, per client (DESIGN 4.3): every
+/// server computes the same order, rank `r` offers after `r` x `stagger`, so clients usually
+/// take the first server's offer and the others' offers are not needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendezvous {
+    /// This server's id.
+    pub own: u64,
+    /// Every server of the segment (this one included).
+    pub servers: Vec<u64>,
+    /// Delay per rank.
+    pub stagger: Duration,
+}
+
+impl Rendezvous {
+    /// This server's rank for `client`: 0 offers at once.
+    pub fn rank(&self, client: &ClientId) -> usize {
+        let own_score = rendezvous_score(client, self.own);
+        self.servers
+            .iter()
+            .filter(|server| **server != self.own)
+            .filter(|server| {
+                let score = rendezvous_score(client, **server);
+                score > own_score || (score == own_score && **server < self.own)
+            })
+            .count()
+    }
+}
+
+/// Highest-random-weight score of `server` for `client`: FNV-1a over the client id, mixed
+/// with the server id by splitmix64. Stable across processes and versions (it is part of the
+/// protocol between servers).
+pub fn rendezvous_score(client: &ClientId, server: u64) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in &client.0 {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut mixed = hash ^ server.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    mixed ^ (mixed >> 31)
+}
+
+#[derive(Debug, Clone)]
+struct DelayedOffer {
+    due: SystemTime,
+    client: ClientId,
+    offer: Transmit,
 }
 
 impl std::fmt::Debug for DhcpServer {
@@ -270,7 +327,57 @@ impl DhcpServer {
             proposals: VecDeque::new(),
             transmits: VecDeque::new(),
             next_proposal: 0,
+            allocatable: None,
+            rendezvous: None,
+            delayed_offers: VecDeque::new(),
         })
+    }
+
+    /// Restricts new clients' addresses to `ranges` (the blocks this server holds in a
+    /// cluster); `None` lifts the restriction. A client with a binding keeps its address
+    /// whatever block it is in.
+    pub fn set_allocatable(&mut self, ranges: Option<Vec<AddressRange>>) {
+        self.allocatable = ranges;
+    }
+
+    /// Sets (or clears) this server's rank order among the servers of its segments.
+    pub fn set_rendezvous(&mut self, rendezvous: Option<Rendezvous>) {
+        self.rendezvous = rendezvous;
+    }
+
+    /// When the next delayed offer is due.
+    pub fn poll_timeout(&self) -> Option<SystemTime> {
+        self.delayed_offers.front().map(|delayed| delayed.due)
+    }
+
+    /// Releases the offers whose stagger delay has passed.
+    pub fn handle_timeout(&mut self, now: SystemTime) {
+        while let Some(delayed) = self.delayed_offers.front() {
+            if delayed.due > now {
+                break;
+            }
+            if let Some(delayed) = self.delayed_offers.pop_front() {
+                self.transmits.push_back(delayed.offer);
+            }
+        }
+    }
+
+    /// The ranges a new client's address may come from on `subnet`.
+    fn allocatable_ranges(&self, subnet: &SubnetConfig) -> Vec<AddressRange> {
+        match &self.allocatable {
+            None => subnet.ranges.clone(),
+            Some(blocks) => subnet
+                .ranges
+                .iter()
+                .flat_map(|range| {
+                    blocks.iter().filter_map(move |block| {
+                        let first = range.first.max(block.first);
+                        let last = range.last.min(block.last);
+                        (first <= last).then_some(AddressRange { first, last })
+                    })
+                })
+                .collect(),
+        }
     }
 
     /// Replays a change that was made durable before (journal or snapshot replay at start).
@@ -344,7 +451,7 @@ impl DhcpServer {
         let subnet_index = self.subnet_index(&request, &datagram)?;
         match message_type {
             MessageType::Discover => {
-                self.handle_discover(now_unix_secs, &request, &datagram, &context, subnet_index)
+                self.handle_discover(now, &request, &datagram, &context, subnet_index)
             }
             MessageType::Request => {
                 self.handle_request(now_unix_secs, &request, &datagram, &context, subnet_index)
@@ -404,12 +511,13 @@ impl DhcpServer {
 
     fn handle_discover(
         &mut self,
-        now_unix_secs: u64,
+        now: SystemTime,
         request: &Message,
         datagram: &Datagram<'_>,
         context: &RequestContext,
         subnet_index: usize,
     ) -> Result<(), DhcpDrop> {
+        let now_unix_secs = unix_secs(now);
         let subnet = self.subnet(subnet_index)?.clone();
         let server_identifier = datagram.local_address;
         let address = if let Some(fixed) = self.fixed_address_for(context, &subnet) {
@@ -432,7 +540,39 @@ impl DhcpServer {
             MessageType::Offer,
             Some(address),
         )?;
-        self.transmits.push_back(reply);
+        let rank = self
+            .rendezvous
+            .as_ref()
+            .map_or(0, |rendezvous| rendezvous.rank(&context.client));
+        let stagger = self
+            .rendezvous
+            .as_ref()
+            .map_or(Duration::ZERO, |rendezvous| rendezvous.stagger);
+        if rank == 0 || stagger.is_zero() {
+            self.transmits.push_back(reply);
+        } else {
+            // A later-ranked server answers only if the earlier ones stay silent; a client
+            // that retransmits its DISCOVER gets one offer per server, not one per retry.
+            let due = now + stagger.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
+            self.delayed_offers
+                .retain(|delayed| delayed.client != context.client);
+            if self.delayed_offers.len() >= self.config.offers_max {
+                self.delayed_offers.pop_front();
+            }
+            let position = self
+                .delayed_offers
+                .iter()
+                .position(|delayed| delayed.due > due)
+                .unwrap_or(self.delayed_offers.len());
+            self.delayed_offers.insert(
+                position,
+                DelayedOffer {
+                    due,
+                    client: context.client.clone(),
+                    offer: reply,
+                },
+            );
+        }
         Ok(())
     }
 
@@ -466,10 +606,17 @@ impl DhcpServer {
         {
             return Ok(address);
         }
-        // 3. What it asks for, if free.
+        let allocatable = self.allocatable_ranges(subnet);
+        let in_own_blocks = |address: Ipv4Addr| {
+            allocatable
+                .iter()
+                .any(|range| range.first <= address && address <= range.last)
+        };
+        // 3. What it asks for, if free (and ours to give, in a cluster).
         if let Some(DhcpOption::RequestedIpAddress(address)) =
             request.opts().get(OptionCode::RequestedIpAddress)
             && usable(&self.table, *address)
+            && in_own_blocks(*address)
             && self
                 .table
                 .binding(*address)
@@ -477,9 +624,9 @@ impl DhcpServer {
         {
             return Ok(*address);
         }
-        // 4. A fresh one.
+        // 4. A fresh one (from this server's blocks, in a cluster).
         self.table
-            .allocate(&subnet.ranges, &context.client, now_unix_secs, &excluded)
+            .allocate(&allocatable, &context.client, now_unix_secs, &excluded)
             .ok_or(DhcpDrop::PoolExhausted(subnet.network.address))
     }
 
@@ -505,8 +652,10 @@ impl DhcpServer {
             && named != server_identifier
             && !server_identifier.is_unspecified()
         {
-            // SELECTING another server's offer: let our reservation go.
+            // SELECTING another server's offer: let our reservation and offer go.
             self.table.drop_reservation_of(&context.client);
+            self.delayed_offers
+                .retain(|delayed| delayed.client != context.client);
             return Err(DhcpDrop::OtherServerChosen(named));
         }
         let wanted = match (requested, request.ciaddr()) {

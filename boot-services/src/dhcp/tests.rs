@@ -858,3 +858,137 @@ fn quarantine_ends_and_the_address_comes_back() {
         addresses[3]
     );
 }
+
+#[test]
+fn new_clients_get_addresses_only_from_the_servers_blocks_and_bound_ones_keep_theirs() {
+    let mut harness = Harness::new(config());
+    // Client 1 is bound to .100 before this server holds any block (another server gave it).
+    let first = harness.lease(request_message(MessageType::Discover, mac(1), 1));
+    assert_eq!(first.yiaddr(), Ipv4Addr::new(10, 0, 0, 100));
+    harness.server.set_allocatable(Some(vec![AddressRange {
+        first: Ipv4Addr::new(10, 0, 0, 104),
+        last: Ipv4Addr::new(10, 0, 0, 105),
+    }]));
+    // A new client asking for an address outside the blocks gets one inside them.
+    let mut discover = request_message(MessageType::Discover, mac(2), 2);
+    discover
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(10, 0, 0, 101)));
+    assert_eq!(
+        harness.lease(discover).yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 104)
+    );
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(3), 3))
+            .yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 105)
+    );
+    // The blocks are used up: no offer for a fourth client, while the bound one keeps its own.
+    assert_eq!(
+        harness.send(&request_message(MessageType::Discover, mac(4), 4)),
+        Err(DhcpDrop::PoolExhausted(Ipv4Addr::new(10, 0, 0, 0)))
+    );
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(1), 5))
+            .yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 100)
+    );
+}
+
+#[test]
+fn rendezvous_ranks_are_a_permutation_and_spread_the_first_rank() {
+    let servers = vec![1, 2, 3];
+    let mut first_rank = BTreeMap::new();
+    for client in 0..300u32 {
+        let client = ClientId(client.to_be_bytes().to_vec());
+        let mut ranks: Vec<usize> = servers
+            .iter()
+            .map(|own| {
+                Rendezvous {
+                    own: *own,
+                    servers: servers.clone(),
+                    stagger: Duration::from_millis(300),
+                }
+                .rank(&client)
+            })
+            .collect();
+        let leader = servers[ranks.iter().position(|rank| *rank == 0).unwrap()];
+        *first_rank.entry(leader).or_insert(0) += 1;
+        ranks.sort_unstable();
+        assert_eq!(ranks, vec![0, 1, 2]);
+    }
+    assert!(
+        first_rank.values().all(|count| *count > 60),
+        "first ranks spread over the servers: {first_rank:?}"
+    );
+}
+
+#[test]
+fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client_chose() {
+    let stagger = Duration::from_millis(300);
+    let client_of_rank = |rank: usize| {
+        (0u8..=255)
+            .map(mac)
+            .find(|hardware| {
+                let mut client = vec![1];
+                client.extend_from_slice(hardware);
+                Rendezvous {
+                    own: 2,
+                    servers: vec![1, 2],
+                    stagger,
+                }
+                .rank(&ClientId(client))
+                    == rank
+            })
+            .unwrap()
+    };
+    let mut harness = Harness::new(config());
+    harness.server.set_rendezvous(Some(Rendezvous {
+        own: 2,
+        servers: vec![1, 2],
+        stagger,
+    }));
+    // Rank 0: at once.
+    harness
+        .send(&request_message(
+            MessageType::Discover,
+            client_of_rank(0),
+            1,
+        ))
+        .unwrap();
+    assert_eq!(harness.replies().len(), 1);
+    assert_eq!(harness.server.poll_timeout(), None);
+    // Rank 1: after the stagger.
+    let late = client_of_rank(1);
+    harness
+        .send(&request_message(MessageType::Discover, late, 2))
+        .unwrap();
+    assert!(harness.replies().is_empty());
+    assert_eq!(harness.server.poll_timeout(), Some(harness.now + stagger));
+    harness
+        .server
+        .handle_timeout(harness.now + stagger - Duration::from_millis(1));
+    assert!(harness.replies().is_empty());
+    harness.server.handle_timeout(harness.now + stagger);
+    let (offer, _) = harness.one_reply();
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    // Rank 1 again, but the client takes server 1's offer before the stagger ends.
+    let discover = request_message(MessageType::Discover, late, 3);
+    harness.send(&discover).unwrap();
+    let mut request = discover.clone();
+    request
+        .opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Request));
+    request
+        .opts_mut()
+        .insert(DhcpOption::ServerIdentifier([10, 0, 0, 2].into()));
+    request
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress([10, 0, 0, 107].into()));
+    assert!(harness.send(&request).is_err());
+    assert_eq!(harness.server.poll_timeout(), None);
+    harness.server.handle_timeout(harness.now + stagger * 2);
+    assert!(harness.replies().is_empty());
+}

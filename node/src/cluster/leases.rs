@@ -6,15 +6,25 @@
 //! get no ACK and retry. If it commits later after all, the change arrives like any other
 //! server's and the client finds its binding on its next try. The state machine refuses a bind
 //! of an address another client holds unexpired, whatever any server's table believed.
+//!
+//! Address blocks: the dynamic ranges are cut into blocks of [`BLOCK_ADDRESSES`]; a server
+//! gives new clients addresses only from blocks it holds under an unexpired block lease in the
+//! cluster state, so two servers never offer one new address. It takes another block when its
+//! free addresses run low and renews its blocks at half their lease. Every server ranks the
+//! servers for each client by rendezvous hash and staggers its offers by rank.
 
 // A driver: it spawns the task that waits for each batch's commit.
 #![allow(clippy::disallowed_methods)]
 
+use std::collections::VecDeque;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use boot_services::dhcp::{LeaseChange, LeaseProposal, LeaseTable, ProposalId};
-use consensus::state::LeaseOutcome;
+use boot_services::dhcp::{
+    AddressRange, LeaseChange, LeaseProposal, LeaseTable, ProposalId, Rendezvous,
+};
+use consensus::state::{BlockId, DRIFT_BOUND_MS, LeaseOutcome, MINORITY_LEASE_MAX_MS};
 use consensus::{MeshCommand, MeshResponse};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{Semaphore, broadcast, mpsc};
@@ -29,6 +39,16 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 const BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Outcomes waiting for the DHCP service.
 const EVENTS_BUFFERED: usize = 1024;
+/// Addresses in a block.
+pub const BLOCK_ADDRESSES: u32 = 64;
+/// How long a block lease lasts; it is renewed at half.
+const BLOCK_LEASE: Duration = Duration::from_secs(600);
+/// A server takes another block when fewer addresses than this are free in its blocks.
+const FREE_ADDRESSES_LOW: u32 = 16;
+/// How often blocks and members are looked at.
+const BLOCK_TICK: Duration = Duration::from_secs(1);
+/// Offer delay per rendezvous rank.
+pub const OFFER_STAGGER: Duration = Duration::from_millis(300);
 
 /// The cluster as the DHCP service's lease store.
 #[derive(Debug)]
@@ -38,20 +58,160 @@ pub struct ClusterLeaseStore {
     sender: mpsc::Sender<LeaseEvent>,
     outcomes: mpsc::Receiver<LeaseEvent>,
     in_flight: Arc<Semaphore>,
+    /// Every block of every dynamic range, in address order.
+    blocks: Vec<AddressRange>,
+    /// Events made by the block tick, handed out one at a time.
+    ready: VecDeque<LeaseEvent>,
+    tick: tokio::time::Interval,
+    /// What the DHCP core was last told.
+    allocatable: Option<Vec<AddressRange>>,
+    servers: Vec<u64>,
+    /// A block request (take or renew) is on its way.
+    block_request: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Cuts `ranges` into blocks of [`BLOCK_ADDRESSES`], each named by its first address.
+pub fn blocks_of(ranges: &[AddressRange]) -> Vec<AddressRange> {
+    let mut blocks = Vec::new();
+    for range in ranges {
+        let (mut first, last) = (u32::from(range.first), u32::from(range.last));
+        while first <= last {
+            let block_last = first.saturating_add(BLOCK_ADDRESSES - 1).min(last);
+            blocks.push(AddressRange {
+                first: Ipv4Addr::from(first),
+                last: Ipv4Addr::from(block_last),
+            });
+            match block_last.checked_add(1) {
+                Some(next) => first = next,
+                None => break,
+            }
+        }
+    }
+    blocks
+}
+
+fn now_ms() -> u64 {
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map(|since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 impl ClusterLeaseStore {
-    /// The store of `member`.
-    pub fn new(member: ClusterMember) -> Self {
+    /// The store of `member`, serving the dynamic `ranges`.
+    pub fn new(member: ClusterMember, ranges: &[AddressRange]) -> Self {
         let applied = member.subscribe_leases();
         let (sender, outcomes) = mpsc::channel(EVENTS_BUFFERED);
+        let mut tick = tokio::time::interval(BLOCK_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             member,
             applied,
             sender,
             outcomes,
             in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
+            blocks: blocks_of(ranges),
+            // Until it holds a block, a server gives no new client an address.
+            ready: VecDeque::from([LeaseEvent::Allocatable(Some(Vec::new()))]),
+            tick,
+            allocatable: Some(Vec::new()),
+            servers: Vec::new(),
+            block_request: Arc::default(),
         }
+    }
+
+    /// Looks at members and blocks: tells the core of changes, renews blocks at half their
+    /// lease, takes another block when free addresses run low.
+    fn look_at_blocks(&mut self) {
+        let own = self.member.record.server_id;
+        let servers = self.member.member_ids();
+        if servers != self.servers {
+            self.servers = servers.clone();
+            self.ready
+                .push_back(LeaseEvent::Rendezvous(Some(Rendezvous {
+                    own,
+                    servers,
+                    stagger: OFFER_STAGGER,
+                })));
+        }
+        let now = now_ms();
+        let now_secs = now / 1000;
+        let (held, renew, free, candidate) = self.member.state.read(|state| {
+            let mut held = Vec::new();
+            let mut renew = Vec::new();
+            let mut free = 0u32;
+            let mut candidate = None;
+            for block in &self.blocks {
+                match state.blocks.get(&BlockId(block.first)) {
+                    Some(lease) if lease.server == own && lease.until > now => {
+                        held.push(*block);
+                        if lease.until - now < BLOCK_LEASE.as_millis() as u64 / 2 {
+                            renew.push(*block);
+                        }
+                        let bound = state
+                            .leases
+                            .range(block.first..=block.last)
+                            .filter(|(_, lease)| lease.expires_at_unix_secs > now_secs)
+                            .count() as u32;
+                        free += (u32::from(block.last) - u32::from(block.first) + 1)
+                            .saturating_sub(bound);
+                    }
+                    Some(lease)
+                        if lease
+                            .until
+                            .saturating_add(MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS)
+                            > now => {}
+                    _ => {
+                        if candidate.is_none() {
+                            candidate = Some(*block);
+                        }
+                    }
+                }
+            }
+            (held, renew, free, candidate)
+        });
+        let allocatable = Some(held);
+        if allocatable != self.allocatable {
+            self.allocatable = allocatable.clone();
+            self.ready.push_back(LeaseEvent::Allocatable(allocatable));
+        }
+        let mut wanted = renew;
+        if free < FREE_ADDRESSES_LOW
+            && let Some(candidate) = candidate
+        {
+            wanted.push(candidate);
+        }
+        if wanted.is_empty()
+            || self
+                .block_request
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
+        }
+        let member = self.member.clone();
+        let busy = Arc::clone(&self.block_request);
+        tokio::spawn(async move {
+            for block in wanted {
+                let until = now_ms().saturating_add(BLOCK_LEASE.as_millis() as u64);
+                let command = MeshCommand::LeaseBlock {
+                    block: BlockId(block.first),
+                    server: own,
+                    until,
+                };
+                match member.propose_anywhere(command).await {
+                    Ok(MeshResponse::Applied) => {
+                        tracing::info!(first = %block.first, last = %block.last, "address block held")
+                    }
+                    Ok(other) => {
+                        tracing::info!(first = %block.first, ?other, "address block not taken")
+                    }
+                    Err(error) => {
+                        tracing::warn!(first = %block.first, %error, "address block request failed")
+                    }
+                }
+            }
+            busy.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     fn applied_event(&mut self, received: Result<LeaseChange, RecvError>) -> Option<LeaseEvent> {
@@ -144,6 +304,9 @@ impl LeaseStore for ClusterLeaseStore {
     }
 
     fn try_event(&mut self) -> Option<LeaseEvent> {
+        if let Some(event) = self.ready.pop_front() {
+            return Some(event);
+        }
         if let Ok(event) = self.outcomes.try_recv() {
             return Some(event);
         }
@@ -155,9 +318,15 @@ impl LeaseStore for ClusterLeaseStore {
     }
 
     async fn next_event(&mut self) -> Option<LeaseEvent> {
-        tokio::select! {
-            outcome = self.outcomes.recv() => outcome,
-            applied = self.applied.recv() => self.applied_event(applied),
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(event);
+            }
+            tokio::select! {
+                outcome = self.outcomes.recv() => return outcome,
+                applied = self.applied.recv() => return self.applied_event(applied),
+                _ = self.tick.tick() => self.look_at_blocks(),
+            }
         }
     }
 }
@@ -165,6 +334,18 @@ impl LeaseStore for ClusterLeaseStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranges_are_cut_into_blocks_named_by_their_first_address() {
+        let blocks = blocks_of(&[AddressRange {
+            first: Ipv4Addr::new(10, 0, 0, 10),
+            last: Ipv4Addr::new(10, 0, 0, 200),
+        }]);
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(blocks[0].last, Ipv4Addr::new(10, 0, 0, 73));
+        assert_eq!(blocks[2].first, Ipv4Addr::new(10, 0, 0, 138));
+        assert_eq!(blocks[2].last, Ipv4Addr::new(10, 0, 0, 200));
+    }
 
     #[test]
     fn a_batch_answer_splits_into_committed_and_refused_proposals() {

@@ -51,6 +51,8 @@ const TOKEN_TTL_MAX_SECS: u64 = 7 * 24 * 3600;
 const APPLIED_LEASES_BUFFERED: usize = 65_536;
 /// Attempts to reach the leader with a proposal while leadership moves.
 const FORWARD_ATTEMPTS_MAX: usize = 5;
+/// How long a forwarded proposal may take before the leader is given up on.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between those attempts (an election takes a second or two).
 const FORWARD_RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -318,6 +320,17 @@ impl ClusterMember {
             .and_then(|(_, node)| node.address.parse().ok())
     }
 
+    /// The ids of every member Raft knows (voters and learners), in order.
+    pub fn member_ids(&self) -> Vec<u64> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics
+            .membership_config
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Lease changes as the state machine commits them, from now on.
     pub fn subscribe_leases(&self) -> broadcast::Receiver<LeaseChange> {
         self.applied_leases.subscribe()
@@ -339,10 +352,24 @@ impl ClusterMember {
             let Some(leader) = self.leader_address() else {
                 continue;
             };
-            match self
-                .forward(leader, &AdminRequest::Propose(command.clone()))
-                .await
-            {
+            let forwarded = tokio::time::timeout(
+                FORWARD_TIMEOUT,
+                self.forward(leader, &AdminRequest::Propose(command.clone())),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                // A leader that died keeps its connection open until the idle timeout: do
+                // not wait for that, dial afresh next time.
+                self.admin_connections
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&leader);
+                Err(ClusterError::Transport(format!(
+                    "the leader at {leader} did not answer within {} s",
+                    FORWARD_TIMEOUT.as_secs()
+                )))
+            });
+            match forwarded {
                 Ok(AdminReply::Proposed(response)) => return Ok(response),
                 Ok(AdminReply::NotLeader { .. }) => last_error = "leadership moved".into(),
                 Ok(AdminReply::Failed(error)) => return Err(error),
