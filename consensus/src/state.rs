@@ -447,9 +447,11 @@ impl MeshState {
                     self.quarantine.remove(address);
                     changed.push(StateKey::Quarantine(*address));
                 }
+                // An expired binding keeps its address for the drift bound more: the holder's
+                // lease ran by another server's clock (ADR 0007).
                 if let Some(held) = self.leases.get(address)
                     && held.client != client.0
-                    && held.expires_at_unix_secs > now_secs
+                    && held.expires_at_unix_secs + DRIFT_BOUND_MS / 1000 > now_secs
                 {
                     return LeaseOutcome::AddressHeld {
                         until_unix_secs: held.expires_at_unix_secs,
@@ -529,7 +531,7 @@ mod tests {
     }
 
     #[test]
-    fn an_address_held_by_another_client_is_refused_until_it_expires() {
+    fn an_address_held_by_another_client_is_refused_until_it_expires_plus_the_drift_bound() {
         let mut state = MeshState::default();
         let (response, changed) = state.apply(&leases(100, vec![bind(1, [10, 0, 0, 5], 200)]));
         assert_eq!(
@@ -545,7 +547,15 @@ mod tests {
             }])
         );
         assert!(changed.is_empty());
-        let (response, _) = state.apply(&leases(200, vec![bind(2, [10, 0, 0, 5], 300)]));
+        // Expired, but within the drift bound of its expiry: still held.
+        let (response, _) = state.apply(&leases(205, vec![bind(2, [10, 0, 0, 5], 300)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::AddressHeld {
+                until_unix_secs: 200
+            }])
+        );
+        let (response, _) = state.apply(&leases(210, vec![bind(2, [10, 0, 0, 5], 300)]));
         assert_eq!(
             response,
             MeshResponse::Leases(vec![LeaseOutcome::Committed])

@@ -129,6 +129,11 @@ pub async fn serve(
         match &member {
             // In a cluster, leases are committed through Raft and shared by every server.
             Some(member) => {
+                // An expired binding's address waits out the drift bound (ADR 0007).
+                let mut server = server;
+                server.set_reuse_grace(std::time::Duration::from_millis(
+                    consensus::state::DRIFT_BOUND_MS,
+                ));
                 let store =
                     crate::cluster::leases::ClusterLeaseStore::new(member.clone(), &dynamic_ranges);
                 services.spawn(async move {

@@ -52,6 +52,9 @@ pub struct LeaseTable {
     /// Per range (by first address): addresses at or beyond this cursor have never been
     /// handed out, so fresh addresses are found without scanning the used part.
     never_used_cursor: BTreeMap<Ipv4Addr, u32>,
+    /// Seconds an expired binding still keeps its address from other clients: the clock
+    /// drift bound between servers in a cluster (ADR 0007), 0 for a single server.
+    reuse_grace_secs: u64,
 }
 
 /// Most expired bindings inspected per allocation before giving up; bounds the work a single
@@ -117,7 +120,10 @@ impl LeaseTable {
     ) -> bool {
         if let Some(binding) = self.bindings.get(&address)
             && binding.client != *client
-            && binding.expires_at_unix_secs > now_unix_secs
+            && binding
+                .expires_at_unix_secs
+                .saturating_add(self.reuse_grace_secs)
+                > now_unix_secs
         {
             return false;
         }
@@ -128,6 +134,11 @@ impl LeaseTable {
             return false;
         }
         !self.is_quarantined(address, now_unix_secs)
+    }
+
+    /// Keeps an expired binding's address from other clients for `grace` more.
+    pub fn set_reuse_grace(&mut self, grace_secs: u64) {
+        self.reuse_grace_secs = grace_secs;
     }
 
     fn is_quarantined(&self, address: Ipv4Addr, now_unix_secs: u64) -> bool {

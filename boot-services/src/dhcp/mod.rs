@@ -340,6 +340,12 @@ impl DhcpServer {
         self.allocatable = ranges;
     }
 
+    /// Keeps an address from other clients for `grace` after its binding expired: in a cluster,
+    /// the clock drift bound between servers (ADR 0007).
+    pub fn set_reuse_grace(&mut self, grace: Duration) {
+        self.table.set_reuse_grace(grace.as_secs());
+    }
+
     /// Sets (or clears) this server's rank order among the servers of its segments.
     pub fn set_rendezvous(&mut self, rendezvous: Option<Rendezvous>) {
         self.rendezvous = rendezvous;

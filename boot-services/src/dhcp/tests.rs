@@ -992,3 +992,27 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
     harness.server.handle_timeout(harness.now + stagger * 2);
     assert!(harness.replies().is_empty());
 }
+
+#[test]
+fn in_a_cluster_an_expired_address_waits_out_the_drift_bound_before_reuse() {
+    let mut config = config();
+    config.subnets[0].ranges = vec![AddressRange {
+        first: Ipv4Addr::new(10, 0, 0, 100),
+        last: Ipv4Addr::new(10, 0, 0, 100),
+    }];
+    let mut harness = Harness::new(config);
+    harness.server.set_reuse_grace(Duration::from_secs(10));
+    harness.lease(request_message(MessageType::Discover, mac(1), 1));
+    harness.now += Duration::from_secs(3600 + 9);
+    assert_eq!(
+        harness.send(&request_message(MessageType::Discover, mac(2), 2)),
+        Err(DhcpDrop::PoolExhausted(Ipv4Addr::new(10, 0, 0, 0)))
+    );
+    harness.now += Duration::from_secs(1);
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(2), 3))
+            .yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 100)
+    );
+}
