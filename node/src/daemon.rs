@@ -134,8 +134,11 @@ pub async fn serve(
                 server.set_reuse_grace(std::time::Duration::from_millis(
                     consensus::state::DRIFT_BOUND_MS,
                 ));
-                let store =
-                    crate::cluster::leases::ClusterLeaseStore::new(member.clone(), &dynamic_ranges);
+                let store = crate::cluster::leases::ClusterLeaseStore::new(
+                    member.clone(),
+                    &dynamic_ranges,
+                    &config.state_dir.join("cluster").join("minority"),
+                )?;
                 services.spawn(async move {
                     run_dhcp_with_store(
                         server,

@@ -55,6 +55,9 @@ pub enum DhcpServiceError {
 pub enum LeaseEvent {
     /// Durable: release their replies.
     Committed(Vec<ProposalId>),
+    /// Durable with an earlier expiry than proposed (Unix seconds): reply with the shorter
+    /// lease.
+    CommittedUntil(ProposalId, u64),
     /// Refused by the replicated state (another client holds the address): no reply; the
     /// client starts over.
     Refused(ProposalId, String),
@@ -336,6 +339,10 @@ fn handle_lease_event<C: Clock>(
             for id in ids {
                 server.handle_lease_committed(now, id);
             }
+        }
+        LeaseEvent::CommittedUntil(id, expires_at_unix_secs) => {
+            counters.committed.fetch_add(1, Ordering::Relaxed);
+            server.handle_lease_committed_until(clock.wall_now(), id, expires_at_unix_secs);
         }
         LeaseEvent::Refused(id, reason) => {
             tracing::info!(%reason, "lease refused by the cluster; no ACK");

@@ -421,6 +421,48 @@ impl DhcpServer {
         }
     }
 
+    /// The change `id` was made durable with an earlier expiry than proposed (a server cut off
+    /// from its cluster may grant only short leases, ADR 0007): the reply carries the shorter
+    /// lease, and T1/T2 scaled to it.
+    pub fn handle_lease_committed_until(
+        &mut self,
+        now: SystemTime,
+        id: ProposalId,
+        expires_at_unix_secs: u64,
+    ) {
+        let Some(mut pending) = self.pending.remove(&id) else {
+            return;
+        };
+        if let LeaseChange::Bind {
+            expires_at_unix_secs: expiry,
+            ..
+        } = &mut pending.change
+        {
+            *expiry = (*expiry).min(expires_at_unix_secs);
+        }
+        let lease_secs =
+            u32::try_from(expires_at_unix_secs.saturating_sub(unix_secs(now))).unwrap_or(u32::MAX);
+        self.table.apply(&pending.change);
+        let Some(mut reply) = pending.reply else {
+            return;
+        };
+        // A reply we built ourselves decodes; if it ever did not, sending nothing is safe.
+        let Ok(mut message) = Message::from_bytes(&reply.bytes) else {
+            return;
+        };
+        let options = message.opts_mut();
+        if options.get(OptionCode::AddressLeaseTime).is_some() {
+            options.insert(DhcpOption::AddressLeaseTime(lease_secs));
+            options.insert(DhcpOption::Renewal(lease_secs / 2));
+            options.insert(DhcpOption::Rebinding(lease_secs / 8 * 7));
+        }
+        let Ok(bytes) = message.to_vec() else {
+            return;
+        };
+        reply.bytes = bytes;
+        self.transmits.push_back(reply);
+    }
+
     /// The change `id` could not be made durable: the client gets no answer and retries.
     pub fn handle_lease_commit_failed(&mut self, id: ProposalId) {
         self.pending.remove(&id);

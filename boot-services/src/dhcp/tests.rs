@@ -1016,3 +1016,45 @@ fn in_a_cluster_an_expired_address_waits_out_the_drift_bound_before_reuse() {
         Ipv4Addr::new(10, 0, 0, 100)
     );
 }
+
+#[test]
+fn a_commit_with_an_earlier_expiry_acks_the_shorter_lease() {
+    let mut harness = Harness::new(config());
+    let discover = request_message(MessageType::Discover, mac(1), 1);
+    harness.send(&discover).unwrap();
+    let (offer, _) = harness.one_reply();
+    let mut request = discover.clone();
+    request
+        .opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Request));
+    request
+        .opts_mut()
+        .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+    request
+        .opts_mut()
+        .insert(DhcpOption::ServerIdentifier(SERVER));
+    harness.send(&request).unwrap();
+    let proposal = harness.server.poll_lease_proposal().unwrap();
+    let now_secs = unix_secs(harness.now);
+    harness
+        .server
+        .handle_lease_committed_until(harness.now, proposal.id, now_secs + 300);
+    let (ack, _) = harness.one_reply();
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(
+        ack.opts().get(OptionCode::AddressLeaseTime),
+        Some(&DhcpOption::AddressLeaseTime(300))
+    );
+    assert_eq!(
+        ack.opts().get(OptionCode::Renewal),
+        Some(&DhcpOption::Renewal(150))
+    );
+    assert_eq!(
+        harness
+            .server
+            .lease_table()
+            .binding(offer.yiaddr())
+            .map(|binding| binding.expires_at_unix_secs),
+        Some(now_secs + 300)
+    );
+}

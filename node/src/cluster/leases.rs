@@ -2,9 +2,10 @@
 //! through Raft before any ACK leaves, and every lease another server commits reaches this
 //! server's lease table, so a client keeps its address whichever server answers it.
 //!
-//! A batch the leader cannot commit within [`COMMIT_TIMEOUT`] is reported failed: its clients
-//! get no ACK and retry. If it commits later after all, the change arrives like any other
-//! server's and the client finds its binding on its next try. The state machine refuses a bind
+//! A batch the leader cannot commit within [`COMMIT_TIMEOUT`] is answered by the minority
+//! rules below, or not at all: those clients get no ACK and retry. If it commits later after
+//! all, the change arrives like any other server's and the client finds its binding on its
+//! next try. The state machine refuses a bind
 //! of an address another client holds unexpired, whatever any server's table believed.
 //!
 //! Address blocks: the dynamic ranges are cut into blocks of [`BLOCK_ADDRESSES`]; a server
@@ -12,13 +13,20 @@
 //! cluster state, so two servers never offer one new address. It takes another block when its
 //! free addresses run low and renews its blocks at half their lease. Every server ranks the
 //! servers for each client by rendezvous hash and staggers its offers by rank.
+//!
+//! Cut off from the majority (a batch that cannot be committed), a server still answers what
+//! ADR 0007 lets it: a renewal of a committed binding, with a lease ending the drift bound
+//! before the committed expiry; a new client, only from a block it holds and only an address
+//! with no binding at all, with a lease of at most [`MINORITY_LEASE_MAX_MS`] that ends by the
+//! block's lease plus that. New grants are journaled (fsync) before the ACK, and proposed to
+//! the cluster once it answers again.
 
 // A driver: it spawns the task that waits for each batch's commit.
 #![allow(clippy::disallowed_methods)]
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use boot_services::dhcp::{
@@ -31,10 +39,12 @@ use tokio::sync::{Semaphore, broadcast, mpsc};
 
 use super::member::ClusterMember;
 use crate::dhcp_service::{DhcpServiceError, LeaseEvent, LeaseStore};
+use crate::journal::{FileLeaseJournal, LeaseJournal};
 
-/// How long a batch may wait for its commit (leader failover included) before its clients are
-/// left to retry.
-pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a batch may wait for its commit before the server acts as cut off from the
+/// majority (ADR 0007's minority rules, safe also during a mere election): short enough for
+/// PXE ROMs, which give up on a DISCOVER or REQUEST after 4 to 8 s.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
 /// Batches waiting for their commit at once; beyond, new batches fail at once.
 const BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Outcomes waiting for the DHCP service.
@@ -68,6 +78,10 @@ pub struct ClusterLeaseStore {
     servers: Vec<u64>,
     /// A block request (take or renew) is on its way.
     block_request: Arc<std::sync::atomic::AtomicBool>,
+    /// Grants made while cut off, not yet in the cluster state.
+    minority: Arc<Mutex<FileLeaseJournal>>,
+    /// A reconciliation of `minority` is on its way.
+    reconciling: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Cuts `ranges` into blocks of [`BLOCK_ADDRESSES`], each named by its first address.
@@ -98,13 +112,19 @@ fn now_ms() -> u64 {
 }
 
 impl ClusterLeaseStore {
-    /// The store of `member`, serving the dynamic `ranges`.
-    pub fn new(member: ClusterMember, ranges: &[AddressRange]) -> Self {
+    /// The store of `member`, serving the dynamic `ranges`; grants made while cut off from
+    /// the majority are journaled in `minority_directory`.
+    pub fn new(
+        member: ClusterMember,
+        ranges: &[AddressRange],
+        minority_directory: &std::path::Path,
+    ) -> Result<Self, DhcpServiceError> {
+        let minority = FileLeaseJournal::open(minority_directory)?;
         let applied = member.subscribe_leases();
         let (sender, outcomes) = mpsc::channel(EVENTS_BUFFERED);
         let mut tick = tokio::time::interval(BLOCK_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Self {
+        Ok(Self {
             member,
             applied,
             sender,
@@ -117,7 +137,67 @@ impl ClusterLeaseStore {
             allocatable: Some(Vec::new()),
             servers: Vec::new(),
             block_request: Arc::default(),
+            minority: Arc::new(Mutex::new(minority)),
+            reconciling: Arc::default(),
+        })
+    }
+
+    /// Proposes the grants made while cut off, once the cluster answers again; conflicts (a
+    /// majority grant of the same address meanwhile, which ADR 0007 rules out) are logged.
+    fn reconcile(&self) {
+        let pending = lock(&self.minority).load().unwrap_or_default();
+        if pending.is_empty()
+            || self
+                .reconciling
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return;
         }
+        let member = self.member.clone();
+        let journal = Arc::clone(&self.minority);
+        let busy = Arc::clone(&self.reconciling);
+        tokio::spawn(async move {
+            let records = pending
+                .iter()
+                .map(|change| {
+                    let mut record = Vec::new();
+                    change.encode(&mut record);
+                    record
+                })
+                .collect();
+            let result = tokio::time::timeout(
+                COMMIT_TIMEOUT,
+                member.propose_anywhere(MeshCommand::Leases(records)),
+            )
+            .await;
+            if let Ok(Ok(MeshResponse::Leases(outcomes))) = result {
+                for (change, outcome) in pending.iter().zip(&outcomes) {
+                    if *outcome != LeaseOutcome::Committed {
+                        tracing::error!(
+                            ?change,
+                            ?outcome,
+                            "a grant made while cut off conflicts with the cluster"
+                        );
+                    }
+                }
+                tracing::info!(
+                    grants = pending.len(),
+                    "grants made while cut off are in the cluster state"
+                );
+                let mut journal = lock(&journal);
+                // Grants journaled meanwhile stay for the next round.
+                let later: Vec<LeaseChange> = journal
+                    .load()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .skip(pending.len())
+                    .collect();
+                if let Err(error) = journal.compact(&later) {
+                    tracing::error!(%error, "cannot trim the journal of grants made while cut off");
+                }
+            }
+            busy.store(false, std::sync::atomic::Ordering::Release);
+        });
     }
 
     /// Looks at members and blocks: tells the core of changes, renews blocks at half their
@@ -170,6 +250,7 @@ impl ClusterLeaseStore {
             }
             (held, renew, free, candidate)
         });
+        self.reconcile();
         let allocatable = Some(held);
         if allocatable != self.allocatable {
             self.allocatable = allocatable.clone();
@@ -226,6 +307,109 @@ impl ClusterLeaseStore {
     }
 }
 
+fn lock(journal: &Mutex<FileLeaseJournal>) -> std::sync::MutexGuard<'_, FileLeaseJournal> {
+    journal.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// What a server that cannot commit may still grant (ADR 0007), decided per proposal from the
+/// cluster state it last saw; new grants are journaled before they are reported.
+fn minority_grants(
+    member: &ClusterMember,
+    blocks: &[AddressRange],
+    journal: &Mutex<FileLeaseJournal>,
+    proposals: &[LeaseProposal],
+    reason: &str,
+) -> Vec<LeaseEvent> {
+    let own = member.record.server_id;
+    let now = now_ms();
+    let now_secs = now / 1000;
+    let drift_secs = DRIFT_BOUND_MS / 1000;
+    let mut events = Vec::new();
+    let mut failed = Vec::new();
+    let mut grants = Vec::new();
+    member.state.read(|state| {
+        for proposal in proposals {
+            let LeaseChange::Bind {
+                client,
+                hardware_address,
+                address,
+                expires_at_unix_secs,
+                hostname,
+            } = &proposal.change
+            else {
+                failed.push(proposal.id);
+                continue;
+            };
+            match state.leases.get(address) {
+                // A renewal: up to the drift bound before the committed expiry.
+                Some(lease)
+                    if lease.client == client.0
+                        && lease.expires_at_unix_secs > now_secs + drift_secs =>
+                {
+                    let until =
+                        (*expires_at_unix_secs).min(lease.expires_at_unix_secs - drift_secs);
+                    events.push(LeaseEvent::CommittedUntil(proposal.id, until));
+                }
+                Some(_) => failed.push(proposal.id),
+                // A new client: an address nobody was ever bound to, in a block we hold.
+                None => {
+                    let held_until = blocks
+                        .iter()
+                        .find(|block| block.first <= *address && *address <= block.last)
+                        .and_then(|block| state.blocks.get(&BlockId(block.first)))
+                        .filter(|lease| lease.server == own && lease.until > now)
+                        .map(|lease| lease.until);
+                    let quarantined = state
+                        .quarantine
+                        .get(address)
+                        .is_some_and(|until| *until > now_secs);
+                    match held_until {
+                        Some(block_until) if !quarantined => {
+                            let until = (*expires_at_unix_secs)
+                                .min((now + MINORITY_LEASE_MAX_MS) / 1000)
+                                .min((block_until + MINORITY_LEASE_MAX_MS) / 1000);
+                            grants.push((
+                                proposal.id,
+                                until,
+                                LeaseChange::Bind {
+                                    client: client.clone(),
+                                    hardware_address: hardware_address.clone(),
+                                    address: *address,
+                                    expires_at_unix_secs: until,
+                                    hostname: hostname.clone(),
+                                },
+                            ));
+                        }
+                        _ => failed.push(proposal.id),
+                    }
+                }
+            }
+        }
+    });
+    if !grants.is_empty() {
+        let changes: Vec<LeaseChange> =
+            grants.iter().map(|(_, _, change)| change.clone()).collect();
+        match lock(journal).append(&changes) {
+            Ok(()) => {
+                tracing::warn!(grants = grants.len(), %reason, "cluster unreachable: short leases granted from held blocks");
+                events.extend(
+                    grants
+                        .iter()
+                        .map(|(id, until, _)| LeaseEvent::CommittedUntil(*id, *until)),
+                );
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot journal grants made while cut off");
+                failed.extend(grants.iter().map(|(id, _, _)| *id));
+            }
+        }
+    }
+    if !failed.is_empty() {
+        events.push(LeaseEvent::Failed(failed, reason.to_owned()));
+    }
+    events
+}
+
 /// What the leader's answer to one batch means for each proposal.
 fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent> {
     let MeshResponse::Leases(outcomes) = response else {
@@ -278,20 +462,26 @@ impl LeaseStore for ClusterLeaseStore {
             .collect();
         let member = self.member.clone();
         let sender = self.sender.clone();
+        let blocks = self.blocks.clone();
+        let journal = Arc::clone(&self.minority);
         tokio::spawn(async move {
             let command = MeshCommand::Leases(records);
-            let events = match tokio::time::timeout(
+            let answer = match tokio::time::timeout(
                 COMMIT_TIMEOUT,
                 member.propose_anywhere(command),
             )
             .await
             {
-                Ok(Ok(response)) => outcome_events(&ids, response),
-                Ok(Err(error)) => vec![LeaseEvent::Failed(ids, error)],
-                Err(_) => vec![LeaseEvent::Failed(
-                    ids,
-                    format!("not committed within {} s", COMMIT_TIMEOUT.as_secs()),
-                )],
+                Ok(Ok(response)) => Ok(outcome_events(&ids, response)),
+                Ok(Err(error)) => Err(error),
+                Err(_) => Err(format!(
+                    "not committed within {} s",
+                    COMMIT_TIMEOUT.as_secs()
+                )),
+            };
+            let events = match answer {
+                Ok(events) => events,
+                Err(reason) => minority_grants(&member, &blocks, &journal, &proposals, &reason),
             };
             for event in events {
                 if sender.send(event).await.is_err() {

@@ -19,6 +19,8 @@ struct ClusterLab {
     lab: Lab,
     namespaces: Vec<String>,
     interfaces: Vec<String>,
+    /// Each server's interface on the cluster network.
+    cluster_interfaces: Vec<String>,
     /// The namespace of the relay agent and its DHCP clients.
     client_namespace: String,
     /// Extra configuration for every server (a `[dhcp]` section).
@@ -40,7 +42,15 @@ impl ClusterLab {
             &["-n", &switch, "link", "add", "br0", "type", "bridge"],
         );
         run_checked("ip", &["-n", &switch, "link", "set", "br0", "up"]);
+        // The servers' cluster traffic has a network of its own, so a test can cut a server
+        // off from the others while its DHCP clients still reach it.
+        run_checked(
+            "ip",
+            &["-n", &switch, "link", "add", "br1", "type", "bridge"],
+        );
+        run_checked("ip", &["-n", &switch, "link", "set", "br1", "up"]);
         let mut namespaces = Vec::new();
+        let mut cluster_interfaces = Vec::new();
         let mut interfaces = Vec::new();
         for index in 1..=servers {
             let namespace = lab.namespace(&format!("s{index}"));
@@ -51,8 +61,24 @@ impl ClusterLab {
                 &["-n", &switch, "link", "set", &outside, "master", "br0"],
             );
             lab.add_route(&namespace, "10.71.0.0/16", "10.70.0.200");
+            let (cluster_inside, cluster_outside) =
+                lab.veth(&format!("k{index}"), &namespace, &switch);
+            lab.add_address(&namespace, &cluster_inside, &format!("10.80.0.{index}/24"));
+            run_checked(
+                "ip",
+                &[
+                    "-n",
+                    &switch,
+                    "link",
+                    "set",
+                    &cluster_outside,
+                    "master",
+                    "br1",
+                ],
+            );
             namespaces.push(namespace);
             interfaces.push(inside);
+            cluster_interfaces.push(cluster_inside);
         }
         let client_namespace = lab.namespace("cl");
         let (inside, outside) = lab.veth("cr", &client_namespace, &switch);
@@ -66,6 +92,7 @@ impl ClusterLab {
             lab,
             namespaces,
             interfaces,
+            cluster_interfaces,
             client_namespace,
             extra_config: String::new(),
         }
@@ -83,8 +110,24 @@ impl ClusterLab {
         self.lab.path(&format!("state{index}"))
     }
 
+    /// Server `index`'s cluster address.
     fn address(index: usize) -> String {
-        format!("10.70.0.{index}:{PORT}")
+        format!("10.80.0.{index}:{PORT}")
+    }
+
+    /// Cuts server `index` off from the other servers (its DHCP side stays up), or heals it.
+    fn set_cluster_link(&self, index: usize, up: bool) {
+        run_checked(
+            "ip",
+            &[
+                "-n",
+                &self.namespaces[index - 1],
+                "link",
+                "set",
+                &self.cluster_interfaces[index - 1],
+                if up { "up" } else { "down" },
+            ],
+        );
     }
 
     /// Runs `bootmesh <args> --state-dir <state of server index>` in server `index`'s
@@ -232,7 +275,7 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
                 "--server",
                 founder.as_str(),
                 "--address",
-                "10.70.0.99:7100",
+                "10.80.0.99:7100",
             ],
         );
         assert!(
@@ -272,7 +315,7 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
             "--server",
             founder.as_str(),
             "--address",
-            "10.70.0.98:7100",
+            "10.80.0.98:7100",
         ],
     );
     assert!(!ok && stderr.contains("expired"), "expired token: {stderr}");
@@ -282,7 +325,7 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
     let (ok, _, stderr) = cluster.bootmesh_as(
         2,
         &stranger,
-        &["cluster", "init", "--address", "10.70.0.2:7199"],
+        &["cluster", "init", "--address", "10.80.0.2:7199"],
     );
     assert!(ok, "{stderr}");
     let (ok, _, stderr) = cluster.bootmesh_as(
@@ -361,6 +404,8 @@ fn form(cluster: &mut ClusterLab, count: usize) {
 struct RelayFarm {
     socket: UdpSocket,
     servers: Vec<Ipv4Addr>,
+    /// How long one send waits for its answer.
+    window: Duration,
 }
 
 /// What the clients saw.
@@ -387,15 +432,25 @@ fn client_mac(index: u32) -> [u8; 6] {
 
 impl RelayFarm {
     fn bind(servers: usize) -> Self {
+        Self::bind_to(
+            &(1..=servers).collect::<Vec<_>>(),
+            Duration::from_millis(700),
+        )
+    }
+
+    /// A relay whose helper addresses are only `servers`, waiting `window` per send.
+    fn bind_to(servers: &[usize], window: Duration) -> Self {
         let socket = UdpSocket::bind(SocketAddr::from((GIADDR, 67))).expect("bind the relay");
         socket
-            .set_read_timeout(Some(Duration::from_millis(700)))
+            .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
         Self {
             socket,
-            servers: (1..=servers)
-                .map(|index| Ipv4Addr::new(10, 70, 0, index as u8))
+            servers: servers
+                .iter()
+                .map(|index| Ipv4Addr::new(10, 70, 0, *index as u8))
                 .collect(),
+            window,
         }
     }
 
@@ -421,10 +476,10 @@ impl RelayFarm {
             for server in &self.servers {
                 let _ = self.socket.send_to(&bytes, (*server, 67));
             }
-            let deadline = Instant::now() + Duration::from_millis(700);
+            let deadline = Instant::now() + self.window;
             while Instant::now() < deadline {
                 let Ok((length, _)) = self.socket.recv_from(&mut buffer) else {
-                    break;
+                    continue;
                 };
                 let Ok(reply) = Message::from_bytes(&buffer[..length]) else {
                     continue;
@@ -441,6 +496,31 @@ impl RelayFarm {
             }
         }
         None
+    }
+
+    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACK.
+    fn lease_ack(&self, client: u32, xid: u32) -> Option<Message> {
+        let (offer, server) = self.exchange(
+            &Self::message(MessageType::Discover, client, xid),
+            &[MessageType::Offer],
+        )?;
+        let mut request = Self::message(MessageType::Request, client, xid);
+        request
+            .opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+        request
+            .opts_mut()
+            .insert(DhcpOption::ServerIdentifier(server));
+        let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
+    }
+
+    /// REBINDING; the ACK.
+    fn rebind_ack(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<Message> {
+        let mut request = Self::message(MessageType::Request, client, xid);
+        request.set_ciaddr(address);
+        let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
     }
 
     /// DISCOVER, the first OFFER, REQUEST naming its server; the ACKed address and server.
@@ -749,6 +829,137 @@ fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
                         .unwrap_or_default()
             })
         });
+        check_lease_table(&cluster, server, &log.acked);
+    }
+}
+
+/// The lease time an ACK gives, seconds.
+fn lease_secs(ack: &Message) -> u32 {
+    match ack.opts().get(dhcproto::v4::OptionCode::AddressLeaseTime) {
+        Some(DhcpOption::AddressLeaseTime(secs)) => *secs,
+        _ => 0,
+    }
+}
+
+#[test]
+fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconciles_on_heal() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(3).with_dhcp(600);
+    form(&mut cluster, 3);
+    // Every server holds a block before the cut (taken within a second of starting).
+    std::thread::sleep(Duration::from_secs(2));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut log = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind(3);
+        let mut log = FarmLog::default();
+        farm.storm(0..30, 0x6000_0000, &done, &mut log);
+        log
+    })
+    .join()
+    .expect("farm");
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+
+    cluster.set_cluster_link(3, false);
+    let cut = Instant::now();
+    // Through s3 alone: renewals up to the committed expiry less the drift bound, and new
+    // clients with short leases from s3's own blocks.
+    let acked = log.acked.clone();
+    let (renewed, granted) = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind_to(&[3], Duration::from_secs(8));
+        let renewed: Vec<(u32, Ipv4Addr, u32)> = (0..10u32)
+            .filter_map(|client| {
+                let (address, _) = acked[&client];
+                farm.rebind_ack(client, 0x6100_0000 + client, address)
+                    .map(|ack| (client, ack.yiaddr(), lease_secs(&ack)))
+            })
+            .collect();
+        let granted: Vec<(u32, Ipv4Addr, u32)> = (100..108u32)
+            .filter_map(|client| {
+                farm.lease_ack(client, 0x6200_0000 + client)
+                    .map(|ack| (client, ack.yiaddr(), lease_secs(&ack)))
+            })
+            .collect();
+        (renewed, granted)
+    })
+    .join()
+    .expect("minority farm");
+    eprintln!(
+        "cut off for {:.1} s: {} renewals and {} new leases from s3 alone",
+        cut.elapsed().as_secs_f64(),
+        renewed.len(),
+        granted.len()
+    );
+    assert_eq!(
+        renewed.len(),
+        10,
+        "renewals through s3 alone:\n{}",
+        cluster.log(3)
+    );
+    for (client, address, secs) in &renewed {
+        assert_eq!(
+            *address, log.acked[client].0,
+            "client {client} kept its address"
+        );
+        assert!(
+            *secs > 0 && *secs < 600 - 10,
+            "renewal lease {secs} s ends before the committed expiry"
+        );
+    }
+    assert_eq!(
+        granted.len(),
+        8,
+        "new leases through s3 alone:\n{}",
+        cluster.log(3)
+    );
+    for (client, address, secs) in &granted {
+        assert!(*secs > 0 && *secs <= 300, "new lease of {secs} s is short");
+        log.acked
+            .insert(*client, (*address, Ipv4Addr::new(10, 70, 0, 3)));
+        log.every_ack.push((*address, *client));
+    }
+    // The majority goes on serving new clients meanwhile.
+    let done = Arc::new(AtomicUsize::new(0));
+    let majority = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind_to(&[1, 2], Duration::from_millis(700));
+        let mut log = FarmLog::default();
+        farm.storm(200..220, 0x6300_0000, &done, &mut log);
+        log
+    })
+    .join()
+    .expect("majority farm");
+    assert_eq!(majority.unanswered, 0, "{}", cluster.logs());
+    log.acked.extend(majority.acked);
+    log.every_ack.extend(majority.every_ack);
+    check_unique(&log);
+
+    // Heal: s3's grants reach the cluster state on every server.
+    cluster.set_cluster_link(3, true);
+    let healed = Instant::now();
+    let minority_clients: BTreeMap<u32, (Ipv4Addr, Ipv4Addr)> = granted
+        .iter()
+        .map(|(client, address, _)| (*client, (*address, Ipv4Addr::UNSPECIFIED)))
+        .collect();
+    wait_for(Duration::from_secs(60), || {
+        (1..=3).all(|server| {
+            let (ok, stdout, _) = cluster.bootmesh(server, &["lease", "list", "--json"]);
+            ok && minority_clients
+                .values()
+                .all(|(address, _)| stdout.contains(&format!("\"{address}\"")))
+        })
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the grants made while cut off never reached the cluster:\n{}",
+            cluster.logs()
+        )
+    });
+    eprintln!(
+        "grants reconciled {:.1} s after the heal",
+        healed.elapsed().as_secs_f64()
+    );
+    for server in 1..=3 {
         check_lease_table(&cluster, server, &log.acked);
     }
 }
