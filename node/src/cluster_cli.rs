@@ -96,6 +96,34 @@ pub enum LeaseCommand {
     },
 }
 
+/// `bootmesh config`: the fleet configuration the cluster holds (`[[dhcp.subnet]]`,
+/// `[[dhcp.host]]`, `[dhcp.boot]`, `[boot]`, `[[group]]`).
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Checks `file` and makes it the fleet configuration of every server.
+    Apply {
+        /// The fleet configuration (TOML).
+        file: std::path::PathBuf,
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+    /// Prints the fleet configuration (its version on standard error).
+    Show {
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+    /// Shows what applying `file` would change, as a unified diff.
+    Diff {
+        /// The fleet configuration (TOML).
+        file: std::path::PathBuf,
+        /// Ask this member instead of the local server.
+        #[arg(long)]
+        server: Option<SocketAddr>,
+    },
+}
+
 /// `bootmesh token`.
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
@@ -344,6 +372,65 @@ pub fn run_lease(state_dir: &Path, command: LeaseCommand) -> anyhow::Result<()> 
                 AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
                 other => anyhow::bail!("unexpected answer: {other:?}"),
             }
+        }
+    }
+}
+
+fn current_config(state_dir: &Path, server: Option<SocketAddr>) -> anyhow::Result<(u64, String)> {
+    match runtime()?.block_on(admin_call(state_dir, server, &AdminRequest::ConfigShow))? {
+        AdminReply::Config { version, document } => Ok((version, document)),
+        AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+        other => anyhow::bail!("unexpected answer: {other:?}"),
+    }
+}
+
+/// Runs a `config` command.
+pub fn run_config(state_dir: &Path, command: ConfigCommand) -> anyhow::Result<()> {
+    match command {
+        ConfigCommand::Apply { file, server } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            crate::config::FleetConfig::parse(&document, &file)?;
+            let (version, current) = current_config(state_dir, server)?;
+            if current == document {
+                return print(&format!(
+                    "unchanged: the cluster already has this configuration (version {version})\n"
+                ));
+            }
+            let request = AdminRequest::ConfigApply {
+                expected_version: version,
+                document,
+            };
+            match runtime()?.block_on(admin_call(state_dir, server, &request))? {
+                AdminReply::Config { version, .. } => {
+                    print(&format!("fleet configuration version {version} applied\n"))
+                }
+                AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
+                other => anyhow::bail!("unexpected answer: {other:?}"),
+            }
+        }
+        ConfigCommand::Show { server } => {
+            let (version, document) = current_config(state_dir, server)?;
+            eprintln!("# fleet configuration version {version}");
+            print(&document)
+        }
+        ConfigCommand::Diff { file, server } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("read {}", file.display()))?;
+            crate::config::FleetConfig::parse(&document, &file)?;
+            let (version, current) = current_config(state_dir, server)?;
+            let diff = similar::TextDiff::from_lines(&current, &document);
+            let text = diff
+                .unified_diff()
+                .header(
+                    &format!("cluster (version {version})"),
+                    &file.display().to_string(),
+                )
+                .to_string();
+            if text.is_empty() {
+                return print("no changes\n");
+            }
+            print(&text)
         }
     }
 }

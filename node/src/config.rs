@@ -424,6 +424,67 @@ fn default_nbd_connections_max() -> usize {
     256
 }
 
+/// The fleet-wide part of the configuration, which a cluster holds and `bootmesh config apply`
+/// changes: what nodes get. The same sections, in the same form, as in a server's file:
+/// `[[dhcp.subnet]]`, `[[dhcp.host]]`, `[dhcp.boot]`, `[boot]` and `[[group]]`. What is about
+/// one server (its state directory, interfaces, ports, bounds) stays in its own file.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Subnets, hosts and boot files.
+    pub dhcp: Option<FleetDhcpSection>,
+    /// What iPXE boots.
+    pub boot: Option<BootPlanSection>,
+    /// Groups of nodes.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupSection>,
+}
+
+/// `[dhcp]` of a fleet configuration.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FleetDhcpSection {
+    /// Boot files per client type.
+    #[serde(default)]
+    pub boot: BootSection,
+    /// Subnets.
+    #[serde(default, rename = "subnet")]
+    pub subnets: Vec<SubnetSection>,
+    /// Known hosts.
+    #[serde(default, rename = "host")]
+    pub hosts: Vec<HostSection>,
+}
+
+impl FleetConfig {
+    /// Parses and validates a fleet configuration (`path` only names it in errors): the same
+    /// checks as a server's file, so what `config apply` accepts every server can serve.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let fleet: Self = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            message: parse_error_message(text, &error),
+        })?;
+        // A server that serves DHCP on some interface, to run the same checks as on a file.
+        let probe_dhcp = toml::from_str::<DhcpSection>("interfaces = [\"probe\"]")
+            .map_err(|error| invalid("dhcp", format!("default section: {error}")))?;
+        let probe = ServerConfig {
+            state_dir: PathBuf::from("/"),
+            dhcp: Some(probe_dhcp),
+            tftp: None,
+            http: None,
+            nbd: None,
+            boot: None,
+            groups: Vec::new(),
+            images: ImagesSection::default(),
+            cluster: None,
+        }
+        .with_fleet(&fleet)?;
+        probe.validate()?;
+        probe.dhcp_config()?;
+        probe.node_plans()?;
+        Ok(fleet)
+    }
+}
+
 impl ServerConfig {
     /// Reads, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -442,6 +503,21 @@ impl ServerConfig {
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// This server's configuration with the fleet sections replaced by `fleet`'s. The DHCP
+    /// parts apply to a server whose file has a `[dhcp]` section (its interfaces); one without
+    /// takes `[boot]` and `[[group]]` only.
+    pub fn with_fleet(&self, fleet: &FleetConfig) -> Result<Self, ConfigError> {
+        let mut merged = self.clone();
+        if let (Some(dhcp), Some(fleet_dhcp)) = (&mut merged.dhcp, &fleet.dhcp) {
+            dhcp.boot = fleet_dhcp.boot.clone();
+            dhcp.subnets = fleet_dhcp.subnets.clone();
+            dhcp.hosts = fleet_dhcp.hosts.clone();
+        }
+        merged.boot = fleet.boot.clone();
+        merged.groups = fleet.groups.clone();
+        Ok(merged)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -1244,5 +1320,35 @@ path = "/srv/root.squashfs"
             !debug.contains("gpus-value") && !debug.contains("host-ca"),
             "{debug}"
         );
+    }
+
+    #[test]
+    fn a_fleet_configuration_is_checked_like_a_file_and_replaces_the_fleet_sections() {
+        let fleet_text = "[[dhcp.subnet]]\ncidr = \"10.5.0.0/24\"\nranges = [\"10.5.0.10-10.5.0.20\"]\n\n[[group]]\nname = \"workers\"\n";
+        let fleet = FleetConfig::parse(fleet_text, Path::new("fleet.toml")).unwrap();
+        let local = ServerConfig::parse(GOOD, Path::new("server.toml")).unwrap();
+        let merged = local.with_fleet(&fleet).unwrap();
+        let dhcp = merged.dhcp.as_ref().unwrap();
+        assert_eq!(
+            dhcp.interfaces,
+            vec!["bm0".to_owned()],
+            "interfaces stay the server's"
+        );
+        assert_eq!(dhcp.subnets.len(), 1);
+        assert_eq!(dhcp.subnets[0].cidr, "10.5.0.0/24");
+        assert_eq!(merged.groups.len(), 1);
+        assert_eq!(merged.state_dir, local.state_dir);
+
+        let unknown = FleetConfig::parse("state_dir = \"/x\"\n", Path::new("fleet.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("line 1"), "{unknown}");
+        let overlapping = FleetConfig::parse(
+            "[[dhcp.subnet]]\ncidr = \"10.5.0.0/24\"\nranges = [\"10.6.0.1-10.6.0.2\"]\n",
+            Path::new("fleet.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(overlapping.contains("dhcp.subnet[0]"), "{overlapping}");
     }
 }

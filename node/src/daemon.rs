@@ -73,10 +73,10 @@ pub async fn serve(
         .map_err(|error| ServeError::Task(format!("image store: {error}")))?,
     ));
     let mut services: JoinSet<Result<(), ServeError>> = JoinSet::new();
-    // Every node's plan and secrets: served over HTTP, and (without secrets) as lts.conf.
-    let node_plans = config.node_plans()?;
 
-    // The cluster member starts first: the DHCP service commits its leases through it.
+    // The cluster member starts first: the DHCP service commits its leases through it, and the
+    // fleet configuration it holds replaces the file's fleet sections.
+    let local_config = config.clone();
     let member = match config.cluster {
         Some(_) => {
             let files = crate::cluster::files::ClusterFiles::new(&config.state_dir);
@@ -94,6 +94,31 @@ pub async fn serve(
         }
         None => None,
     };
+    let (config, fleet_version) = match &member {
+        Some(member) => fleet_applied(&local_config, member)?,
+        None => (local_config.clone(), 0),
+    };
+    // Every node's plan and secrets: served over HTTP, and (without secrets) as lts.conf.
+    let node_plans = config.node_plans()?;
+    // A change of the fleet configuration reaches the running DHCP core and boot scripts.
+    let (dhcp_reconfigure, dhcp_reconfigured) = watch::channel(None);
+    let scripts_handle =
+        crate::http_service::BootScriptsHandle::new(boot_scripts(&config, &images, &node_plans));
+    if let Some(member) = &member {
+        let watcher = FleetWatcher {
+            local: local_config.clone(),
+            member: member.clone(),
+            version: fleet_version,
+            images: images.clone(),
+            dhcp: dhcp_reconfigure,
+            scripts: scripts_handle.clone(),
+        };
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            watcher.run(shutdown).await;
+            Ok(())
+        });
+    }
 
     if let Some(dhcp_config) = config.dhcp_config()? {
         let Some(section) = config.dhcp.clone() else {
@@ -138,6 +163,7 @@ pub async fn serve(
                     member.clone(),
                     &dynamic_ranges,
                     &config.state_dir.join("cluster").join("minority"),
+                    dhcp_reconfigured,
                 )?;
                 services.spawn(async move {
                     run_dhcp_with_store(
@@ -208,23 +234,7 @@ pub async fn serve(
         let listener = tokio::net::TcpListener::bind(http.listen)
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
-        let mut scripts = crate::http_service::BootScripts {
-            images: Some(images.clone()),
-            plans: node_plans.clone(),
-            servers: config.boot_servers(),
-            token_time_to_live: config.boot_token_ttl(),
-            ..Default::default()
-        };
-        if let Some(boot) = &config.boot {
-            scripts.kernel = boot.kernel.clone();
-            scripts.initrd = boot.initrd.clone();
-            scripts.cmdline = boot.cmdline.clone();
-        }
-        for group in &config.groups {
-            scripts
-                .group_cmdlines
-                .insert(group.name.clone(), group.cmdline.clone());
-        }
+        let scripts = scripts_handle.clone();
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
             crate::http_service::run_http(listener, source, scripts, http.connections_max, shutdown)
@@ -290,5 +300,100 @@ pub async fn serve(
     match first_failure {
         Some(error) => Err(error),
         None => Ok(()),
+    }
+}
+
+/// The boot scripts `config` describes.
+fn boot_scripts(
+    config: &ServerConfig,
+    images: &ImageLibrary,
+    node_plans: &crate::plan::NodePlans,
+) -> crate::http_service::BootScripts {
+    let mut scripts = crate::http_service::BootScripts {
+        images: Some(images.clone()),
+        plans: node_plans.clone(),
+        servers: config.boot_servers(),
+        token_time_to_live: config.boot_token_ttl(),
+        ..Default::default()
+    };
+    if let Some(boot) = &config.boot {
+        scripts.kernel = boot.kernel.clone();
+        scripts.initrd = boot.initrd.clone();
+        scripts.cmdline = boot.cmdline.clone();
+    }
+    for group in &config.groups {
+        scripts
+            .group_cmdlines
+            .insert(group.name.clone(), group.cmdline.clone());
+    }
+    scripts
+}
+
+/// `local` with the fleet sections of the cluster's configuration, when the cluster has one;
+/// and that configuration's version (0: none yet, the file's sections serve).
+fn fleet_applied(
+    local: &ServerConfig,
+    member: &crate::cluster::member::ClusterMember,
+) -> Result<(ServerConfig, u64), ServeError> {
+    let document = member.state.read(|state| state.config.clone());
+    if document.version == 0 {
+        return Ok((local.clone(), 0));
+    }
+    let fleet = crate::config::FleetConfig::parse(
+        &document.document,
+        std::path::Path::new("cluster fleet configuration"),
+    )?;
+    tracing::info!(
+        version = document.version,
+        "serving the cluster's fleet configuration"
+    );
+    Ok((local.with_fleet(&fleet)?, document.version))
+}
+
+/// Follows the cluster's fleet configuration: each new version goes to the DHCP core and the
+/// boot scripts while they serve. A version that this server cannot use (it was validated
+/// before it was committed, so only a local difference can cause that) is logged and skipped.
+struct FleetWatcher {
+    local: ServerConfig,
+    member: crate::cluster::member::ClusterMember,
+    version: u64,
+    images: ImageLibrary,
+    dhcp: watch::Sender<Option<boot_services::dhcp::DhcpConfig>>,
+    scripts: crate::http_service::BootScriptsHandle,
+}
+
+impl FleetWatcher {
+    async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = interval.tick() => {}
+            }
+            let version = self.member.state.read(|state| state.config.version);
+            if version == self.version {
+                continue;
+            }
+            match fleet_applied(&self.local, &self.member).and_then(|(config, version)| {
+                let plans = config.node_plans()?;
+                let dhcp = config.dhcp_config()?;
+                Ok((config, version, plans, dhcp))
+            }) {
+                Ok((config, version, plans, dhcp)) => {
+                    self.scripts
+                        .replace(boot_scripts(&config, &self.images, &plans));
+                    if let Some(dhcp) = dhcp {
+                        let _ = self.dhcp.send(Some(dhcp));
+                    }
+                    tracing::info!(version, "fleet configuration applied");
+                    self.version = version;
+                }
+                Err(error) => {
+                    tracing::error!(version, %error, "fleet configuration not usable here; keeping the previous one");
+                    self.version = version;
+                }
+            }
+        }
     }
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::VecDeque;
 
 use boot_services::dhcp::{
-    AddressRange, Datagram, DhcpServer, LeaseChange, LeaseProposal, LeaseTable, ProposalId,
-    Rendezvous,
+    AddressRange, Datagram, DhcpConfig, DhcpServer, LeaseChange, LeaseProposal, LeaseTable,
+    ProposalId, Rendezvous,
 };
 use tokio::sync::mpsc;
 
@@ -71,6 +71,8 @@ pub enum LeaseEvent {
     Allocatable(Option<Vec<AddressRange>>),
     /// The servers of the segment changed: this server's rank order.
     Rendezvous(Option<Rendezvous>),
+    /// The fleet configuration changed: subnets, hosts, boot files.
+    Reconfigure(Box<DhcpConfig>),
 }
 
 /// Where lease changes become durable before an ACK leaves.
@@ -364,6 +366,12 @@ fn handle_lease_event<C: Clock>(
             tracing::info!(?ranges, "addresses for new clients");
             server.set_allocatable(ranges);
         }
+        LeaseEvent::Reconfigure(config) => match server.reconfigure(*config) {
+            Ok(()) => tracing::info!("dhcp reconfigured"),
+            Err(error) => {
+                tracing::error!(%error, "dhcp configuration refused; keeping the previous one")
+            }
+        },
         LeaseEvent::Rendezvous(rendezvous) => {
             tracing::info!(?rendezvous, "dhcp rank order");
             server.set_rendezvous(rendezvous);

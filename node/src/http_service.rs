@@ -137,8 +137,30 @@ impl BootScripts {
 /// What the boot-script and node-document handlers share.
 #[derive(Debug)]
 struct BootState {
-    scripts: BootScripts,
+    scripts: BootScriptsHandle,
     tokens: Mutex<BootTokens>,
+}
+
+/// The boot scripts being served, replaceable while serving (a cluster's fleet configuration
+/// changed): each request works on the scripts as they were when it started.
+#[derive(Debug, Clone)]
+pub struct BootScriptsHandle(Arc<std::sync::RwLock<Arc<BootScripts>>>);
+
+impl BootScriptsHandle {
+    /// A handle serving `scripts`.
+    pub fn new(scripts: BootScripts) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(scripts))))
+    }
+
+    /// The scripts now.
+    pub fn current(&self) -> Arc<BootScripts> {
+        Arc::clone(&self.0.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Serves `scripts` from the next request on.
+    pub fn replace(&self, scripts: BootScripts) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(scripts);
+    }
 }
 
 impl BootState {
@@ -152,11 +174,11 @@ impl BootState {
 /// scripts.
 pub fn router(
     source: DirectorySource,
-    scripts: BootScripts,
+    scripts: BootScriptsHandle,
     requests_in_flight_max: usize,
 ) -> Router {
     let state = Arc::new(BootState {
-        tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
+        tokens: Mutex::new(BootTokens::new(scripts.current().token_time_to_live)),
         scripts,
     });
     router_with_state(source, state, requests_in_flight_max)
@@ -168,7 +190,7 @@ fn router_with_state(
     requests_in_flight_max: usize,
 ) -> Router {
     let serve_dir = ServeDir::new(source.root_path());
-    let images = state.scripts.images.clone();
+    let images = state.scripts.current().images.clone();
     // The last layer added sees a request first: node documents never reach the file
     // handlers, whose logs name the path.
     Router::new()
@@ -207,7 +229,7 @@ async fn serve_boot_script(
     };
     let span = tracing::info_span!("boot_script", mac = %boot_services::dhcp::format_mac(&mac));
     let _entered = span.enter();
-    let scripts = &state.scripts;
+    let scripts = state.scripts.current();
     // URLs name the address the node used to reach us, so they work on every segment.
     let Some(host) = request
         .headers()
@@ -395,7 +417,8 @@ async fn serve_node_documents(
     }
     match document {
         NodeDocument::Plan => {
-            let plan = state.scripts.plans.plan(&mac);
+            let scripts = state.scripts.current();
+            let plan = scripts.plans.plan(&mac);
             tracing::info!(
                 group = plan.group.as_deref().unwrap_or("-"),
                 "node plan served"
@@ -416,7 +439,8 @@ async fn serve_node_documents(
                 tracing::info!(%refusal, "secrets refused");
                 return (StatusCode::FORBIDDEN, format!("{refusal}\n")).into_response();
             }
-            let secrets = state.scripts.plans.secrets(&mac);
+            let scripts = state.scripts.current();
+            let secrets = scripts.plans.secrets(&mac);
             tracing::info!(
                 secrets = secrets.secrets.len(),
                 "secrets served; boot token spent"
@@ -654,7 +678,7 @@ fn percent_decode(path: &str) -> Option<String> {
 pub async fn run_http(
     listener: TcpListener,
     source: DirectorySource,
-    scripts: BootScripts,
+    scripts: BootScriptsHandle,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -698,7 +722,7 @@ mod tests {
         };
         Arc::new(BootState {
             tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
-            scripts,
+            scripts: BootScriptsHandle::new(scripts),
         })
     }
 

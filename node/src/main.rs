@@ -68,6 +68,14 @@ enum Command {
         #[command(subcommand)]
         command: node::cluster_cli::ClusterCommand,
     },
+    /// The fleet configuration the cluster holds: apply, show, diff.
+    Config {
+        /// The server's `state_dir`.
+        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        state_dir: PathBuf,
+        #[command(subcommand)]
+        command: node::cluster_cli::ConfigCommand,
+    },
     /// The leases the cluster holds.
     Lease {
         /// The server's `state_dir`.
@@ -177,6 +185,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Token { state_dir, command } => node::cluster_cli::run_token(&state_dir, command),
         Command::Lease { state_dir, command } => node::cluster_cli::run_lease(&state_dir, command),
+        Command::Config { state_dir, command } => {
+            node::cluster_cli::run_config(&state_dir, command)
+        }
         Command::Image { state_dir, command } => image_cli::run(&state_dir, command),
         Command::Demo => demo::run_demo(),
         Command::Initramfs {

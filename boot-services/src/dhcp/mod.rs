@@ -280,6 +280,17 @@ fn unix_secs(time: SystemTime) -> u64 {
 }
 
 impl DhcpServer {
+    /// Replaces the configuration (subnets, hosts, boot files, bounds) and keeps the lease
+    /// table, pending commits and queued replies: a fleet configuration change takes effect
+    /// for the next message. On `Err` nothing changed.
+    pub fn reconfigure(&mut self, config: DhcpConfig) -> Result<(), DhcpConfigError> {
+        let fresh = Self::new(config)?;
+        self.config = fresh.config;
+        self.hosts_by_hardware_address = fresh.hosts_by_hardware_address;
+        self.fixed_addresses = fresh.fixed_addresses;
+        Ok(())
+    }
+
     /// Validates `config` and builds an empty server.
     pub fn new(config: DhcpConfig) -> Result<Self, DhcpConfigError> {
         for subnet in &config.subnets {

@@ -1058,3 +1058,39 @@ fn a_commit_with_an_earlier_expiry_acks_the_shorter_lease() {
         Some(now_secs + 300)
     );
 }
+
+#[test]
+fn a_reconfiguration_keeps_the_leases_and_serves_the_new_hosts() {
+    let mut harness = Harness::new(config());
+    let first = harness.lease(request_message(MessageType::Discover, mac(1), 1));
+    let mut changed = config();
+    changed.hosts.push(HostConfig {
+        hardware_address: mac(2),
+        address: Some(Ipv4Addr::new(10, 0, 0, 60)),
+        hostname: Some("worker-2".into()),
+    });
+    harness.server.reconfigure(changed).unwrap();
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(2), 2))
+            .yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 60)
+    );
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(1), 3))
+            .yiaddr(),
+        first.yiaddr(),
+        "the lease survived the reconfiguration"
+    );
+    let mut broken = config();
+    broken.hosts.push(broken.hosts[0].clone());
+    assert!(harness.server.reconfigure(broken).is_err());
+    assert_eq!(
+        harness
+            .lease(request_message(MessageType::Discover, mac(2), 4))
+            .yiaddr(),
+        Ipv4Addr::new(10, 0, 0, 60),
+        "a refused configuration changed nothing"
+    );
+}

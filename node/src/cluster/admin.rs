@@ -41,6 +41,15 @@ pub enum AdminRequest {
     Propose(consensus::MeshCommand),
     /// The leases in the cluster state.
     Leases,
+    /// The fleet configuration and its version.
+    ConfigShow,
+    /// Replaces the fleet configuration, if it is still at `expected_version`.
+    ConfigApply {
+        /// The version the change was made against (0: none yet).
+        expected_version: u64,
+        /// The new fleet configuration (TOML).
+        document: String,
+    },
 }
 
 /// A lease as `lease list` shows it.
@@ -79,6 +88,13 @@ pub enum AdminReply {
     Proposed(consensus::MeshResponse),
     /// To `Leases`.
     Leases(Vec<LeaseView>),
+    /// To `ConfigShow`, and to `ConfigApply` once applied.
+    Config {
+        /// Number of changes so far (0: none yet).
+        version: u64,
+        /// The document.
+        document: String,
+    },
     /// Ask the leader (its cluster address, when known).
     NotLeader {
         /// The leader's address.

@@ -30,12 +30,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use boot_services::dhcp::{
-    AddressRange, LeaseChange, LeaseProposal, LeaseTable, ProposalId, Rendezvous,
+    AddressRange, DhcpConfig, LeaseChange, LeaseProposal, LeaseTable, ProposalId, Rendezvous,
 };
 use consensus::state::{BlockId, DRIFT_BOUND_MS, LeaseOutcome, MINORITY_LEASE_MAX_MS};
 use consensus::{MeshCommand, MeshResponse};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::sync::{Semaphore, broadcast, mpsc};
+use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 
 use super::member::ClusterMember;
 use crate::dhcp_service::{DhcpServiceError, LeaseEvent, LeaseStore};
@@ -82,6 +82,8 @@ pub struct ClusterLeaseStore {
     minority: Arc<Mutex<FileLeaseJournal>>,
     /// A reconciliation of `minority` is on its way.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
+    /// New DHCP configurations (the fleet configuration changed).
+    reconfigured: watch::Receiver<Option<DhcpConfig>>,
 }
 
 /// Cuts `ranges` into blocks of [`BLOCK_ADDRESSES`], each named by its first address.
@@ -118,6 +120,7 @@ impl ClusterLeaseStore {
         member: ClusterMember,
         ranges: &[AddressRange],
         minority_directory: &std::path::Path,
+        reconfigured: watch::Receiver<Option<DhcpConfig>>,
     ) -> Result<Self, DhcpServiceError> {
         let minority = FileLeaseJournal::open(minority_directory)?;
         let applied = member.subscribe_leases();
@@ -139,6 +142,7 @@ impl ClusterLeaseStore {
             block_request: Arc::default(),
             minority: Arc::new(Mutex::new(minority)),
             reconciling: Arc::default(),
+            reconfigured,
         })
     }
 
@@ -516,6 +520,22 @@ impl LeaseStore for ClusterLeaseStore {
                 outcome = self.outcomes.recv() => return outcome,
                 applied = self.applied.recv() => return self.applied_event(applied),
                 _ = self.tick.tick() => self.look_at_blocks(),
+                changed = self.reconfigured.changed() => {
+                    if changed.is_err() {
+                        // The daemon stopped following the configuration: nothing more comes.
+                        std::future::pending::<()>().await;
+                    }
+                    let config = self.reconfigured.borrow_and_update().clone();
+                    if let Some(config) = config {
+                        let ranges: Vec<AddressRange> = config
+                            .subnets
+                            .iter()
+                            .flat_map(|subnet| subnet.ranges.iter().copied())
+                            .collect();
+                        self.blocks = blocks_of(&ranges);
+                        self.ready.push_back(LeaseEvent::Reconfigure(Box::new(config)));
+                    }
+                }
             }
         }
     }

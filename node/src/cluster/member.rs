@@ -463,6 +463,43 @@ impl ClusterMember {
         match request {
             AdminRequest::Status => AdminReply::Status(self.status()),
             AdminRequest::Leases => AdminReply::Leases(self.lease_views()),
+            AdminRequest::ConfigShow => {
+                let config = self.state.read(|state| state.config.clone());
+                AdminReply::Config {
+                    version: config.version,
+                    document: config.document,
+                }
+            }
+            AdminRequest::ConfigApply {
+                expected_version,
+                document,
+            } => {
+                // Checked here too: whatever the CLI's version, nothing unusable is committed.
+                if let Err(error) = crate::config::FleetConfig::parse(
+                    &document,
+                    std::path::Path::new("fleet configuration"),
+                ) {
+                    return AdminReply::Failed(error.to_string());
+                }
+                match self
+                    .propose(MeshCommand::SetConfig {
+                        expected_version,
+                        document: document.clone(),
+                    })
+                    .await
+                {
+                    Ok(MeshResponse::Applied) => AdminReply::Config {
+                        version: expected_version + 1,
+                        document,
+                    },
+                    Ok(MeshResponse::Refused(reason)) => AdminReply::Failed(reason),
+                    Ok(other) => AdminReply::Failed(format!("{other:?}")),
+                    Err(None) => AdminReply::NotLeader {
+                        leader: self.leader_address(),
+                    },
+                    Err(Some(error)) => AdminReply::Failed(error),
+                }
+            }
             AdminRequest::Propose(command) => match self.propose(command).await {
                 Ok(response) => AdminReply::Proposed(response),
                 Err(None) => AdminReply::NotLeader {

@@ -361,6 +361,22 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
     );
     let token = cluster.token(3, 60);
     assert!(token.starts_with("bmjoin1."), "{token}");
+
+    // The dead server is removed; the two left are the voters.
+    let (ok, stdout, stderr) = cluster.bootmesh(2, &["cluster", "remove", "1"]);
+    assert!(
+        ok && stdout.contains("member 1 removed"),
+        "{stdout}{stderr}"
+    );
+    wait_for(Duration::from_secs(20), || {
+        cluster.status(3).is_some_and(|status| {
+            voters(&status) == 2
+                && status["members"]
+                    .as_array()
+                    .is_some_and(|members| members.iter().all(|member| member["server_id"] != 1))
+        })
+    })
+    .unwrap_or_else(|| panic!("member 1 still listed:\n{}", cluster.logs()));
 }
 
 /// Founds the cluster on s1 and joins the others; returns once all are voters.
@@ -653,7 +669,8 @@ fn dhcp_through_three_servers_loses_no_acked_lease_when_the_granting_server_or_t
     form(&mut cluster, 3);
 
     // A first storm with every server up.
-    const PHASE: u32 = 120;
+    // Three storms of 400 clients: 1200 clients in all, as a relay farm.
+    const PHASE: u32 = 400;
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let farm_done = Arc::clone(&done);
@@ -831,6 +848,28 @@ fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
         });
         check_lease_table(&cluster, server, &log.acked);
     }
+    // A lease released on one server has ended on another.
+    let address = log.acked[&0].0.to_string();
+    let (ok, stdout, stderr) = cluster.bootmesh(2, &["lease", "release", address.as_str()]);
+    assert!(ok && stdout.contains("released"), "{stdout}{stderr}");
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    wait_for(Duration::from_secs(10), || {
+        let (_, stdout, _) = cluster.bootmesh(4, &["lease", "list", "--json"]);
+        serde_json::from_str::<Vec<serde_json::Value>>(&stdout)
+            .unwrap_or_default()
+            .iter()
+            .any(|lease| {
+                lease["address"] == serde_json::json!(address)
+                    && lease["expires_at_unix_secs"]
+                        .as_u64()
+                        .is_some_and(|expiry| expiry <= now + 1)
+            })
+    })
+    .unwrap_or_else(|| panic!("the release did not reach s4:\n{}", cluster.logs()));
 }
 
 /// The lease time an ACK gives, seconds.
@@ -962,4 +1001,80 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
     for server in 1..=3 {
         check_lease_table(&cluster, server, &log.acked);
     }
+}
+
+#[test]
+fn the_fleet_configuration_applied_on_one_server_reaches_every_servers_dhcp_while_serving() {
+    if !lab::enabled() {
+        return;
+    }
+    // The servers' own files name their interfaces only: subnets and hosts come from the
+    // cluster's fleet configuration.
+    let mut cluster = ClusterLab::new(3);
+    cluster.extra_config = "[dhcp]\ninterfaces = [\"INTERFACE\"]\n".into();
+    form(&mut cluster, 3);
+    let fleet = cluster.lab.path("fleet.toml");
+    let known = client_mac(7)
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    std::fs::write(
+        &fleet,
+        format!(
+            "[[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\nranges = [\"10.71.1.0-10.71.9.255\"]\nrouters = [\"10.71.0.1\"]\nlease_secs = 600\n\n[[dhcp.host]]\nmac = \"{known}\"\naddress = \"10.71.0.77\"\nhostname = \"known-node\"\n"
+        ),
+    )
+    .unwrap();
+    let fleet_path = fleet.to_string_lossy().into_owned();
+    // A broken file is refused with the key and the reason, and changes nothing.
+    let broken = cluster.lab.path("broken.toml");
+    std::fs::write(&broken, "[[dhcp.subnet]]\ncidr = \"10.71.0.0/33\"\n").unwrap();
+    let (ok, _, stderr) =
+        cluster.bootmesh(2, &["config", "apply", broken.to_string_lossy().as_ref()]);
+    assert!(!ok && stderr.contains("dhcp.subnet[0].cidr"), "{stderr}");
+    let (ok, diff, stderr) = cluster.bootmesh(2, &["config", "diff", fleet_path.as_str()]);
+    assert!(
+        ok && diff.contains("+cidr = \"10.71.0.0/16\""),
+        "{diff}{stderr}"
+    );
+    // Applied through a follower: it goes to the leader.
+    let (ok, stdout, stderr) = cluster.bootmesh(3, &["config", "apply", fleet_path.as_str()]);
+    assert!(
+        ok && stdout.contains("version 1 applied"),
+        "{stdout}{stderr}"
+    );
+    let (ok, shown, _) = cluster.bootmesh(1, &["config", "show"]);
+    assert!(
+        ok && shown == std::fs::read_to_string(&fleet).unwrap(),
+        "{shown}"
+    );
+    let (ok, diff, _) = cluster.bootmesh(1, &["config", "diff", fleet_path.as_str()]);
+    assert!(ok && diff.contains("no changes"), "{diff}");
+    wait_for(Duration::from_secs(20), || {
+        (1..=3).all(|server| cluster.log(server).contains("dhcp reconfigured"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not every server took the configuration:\n{}",
+            cluster.logs()
+        )
+    });
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let log = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind(3);
+        let mut log = FarmLog::default();
+        farm.storm(0..20, 0x7000_0000, &done, &mut log);
+        log
+    })
+    .join()
+    .expect("farm");
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    assert_eq!(
+        log.acked[&7].0,
+        Ipv4Addr::new(10, 71, 0, 77),
+        "the fleet's host entry"
+    );
+    check_unique(&log);
 }
