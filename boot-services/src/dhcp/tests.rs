@@ -139,16 +139,7 @@ impl Harness {
         self.send(&discover).unwrap();
         let (offer, _) = self.one_reply();
         assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
-        let mut request = discover.clone();
-        request
-            .opts_mut()
-            .insert(DhcpOption::MessageType(MessageType::Request));
-        request
-            .opts_mut()
-            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-        request
-            .opts_mut()
-            .insert(DhcpOption::ServerIdentifier(SERVER));
+        let request = selecting(&discover, offer.yiaddr(), SERVER);
         self.send(&request).unwrap();
         assert!(
             self.replies().is_empty(),
@@ -160,6 +151,16 @@ impl Harness {
         assert_eq!(ack.yiaddr(), offer.yiaddr());
         ack
     }
+}
+
+/// The REQUEST of a client SELECTING `server`'s offer of `address`, made from its DISCOVER.
+fn selecting(discover: &Message, address: Ipv4Addr, server: Ipv4Addr) -> Message {
+    let mut request = discover.clone();
+    let options = request.opts_mut();
+    options.insert(DhcpOption::MessageType(MessageType::Request));
+    options.insert(DhcpOption::RequestedIpAddress(address));
+    options.insert(DhcpOption::ServerIdentifier(server));
+    request
 }
 
 fn option(message: &Message, code: OptionCode) -> Option<&DhcpOption> {
@@ -434,16 +435,7 @@ fn request_for_another_server_drops_our_offer() {
     let discover = request_message(MessageType::Discover, mac(1), 1);
     harness.send(&discover).unwrap();
     let (offer, _) = harness.one_reply();
-    let mut request = discover.clone();
-    request
-        .opts_mut()
-        .insert(DhcpOption::MessageType(MessageType::Request));
-    request
-        .opts_mut()
-        .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-    request
-        .opts_mut()
-        .insert(DhcpOption::ServerIdentifier([10, 0, 0, 2].into()));
+    let request = selecting(&discover, offer.yiaddr(), [10, 0, 0, 2].into());
     assert_eq!(
         harness.send(&request),
         Err(DhcpDrop::OtherServerChosen([10, 0, 0, 2].into()))
@@ -977,16 +969,7 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
     // Rank 1 again, but the client takes server 1's offer before the stagger ends.
     let discover = request_message(MessageType::Discover, late, 3);
     harness.send(&discover).unwrap();
-    let mut request = discover.clone();
-    request
-        .opts_mut()
-        .insert(DhcpOption::MessageType(MessageType::Request));
-    request
-        .opts_mut()
-        .insert(DhcpOption::ServerIdentifier([10, 0, 0, 2].into()));
-    request
-        .opts_mut()
-        .insert(DhcpOption::RequestedIpAddress([10, 0, 0, 107].into()));
+    let request = selecting(&discover, [10, 0, 0, 107].into(), [10, 0, 0, 2].into());
     assert!(harness.send(&request).is_err());
     assert_eq!(harness.server.poll_timeout(), None);
     harness.server.handle_timeout(harness.now + stagger * 2);
@@ -1023,16 +1006,7 @@ fn a_commit_with_an_earlier_expiry_acks_the_shorter_lease() {
     let discover = request_message(MessageType::Discover, mac(1), 1);
     harness.send(&discover).unwrap();
     let (offer, _) = harness.one_reply();
-    let mut request = discover.clone();
-    request
-        .opts_mut()
-        .insert(DhcpOption::MessageType(MessageType::Request));
-    request
-        .opts_mut()
-        .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-    request
-        .opts_mut()
-        .insert(DhcpOption::ServerIdentifier(SERVER));
+    let request = selecting(&discover, offer.yiaddr(), SERVER);
     harness.send(&request).unwrap();
     let proposal = harness.server.poll_lease_proposal().unwrap();
     let now_secs = unix_secs(harness.now);

@@ -236,26 +236,8 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
     }
     let mut cluster = ClusterLab::new(3);
     let founder = ClusterLab::address(1);
-    let (ok, stdout, stderr) = cluster.bootmesh(
-        1,
-        &[
-            "cluster",
-            "init",
-            "--address",
-            founder.as_str(),
-            "--rack",
-            "rack1",
-        ],
-    );
-    assert!(ok, "cluster init: {stderr}");
-    assert!(stdout.contains("CA fingerprint"), "{stdout}");
-    cluster.serve(1);
-    wait_for(Duration::from_secs(30), || {
-        cluster
-            .status(1)
-            .is_some_and(|status| status["leader"] == serde_json::json!(1))
-    })
-    .unwrap_or_else(|| panic!("the founder never led:\n{}", cluster.logs()));
+    let init_report = found(&mut cluster);
+    assert!(init_report.contains("CA fingerprint"), "{init_report}");
 
     for index in [2, 3] {
         let token = cluster.token(1, 600);
@@ -379,10 +361,10 @@ fn three_servers_join_by_token_elect_and_a_new_leader_takes_over_after_kill_9() 
     .unwrap_or_else(|| panic!("member 1 still listed:\n{}", cluster.logs()));
 }
 
-/// Founds the cluster on s1 and joins the others; returns once all are voters.
-fn form(cluster: &mut ClusterLab, count: usize) {
+/// Founds the cluster on s1 and starts it; returns `cluster init`'s report once s1 leads.
+fn found(cluster: &mut ClusterLab) -> String {
     let founder = ClusterLab::address(1);
-    let (ok, _, stderr) = cluster.bootmesh(
+    let (ok, stdout, stderr) = cluster.bootmesh(
         1,
         &[
             "cluster",
@@ -401,6 +383,12 @@ fn form(cluster: &mut ClusterLab, count: usize) {
             .is_some_and(|status| status["leader"] == serde_json::json!(1))
     })
     .unwrap_or_else(|| panic!("the founder never led:\n{}", cluster.logs()));
+    stdout
+}
+
+/// Founds the cluster on s1 and joins the others; returns once all are voters.
+fn form(cluster: &mut ClusterLab, count: usize) {
+    found(cluster);
     for index in 2..=count {
         let token = cluster.token(1, 600);
         let (ok, _, stderr) = cluster.join(index, &token, 1);
