@@ -244,10 +244,19 @@ pub struct MeshState {
 impl MeshState {
     /// Rebuilds the derived indexes after the leases were loaded or replaced.
     pub fn reindex(&mut self) {
-        self.lease_by_client = self
-            .leases
-            .iter()
-            .map(|(address, lease)| (lease.client.clone(), *address))
+        // A client with several bindings is known by the one that lasts longest.
+        let mut by_client: BTreeMap<Vec<u8>, (u64, Ipv4Addr)> = BTreeMap::new();
+        for (address, lease) in &self.leases {
+            let entry = by_client
+                .entry(lease.client.clone())
+                .or_insert((lease.expires_at_unix_secs, *address));
+            if lease.expires_at_unix_secs > entry.0 {
+                *entry = (lease.expires_at_unix_secs, *address);
+            }
+        }
+        self.lease_by_client = by_client
+            .into_iter()
+            .map(|(client, (_, address))| (client, address))
             .collect();
     }
 
@@ -457,14 +466,14 @@ impl MeshState {
                         until_unix_secs: held.expires_at_unix_secs,
                     };
                 }
-                // A client holds one address: a bind elsewhere ends its old binding.
-                if let Some(old) = self.lease_by_client.get(&client.0).copied()
-                    && old != *address
+                // A bind elsewhere does not end the client's earlier binding: commits of one
+                // client's exchanges can arrive out of order (an exchange it gave up on, a grant
+                // reconciled after a partition), and the client may hold the other address. It
+                // stays the client's until it expires; the newest bind is the one a returning
+                // client gets back.
+                if let Some(replaced) = self.leases.get(address)
+                    && self.lease_by_client.get(&replaced.client) == Some(address)
                 {
-                    self.leases.remove(&old);
-                    changed.push(StateKey::Lease(old));
-                }
-                if let Some(replaced) = self.leases.get(address) {
                     self.lease_by_client.remove(&replaced.client);
                 }
                 self.lease_by_client.insert(client.0.clone(), *address);
@@ -564,13 +573,22 @@ mod tests {
     }
 
     #[test]
-    fn a_client_that_binds_elsewhere_leaves_its_old_address() {
+    fn a_client_that_binds_elsewhere_keeps_its_earlier_address_until_it_expires() {
         let mut state = MeshState::default();
         state.apply(&leases(100, vec![bind(1, [10, 0, 0, 5], 200)]));
         state.apply(&leases(110, vec![bind(1, [10, 0, 0, 6], 200)]));
         assert_eq!(
             state.leases.keys().copied().collect::<Vec<_>>(),
-            vec![Ipv4Addr::new(10, 0, 0, 6)]
+            vec![Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(10, 0, 0, 6)]
+        );
+        assert_eq!(state.lease_of(&[1, 1]), Some(Ipv4Addr::new(10, 0, 0, 6)));
+        // The earlier address is not another client's before it expires (plus the drift bound).
+        let (response, _) = state.apply(&leases(150, vec![bind(2, [10, 0, 0, 5], 300)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::AddressHeld {
+                until_unix_secs: 200
+            }])
         );
     }
 
