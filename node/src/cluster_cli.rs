@@ -150,8 +150,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn status_of(reply: AdminReply) -> anyhow::Result<ClusterStatus> {
-    match reply {
+/// A member's view of the cluster (the local server's unless `server` is given).
+fn status(state_dir: &Path, server: Option<SocketAddr>) -> anyhow::Result<ClusterStatus> {
+    match runtime()?.block_on(admin_call(state_dir, server, &AdminRequest::Status))? {
         AdminReply::Status(status) => Ok(status),
         AdminReply::Failed(reason) => anyhow::bail!("{reason}"),
         other => anyhow::bail!("unexpected answer: {other:?}"),
@@ -228,11 +229,7 @@ pub fn run_cluster(state_dir: &Path, command: ClusterCommand) -> anyhow::Result<
             ))
         }
         ClusterCommand::Status { server, json } => {
-            let status = status_of(runtime()?.block_on(admin_call(
-                state_dir,
-                server,
-                &AdminRequest::Status,
-            ))?)?;
+            let status = status(state_dir, server)?;
             if json {
                 return print(&format!("{}\n", serde_json::to_string_pretty(&status)?));
             }
@@ -256,11 +253,7 @@ pub fn run_cluster(state_dir: &Path, command: ClusterCommand) -> anyhow::Result<
             print(&text)
         }
         ClusterCommand::Members { server, json } => {
-            let status = status_of(runtime()?.block_on(admin_call(
-                state_dir,
-                server,
-                &AdminRequest::Status,
-            ))?)?;
+            let status = status(state_dir, server)?;
             if json {
                 return print(&format!(
                     "{}\n",

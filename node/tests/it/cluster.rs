@@ -502,33 +502,8 @@ impl RelayFarm {
         None
     }
 
-    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACK.
-    fn lease_ack(&self, client: u32, xid: u32) -> Option<Message> {
-        let (offer, server) = self.exchange(
-            &Self::message(MessageType::Discover, client, xid),
-            &[MessageType::Offer],
-        )?;
-        let mut request = Self::message(MessageType::Request, client, xid);
-        request
-            .opts_mut()
-            .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
-        request
-            .opts_mut()
-            .insert(DhcpOption::ServerIdentifier(server));
-        let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
-        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
-    }
-
-    /// REBINDING; the ACK.
-    fn rebind_ack(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<Message> {
-        let mut request = Self::message(MessageType::Request, client, xid);
-        request.set_ciaddr(address);
-        let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
-        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
-    }
-
-    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACKed address and server.
-    fn lease(&self, client: u32, xid: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
+    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACK and who sent it.
+    fn lease_ack(&self, client: u32, xid: u32) -> Option<(Message, Ipv4Addr)> {
         let (offer, server) = self.exchange(
             &Self::message(MessageType::Discover, client, xid),
             &[MessageType::Offer],
@@ -541,7 +516,21 @@ impl RelayFarm {
             .opts_mut()
             .insert(DhcpOption::ServerIdentifier(server));
         let (ack, acked_by) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
-        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some((ack.yiaddr(), acked_by))
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some((ack, acked_by))
+    }
+
+    /// REBINDING; the ACK.
+    fn rebind_ack(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<Message> {
+        let mut request = Self::message(MessageType::Request, client, xid);
+        request.set_ciaddr(address);
+        let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
+        (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
+    }
+
+    /// DISCOVER, the first OFFER, REQUEST naming its server; the ACKed address and server.
+    fn lease(&self, client: u32, xid: u32) -> Option<(Ipv4Addr, Ipv4Addr)> {
+        self.lease_ack(client, xid)
+            .map(|(ack, acked_by)| (ack.yiaddr(), acked_by))
     }
 
     /// REBINDING: a REQUEST from the address it holds, to any server.
@@ -902,7 +891,7 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
         let granted: Vec<(u32, Ipv4Addr, u32)> = (100..108u32)
             .filter_map(|client| {
                 farm.lease_ack(client, 0x6200_0000 + client)
-                    .map(|ack| (client, ack.yiaddr(), lease_secs(&ack)))
+                    .map(|(ack, _)| (client, ack.yiaddr(), lease_secs(&ack)))
             })
             .collect();
         (renewed, granted)
