@@ -53,15 +53,21 @@ pub type MeshRaft = openraft::Raft<MeshTypeConfig>;
 
 /// Raft timing for shared, slow machines: elections take at least a second, so a loaded
 /// two-core machine (a boot storm, a CI run) does not depose a healthy leader.
-pub fn raft_config(cluster_name: &str) -> openraft::Config {
+///
+/// A snapshot is taken every `snapshot_every` entries, and `log_kept_after_snapshot` entries
+/// stay behind it for followers that are only a little behind.
+pub fn raft_config(
+    cluster_name: &str,
+    snapshot_every: u64,
+    log_kept_after_snapshot: u64,
+) -> openraft::Config {
     openraft::Config {
         cluster_name: cluster_name.to_owned(),
         heartbeat_interval: 250,
         election_timeout_min: 1000,
         election_timeout_max: 2000,
-        // Snapshot after this many entries; the log keeps some behind it for slow followers.
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(5000),
-        max_in_snapshot_log_to_keep: 1000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: log_kept_after_snapshot,
         ..openraft::Config::default()
     }
 }

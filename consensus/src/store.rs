@@ -57,16 +57,112 @@ pub enum StoreError {
         /// Why.
         source: serde_json::Error,
     },
+    /// The store a server was created with is gone: its log and vote went with it.
+    #[error("the Raft store {} is missing", path.display())]
+    Missing {
+        /// Where it should be.
+        path: std::path::PathBuf,
+    },
+    /// A new store was asked for where one already exists.
+    #[error("a Raft store already exists at {}", path.display())]
+    Exists {
+        /// Where.
+        path: std::path::PathBuf,
+    },
+    /// The file failed its integrity check: it was changed outside the server (truncated,
+    /// overwritten) or the disk lost data. It is never used again as it is: entries this server
+    /// acknowledged may be gone.
+    #[error("the Raft store {} is damaged: {reason}", path.display())]
+    Damaged {
+        /// The store.
+        path: std::path::PathBuf,
+        /// What the check found.
+        reason: String,
+    },
 }
 
 fn database_error(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Database(error.into())
 }
 
-/// Opens (or creates) the store in the file at `path`.
-pub fn open_file(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+/// Creates a new, empty store in the file at `path` (a server that founds or joins a
+/// cluster); refuses to replace one.
+pub fn create_file(path: &Path) -> Result<(), StoreError> {
+    if path.exists() {
+        return Err(StoreError::Exists {
+            path: path.to_owned(),
+        });
+    }
     let database = Database::create(path).map_err(database_error)?;
-    open_database(database)
+    open_database(database).map(drop)
+}
+
+/// The marker left beside a store that failed its integrity check.
+pub fn damage_marker(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".damaged");
+    std::path::PathBuf::from(name)
+}
+
+/// Opens the existing store in the file at `path`, after checking every page of it.
+///
+/// A Raft voter that comes back with less than it acknowledged (a vote, log entries) can let
+/// two leaders be elected or a committed entry be lost, so a missing, truncated or corrupted
+/// file is an error here, never an empty or silently repaired store. redb's check repairs
+/// what it can, so a failure also leaves a marker file beside the store: the next start
+/// refuses too, rather than trusting the repaired file.
+pub fn open_file(path: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let marker = damage_marker(path);
+    if let Ok(reason) = std::fs::read_to_string(&marker) {
+        return Err(StoreError::Damaged {
+            path: path.to_owned(),
+            reason: format!(
+                "{} (found at an earlier start; {} records it)",
+                reason.trim(),
+                marker.display()
+            ),
+        });
+    }
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_owned(),
+        });
+    }
+    let damaged = |reason: String| {
+        // Best effort: the error below is what matters; the marker makes it stick.
+        let _ = std::fs::write(&marker, format!("{reason}\n"));
+        StoreError::Damaged {
+            path: path.to_owned(),
+            reason,
+        }
+    };
+    // Only corruption marks the file; another process holding it, or an I/O error, does not.
+    let mut database = match Database::open(path) {
+        Ok(database) => database,
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason))) => {
+            return Err(damaged(reason));
+        }
+        Err(redb::DatabaseError::RepairAborted) => {
+            return Err(damaged("redb could not finish repairing it".into()));
+        }
+        Err(other) => return Err(database_error(other)),
+    };
+    match database.check_integrity() {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(damaged(
+                "it failed the integrity check and redb repaired it to an earlier state".into(),
+            ));
+        }
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(reason))) => {
+            return Err(damaged(reason));
+        }
+        Err(other) => return Err(database_error(other)),
+    }
+    open_database(database).map_err(|error| match error {
+        StoreError::Corrupt { .. } => damaged(error.to_string()),
+        other => other,
+    })
 }
 
 /// Opens (or creates) the store on `backend`.
@@ -299,6 +395,10 @@ struct SnapshotBody {
 /// and membership changes).
 pub type ApplyObserver = Arc<dyn Fn(&LogId<u64>, Option<(&Proposal, &MeshResponse)>) + Send + Sync>;
 
+/// Told when a snapshot from the leader replaced the whole state (its last log id): whoever
+/// mirrors the state entry by entry must reload it.
+pub type SnapshotObserver = Arc<dyn Fn(Option<&LogId<u64>>) + Send + Sync>;
+
 /// Decodes a snapshot as a leader sends it (untrusted until decoded whole).
 pub fn decode_snapshot(data: &[u8]) -> Result<MeshState, StoreError> {
     let body: SnapshotBody = decode("snapshot", data)?;
@@ -331,6 +431,7 @@ pub struct StateMachineStore {
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, ServerNode>,
     observer: Option<ApplyObserver>,
+    snapshot_observer: Option<SnapshotObserver>,
 }
 
 impl Debug for StateMachineStore {
@@ -444,12 +545,18 @@ impl StateMachineStore {
             applied,
             membership,
             observer: None,
+            snapshot_observer: None,
         })
     }
 
     /// Calls `observer` for every entry applied from now on (traces, metrics).
     pub fn observe_applies(&mut self, observer: ApplyObserver) {
         self.observer = Some(observer);
+    }
+
+    /// Calls `observer` after every snapshot installed from the leader.
+    pub fn observe_snapshot_installs(&mut self, observer: SnapshotObserver) {
+        self.snapshot_observer = Some(observer);
     }
 
     /// A handle to the state as applied, for readers outside Raft.
@@ -614,7 +721,11 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
         let state = decode_snapshot(&data)
             .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), &error))?;
         self.replace(state, meta, &data)
-            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error).into())
+            .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
+        if let Some(observer) = &self.snapshot_observer {
+            observer(meta.last_log_id.as_ref());
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<MeshTypeConfig>>, Storage> {

@@ -1,7 +1,7 @@
 //! What the state machine applied is there again after the store is reopened, row by row.
 
 use consensus::state::{Member, MeshCommand, Proposal};
-use consensus::store::open_file;
+use consensus::store::{create_file, open_file};
 use consensus::{MeshResponse, MeshTypeConfig};
 use openraft::storage::RaftStateMachine;
 use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
@@ -22,6 +22,7 @@ async fn applied_rows_and_the_applied_id_survive_a_reopen() {
         address: "10.0.0.1:7000".into(),
         rack: "r1".into(),
     };
+    create_file(&path).expect("create");
     let before = {
         let (_log, mut state_machine) = open_file(&path).expect("open");
         let responses = state_machine

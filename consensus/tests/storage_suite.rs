@@ -1,7 +1,7 @@
 //! openraft's own storage test suite against the redb store, on a real file.
 
 use consensus::MeshTypeConfig;
-use consensus::store::{LogStore, StateMachineStore, open_file};
+use consensus::store::{LogStore, StateMachineStore, create_file, open_file};
 use openraft::StorageError;
 use openraft::testing::{StoreBuilder, Suite};
 
@@ -13,7 +13,10 @@ impl StoreBuilder<MeshTypeConfig, LogStore, StateMachineStore, tempfile::TempDir
     ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>> {
         let directory = tempfile::tempdir()
             .map_err(|error| StorageError::from(openraft::StorageIOError::<u64>::write(&error)))?;
-        let (log, state_machine) = open_file(&directory.path().join("mesh.redb"))
+        let path = directory.path().join("mesh.redb");
+        create_file(&path)
+            .map_err(|error| StorageError::from(openraft::StorageIOError::<u64>::write(&error)))?;
+        let (log, state_machine) = open_file(&path)
             .map_err(|error| StorageError::from(openraft::StorageIOError::<u64>::write(&error)))?;
         Ok((directory, log, state_machine))
     }

@@ -95,10 +95,36 @@ pub struct ServerConfig {
 }
 
 /// `[cluster]`. Everything about the member itself is in its identity; this section says the
-/// server takes part.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+/// server takes part, and how much Raft log it keeps.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct ClusterSection {}
+pub struct ClusterSection {
+    /// Log entries between two snapshots of the cluster state. A snapshot lets the log be
+    /// compacted; a server that was down longer than the kept log catches up from it.
+    #[serde(default = "default_snapshot_every")]
+    pub snapshot_every: u64,
+    /// Log entries kept behind the last snapshot, so a follower that is only a little behind
+    /// catches up from the log instead of a whole snapshot.
+    #[serde(default = "default_log_kept_after_snapshot")]
+    pub log_kept_after_snapshot: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            snapshot_every: default_snapshot_every(),
+            log_kept_after_snapshot: default_log_kept_after_snapshot(),
+        }
+    }
+}
+
+fn default_snapshot_every() -> u64 {
+    5000
+}
+
+fn default_log_kept_after_snapshot() -> u64 {
+    1000
+}
 
 /// `[images]`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

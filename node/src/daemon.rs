@@ -35,8 +35,8 @@ pub enum ServeError {
     /// The DHCP service stopped on a journal failure.
     #[error(transparent)]
     Dhcp(#[from] crate::dhcp_service::DhcpServiceError),
-    /// The cluster member could not start or failed.
-    #[error("cluster: {0}")]
+    /// The cluster member could not start or failed (the cause follows in the error chain).
+    #[error("cluster")]
     Cluster(#[from] crate::cluster::ClusterError),
     /// A service task panicked.
     #[error("service task failed: {0}")]
@@ -77,8 +77,8 @@ pub async fn serve(
     // The cluster member starts first: the DHCP service commits its leases through it, and the
     // fleet configuration it holds replaces the file's fleet sections.
     let local_config = config.clone();
-    let member = match config.cluster {
-        Some(_) => {
+    let member = match &config.cluster {
+        Some(settings) => {
             let files = crate::cluster::files::ClusterFiles::new(&config.state_dir);
             if !files.exists() {
                 return Err(ServeError::Task(format!(
@@ -86,7 +86,7 @@ pub async fn serve(
                     config.state_dir.display()
                 )));
             }
-            let member = crate::cluster::member::ClusterMember::start(&files).await?;
+            let member = crate::cluster::member::ClusterMember::start(&files, settings).await?;
             let shutdown = shutdown_signal(stop_receiver.clone());
             let running = member.clone();
             services.spawn(async move { running.run(shutdown).await.map_err(ServeError::from) });
@@ -104,6 +104,7 @@ pub async fn serve(
     let (dhcp_reconfigure, dhcp_reconfigured) = watch::channel(None);
     let scripts_handle =
         crate::http_service::BootScriptsHandle::new(boot_scripts(&config, &images, &node_plans));
+    let lts_conf = crate::image_source::LtsConfHandle::new(node_plans.lts_conf());
     if let Some(member) = &member {
         let watcher = FleetWatcher {
             local: local_config.clone(),
@@ -112,6 +113,7 @@ pub async fn serve(
             images: images.clone(),
             dhcp: dhcp_reconfigure,
             scripts: scripts_handle.clone(),
+            lts_conf: lts_conf.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
@@ -209,7 +211,7 @@ pub async fn serve(
                 .map_err(io_error(format!("tftp root {}", tftp.root.display())))?,
             Some(images.clone()),
         )
-        .with_lts_conf(node_plans.lts_conf());
+        .with_lts_conf(lts_conf.clone());
         let tftp_config = TftpConfig {
             blksize_max: tftp.blksize_max,
             windowsize_max: tftp.windowsize_max,
@@ -360,6 +362,7 @@ struct FleetWatcher {
     images: ImageLibrary,
     dhcp: watch::Sender<Option<boot_services::dhcp::DhcpConfig>>,
     scripts: crate::http_service::BootScriptsHandle,
+    lts_conf: crate::image_source::LtsConfHandle,
 }
 
 impl FleetWatcher {
@@ -383,6 +386,7 @@ impl FleetWatcher {
                 Ok((config, version, plans, dhcp)) => {
                     self.scripts
                         .replace(boot_scripts(&config, &self.images, &plans));
+                    self.lts_conf.replace(plans.lts_conf());
                     if let Some(dhcp) = dhcp {
                         let _ = self.dhcp.send(Some(dhcp));
                     }

@@ -172,12 +172,43 @@ impl BlockSource for ImageLibrary {
     }
 }
 
+/// The generated `lts.conf`, replaceable while serving (the fleet configuration changed):
+/// a transfer that has started keeps the text it opened.
+#[derive(Debug, Clone)]
+pub struct LtsConfHandle(std::sync::Arc<std::sync::RwLock<MemoryFile>>);
+
+impl LtsConfHandle {
+    /// A handle serving `text`.
+    pub fn new(text: String) -> Self {
+        Self(std::sync::Arc::new(std::sync::RwLock::new(
+            MemoryFile::new(text.into_bytes()),
+        )))
+    }
+
+    /// The text now.
+    pub fn current(&self) -> MemoryFile {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves `text` from the next open on.
+    pub fn replace(&self, text: String) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            MemoryFile::new(text.into_bytes());
+    }
+}
+
 /// A directory, plus the images of the store under `images/`, plus a generated `lts.conf`.
 #[derive(Debug, Clone)]
 pub struct FilesAndImages<S> {
     files: S,
     images: Option<ImageLibrary>,
-    lts_conf: Option<MemoryFile>,
+    lts_conf: Option<LtsConfHandle>,
 }
 
 impl<S> FilesAndImages<S> {
@@ -193,8 +224,8 @@ impl<S> FilesAndImages<S> {
     /// Also serves `text` (`NodePlans::lts_conf`) where LTSP 5 clients look for their
     /// lts.conf: `ltsp/<arch>/lts.conf` for any one `<arch>`, and `lts.conf` unless the
     /// directory has a file of that name.
-    pub fn with_lts_conf(mut self, text: String) -> Self {
-        self.lts_conf = Some(MemoryFile::new(text.into_bytes()));
+    pub fn with_lts_conf(mut self, lts_conf: LtsConfHandle) -> Self {
+        self.lts_conf = Some(lts_conf);
         self
     }
 }
@@ -245,12 +276,12 @@ impl<S: FileSource> FileSource for FilesAndImages<S> {
         }
         if let Some(lts_conf) = &self.lts_conf {
             if is_ltsp_lts_conf_path(path) {
-                return Ok(FileOrImage::Generated(lts_conf.clone()));
+                return Ok(FileOrImage::Generated(lts_conf.current()));
             }
             // An lts.conf the operator put in the root wins over the generated one.
             if path == "lts.conf" {
                 return match self.files.open(path) {
-                    Err(SourceError::NotFound) => Ok(FileOrImage::Generated(lts_conf.clone())),
+                    Err(SourceError::NotFound) => Ok(FileOrImage::Generated(lts_conf.current())),
                     other => other.map(FileOrImage::File),
                 };
             }
@@ -317,7 +348,8 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         std::fs::write(root.path().join("undionly.kpxe"), b"ipxe").unwrap();
         let files = DirectorySource::new(root.path()).unwrap();
-        let source = FilesAndImages::new(files, None).with_lts_conf("[default]\n".into());
+        let lts_conf = LtsConfHandle::new("[default]\n".into());
+        let source = FilesAndImages::new(files, None).with_lts_conf(lts_conf.clone());
         for path in ["ltsp/i386/lts.conf", "ltsp/amd64/lts.conf", "lts.conf"] {
             assert_eq!(
                 read_all(&source.open(path).unwrap()),
@@ -333,6 +365,15 @@ mod tests {
             );
         }
         assert_eq!(read_all(&source.open("undionly.kpxe").unwrap()), b"ipxe");
+        // A new fleet configuration: the next open serves the new text, an open file keeps
+        // the text it had.
+        let opened = source.open("ltsp/amd64/lts.conf").unwrap();
+        lts_conf.replace("[default]\nSCREEN_07=shell\n".into());
+        assert_eq!(read_all(&opened), b"[default]\n");
+        assert_eq!(
+            read_all(&source.open("ltsp/amd64/lts.conf").unwrap()),
+            b"[default]\nSCREEN_07=shell\n"
+        );
         std::fs::write(root.path().join("lts.conf"), b"# the operator's own\n").unwrap();
         assert_eq!(
             read_all(&source.open("lts.conf").unwrap()),

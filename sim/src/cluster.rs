@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 use boot_services::dhcp::{ClientId, LeaseChange};
 use consensus::rpc::{Dialer, StreamNetworkFactory, serve_stream};
 use consensus::state::{MeshCommand, Proposal};
-use consensus::store::open_backend;
+use consensus::store::{StateHandle, open_backend};
 use consensus::{MeshRaft, SeededRng, ServerNode, raft_config, with_seeded_rng};
 
 use crate::disk::SimDisk;
@@ -41,6 +41,9 @@ pub struct ClusterSpec {
     pub crash_leader_after_commands: Option<u64>,
     /// See `crash_leader_after_commands`.
     pub restart_after: Duration,
+    /// Log entries between snapshots; a small value makes a restarted server catch up from a
+    /// snapshot rather than from the log.
+    pub snapshot_every: u64,
 }
 
 impl Default for ClusterSpec {
@@ -51,6 +54,7 @@ impl Default for ClusterSpec {
             commands: 40,
             crash_leader_after_commands: None,
             restart_after: Duration::from_secs(5),
+            snapshot_every: 5000,
         }
     }
 }
@@ -62,12 +66,14 @@ pub struct ClusterReport {
     pub trace_hash: u64,
     /// Number of trace events.
     pub events: usize,
-    /// Last applied log index per server.
+    /// Last applied log index per server (by entry or by snapshot).
     pub applied: BTreeMap<u64, u64>,
     /// (virtual ms, term, leader) each time some server saw a new leader.
     pub leaders: Vec<(u64, u64, u64)>,
     /// Which server was crashed, if any.
     pub crashed: Option<u64>,
+    /// Per server: how many snapshots it installed from a leader (it was behind the kept log).
+    pub snapshot_installs: BTreeMap<u64, u64>,
     /// Virtual time the run took.
     pub elapsed: Duration,
 }
@@ -86,6 +92,12 @@ struct Observed {
     proposed: u64,
     /// Log index of every command whose commit a leader reported (a DHCP ACK would follow).
     committed: BTreeMap<u64, u64>,
+    /// Per server: the last log index of each snapshot it installed.
+    snapshots: BTreeMap<u64, Vec<u64>>,
+    /// Per server: its last applied log index, by entry or by snapshot.
+    last_applied: BTreeMap<u64, u64>,
+    /// Per server: its applied state, to compare at the end.
+    states: BTreeMap<u64, StateHandle>,
 }
 
 type Shared = Arc<Mutex<Observed>>;
@@ -146,11 +158,27 @@ async fn run_server(
     id: u64,
     servers: u64,
     commands: u64,
+    snapshot_every: u64,
     disk: SimDisk,
     trace: Trace,
     shared: Shared,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let (log, mut state_machine) = open_backend(disk.attach())?;
+    lock(&shared).states.insert(id, state_machine.state());
+    {
+        let trace = trace.clone();
+        let shared = Arc::clone(&shared);
+        state_machine.observe_snapshot_installs(Arc::new(move |last_log_id| {
+            let index = last_log_id.map_or(0, |log_id| log_id.index);
+            trace.record(format!(
+                "{} installed a snapshot up to {index}",
+                server_name(id)
+            ));
+            let mut observed = lock(&shared);
+            observed.snapshots.entry(id).or_default().push(index);
+            observed.last_applied.insert(id, index);
+        }));
+    }
     {
         let trace = trace.clone();
         let shared = Arc::clone(&shared);
@@ -159,6 +187,7 @@ async fn run_server(
             let what = format!("{log_id} {response:?}");
             trace.record(format!("{} applied {what}", server_name(id)));
             let mut observed = lock(&shared);
+            observed.last_applied.insert(id, log_id.index);
             observed
                 .applied
                 .entry(id)
@@ -173,7 +202,7 @@ async fn run_server(
             }
         }));
     }
-    let config = Arc::new(raft_config("sim").validate()?);
+    let config = Arc::new(raft_config("sim", snapshot_every, snapshot_every / 5).validate()?);
     let raft = MeshRaft::new(
         id,
         config,
@@ -297,7 +326,8 @@ pub fn run_cluster(spec: &ClusterSpec) -> Result<ClusterReport, SimError> {
         let disk = disk.clone();
         let trace = trace.clone();
         let shared = Arc::clone(&shared);
-        let (seed, servers, commands) = (spec.seed, spec.servers, spec.commands);
+        let (seed, servers, commands, snapshot_every) =
+            (spec.seed, spec.servers, spec.commands, spec.snapshot_every);
         let incarnations = Arc::new(Mutex::new(0u64));
         simulation.host(server_name(id).as_str(), move || {
             let incarnation = {
@@ -310,6 +340,7 @@ pub fn run_cluster(spec: &ClusterSpec) -> Result<ClusterReport, SimError> {
                 id,
                 servers,
                 commands,
+                snapshot_every,
                 disk.clone(),
                 trace.clone(),
                 Arc::clone(&shared),
@@ -334,18 +365,16 @@ pub fn run_cluster(spec: &ClusterSpec) -> Result<ClusterReport, SimError> {
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let observed = lock(&shared);
+                // Some server applied every command entry by entry (a server that installed
+                // a snapshot applied the earlier ones all at once), and all are at one index.
                 let applied_commands = observed
                     .commands
                     .values()
                     .map(|commands| commands.len() as u64)
-                    .min()
+                    .max()
                     .unwrap_or(0);
-                let last: Vec<Option<u64>> = observed
-                    .applied
-                    .values()
-                    .map(|applied| applied.keys().next_back().copied())
-                    .collect();
-                if observed.commands.len() as u64 == servers
+                let last: Vec<u64> = observed.last_applied.values().copied().collect();
+                if observed.last_applied.len() as u64 == servers
                     && applied_commands >= commands
                     && last.windows(2).all(|pair| pair[0] == pair[1])
                 {
@@ -397,29 +426,56 @@ pub fn run_cluster(spec: &ClusterSpec) -> Result<ClusterReport, SimError> {
     let observed = lock(&shared);
     check_applied_logs_agree(&observed.applied)?;
     check_commits_survive(&observed)?;
+    check_states_agree(&observed)?;
     Ok(ClusterReport {
         trace_hash: trace.hash(),
         events: trace.len(),
-        applied: observed
-            .applied
-            .iter()
-            .map(|(id, applied)| (*id, applied.keys().next_back().copied().unwrap_or(0)))
-            .collect(),
+        applied: observed.last_applied.clone(),
         leaders: observed.leaders.clone(),
         crashed: crashed.map(|(leader, _)| leader),
+        snapshot_installs: observed
+            .snapshots
+            .iter()
+            .map(|(id, installs)| (*id, installs.len() as u64))
+            .collect(),
         elapsed: simulation.elapsed(),
     })
 }
 
-/// Durability: every command reported committed was applied, as a command, by every server.
+/// Durability: every command reported committed was applied, as a command, by every server,
+/// or arrived there inside a snapshot that covers its log index.
 fn check_commits_survive(observed: &Observed) -> Result<(), SimError> {
     for (command, log_index) in &observed.committed {
         for (server, commands) in &observed.commands {
-            if !commands.contains(log_index) {
+            let in_snapshot = observed
+                .snapshots
+                .get(server)
+                .is_some_and(|installs| installs.iter().any(|last| last >= log_index));
+            if !commands.contains(log_index) && !in_snapshot {
                 return Err(SimError::Invariant(format!(
                     "command {command} was committed at log index {log_index}, but server{server} never applied it"
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Convergence: at the end every server holds the same state (leases, blocks, catalog,
+/// members), however it got there.
+fn check_states_agree(observed: &Observed) -> Result<(), SimError> {
+    let mut states = observed
+        .states
+        .iter()
+        .map(|(id, handle)| (*id, handle.read(Clone::clone)));
+    let Some((first_id, first)) = states.next() else {
+        return Ok(());
+    };
+    for (id, state) in states {
+        if state != first {
+            return Err(SimError::Invariant(format!(
+                "server{first_id} and server{id} ended with different states"
+            )));
         }
     }
     Ok(())

@@ -69,6 +69,11 @@ impl ClusterFiles {
         self.directory.join(IDENTITY).exists()
     }
 
+    /// The cluster directory.
+    pub fn directory(&self) -> &Path {
+        &self.directory
+    }
+
     /// The Raft store.
     pub fn raft_store(&self) -> PathBuf {
         self.directory.join("raft.redb")
@@ -104,6 +109,9 @@ impl ClusterFiles {
             pem_certificate(certificate).as_bytes(),
             0o644,
         )?;
+        // The Raft store exists from now on: a later start that finds it missing knows the
+        // server lost its log and vote, instead of starting empty.
+        consensus::store::create_file(&self.raft_store())?;
         // Last: its presence says the rest is complete.
         self.write(IDENTITY, identity.as_bytes(), 0o644)
     }

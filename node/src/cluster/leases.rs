@@ -37,7 +37,7 @@ use consensus::{MeshCommand, MeshResponse};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 
-use super::member::ClusterMember;
+use super::member::{AppliedLeases, ClusterMember};
 use crate::dhcp_service::{DhcpServiceError, LeaseEvent, LeaseStore};
 use crate::journal::{FileLeaseJournal, LeaseJournal};
 
@@ -45,6 +45,11 @@ use crate::journal::{FileLeaseJournal, LeaseJournal};
 /// majority (ADR 0007's minority rules, safe also during a mere election): short enough for
 /// PXE ROMs, which give up on a DISCOVER or REQUEST after 4 to 8 s.
 pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
+/// The wait once a batch has already failed and none has committed since: the server knows it
+/// is cut off, and every client would otherwise wait the full [`COMMIT_TIMEOUT`] for an answer
+/// the minority rules give at once. Each batch still tries, so the first commit after the heal
+/// ends the cut-off mode.
+pub const CUT_OFF_COMMIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Batches waiting for their commit at once; beyond, new batches fail at once.
 const BATCHES_IN_FLIGHT_MAX: usize = 64;
 /// Outcomes waiting for the DHCP service.
@@ -64,7 +69,7 @@ pub const OFFER_STAGGER: Duration = Duration::from_millis(300);
 #[derive(Debug)]
 pub struct ClusterLeaseStore {
     member: ClusterMember,
-    applied: broadcast::Receiver<LeaseChange>,
+    applied: broadcast::Receiver<AppliedLeases>,
     sender: mpsc::Sender<LeaseEvent>,
     outcomes: mpsc::Receiver<LeaseEvent>,
     in_flight: Arc<Semaphore>,
@@ -82,6 +87,8 @@ pub struct ClusterLeaseStore {
     minority: Arc<Mutex<FileLeaseJournal>>,
     /// A reconciliation of `minority` is on its way.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
+    /// The last batch failed to commit and none has committed since.
+    cut_off: Arc<std::sync::atomic::AtomicBool>,
     /// New DHCP configurations (the fleet configuration changed).
     reconfigured: watch::Receiver<Option<DhcpConfig>>,
 }
@@ -142,6 +149,7 @@ impl ClusterLeaseStore {
             block_request: Arc::default(),
             minority: Arc::new(Mutex::new(minority)),
             reconciling: Arc::default(),
+            cut_off: Arc::default(),
             reconfigured,
         })
     }
@@ -299,9 +307,10 @@ impl ClusterLeaseStore {
         });
     }
 
-    fn applied_event(&mut self, received: Result<LeaseChange, RecvError>) -> Option<LeaseEvent> {
+    fn applied_event(&mut self, received: Result<AppliedLeases, RecvError>) -> Option<LeaseEvent> {
         match received {
-            Ok(change) => Some(LeaseEvent::Remote(change)),
+            Ok(AppliedLeases::Change(change)) => Some(LeaseEvent::Remote(change)),
+            Ok(AppliedLeases::Replaced) => Some(LeaseEvent::Resync(self.member.lease_changes())),
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "lease changes missed; reloading every lease");
                 Some(LeaseEvent::Resync(self.member.lease_changes()))
@@ -468,21 +477,28 @@ impl LeaseStore for ClusterLeaseStore {
         let sender = self.sender.clone();
         let blocks = self.blocks.clone();
         let journal = Arc::clone(&self.minority);
+        let cut_off = Arc::clone(&self.cut_off);
         tokio::spawn(async move {
             let command = MeshCommand::Leases(records);
-            let answer = match tokio::time::timeout(
-                COMMIT_TIMEOUT,
-                member.propose_anywhere(command),
-            )
-            .await
-            {
+            let wait = if cut_off.load(std::sync::atomic::Ordering::Acquire) {
+                CUT_OFF_COMMIT_TIMEOUT
+            } else {
+                COMMIT_TIMEOUT
+            };
+            let answer = match tokio::time::timeout(wait, member.propose_anywhere(command)).await {
                 Ok(Ok(response)) => Ok(outcome_events(&ids, response)),
                 Ok(Err(error)) => Err(error),
-                Err(_) => Err(format!(
-                    "not committed within {} s",
-                    COMMIT_TIMEOUT.as_secs()
-                )),
+                Err(_) => Err(format!("not committed within {} ms", wait.as_millis())),
             };
+            let was_cut_off = cut_off.swap(answer.is_err(), std::sync::atomic::Ordering::AcqRel);
+            if was_cut_off != answer.is_err() {
+                match &answer {
+                    Err(reason) => {
+                        tracing::warn!(%reason, "cut off from the cluster: answering by the minority rules")
+                    }
+                    Ok(_) => tracing::info!("commits go through again"),
+                }
+            }
             let events = match answer {
                 Ok(events) => events,
                 Err(reason) => minority_grants(&member, &blocks, &journal, &proposals, &reason),
@@ -505,7 +521,7 @@ impl LeaseStore for ClusterLeaseStore {
             return Some(event);
         }
         match self.applied.try_recv() {
-            Ok(change) => Some(LeaseEvent::Remote(change)),
+            Ok(applied) => self.applied_event(Ok(applied)),
             Err(TryRecvError::Lagged(missed)) => self.applied_event(Err(RecvError::Lagged(missed))),
             Err(TryRecvError::Empty | TryRecvError::Closed) => None,
         }

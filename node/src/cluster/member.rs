@@ -21,7 +21,7 @@ use consensus::openraft::ChangeMembers;
 use consensus::openraft::error::{ClientWriteError, RaftError};
 use consensus::rpc::{StreamNetworkFactory, read_frame, serve_stream, write_frame};
 use consensus::state::{LeaseOutcome, Member, MeshCommand, Proposal};
-use consensus::store::{StateHandle, open_file};
+use consensus::store::{StateHandle, StoreError, open_file};
 use consensus::{MeshRaft, MeshResponse, ServerNode, raft_config};
 use quinn::{Connection, Endpoint};
 use tokio::sync::{Semaphore, broadcast};
@@ -71,6 +71,16 @@ fn committed_lease_changes(proposal: &Proposal, response: &MeshResponse) -> Vec<
         .collect()
 }
 
+/// What the state machine did to the leases, in log order.
+#[derive(Debug, Clone)]
+pub enum AppliedLeases {
+    /// One committed lease change, from any server.
+    Change(LeaseChange),
+    /// A snapshot from the leader replaced every lease at once (this server was too far
+    /// behind for the log): whoever mirrors the leases reloads them all.
+    Replaced,
+}
+
 /// A running member.
 #[derive(Clone)]
 pub struct ClusterMember {
@@ -83,7 +93,7 @@ pub struct ClusterMember {
     ca: Arc<ClusterCa>,
     endpoint: Endpoint,
     /// Every lease change the state machine committed, from any server, in log order.
-    applied_leases: broadcast::Sender<LeaseChange>,
+    applied_leases: broadcast::Sender<AppliedLeases>,
     /// Admin connections to other members (requests forwarded to the leader).
     admin_config: quinn::ClientConfig,
     admin_connections: Arc<Mutex<BTreeMap<SocketAddr, Connection>>>,
@@ -108,9 +118,22 @@ fn now_ms() -> u64 {
 
 impl ClusterMember {
     /// Loads the identity in `files`, opens the store, binds the endpoint and starts Raft.
-    pub async fn start(files: &ClusterFiles) -> Result<Self, ClusterError> {
+    pub async fn start(
+        files: &ClusterFiles,
+        settings: &crate::config::ClusterSection,
+    ) -> Result<Self, ClusterError> {
         let loaded = files.load()?;
-        let (log, mut state_machine) = open_file(&files.raft_store())?;
+        let (log, mut state_machine) =
+            open_file(&files.raft_store()).map_err(|error| match error {
+                StoreError::Missing { .. } | StoreError::Damaged { .. } => {
+                    ClusterError::StoreLost {
+                        error,
+                        server_id: loaded.record.server_id,
+                        directory: files.directory().to_owned(),
+                    }
+                }
+                other => other.into(),
+            })?;
         let state = state_machine.state();
         let (applied_leases, _) = broadcast::channel(APPLIED_LEASES_BUFFERED);
         {
@@ -119,16 +142,27 @@ impl ClusterMember {
                 if let Some((proposal, response)) = applied {
                     for change in committed_lease_changes(proposal, response) {
                         // Nobody listening (no DHCP service) is fine.
-                        let _ = applied_leases.send(change);
+                        let _ = applied_leases.send(AppliedLeases::Change(change));
                     }
                 }
             }));
         }
+        {
+            let applied_leases = applied_leases.clone();
+            state_machine.observe_snapshot_installs(Arc::new(move |last_log_id| {
+                tracing::info!(last_log_id = ?last_log_id, "state replaced by a snapshot from the leader");
+                let _ = applied_leases.send(AppliedLeases::Replaced);
+            }));
+        }
         let endpoint = bind_server(loaded.record.address, &loaded.identity)?;
         let dialer = QuicDialer::new(endpoint.clone(), &loaded.identity)?;
-        let config = raft_config(&loaded.record.cluster_name)
-            .validate()
-            .map_err(|error| ClusterError::Raft(error.to_string()))?;
+        let config = raft_config(
+            &loaded.record.cluster_name,
+            settings.snapshot_every,
+            settings.log_kept_after_snapshot,
+        )
+        .validate()
+        .map_err(|error| ClusterError::Raft(error.to_string()))?;
         let raft = MeshRaft::new(
             loaded.record.server_id,
             Arc::new(config),
@@ -332,7 +366,7 @@ impl ClusterMember {
     }
 
     /// Lease changes as the state machine commits them, from now on.
-    pub fn subscribe_leases(&self) -> broadcast::Receiver<LeaseChange> {
+    pub fn subscribe_leases(&self) -> broadcast::Receiver<AppliedLeases> {
         self.applied_leases.subscribe()
     }
 

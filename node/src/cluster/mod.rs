@@ -30,6 +30,19 @@ pub enum ClusterError {
     /// The Raft store.
     #[error(transparent)]
     Store(#[from] consensus::store::StoreError),
+    /// The Raft store is missing or damaged: this server may have lost what it acknowledged.
+    #[error(
+        "{error}. This server must not take part again with less than it acknowledged (a vote, log entries): on another server run `bootmesh cluster remove {server_id}`, move {} aside, and join again with a new token (`bootmesh token create`, then `bootmesh cluster join`)",
+        directory.display()
+    )]
+    StoreLost {
+        /// What is wrong with the store (part of this message, so not a separate cause).
+        error: consensus::store::StoreError,
+        /// This server's id.
+        server_id: u64,
+        /// The cluster directory to move aside.
+        directory: std::path::PathBuf,
+    },
     /// QUIC or TLS setup or a connection.
     #[error("{0}")]
     Transport(String),

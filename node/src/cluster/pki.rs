@@ -350,6 +350,15 @@ impl fmt::Debug for ServerIdentity {
 }
 
 impl ServerIdentity {
+    /// A key only this server can compute, the same across restarts: QUIC stateless reset
+    /// tokens derived from it let a restarted server end its peers' stale connections at once.
+    pub fn stateless_reset_key(&self) -> [u8; 32] {
+        blake3::derive_key(
+            "bootmesh 2026 cluster QUIC stateless reset key",
+            self.key.key.serialize_der().as_slice(),
+        )
+    }
+
     /// Assembles an identity after checking that it will work: the certificate must verify
     /// under the CA (now, as a server certificate for [`SERVER_NAME`] and as a client
     /// certificate), belong to `key`, and name a server id.

@@ -49,10 +49,53 @@ pub fn bind_server(
         .map_err(|error| ClusterError::Transport(format!("server TLS for QUIC: {error}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config()?);
-    Endpoint::server(config, address).map_err(|source| ClusterError::Io {
+    let bind_error = |source| ClusterError::Io {
         what: format!("bind the cluster endpoint on udp {address}"),
         source,
-    })
+    };
+    let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        ClusterError::Transport("no async runtime for the cluster endpoint".into())
+    })?;
+    let reset_key = identity.stateless_reset_key();
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(StatelessResetKey(reset_key)));
+    // Connection ids carry a check keyed the same way: a restarted server must recognise the
+    // ids of its previous life as its own, or it drops their packets instead of resetting.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&blake3::keyed_hash(&reset_key, b"connection ids").as_bytes()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind_error)
+}
+
+/// Signs QUIC stateless reset tokens with a key that survives restarts. With quinn's default
+/// (a random key per process), a server killed and restarted cannot reset the connections
+/// its peers still hold to its previous life, and the leader keeps sending Raft traffic into
+/// them until the idle timeout; with a stable key the first packet that arrives gets a reset
+/// the peer recognises, and the next dial makes a fresh connection.
+struct StatelessResetKey([u8; 32]);
+
+impl quinn::crypto::HmacKey for StatelessResetKey {
+    fn sign(&self, data: &[u8], signature_out: &mut [u8]) {
+        let mac = blake3::keyed_hash(&self.0, data);
+        let length = signature_out.len().min(blake3::OUT_LEN);
+        signature_out[..length].copy_from_slice(&mac.as_bytes()[..length]);
+    }
+
+    fn signature_len(&self) -> usize {
+        blake3::OUT_LEN
+    }
+
+    fn verify(&self, data: &[u8], signature: &[u8]) -> Result<(), quinn::crypto::CryptoError> {
+        let expected = blake3::keyed_hash(&self.0, data);
+        // blake3::Hash compares in constant time.
+        match <[u8; blake3::OUT_LEN]>::try_from(signature) {
+            Ok(bytes) if blake3::Hash::from(bytes) == expected => Ok(()),
+            _ => Err(quinn::crypto::CryptoError),
+        }
+    }
 }
 
 /// A client-only endpoint for the CLI, on the address family of `peer`.
@@ -189,5 +232,30 @@ impl Dialer for QuicDialer {
         open_stream(&connection)
             .await
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use quinn::crypto::HmacKey;
+
+    use super::StatelessResetKey;
+
+    #[test]
+    fn reset_tokens_are_stable_per_key_and_differ_between_keys() {
+        let key = StatelessResetKey([7; 32]);
+        let again = StatelessResetKey([7; 32]);
+        let other = StatelessResetKey([8; 32]);
+        let mut first = [0u8; 32];
+        let mut second = [0u8; 32];
+        let mut third = [0u8; 32];
+        key.sign(b"connection id", &mut first);
+        again.sign(b"connection id", &mut second);
+        other.sign(b"connection id", &mut third);
+        assert_eq!(first, second, "a restarted server signs as before");
+        assert_ne!(first, third);
+        assert!(key.verify(b"connection id", &first).is_ok());
+        assert!(key.verify(b"connection id", &third).is_err());
+        assert!(key.verify(b"connection id", &first[..16]).is_err());
     }
 }

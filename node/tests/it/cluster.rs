@@ -25,6 +25,10 @@ struct ClusterLab {
     client_namespace: String,
     /// Extra configuration for every server (a `[dhcp]` section).
     extra_config: String,
+    /// Lines of every server's `[cluster]` section.
+    cluster_settings: String,
+    /// Servers whose clock is off, by how much (faketime's offset form).
+    clock_offsets: BTreeMap<usize, String>,
 }
 
 /// The relay agent's address: DHCP clients behind it are on 10.71.0.0/16.
@@ -95,7 +99,22 @@ impl ClusterLab {
             cluster_interfaces,
             client_namespace,
             extra_config: String::new(),
+            cluster_settings: String::new(),
+            clock_offsets: BTreeMap::new(),
         }
+    }
+
+    /// Lines for every server's `[cluster]` section.
+    fn with_cluster_settings(mut self, settings: &str) -> Self {
+        self.cluster_settings = settings.to_owned();
+        self
+    }
+
+    /// Server `index` runs with its clock `offset` off (faketime's form: `+8s`, `-8s`).
+    fn with_clock_offset(mut self, index: usize, offset: &str) -> Self {
+        lab::require_program("faketime");
+        self.clock_offsets.insert(index, offset.to_owned());
+        self
     }
 
     /// Every server also serves DHCP on its interface, for relayed clients on 10.71.0.0/16.
@@ -160,13 +179,19 @@ impl ClusterLab {
 
     fn serve(&mut self, index: usize) {
         let config = format!(
-            "state_dir = \"{}\"\n\n[cluster]\n\n{}",
+            "state_dir = \"{}\"\n\n[cluster]\n{}\n\n{}",
             self.state_dir(index).display(),
+            self.cluster_settings,
             self.extra_config
                 .replace("INTERFACE", &self.interfaces[index - 1])
         );
         let namespace = self.namespaces[index - 1].clone();
-        self.lab.serve(&format!("s{index}"), &namespace, &config);
+        let wrapper: Vec<&str> = match self.clock_offsets.get(&index) {
+            Some(offset) => vec!["faketime", "-f", offset.as_str()],
+            None => Vec::new(),
+        };
+        self.lab
+            .serve_wrapped(&format!("s{index}"), &namespace, &config, &wrapper);
     }
 
     fn token(&self, asked: usize, ttl_secs: u64) -> String {
@@ -855,11 +880,29 @@ fn lease_secs(ack: &Message) -> u32 {
 }
 
 #[test]
-fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconciles_on_heal() {
+fn a_server_cut_off_with_its_clock_ahead_renews_and_grants_short_leases_and_reconciles_on_heal() {
     if !lab::enabled() {
         return;
     }
-    let mut cluster = ClusterLab::new(3).with_dhcp(600);
+    cut_off_server_scenario("+8s");
+}
+
+#[test]
+fn a_server_cut_off_with_its_clock_behind_renews_and_grants_short_leases_and_reconciles_on_heal() {
+    if !lab::enabled() {
+        return;
+    }
+    cut_off_server_scenario("-8s");
+}
+
+/// s3, whose clock is `clock_offset` off the others' (within the 10 s drift bound), is cut off
+/// from the cluster network while its DHCP side stays up: it renews and grants alone, the
+/// majority serves others, no address is ACKed twice, and on the heal every server holds every
+/// lease.
+fn cut_off_server_scenario(clock_offset: &str) {
+    let mut cluster = ClusterLab::new(3)
+        .with_dhcp(600)
+        .with_clock_offset(3, clock_offset);
     form(&mut cluster, 3);
     // Every server holds a block before the cut (taken within a second of starting).
     std::thread::sleep(Duration::from_secs(2));
@@ -873,6 +916,9 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
     .join()
     .expect("farm");
     assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    // Every lease above was ACKed after this instant, so it ends (in true time) 600 s after
+    // it at the latest.
+    let acked_by = Instant::now();
 
     cluster.set_cluster_link(3, false);
     let cut = Instant::now();
@@ -881,11 +927,11 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
     let acked = log.acked.clone();
     let (renewed, granted) = in_namespace(&cluster.client_namespace, move || {
         let farm = RelayFarm::bind_to(&[3], Duration::from_secs(8));
-        let renewed: Vec<(u32, Ipv4Addr, u32)> = (0..10u32)
+        let renewed: Vec<(u32, Ipv4Addr, u32, Instant)> = (0..10u32)
             .filter_map(|client| {
                 let (address, _) = acked[&client];
                 farm.rebind_ack(client, 0x6100_0000 + client, address)
-                    .map(|ack| (client, ack.yiaddr(), lease_secs(&ack)))
+                    .map(|ack| (client, ack.yiaddr(), lease_secs(&ack), Instant::now()))
             })
             .collect();
         let granted: Vec<(u32, Ipv4Addr, u32)> = (100..108u32)
@@ -899,7 +945,7 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
     .join()
     .expect("minority farm");
     eprintln!(
-        "cut off for {:.1} s: {} renewals and {} new leases from s3 alone",
+        "clock {clock_offset}: cut off for {:.1} s: {} renewals and {} new leases from s3 alone",
         cut.elapsed().as_secs_f64(),
         renewed.len(),
         granted.len()
@@ -910,14 +956,17 @@ fn a_server_cut_off_from_the_others_renews_and_grants_short_leases_and_reconcile
         "renewals through s3 alone:\n{}",
         cluster.log(3)
     );
-    for (client, address, secs) in &renewed {
+    for (client, address, secs, at) in &renewed {
         assert_eq!(
             *address, log.acked[client].0,
             "client {client} kept its address"
         );
+        // The committed lease ends at most 600 s after `acked_by`; s3 must not promise past
+        // it, whichever way its clock is off.
+        let committed_left = 600.0 - at.duration_since(acked_by).as_secs_f64();
         assert!(
-            *secs > 0 && *secs < 600 - 10,
-            "renewal lease {secs} s ends before the committed expiry"
+            *secs > 0 && f64::from(*secs) < committed_left,
+            "renewal lease {secs} s ends before the committed expiry ({committed_left:.1} s left)"
         );
     }
     assert_eq!(
@@ -985,8 +1034,40 @@ fn the_fleet_configuration_applied_on_one_server_reaches_every_servers_dhcp_whil
     // The servers' own files name their interfaces only: subnets and hosts come from the
     // cluster's fleet configuration.
     let mut cluster = ClusterLab::new(3);
-    cluster.extra_config = "[dhcp]\ninterfaces = [\"INTERFACE\"]\n".into();
+    lab::require_program("tftp");
+    let tftp_root = cluster.lab.path("tftp");
+    std::fs::create_dir_all(&tftp_root).unwrap();
+    cluster.extra_config = format!(
+        "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n[tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"{}\"\n",
+        tftp_root.display()
+    );
     form(&mut cluster, 3);
+    // LTSP clients read lts.conf over TFTP; it follows the fleet configuration while serving.
+    let lts_conf_of = |cluster: &ClusterLab, server: usize| {
+        let local = cluster.lab.path(&format!("lts-{server}.conf"));
+        let _ = std::fs::remove_file(&local);
+        let local_argument = local.to_string_lossy().into_owned();
+        let address = format!("10.70.0.{server}");
+        let output = cluster.lab.run(
+            &cluster.client_namespace,
+            Duration::from_secs(30),
+            "tftp",
+            &[
+                address.as_str(),
+                "-m",
+                "binary",
+                "-c",
+                "get",
+                "ltsp/amd64/lts.conf",
+                local_argument.as_str(),
+            ],
+        );
+        assert!(output.status.success(), "{}", lab::describe(&output));
+        std::fs::read_to_string(&local).unwrap_or_default()
+    };
+    let before = lts_conf_of(&cluster, 2);
+    assert!(before.contains("[default]"), "{before}");
+    assert!(!before.contains("known-node"), "{before}");
     let fleet = cluster.lab.path("fleet.toml");
     let known = client_mac(7)
         .iter()
@@ -1051,4 +1132,270 @@ fn the_fleet_configuration_applied_on_one_server_reaches_every_servers_dhcp_whil
         "the fleet's host entry"
     );
     check_unique(&log);
+    for server in 1..=3 {
+        let after = lts_conf_of(&cluster, server);
+        assert!(
+            after.contains("[02:71:00:00:00:07]") && after.contains("HOSTNAME=\"known-node\""),
+            "s{server}'s lts.conf has the fleet's host:\n{after}"
+        );
+    }
+}
+
+/// Waits until server `index` has applied as far as server `reference`.
+fn wait_caught_up(cluster: &ClusterLab, index: usize, reference: usize) -> Option<()> {
+    wait_for(Duration::from_secs(60), || {
+        let Some(target) = cluster
+            .status(reference)
+            .and_then(|status| status["last_applied"].as_u64())
+        else {
+            return false;
+        };
+        cluster.status(index).is_some_and(|status| {
+            status["last_applied"]
+                .as_u64()
+                .is_some_and(|applied| applied >= target)
+        })
+    })
+}
+
+/// Leases for `clients` through the servers `via`, each client's exchange on its own.
+fn leases_through(
+    cluster: &ClusterLab,
+    via: &[usize],
+    clients: std::ops::Range<u32>,
+    xid_base: u32,
+) -> FarmLog {
+    let via = via.to_vec();
+    let log = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind_to(&via, Duration::from_millis(700));
+        let mut log = FarmLog::default();
+        farm.storm(clients, xid_base, &AtomicUsize::new(0), &mut log);
+        log
+    })
+    .join()
+    .expect("farm");
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    log
+}
+
+const SNAPSHOT_INSTALLED: &str = "state replaced by a snapshot from the leader";
+
+#[test]
+fn a_restarted_server_catches_up_from_the_log_and_after_compaction_from_a_snapshot() {
+    if !lab::enabled() {
+        return;
+    }
+    // A snapshot every 20 entries with 10 kept behind it: a server that misses a handful of
+    // entries finds them in the others' logs; one that misses 80 does not.
+    let mut cluster = ClusterLab::new(3)
+        .with_dhcp(600)
+        .with_cluster_settings("snapshot_every = 20\nlog_kept_after_snapshot = 10");
+    form(&mut cluster, 3);
+
+    cluster.lab.signal("s3", libc::SIGKILL);
+    let mut log = leases_through(&cluster, &[1, 2], 0..5, 0x7000_0000);
+    cluster.serve(3);
+    wait_caught_up(&cluster, 3, 1)
+        .unwrap_or_else(|| panic!("s3 never caught up:\n{}", cluster.logs()));
+    assert!(
+        !cluster.log(3).contains(SNAPSHOT_INSTALLED),
+        "five entries behind, s3 catches up from the log:\n{}",
+        cluster.log(3)
+    );
+    check_lease_table(&cluster, 3, &log.acked);
+
+    cluster.lab.signal("s3", libc::SIGKILL);
+    let later = leases_through(&cluster, &[1, 2], 5..85, 0x7100_0000);
+    log.acked.extend(later.acked);
+    log.every_ack.extend(later.every_ack);
+    let restarted = Instant::now();
+    cluster.serve(3);
+    wait_caught_up(&cluster, 3, 1)
+        .unwrap_or_else(|| panic!("s3 never caught up:\n{}", cluster.logs()));
+    eprintln!(
+        "s3 caught up {:.1} s after its restart, 80 leases behind",
+        restarted.elapsed().as_secs_f64()
+    );
+    assert!(
+        cluster.log(3).contains(SNAPSHOT_INSTALLED),
+        "80 leases behind a compacted log, s3 catches up from a snapshot:\n{}",
+        cluster.log(3)
+    );
+    check_lease_table(&cluster, 3, &log.acked);
+    check_unique(&log);
+
+    // s3's DHCP service reloaded the leases the snapshot brought: clients granted while it was
+    // down keep their addresses when they rebind through s3 alone.
+    let acked = log.acked.clone();
+    let rebound = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind_to(&[3], Duration::from_secs(2));
+        [10u32, 40, 84]
+            .into_iter()
+            .map(|client| {
+                let (address, _) = acked[&client];
+                (
+                    client,
+                    address,
+                    farm.rebind(client, 0x7200_0000 + client, address),
+                )
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("rebind farm");
+    for (client, address, answer) in rebound {
+        assert_eq!(
+            answer.map(|(acked, _)| acked),
+            Some(address),
+            "client {client} rebinds through s3 with its address:\n{}",
+            cluster.log(3)
+        );
+    }
+}
+
+#[test]
+fn a_server_joins_and_another_is_removed_while_dhcp_is_served() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(4).with_dhcp(600);
+    form(&mut cluster, 3);
+    let done = Arc::new(AtomicUsize::new(0));
+    let farm = {
+        let done = Arc::clone(&done);
+        in_namespace(&cluster.client_namespace, move || {
+            let farm = RelayFarm::bind(4);
+            let mut log = FarmLog::default();
+            farm.storm(0..300, 0x7300_0000, &done, &mut log);
+            log
+        })
+    };
+
+    wait_for(Duration::from_secs(120), || {
+        done.load(Ordering::Relaxed) >= 60
+    })
+    .unwrap_or_else(|| panic!("the storm stalled:\n{}", cluster.logs()));
+    let token = cluster.token(2, 600);
+    let (ok, _, stderr) = cluster.join(4, &token, 2);
+    assert!(ok, "join s4 while serving: {stderr}\n{}", cluster.logs());
+    cluster.serve(4);
+    wait_for(Duration::from_secs(60), || {
+        cluster.status(1).is_some_and(|status| voters(&status) == 4)
+    })
+    .unwrap_or_else(|| panic!("s4 never became a voter:\n{}", cluster.logs()));
+    let joined_at = done.load(Ordering::Relaxed);
+
+    wait_for(Duration::from_secs(120), || {
+        done.load(Ordering::Relaxed) >= joined_at + 60
+    })
+    .unwrap_or_else(|| panic!("the storm stalled:\n{}", cluster.logs()));
+    // A follower leaves: removed from the membership first, then stopped, as an operator
+    // takes a server out of service.
+    let leader = cluster
+        .status(1)
+        .and_then(|status| status["leader"].as_u64())
+        .expect("a leader");
+    let leaving = if leader == 2 { 3 } else { 2 };
+    let leaving_id = leaving.to_string();
+    let (ok, stdout, stderr) = cluster.bootmesh(1, &["cluster", "remove", leaving_id.as_str()]);
+    assert!(
+        ok && stdout.contains(&format!("member {leaving} removed")),
+        "{stdout}{stderr}"
+    );
+    let removed_at = done.load(Ordering::Relaxed);
+    cluster
+        .lab
+        .terminate_and_wait(&format!("s{leaving}"), Duration::from_secs(20));
+
+    let log = farm.join().expect("farm");
+    eprintln!(
+        "300 clients: s4 a voter after {joined_at}, s{leaving} removed after {removed_at}; {} unanswered",
+        log.unanswered
+    );
+    assert_eq!(log.unanswered, 0, "{}", cluster.logs());
+    check_unique(&log);
+    let staying: Vec<usize> = (1..=4).filter(|index| *index != leaving).collect();
+    for server in &staying {
+        wait_caught_up(&cluster, *server, 1)
+            .unwrap_or_else(|| panic!("s{server} never caught up:\n{}", cluster.logs()));
+        check_lease_table(&cluster, *server, &log.acked);
+    }
+    let status = cluster.status(4).expect("s4 answers");
+    assert_eq!(voters(&status), 3, "{status}");
+    assert!(
+        status["members"].as_array().is_some_and(|members| members
+            .iter()
+            .all(|member| member["server_id"] != serde_json::json!(leaving))),
+        "{status}"
+    );
+    // New clients are served by the servers that stayed, including the one that joined.
+    let later = leases_through(&cluster, &staying, 300..320, 0x7400_0000);
+    let servers_seen: std::collections::BTreeSet<Ipv4Addr> =
+        later.acked.values().map(|(_, server)| *server).collect();
+    eprintln!("after the changes, 20 new leases ACKed by {servers_seen:?}");
+}
+
+#[test]
+fn a_server_whose_raft_store_is_damaged_or_missing_refuses_to_start_and_says_what_to_do() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(1);
+    found(&mut cluster);
+    let stopped = cluster
+        .lab
+        .terminate_and_wait("s1", Duration::from_secs(20))
+        .expect("s1 stops");
+    assert!(stopped.success(), "{}", cluster.log(1));
+    let store = cluster.state_dir(1).join("cluster").join("raft.redb");
+    let config = cluster.lab.path("s1.toml").to_string_lossy().into_owned();
+    let start = |cluster: &ClusterLab| {
+        let output = cluster.lab.run(
+            &cluster.namespaces[0],
+            Duration::from_secs(60),
+            env!("CARGO_BIN_EXE_bootmesh"),
+            &["serve", "--config", config.as_str()],
+        );
+        (
+            output.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+
+    let size = std::fs::metadata(&store).expect("the store exists").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&store)
+        .and_then(|file| file.set_len(size / 2))
+        .expect("truncate the store");
+    for attempt in ["first", "second"] {
+        let (ok, output) = start(&cluster);
+        eprintln!("{attempt} start on a truncated store: {output}");
+        assert!(!ok, "a truncated store must not start: {output}");
+        assert!(
+            output.contains("raft.redb is damaged") && output.contains("cluster remove 1"),
+            "{attempt} start names the damage and what to do: {output}"
+        );
+    }
+
+    std::fs::remove_file(&store).expect("remove the store");
+    std::fs::remove_file(
+        cluster
+            .state_dir(1)
+            .join("cluster")
+            .join("raft.redb.damaged"),
+    )
+    .expect("remove the marker");
+    let (ok, output) = start(&cluster);
+    eprintln!("start without a store: {output}");
+    assert!(!ok, "a server without its store must not start: {output}");
+    assert!(
+        output.contains("raft.redb is missing") && output.contains("cluster remove 1"),
+        "{output}"
+    );
+    assert!(!store.exists(), "no empty store was created in its place");
 }

@@ -211,19 +211,34 @@ impl Lab {
         config: &str,
         environment: &[&str],
     ) {
+        if environment.is_empty() {
+            self.serve_wrapped(name, namespace, config, &[]);
+        } else {
+            // env(1) sets the variables and then becomes the server (same pid).
+            let mut wrapper = vec!["env"];
+            wrapper.extend(environment);
+            self.serve_wrapped(name, namespace, config, &wrapper);
+        }
+    }
+
+    /// [`serve`](Self::serve) through `wrapper`, a program that execs the command line it is
+    /// given (so the pid stays the server's): `env NAME=value`, `faketime -f +8s`.
+    pub fn serve_wrapped(&mut self, name: &str, namespace: &str, config: &str, wrapper: &[&str]) {
         let config_path = self.path(&format!("{name}.toml"));
         std::fs::write(&config_path, config).expect("write config");
         let binary = env!("CARGO_BIN_EXE_bootmesh");
         let config_argument = config_path.to_string_lossy().into_owned();
         let serve_arguments = ["serve", "--config", config_argument.as_str()];
-        if environment.is_empty() {
-            self.spawn(name, namespace, binary, &serve_arguments);
-        } else {
-            // env(1) sets the variables and then becomes the server (same pid).
-            let mut arguments = environment.to_vec();
-            arguments.push(binary);
-            arguments.extend(serve_arguments);
-            self.spawn(name, namespace, "env", &arguments);
+        match wrapper.split_first() {
+            None => {
+                self.spawn(name, namespace, binary, &serve_arguments);
+            }
+            Some((program, arguments)) => {
+                let mut arguments = arguments.to_vec();
+                arguments.push(binary);
+                arguments.extend(serve_arguments);
+                self.spawn(name, namespace, program, &arguments);
+            }
         }
         let log_path = self.path(&format!("{name}.log"));
         wait_for(Duration::from_secs(20), || {
