@@ -668,8 +668,8 @@ fn dhcp_through_three_servers_loses_no_acked_lease_when_the_granting_server_or_t
     form(&mut cluster, 3);
 
     // A first storm with every server up.
-    // Three storms of 400 clients: 1200 clients in all, as a relay farm.
-    const PHASE: u32 = 400;
+    // Three storms of 700 clients: 2100 clients in all, as a relay farm.
+    const PHASE: u32 = 700;
     let done = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let farm_done = Arc::clone(&done);
