@@ -4,7 +4,7 @@
 //!
 //! Never here: sockets, runtimes, clocks or randomness. The chunk store reads and writes
 //! files (it is the disk); everything else is plain computation. The peer-to-peer exchange
-//! comes with the swarm issue.
+//! is in `swarm`: its messages and its fetch scheduler, driven from outside.
 
 pub mod catalog;
 pub mod chunker;
@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod reader;
 pub mod reference;
 pub mod store;
+pub mod swarm;
 pub mod transport;
 pub mod verity;
 

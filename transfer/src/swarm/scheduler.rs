@@ -1,0 +1,773 @@
+//! What to ask whom (DESIGN 5.3): boot-critical chunks first in their order, then the rarest
+//! among the peers this node knows, a bound on requests in flight per peer, a bounded endgame
+//! that asks a second peer for the last chunks and cancels the loser, a pause for a peer that
+//! let a request time out, and a ban for a peer that sent a chunk whose hash was wrong.
+//!
+//! Sans-IO: the driver reports what happened (`handle_*`, each with the time), carries out the
+//! actions it polls, and wakes the scheduler at `poll_timeout`. The driver verifies every chunk
+//! against the manifest and says which way it went; the scheduler never sees bytes.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::bitfield::Bitfield;
+use super::wire::Priority;
+
+/// A peer, as the driver numbers them.
+pub type PeerId = u64;
+
+/// Bounds and pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Requests one peer may have outstanding.
+    pub requests_per_peer: usize,
+    /// How long a request may take before its peer is paused.
+    pub request_timeout: Duration,
+    /// How long a paused peer is left alone.
+    pub pause_after_timeout: Duration,
+    /// Peers asked for one chunk at once in the endgame (the first ask included).
+    pub endgame_copies_max: usize,
+    /// Peers known at once.
+    pub peers_max: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_peer: 4,
+            request_timeout: Duration::from_secs(5),
+            pause_after_timeout: Duration::from_secs(10),
+            endgame_copies_max: 2,
+            peers_max: 64,
+        }
+    }
+}
+
+/// How a chunk a peer sent turned out against the manifest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkArrival {
+    /// Its hash and length match: stored.
+    Verified,
+    /// It is not what the manifest names.
+    Corrupt,
+}
+
+/// What the driver is to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchAction {
+    /// Ask `peer` for chunk `index`.
+    Request {
+        /// Whom.
+        peer: PeerId,
+        /// Which chunk.
+        index: u32,
+        /// How urgent.
+        priority: Priority,
+    },
+    /// Tell `peer` the request for `index` is no longer needed.
+    Cancel {
+        /// Whom.
+        peer: PeerId,
+        /// Which chunk.
+        index: u32,
+    },
+    /// Drop `peer` for good and report it: it sent a chunk whose hash was wrong.
+    Ban {
+        /// Whom.
+        peer: PeerId,
+        /// The chunk it got wrong.
+        index: u32,
+    },
+    /// Every chunk is held (reported once).
+    Complete,
+}
+
+/// Input the scheduler refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    /// A bitfield for another image size.
+    #[error("a bitfield of {actual} chunks for an image of {expected}")]
+    BitfieldLength {
+        /// Chunks in the image.
+        expected: u32,
+        /// Chunks in the bitfield.
+        actual: u32,
+    },
+    /// A chunk index past the end of the image.
+    #[error("chunk {index} is past the image's {count} chunks")]
+    IndexOutOfRange {
+        /// The index.
+        index: u32,
+        /// Chunks in the image.
+        count: u32,
+    },
+    /// The peer was banned.
+    #[error("peer {0} is banned")]
+    Banned(PeerId),
+    /// [`SchedulerConfig::peers_max`] peers are known already.
+    #[error("{0} peers known already")]
+    TooManyPeers(usize),
+}
+
+#[derive(Debug)]
+struct Peer {
+    have: Bitfield,
+    /// Chunks asked of it, with when.
+    asked: BTreeMap<u32, Instant>,
+    paused_until: Option<Instant>,
+}
+
+/// One node's fetch of one image.
+#[derive(Debug)]
+pub struct FetchScheduler {
+    config: SchedulerConfig,
+    held: Bitfield,
+    /// Boot-critical chunks, in the order a boot needs them.
+    critical_order: Vec<u32>,
+    critical: Bitfield,
+    /// Chunks a reader is blocked on now (lazy mode), first come first.
+    demanded: VecDeque<u32>,
+    /// Per chunk: how many known peers hold it.
+    availability: Vec<u32>,
+    /// Per chunk in flight: the peers asked.
+    in_flight: BTreeMap<u32, BTreeSet<PeerId>>,
+    peers: BTreeMap<PeerId, Peer>,
+    banned: BTreeSet<PeerId>,
+    /// Mixes rarest-first ties, so fetchers started together spread over the chunks.
+    tie_break: u64,
+    actions: VecDeque<FetchAction>,
+    complete_reported: bool,
+}
+
+/// A 64-bit mix (splitmix64's finaliser): a fixed permutation, no randomness.
+fn mix(value: u64) -> u64 {
+    let mut mixed = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    mixed = (mixed ^ (mixed >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    mixed = (mixed ^ (mixed >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    mixed ^ (mixed >> 31)
+}
+
+impl FetchScheduler {
+    /// A fetch of an image of `held.len()` chunks, of which `held` are here already;
+    /// `boot_critical` first, in that order; `tie_break` from the driver's seeded randomness.
+    pub fn new(
+        config: SchedulerConfig,
+        held: Bitfield,
+        boot_critical: &[u32],
+        tie_break: u64,
+    ) -> Result<Self, SchedulerError> {
+        let count = held.len();
+        let mut critical = Bitfield::empty(count);
+        let mut critical_order = Vec::new();
+        for &index in boot_critical {
+            if index >= count {
+                return Err(SchedulerError::IndexOutOfRange { index, count });
+            }
+            if critical.insert(index) {
+                critical_order.push(index);
+            }
+        }
+        let mut scheduler = Self {
+            config,
+            availability: vec![0; count as usize],
+            held,
+            critical_order,
+            critical,
+            demanded: VecDeque::new(),
+            in_flight: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            banned: BTreeSet::new(),
+            tie_break,
+            actions: VecDeque::new(),
+            complete_reported: false,
+        };
+        scheduler.check_complete();
+        Ok(scheduler)
+    }
+
+    /// The chunks held.
+    pub fn held(&self) -> &Bitfield {
+        &self.held
+    }
+
+    /// Whether every chunk is held.
+    pub fn is_complete(&self) -> bool {
+        self.held.is_complete()
+    }
+
+    /// Requests outstanding, all peers together.
+    pub fn requests_in_flight(&self) -> usize {
+        self.peers.values().map(|peer| peer.asked.len()).sum()
+    }
+
+    fn check_index(&self, index: u32) -> Result<(), SchedulerError> {
+        if index >= self.held.len() {
+            return Err(SchedulerError::IndexOutOfRange {
+                index,
+                count: self.held.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// `peer` holds `have` (its first HAVE, or a new one replacing it).
+    pub fn handle_peer(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        have: Bitfield,
+    ) -> Result<(), SchedulerError> {
+        if self.banned.contains(&peer) {
+            return Err(SchedulerError::Banned(peer));
+        }
+        if have.len() != self.held.len() {
+            return Err(SchedulerError::BitfieldLength {
+                expected: self.held.len(),
+                actual: have.len(),
+            });
+        }
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.peers_max {
+            return Err(SchedulerError::TooManyPeers(self.peers.len()));
+        }
+        for index in have.iter() {
+            self.availability[index as usize] += 1;
+        }
+        match self.peers.get_mut(&peer) {
+            Some(known) => {
+                let old = std::mem::replace(&mut known.have, have);
+                for index in old.iter() {
+                    self.availability[index as usize] -= 1;
+                }
+            }
+            None => {
+                self.peers.insert(
+                    peer,
+                    Peer {
+                        have,
+                        asked: BTreeMap::new(),
+                        paused_until: None,
+                    },
+                );
+            }
+        }
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// `peer` now holds chunk `index` too.
+    pub fn handle_have_chunk(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        index: u32,
+    ) -> Result<(), SchedulerError> {
+        self.check_index(index)?;
+        if let Some(known) = self.peers.get_mut(&peer)
+            && known.have.insert(index)
+        {
+            self.availability[index as usize] += 1;
+            self.schedule(now);
+        }
+        Ok(())
+    }
+
+    /// `peer` is gone (its connection closed): what was asked of it is asked elsewhere.
+    pub fn handle_peer_gone(&mut self, now: Instant, peer: PeerId) {
+        self.forget_peer(peer);
+        self.schedule(now);
+    }
+
+    fn forget_peer(&mut self, peer: PeerId) {
+        let Some(gone) = self.peers.remove(&peer) else {
+            return;
+        };
+        for index in gone.have.iter() {
+            self.availability[index as usize] -= 1;
+        }
+        for index in gone.asked.keys() {
+            self.drop_request(*index, peer);
+        }
+    }
+
+    fn drop_request(&mut self, index: u32, peer: PeerId) {
+        if let Some(asked) = self.in_flight.get_mut(&index) {
+            asked.remove(&peer);
+            if asked.is_empty() {
+                self.in_flight.remove(&index);
+            }
+        }
+    }
+
+    /// A reader is blocked on chunk `index` (lazy mode): it goes before everything else.
+    pub fn handle_demand(&mut self, now: Instant, index: u32) -> Result<(), SchedulerError> {
+        self.check_index(index)?;
+        if !self.held.contains(index) && !self.demanded.contains(&index) {
+            self.demanded.push_back(index);
+            self.schedule(now);
+        }
+        Ok(())
+    }
+
+    /// `peer` sent chunk `index`, and the driver checked it.
+    pub fn handle_chunk(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        index: u32,
+        arrival: ChunkArrival,
+    ) -> Result<(), SchedulerError> {
+        self.check_index(index)?;
+        if let Some(known) = self.peers.get_mut(&peer) {
+            known.asked.remove(&index);
+        }
+        self.drop_request(index, peer);
+        match arrival {
+            ChunkArrival::Verified => {
+                if self.held.insert(index) {
+                    self.demanded.retain(|demanded| *demanded != index);
+                    // The endgame's other copies are not needed any more.
+                    if let Some(others) = self.in_flight.remove(&index) {
+                        for other in others {
+                            if let Some(known) = self.peers.get_mut(&other) {
+                                known.asked.remove(&index);
+                            }
+                            self.actions
+                                .push_back(FetchAction::Cancel { peer: other, index });
+                        }
+                    }
+                    self.check_complete();
+                }
+            }
+            ChunkArrival::Corrupt => {
+                self.forget_peer(peer);
+                self.banned.insert(peer);
+                self.actions.push_back(FetchAction::Ban { peer, index });
+            }
+        }
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// `peer` answered the request for `index` with "busy" or "not here": it is paused for
+    /// `retry_after` (busy), or marked as not holding the chunk (not here).
+    pub fn handle_refused(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        index: u32,
+        retry_after: Option<Duration>,
+    ) -> Result<(), SchedulerError> {
+        self.check_index(index)?;
+        if let Some(known) = self.peers.get_mut(&peer) {
+            known.asked.remove(&index);
+            match retry_after {
+                Some(pause) => known.paused_until = Some(now + pause),
+                None => {
+                    if known.have.remove(index) {
+                        self.availability[index as usize] -= 1;
+                    }
+                }
+            }
+        }
+        self.drop_request(index, peer);
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// Time passed: requests older than the timeout are cancelled, their peers paused.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let timeout = self.config.request_timeout;
+        let mut late: Vec<(PeerId, Vec<u32>)> = Vec::new();
+        for (id, peer) in &mut self.peers {
+            if peer.paused_until.is_some_and(|until| until <= now) {
+                peer.paused_until = None;
+            }
+            let expired: Vec<u32> = peer
+                .asked
+                .iter()
+                .filter(|(_, asked_at)| now.saturating_duration_since(**asked_at) >= timeout)
+                .map(|(index, _)| *index)
+                .collect();
+            if !expired.is_empty() {
+                peer.paused_until = Some(now + self.config.pause_after_timeout);
+                // Everything it holds for us goes elsewhere: it is slow or gone.
+                late.push((*id, peer.asked.keys().copied().collect()));
+                peer.asked.clear();
+            }
+        }
+        for (peer, indexes) in late {
+            for index in indexes {
+                self.drop_request(index, peer);
+                self.actions.push_back(FetchAction::Cancel { peer, index });
+            }
+        }
+        self.schedule(now);
+    }
+
+    /// When to call [`handle_timeout`](Self::handle_timeout) next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let deadlines = self.peers.values().flat_map(|peer| {
+            peer.asked
+                .values()
+                .map(|asked_at| *asked_at + self.config.request_timeout)
+                .chain(peer.paused_until)
+        });
+        deadlines.min()
+    }
+
+    /// The next thing to do.
+    pub fn poll_action(&mut self) -> Option<FetchAction> {
+        self.actions.pop_front()
+    }
+
+    fn check_complete(&mut self) {
+        if self.held.is_complete() && !self.complete_reported {
+            self.complete_reported = true;
+            self.actions.push_back(FetchAction::Complete);
+        }
+    }
+
+    /// Fills every usable peer's request slots.
+    fn schedule(&mut self, now: Instant) {
+        if self.held.is_complete() {
+            return;
+        }
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            while let Some(peer) = self.peers.get(&id) {
+                if peer.asked.len() >= self.config.requests_per_peer
+                    || peer.paused_until.is_some_and(|until| until > now)
+                {
+                    break;
+                }
+                let Some((index, priority)) = self.pick_for(id) else {
+                    break;
+                };
+                if let Some(peer) = self.peers.get_mut(&id) {
+                    peer.asked.insert(index, now);
+                }
+                self.in_flight.entry(index).or_default().insert(id);
+                self.actions.push_back(FetchAction::Request {
+                    peer: id,
+                    index,
+                    priority,
+                });
+            }
+        }
+    }
+
+    /// The chunk to ask `id` for next, if any.
+    fn pick_for(&self, id: PeerId) -> Option<(u32, Priority)> {
+        let peer = self.peers.get(&id)?;
+        let wanted = |index: u32| {
+            !self.held.contains(index)
+                && !self.in_flight.contains_key(&index)
+                && peer.have.contains(index)
+        };
+        if let Some(index) = self.demanded.iter().copied().find(|index| wanted(*index)) {
+            return Some((index, Priority::OnDemand));
+        }
+        if let Some(index) = self
+            .critical_order
+            .iter()
+            .copied()
+            .find(|index| wanted(*index))
+        {
+            return Some((index, Priority::BootTrace));
+        }
+        let rarest = (0..self.held.len())
+            .filter(|index| wanted(*index))
+            .min_by_key(|index| {
+                (
+                    self.availability[*index as usize],
+                    mix(u64::from(*index) ^ self.tie_break),
+                )
+            });
+        if let Some(index) = rarest {
+            return Some((index, self.priority_of(index)));
+        }
+        // Endgame: only once every missing chunk is asked for somewhere, a second peer is
+        // asked for the one asked longest ago, and the first answer cancels the other.
+        let unasked = self.held.len() - self.held.count() - self.in_flight.len() as u32;
+        if unasked > 0 {
+            return None;
+        }
+        self.in_flight
+            .iter()
+            .filter(|(index, asked)| {
+                asked.len() < self.config.endgame_copies_max
+                    && !asked.contains(&id)
+                    && peer.have.contains(**index)
+            })
+            .min_by_key(|(index, asked)| {
+                asked
+                    .iter()
+                    .filter_map(|other| self.peers.get(other)?.asked.get(index).copied())
+                    .min()
+            })
+            .map(|(index, _)| (*index, self.priority_of(*index)))
+    }
+
+    fn priority_of(&self, index: u32) -> Priority {
+        if self.demanded.contains(&index) {
+            Priority::OnDemand
+        } else if self.critical.contains(index) {
+            Priority::BootTrace
+        } else {
+            Priority::Background
+        }
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::panic, reason = "a test fails by panicking")]
+mod tests {
+    use super::*;
+
+    /// The origin of virtual time; nothing depends on its value.
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "an Instant can only be made from the clock; the scheduler never reads it"
+    )]
+    fn virtual_start() -> Instant {
+        Instant::now()
+    }
+
+    fn drain(scheduler: &mut FetchScheduler) -> Vec<FetchAction> {
+        std::iter::from_fn(|| scheduler.poll_action()).collect()
+    }
+
+    fn requests(actions: &[FetchAction]) -> Vec<(PeerId, u32)> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                FetchAction::Request { peer, index, .. } => Some((*peer, *index)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn with(count: u32, indexes: &[u32]) -> Bitfield {
+        let mut field = Bitfield::empty(count);
+        for index in indexes {
+            field.insert(*index);
+        }
+        field
+    }
+
+    #[test]
+    fn boot_critical_chunks_go_first_in_order_then_the_rarest() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 3,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(10), &[7, 2], 1).unwrap();
+        scheduler
+            .handle_peer(now, 1, with(10, &[0, 1, 2, 3, 4, 5, 6, 7, 8]))
+            .unwrap();
+        let first = drain(&mut scheduler);
+        assert_eq!(
+            first[..2],
+            [
+                FetchAction::Request {
+                    peer: 1,
+                    index: 7,
+                    priority: Priority::BootTrace
+                },
+                FetchAction::Request {
+                    peer: 1,
+                    index: 2,
+                    priority: Priority::BootTrace
+                },
+            ]
+        );
+        assert_eq!(requests(&first).len(), 3, "bounded per peer");
+        // Peer 2 holds everything: chunk 9, which only it holds, is the rarest.
+        scheduler.handle_peer(now, 2, Bitfield::full(10)).unwrap();
+        let second = drain(&mut scheduler);
+        assert_eq!(
+            second.first(),
+            Some(&FetchAction::Request {
+                peer: 2,
+                index: 9,
+                priority: Priority::Background
+            })
+        );
+        assert_eq!(scheduler.requests_in_flight(), 6);
+    }
+
+    #[test]
+    fn a_corrupt_chunk_bans_its_peer_and_is_asked_elsewhere() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(2), &[], 5).unwrap();
+        scheduler.handle_peer(now, 1, Bitfield::full(2)).unwrap();
+        let asked = requests(&drain(&mut scheduler));
+        let (_, index) = asked[0];
+        scheduler
+            .handle_chunk(now, 1, index, ChunkArrival::Corrupt)
+            .unwrap();
+        let actions = drain(&mut scheduler);
+        assert_eq!(actions, vec![FetchAction::Ban { peer: 1, index }]);
+        assert!(!scheduler.held().contains(index));
+        assert_eq!(
+            scheduler.handle_peer(now, 1, Bitfield::full(2)),
+            Err(SchedulerError::Banned(1))
+        );
+        scheduler.handle_peer(now, 2, Bitfield::full(2)).unwrap();
+        assert!(requests(&drain(&mut scheduler)).contains(&(2, index)));
+    }
+
+    #[test]
+    fn a_peer_that_times_out_is_paused_and_its_requests_go_elsewhere() {
+        let start = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 2,
+            request_timeout: Duration::from_secs(5),
+            pause_after_timeout: Duration::from_secs(10),
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(4), &[], 9).unwrap();
+        scheduler.handle_peer(start, 1, Bitfield::full(4)).unwrap();
+        let to_one = requests(&drain(&mut scheduler));
+        assert_eq!(to_one.len(), 2);
+        scheduler.handle_peer(start, 2, Bitfield::full(4)).unwrap();
+        let to_two = requests(&drain(&mut scheduler));
+        assert_eq!(to_two.len(), 2);
+        assert_eq!(
+            scheduler.poll_timeout(),
+            Some(start + Duration::from_secs(5))
+        );
+        // Peer 2 answers; peer 1 does not.
+        let later = start + Duration::from_secs(1);
+        for (_, index) in &to_two {
+            scheduler
+                .handle_chunk(later, 2, *index, ChunkArrival::Verified)
+                .unwrap();
+        }
+        drain(&mut scheduler);
+        let timed_out = start + Duration::from_secs(5);
+        scheduler.handle_timeout(timed_out);
+        let actions = drain(&mut scheduler);
+        for (_, index) in &to_one {
+            assert!(actions.contains(&FetchAction::Cancel {
+                peer: 1,
+                index: *index
+            }));
+            // Asked of peer 2 now (or already, as the endgame's second copy), of peer 1 no more.
+            assert_eq!(
+                scheduler.in_flight.get(index),
+                Some(&BTreeSet::from([2])),
+                "{actions:?}"
+            );
+        }
+        // Paused: nothing goes to peer 1 until the pause ends.
+        assert!(!requests(&actions).iter().any(|(peer, _)| *peer == 1));
+        assert!(
+            scheduler
+                .poll_timeout()
+                .is_some_and(|deadline| deadline <= timed_out + Duration::from_secs(10))
+        );
+    }
+
+    #[test]
+    fn the_endgame_asks_a_second_peer_and_cancels_the_slower() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 1,
+            endgame_copies_max: 2,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, with(3, &[0, 1]), &[], 3).unwrap();
+        scheduler.handle_peer(now, 1, Bitfield::full(3)).unwrap();
+        assert_eq!(requests(&drain(&mut scheduler)), vec![(1, 2)]);
+        // Peer 2 arrives with nothing left unasked: it gets a copy of the last request.
+        scheduler.handle_peer(now, 2, Bitfield::full(3)).unwrap();
+        assert_eq!(requests(&drain(&mut scheduler)), vec![(2, 2)]);
+        // A third peer gets no third copy.
+        scheduler.handle_peer(now, 3, Bitfield::full(3)).unwrap();
+        assert!(requests(&drain(&mut scheduler)).is_empty());
+        scheduler
+            .handle_chunk(now, 2, 2, ChunkArrival::Verified)
+            .unwrap();
+        assert_eq!(
+            drain(&mut scheduler),
+            vec![
+                FetchAction::Cancel { peer: 1, index: 2 },
+                FetchAction::Complete
+            ]
+        );
+        assert_eq!(scheduler.requests_in_flight(), 0);
+    }
+
+    #[test]
+    fn a_fetch_from_peers_that_come_and_go_completes_once() {
+        let start = virtual_start();
+        let count = 200;
+        let mut scheduler = FetchScheduler::new(
+            SchedulerConfig::default(),
+            Bitfield::empty(count),
+            &[0, 1],
+            42,
+        )
+        .unwrap();
+        let halves = [
+            (
+                1,
+                (0..count)
+                    .filter(|index| index % 2 == 0)
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                2,
+                (0..count)
+                    .filter(|index| index % 2 == 1)
+                    .collect::<Vec<_>>(),
+            ),
+            (3, (0..count).collect::<Vec<_>>()),
+        ];
+        for (peer, indexes) in &halves {
+            scheduler
+                .handle_peer(start, *peer, with(count, indexes))
+                .unwrap();
+        }
+        let mut now = start;
+        let mut completes = 0;
+        let mut served = BTreeMap::<PeerId, u32>::new();
+        for step in 0..10_000 {
+            now += Duration::from_millis(10);
+            if step == 20 {
+                scheduler.handle_peer_gone(now, 3);
+            }
+            let actions = drain(&mut scheduler);
+            if actions.is_empty() && scheduler.is_complete() {
+                break;
+            }
+            for action in actions {
+                match action {
+                    FetchAction::Request { peer, index, .. } => {
+                        if peer == 3 && step >= 20 {
+                            continue;
+                        }
+                        *served.entry(peer).or_default() += 1;
+                        scheduler
+                            .handle_chunk(now, peer, index, ChunkArrival::Verified)
+                            .unwrap();
+                    }
+                    FetchAction::Complete => completes += 1,
+                    FetchAction::Cancel { .. } => {}
+                    FetchAction::Ban { .. } => panic!("nobody sent a bad chunk"),
+                }
+            }
+        }
+        assert!(scheduler.is_complete());
+        assert_eq!(completes, 1);
+        // Every chunk once, plus the endgame's second copies: at most one per request slot.
+        let extra = served.values().sum::<u32>() - count;
+        assert!(extra <= 3 * 4, "{extra} extra chunks: {served:?}");
+    }
+}

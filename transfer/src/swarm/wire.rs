@@ -1,0 +1,498 @@
+//! The messages two peers exchange about one image, and their framing on a QUIC stream.
+//!
+//! A frame is a big-endian `u32` length (of what follows), a kind byte and the body. Every
+//! field has a bound that [`decode_frame`] checks before it allocates, and a frame that breaks
+//! one is an error for that stream only: the driver logs it and closes the stream.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use super::bitfield::{Bitfield, BitfieldError};
+use crate::ContentHash;
+
+/// The largest chunk a peer sends (the chunker's maximum).
+pub const CHUNK_BYTES_MAX: usize = 1024 * 1024;
+/// The largest frame: a chunk and its header. A 2^20-chunk bitfield (128 KiB) fits too.
+pub const FRAME_BYTES_MAX: usize = CHUNK_BYTES_MAX + 64;
+/// The most chunks an image may have (a bitfield of this many is 128 KiB).
+pub const CHUNKS_MAX: u32 = 1 << 20;
+/// The most alternatives a busy peer names.
+pub const ALTERNATIVES_MAX: usize = 16;
+
+/// How urgent a request is; a busy uploader serves the more urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// Filling the rest of the image in the background.
+    Background = 0,
+    /// A chunk a first boot reads early (the recorded read trace).
+    BootTrace = 1,
+    /// A chunk a running node is blocked on right now.
+    OnDemand = 2,
+}
+
+/// One message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Opens the exchange about the image whose manifest is `manifest`.
+    Hello {
+        /// The manifest's hash.
+        manifest: ContentHash,
+        /// Chunks in the image.
+        chunk_count: u32,
+    },
+    /// Every chunk the sender holds.
+    Have(Bitfield),
+    /// The sender now holds chunk `index` too.
+    HaveChunk {
+        /// The chunk.
+        index: u32,
+    },
+    /// Asks for chunk `index`.
+    Request {
+        /// The chunk.
+        index: u32,
+        /// How urgent.
+        priority: Priority,
+    },
+    /// Chunk `index`'s bytes (untrusted until verified against the manifest).
+    Data {
+        /// The chunk.
+        index: u32,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// The request for chunk `index` is no longer needed.
+    Cancel {
+        /// The chunk.
+        index: u32,
+    },
+    /// The sender will not serve chunk `index` now; ask again after `retry_after_ms`, or ask
+    /// one of `alternatives`.
+    Busy {
+        /// The chunk.
+        index: u32,
+        /// When to ask this peer again.
+        retry_after_ms: u32,
+        /// Peers that may have it.
+        alternatives: Vec<SocketAddr>,
+    },
+    /// The sender does not hold chunk `index`.
+    NotHere {
+        /// The chunk.
+        index: u32,
+    },
+}
+
+/// A frame that breaks the protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The length prefix exceeds [`FRAME_BYTES_MAX`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLong(usize),
+    /// The frame ended before its fields did.
+    #[error("{0} is truncated")]
+    Truncated(&'static str),
+    /// Bytes were left after the last field.
+    #[error("{kind} has {extra} bytes after its fields")]
+    TrailingBytes {
+        /// Which message.
+        kind: &'static str,
+        /// How many.
+        extra: usize,
+    },
+    /// An unknown kind byte.
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    /// A field value out of range.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// A bitfield that does not fit its length.
+    #[error(transparent)]
+    Bitfield(#[from] BitfieldError),
+}
+
+const HELLO: u8 = 1;
+const HAVE: u8 = 2;
+const HAVE_CHUNK: u8 = 3;
+const REQUEST: u8 = 4;
+const DATA: u8 = 5;
+const CANCEL: u8 = 6;
+const BUSY: u8 = 7;
+const NOT_HERE: u8 = 8;
+
+impl Message {
+    /// Appends the frame (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Self::Hello {
+                manifest,
+                chunk_count,
+            } => {
+                out.push(HELLO);
+                out.extend_from_slice(&manifest.0);
+                out.extend_from_slice(&chunk_count.to_be_bytes());
+            }
+            Self::Have(bitfield) => {
+                out.push(HAVE);
+                out.extend_from_slice(&bitfield.len().to_be_bytes());
+                out.extend_from_slice(&bitfield.to_bytes());
+            }
+            Self::HaveChunk { index } => {
+                out.push(HAVE_CHUNK);
+                out.extend_from_slice(&index.to_be_bytes());
+            }
+            Self::Request { index, priority } => {
+                out.push(REQUEST);
+                out.extend_from_slice(&index.to_be_bytes());
+                out.push(*priority as u8);
+            }
+            Self::Data { index, bytes } => {
+                out.push(DATA);
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(bytes);
+            }
+            Self::Cancel { index } => {
+                out.push(CANCEL);
+                out.extend_from_slice(&index.to_be_bytes());
+            }
+            Self::Busy {
+                index,
+                retry_after_ms,
+                alternatives,
+            } => {
+                out.push(BUSY);
+                out.extend_from_slice(&index.to_be_bytes());
+                out.extend_from_slice(&retry_after_ms.to_be_bytes());
+                let named = &alternatives[..alternatives.len().min(ALTERNATIVES_MAX)];
+                out.push(named.len() as u8);
+                for address in named {
+                    match address.ip() {
+                        IpAddr::V4(ip) => {
+                            out.push(4);
+                            out.extend_from_slice(&ip.octets());
+                        }
+                        IpAddr::V6(ip) => {
+                            out.push(6);
+                            out.extend_from_slice(&ip.octets());
+                        }
+                    }
+                    out.extend_from_slice(&address.port().to_be_bytes());
+                }
+            }
+            Self::NotHere { index } => {
+                out.push(NOT_HERE);
+                out.extend_from_slice(&index.to_be_bytes());
+            }
+        }
+        let length = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
+        out[start..start + 4].copy_from_slice(&length.to_be_bytes());
+    }
+
+    /// Which message, for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Have(_) => "have",
+            Self::HaveChunk { .. } => "have-chunk",
+            Self::Request { .. } => "request",
+            Self::Data { .. } => "data",
+            Self::Cancel { .. } => "cancel",
+            Self::Busy { .. } => "busy",
+            Self::NotHere { .. } => "not-here",
+        }
+    }
+}
+
+/// Takes one frame off the front of `buffer`: `Ok(None)` until a whole frame is there, then
+/// the message and how many bytes it took.
+pub fn decode_frame(buffer: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    let Some(prefix) = buffer.get(..4) else {
+        return Ok(None);
+    };
+    let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if length > FRAME_BYTES_MAX {
+        return Err(WireError::TooLong(length));
+    }
+    let Some(body) = buffer.get(4..4 + length) else {
+        return Ok(None);
+    };
+    decode_body(body).map(|message| Some((message, 4 + length)))
+}
+
+/// Reads fields off a frame body, front to back.
+struct Fields<'a> {
+    bytes: &'a [u8],
+    kind: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, count: usize) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < count {
+            return Err(WireError::Truncated(self.kind));
+        }
+        let (taken, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let bytes = self.take(2)?;
+        Ok(u16::from_be_bytes([bytes[0], bytes[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let bytes = self.take(4)?;
+        Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+    }
+
+    fn index(&mut self) -> Result<u32, WireError> {
+        let index = self.u32()?;
+        if index >= CHUNKS_MAX {
+            return Err(WireError::OutOfRange(format!(
+                "{}: chunk index {index} beyond {CHUNKS_MAX}",
+                self.kind
+            )));
+        }
+        Ok(index)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
+    fn end(self) -> Result<(), WireError> {
+        if self.bytes.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::TrailingBytes {
+                kind: self.kind,
+                extra: self.bytes.len(),
+            })
+        }
+    }
+}
+
+fn decode_body(body: &[u8]) -> Result<Message, WireError> {
+    let Some((&kind, rest)) = body.split_first() else {
+        return Err(WireError::Truncated("frame"));
+    };
+    let name = match kind {
+        HELLO => "hello",
+        HAVE => "have",
+        HAVE_CHUNK => "have-chunk",
+        REQUEST => "request",
+        DATA => "data",
+        CANCEL => "cancel",
+        BUSY => "busy",
+        NOT_HERE => "not-here",
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    let mut fields = Fields {
+        bytes: rest,
+        kind: name,
+    };
+    let message = match kind {
+        HELLO => {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(fields.take(32)?);
+            let chunk_count = fields.u32()?;
+            if chunk_count > CHUNKS_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "hello: {chunk_count} chunks, more than {CHUNKS_MAX}"
+                )));
+            }
+            Message::Hello {
+                manifest: ContentHash(hash),
+                chunk_count,
+            }
+        }
+        HAVE => {
+            let length = fields.u32()?;
+            if length > CHUNKS_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "have: {length} chunks, more than {CHUNKS_MAX}"
+                )));
+            }
+            Message::Have(Bitfield::from_bytes(length, fields.rest())?)
+        }
+        HAVE_CHUNK => Message::HaveChunk {
+            index: fields.index()?,
+        },
+        REQUEST => {
+            let index = fields.index()?;
+            let priority = match fields.u8()? {
+                0 => Priority::Background,
+                1 => Priority::BootTrace,
+                2 => Priority::OnDemand,
+                other => {
+                    return Err(WireError::OutOfRange(format!(
+                        "request: unknown priority {other}"
+                    )));
+                }
+            };
+            Message::Request { index, priority }
+        }
+        DATA => {
+            let index = fields.index()?;
+            let bytes = fields.rest();
+            if bytes.len() > CHUNK_BYTES_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "data: {} bytes, more than a chunk",
+                    bytes.len()
+                )));
+            }
+            Message::Data {
+                index,
+                bytes: bytes.to_vec(),
+            }
+        }
+        CANCEL => Message::Cancel {
+            index: fields.index()?,
+        },
+        BUSY => {
+            let index = fields.index()?;
+            let retry_after_ms = fields.u32()?;
+            let count = usize::from(fields.u8()?);
+            if count > ALTERNATIVES_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "busy: {count} alternatives, more than {ALTERNATIVES_MAX}"
+                )));
+            }
+            let mut alternatives = Vec::with_capacity(count);
+            for _ in 0..count {
+                let ip = match fields.u8()? {
+                    4 => {
+                        let octets = fields.take(4)?;
+                        IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+                    }
+                    6 => {
+                        let mut octets = [0u8; 16];
+                        octets.copy_from_slice(fields.take(16)?);
+                        IpAddr::V6(Ipv6Addr::from(octets))
+                    }
+                    other => {
+                        return Err(WireError::OutOfRange(format!(
+                            "busy: unknown address family {other}"
+                        )));
+                    }
+                };
+                alternatives.push(SocketAddr::new(ip, fields.u16()?));
+            }
+            Message::Busy {
+                index,
+                retry_after_ms,
+                alternatives,
+            }
+        }
+        NOT_HERE => Message::NotHere {
+            index: fields.index()?,
+        },
+        other => return Err(WireError::UnknownKind(other)),
+    };
+    fields.end()?;
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_kind() -> Vec<Message> {
+        let mut have = Bitfield::empty(100);
+        have.insert(3);
+        have.insert(99);
+        vec![
+            Message::Hello {
+                manifest: ContentHash::of(b"manifest"),
+                chunk_count: 100,
+            },
+            Message::Have(have),
+            Message::HaveChunk { index: 7 },
+            Message::Request {
+                index: 8,
+                priority: Priority::BootTrace,
+            },
+            Message::Data {
+                index: 9,
+                bytes: vec![1, 2, 3],
+            },
+            Message::Cancel { index: 10 },
+            Message::Busy {
+                index: 11,
+                retry_after_ms: 250,
+                alternatives: vec![
+                    "10.0.0.7:7100".parse().unwrap(),
+                    "[fd00::7]:7100".parse().unwrap(),
+                ],
+            },
+            Message::NotHere { index: 12 },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_through_a_stream_of_frames() {
+        let mut stream = Vec::new();
+        for message in every_kind() {
+            message.encode(&mut stream);
+        }
+        let mut offset = 0;
+        let mut decoded = Vec::new();
+        // Byte by byte at first: a partial frame is "not yet", never an error.
+        for end in 0..4 {
+            assert_eq!(decode_frame(&stream[..end]), Ok(None));
+        }
+        while let Some((message, used)) = decode_frame(&stream[offset..]).unwrap() {
+            decoded.push(message);
+            offset += used;
+        }
+        assert_eq!(offset, stream.len());
+        assert_eq!(decoded, every_kind());
+    }
+
+    #[test]
+    fn frames_that_break_a_bound_are_refused() {
+        let frame = |body: &[u8]| {
+            let mut bytes = u32::try_from(body.len()).unwrap().to_be_bytes().to_vec();
+            bytes.extend_from_slice(body);
+            bytes
+        };
+        let too_long = u32::try_from(FRAME_BYTES_MAX + 1).unwrap().to_be_bytes();
+        assert!(matches!(
+            decode_frame(&too_long),
+            Err(WireError::TooLong(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[99])),
+            Err(WireError::UnknownKind(99))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[REQUEST, 0, 0, 0, 1])),
+            Err(WireError::Truncated("request"))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[REQUEST, 0, 0, 0, 1, 9])),
+            Err(WireError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[CANCEL, 0, 0, 0, 1, 0])),
+            Err(WireError::TrailingBytes { .. })
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[CANCEL, 0xff, 0xff, 0xff, 0xff])),
+            Err(WireError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[BUSY, 0, 0, 0, 1, 0, 0, 0, 0, 17])),
+            Err(WireError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[HAVE, 0, 0, 0, 9, 0x00, 0xff])),
+            Err(WireError::Bitfield(BitfieldError::TrailingBits { .. }))
+        ));
+    }
+}
