@@ -115,6 +115,11 @@ pub async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(raft: MeshRaft, mut
         let request = match read_frame::<_, RaftRequest>(&mut stream).await {
             Ok(Some(request)) => request,
             Ok(None) => return,
+            // The peer went away (it stopped, restarted, or the network did): routine.
+            Err(FrameError::Io(error)) => {
+                tracing::info!(%error, "raft connection closed");
+                return;
+            }
             Err(error) => {
                 tracing::warn!(%error, "raft connection dropped: bad frame");
                 return;

@@ -127,10 +127,10 @@ pub async fn serve(
             return Err(ServeError::Task("dhcp config without section".into()));
         };
         let mode = dhcp_config.mode;
-        let dynamic_ranges: Vec<boot_services::dhcp::AddressRange> = dhcp_config
+        let dynamic_ranges: Vec<Vec<boot_services::dhcp::AddressRange>> = dhcp_config
             .subnets
             .iter()
-            .flat_map(|subnet| subnet.ranges.iter().copied())
+            .map(|subnet| subnet.ranges.clone())
             .collect();
         let server = DhcpServer::new(dhcp_config).map_err(|error| ConfigError::Invalid {
             key: "dhcp".into(),

@@ -58,10 +58,16 @@ const EVENTS_BUFFERED: usize = 1024;
 pub const BLOCK_ADDRESSES: u32 = 64;
 /// How long a block lease lasts; it is renewed at half.
 const BLOCK_LEASE: Duration = Duration::from_secs(600);
-/// A server takes another block when fewer addresses than this are free in its blocks.
+/// A server takes another block when fewer addresses than this are free in its blocks, or
+/// fewer than it gave out in the last [`FREE_ADDRESSES_AHEAD`] at its recent rate.
 const FREE_ADDRESSES_LOW: u32 = 16;
+/// How far ahead of its grant rate a server keeps free addresses: a boot storm draws a block
+/// of 64 in a second or two, and a block takes a commit to arrive.
+const FREE_ADDRESSES_AHEAD: Duration = Duration::from_secs(4);
+/// Blocks one request takes at most.
+const BLOCKS_PER_REQUEST_MAX: usize = 8;
 /// How often blocks and members are looked at.
-const BLOCK_TICK: Duration = Duration::from_secs(1);
+const BLOCK_TICK: Duration = Duration::from_millis(250);
 /// Offer delay per rendezvous rank.
 pub const OFFER_STAGGER: Duration = Duration::from_millis(300);
 
@@ -75,6 +81,9 @@ pub struct ClusterLeaseStore {
     in_flight: Arc<Semaphore>,
     /// Every block of every dynamic range, in address order.
     blocks: Vec<AddressRange>,
+    /// For each of `blocks`, the subnet it is in (its index in the configuration): a server
+    /// keeps free addresses in every subnet, since a client can only take one of its own.
+    block_subnets: Vec<usize>,
     /// Events made by the block tick, handed out one at a time.
     ready: VecDeque<LeaseEvent>,
     tick: tokio::time::Interval,
@@ -83,6 +92,12 @@ pub struct ClusterLeaseStore {
     servers: Vec<u64>,
     /// A block request (take or renew) is on its way.
     block_request: Arc<std::sync::atomic::AtomicBool>,
+    /// Told when a block request committed, so the core hears of the block at once.
+    blocks_changed: Arc<tokio::sync::Notify>,
+    /// Per subnet: free addresses at the last look, and when.
+    last_free: std::collections::BTreeMap<usize, (u32, tokio::time::Instant)>,
+    /// Per subnet: addresses given out per second, smoothed.
+    grant_rates: std::collections::BTreeMap<usize, f64>,
     /// Grants made while cut off, not yet in the cluster state.
     minority: Arc<Mutex<FileLeaseJournal>>,
     /// A reconciliation of `minority` is on its way.
@@ -91,6 +106,19 @@ pub struct ClusterLeaseStore {
     cut_off: Arc<std::sync::atomic::AtomicBool>,
     /// New DHCP configurations (the fleet configuration changed).
     reconfigured: watch::Receiver<Option<DhcpConfig>>,
+}
+
+/// The blocks of every subnet's dynamic ranges, and the subnet of each.
+pub fn blocks_of_subnets(subnet_ranges: &[Vec<AddressRange>]) -> (Vec<AddressRange>, Vec<usize>) {
+    let mut blocks = Vec::new();
+    let mut subnets = Vec::new();
+    for (subnet, ranges) in subnet_ranges.iter().enumerate() {
+        for block in blocks_of(ranges) {
+            blocks.push(block);
+            subnets.push(subnet);
+        }
+    }
+    (blocks, subnets)
 }
 
 /// Cuts `ranges` into blocks of [`BLOCK_ADDRESSES`], each named by its first address.
@@ -125,11 +153,12 @@ impl ClusterLeaseStore {
     /// the majority are journaled in `minority_directory`.
     pub fn new(
         member: ClusterMember,
-        ranges: &[AddressRange],
+        subnet_ranges: &[Vec<AddressRange>],
         minority_directory: &std::path::Path,
         reconfigured: watch::Receiver<Option<DhcpConfig>>,
     ) -> Result<Self, DhcpServiceError> {
         let minority = FileLeaseJournal::open(minority_directory)?;
+        let (blocks, block_subnets) = blocks_of_subnets(subnet_ranges);
         let applied = member.subscribe_leases();
         let (sender, outcomes) = mpsc::channel(EVENTS_BUFFERED);
         let mut tick = tokio::time::interval(BLOCK_TICK);
@@ -140,13 +169,17 @@ impl ClusterLeaseStore {
             sender,
             outcomes,
             in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
-            blocks: blocks_of(ranges),
+            blocks,
+            block_subnets,
             // Until it holds a block, a server gives no new client an address.
             ready: VecDeque::from([LeaseEvent::Allocatable(Some(Vec::new()))]),
             tick,
             allocatable: Some(Vec::new()),
             servers: Vec::new(),
             block_request: Arc::default(),
+            blocks_changed: Arc::default(),
+            last_free: Default::default(),
+            grant_rates: Default::default(),
             minority: Arc::new(Mutex::new(minority)),
             reconciling: Arc::default(),
             cut_off: Arc::default(),
@@ -228,12 +261,15 @@ impl ClusterLeaseStore {
         }
         let now = now_ms();
         let now_secs = now / 1000;
-        let (held, renew, free, candidate) = self.member.state.read(|state| {
+        let (held, renew, free, candidates) = self.member.state.read(|state| {
             let mut held = Vec::new();
             let mut renew = Vec::new();
-            let mut free = 0u32;
-            let mut candidate = None;
-            for block in &self.blocks {
+            let mut free: std::collections::BTreeMap<usize, u32> = Default::default();
+            let mut candidates: std::collections::BTreeMap<usize, Vec<AddressRange>> =
+                Default::default();
+            let mut unowned: std::collections::BTreeMap<usize, usize> = Default::default();
+            for (block, subnet) in self.blocks.iter().zip(&self.block_subnets) {
+                free.entry(*subnet).or_default();
                 match state.blocks.get(&BlockId(block.first)) {
                     Some(lease) if lease.server == own && lease.until > now => {
                         held.push(*block);
@@ -245,8 +281,9 @@ impl ClusterLeaseStore {
                             .range(block.first..=block.last)
                             .filter(|(_, lease)| lease.expires_at_unix_secs > now_secs)
                             .count() as u32;
-                        free += (u32::from(block.last) - u32::from(block.first) + 1)
-                            .saturating_sub(bound);
+                        *free.entry(*subnet).or_default() +=
+                            (u32::from(block.last) - u32::from(block.first) + 1)
+                                .saturating_sub(bound);
                     }
                     Some(lease)
                         if lease
@@ -254,25 +291,52 @@ impl ClusterLeaseStore {
                             .saturating_add(MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS)
                             > now => {}
                     _ => {
-                        if candidate.is_none() {
-                            candidate = Some(*block);
+                        *unowned.entry(*subnet).or_default() += 1;
+                        let subnet_candidates = candidates.entry(*subnet).or_default();
+                        if subnet_candidates.len() < BLOCKS_PER_REQUEST_MAX {
+                            subnet_candidates.push(*block);
                         }
                     }
                 }
             }
-            (held, renew, free, candidate)
+            (held, renew, free, (candidates, unowned))
         });
+        let (candidates, unowned) = candidates;
+        let servers_count = self.servers.len().max(1);
+        // Per subnet, the grant rate: free addresses that went since the last look (a new
+        // block only raises the count, which reads as no grants for that look).
+        let looked_at = tokio::time::Instant::now();
+        let mut wanted = renew;
+        for (subnet, subnet_free) in &free {
+            let rate = self.grant_rates.entry(*subnet).or_default();
+            if let Some((last_free, last_look)) = self.last_free.get(subnet) {
+                let elapsed = looked_at.duration_since(*last_look).as_secs_f64();
+                if elapsed > 0.0 {
+                    let sample = f64::from(last_free.saturating_sub(*subnet_free)) / elapsed;
+                    *rate = 0.5 * *rate + 0.5 * sample;
+                }
+            }
+            self.last_free.insert(*subnet, (*subnet_free, looked_at));
+            let free_low =
+                FREE_ADDRESSES_LOW.max((*rate * FREE_ADDRESSES_AHEAD.as_secs_f64()).ceil() as u32);
+            if *subnet_free < free_low
+                && let Some(subnet_candidates) = candidates.get(subnet)
+            {
+                // Taking ahead is fine while blocks are plenty; near the end of a pool a block
+                // held idle here is one another server's clients cannot have, so then one at
+                // a time.
+                let plenty = unowned.get(subnet).copied().unwrap_or(0) / (2 * servers_count);
+                let blocks = ((free_low - subnet_free).div_ceil(BLOCK_ADDRESSES) as usize)
+                    .min(plenty)
+                    .max(1);
+                wanted.extend(subnet_candidates.iter().copied().take(blocks));
+            }
+        }
         self.reconcile();
         let allocatable = Some(held);
         if allocatable != self.allocatable {
             self.allocatable = allocatable.clone();
             self.ready.push_back(LeaseEvent::Allocatable(allocatable));
-        }
-        let mut wanted = renew;
-        if free < FREE_ADDRESSES_LOW
-            && let Some(candidate) = candidate
-        {
-            wanted.push(candidate);
         }
         if wanted.is_empty()
             || self
@@ -283,6 +347,7 @@ impl ClusterLeaseStore {
         }
         let member = self.member.clone();
         let busy = Arc::clone(&self.block_request);
+        let blocks_changed = Arc::clone(&self.blocks_changed);
         tokio::spawn(async move {
             for block in wanted {
                 let until = now_ms().saturating_add(BLOCK_LEASE.as_millis() as u64);
@@ -293,7 +358,8 @@ impl ClusterLeaseStore {
                 };
                 match member.propose_anywhere(command).await {
                     Ok(MeshResponse::Applied) => {
-                        tracing::info!(first = %block.first, last = %block.last, "address block held")
+                        tracing::info!(first = %block.first, last = %block.last, "address block held");
+                        blocks_changed.notify_one();
                     }
                     Ok(other) => {
                         tracing::info!(first = %block.first, ?other, "address block not taken")
@@ -536,6 +602,7 @@ impl LeaseStore for ClusterLeaseStore {
                 outcome = self.outcomes.recv() => return outcome,
                 applied = self.applied.recv() => return self.applied_event(applied),
                 _ = self.tick.tick() => self.look_at_blocks(),
+                () = self.blocks_changed.notified() => self.look_at_blocks(),
                 changed = self.reconfigured.changed() => {
                     if changed.is_err() {
                         // The daemon stopped following the configuration: nothing more comes.
@@ -543,12 +610,14 @@ impl LeaseStore for ClusterLeaseStore {
                     }
                     let config = self.reconfigured.borrow_and_update().clone();
                     if let Some(config) = config {
-                        let ranges: Vec<AddressRange> = config
+                        let subnet_ranges: Vec<Vec<AddressRange>> = config
                             .subnets
                             .iter()
-                            .flat_map(|subnet| subnet.ranges.iter().copied())
+                            .map(|subnet| subnet.ranges.clone())
                             .collect();
-                        self.blocks = blocks_of(&ranges);
+                        (self.blocks, self.block_subnets) = blocks_of_subnets(&subnet_ranges);
+                        self.last_free.clear();
+                        self.grant_rates.clear();
                         self.ready.push_back(LeaseEvent::Reconfigure(Box::new(config)));
                     }
                 }

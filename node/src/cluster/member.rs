@@ -493,7 +493,14 @@ impl ClusterMember {
     }
 
     async fn admin(self, request: AdminRequest) -> AdminReply {
-        tracing::info!(?request, "admin request");
+        // Forwarded lease batches arrive hundreds of times a second in a boot storm, and
+        // status is polled: those are debug; what an operator did is info.
+        match &request {
+            AdminRequest::Propose(_) | AdminRequest::Status | AdminRequest::Leases => {
+                tracing::debug!(?request, "admin request");
+            }
+            _ => tracing::info!(?request, "admin request"),
+        }
         match request {
             AdminRequest::Status => AdminReply::Status(self.status()),
             AdminRequest::Leases => AdminReply::Leases(self.lease_views()),

@@ -120,7 +120,7 @@ impl ClusterLab {
     /// Every server also serves DHCP on its interface, for relayed clients on 10.71.0.0/16.
     fn with_dhcp(mut self, lease_secs: u64) -> Self {
         self.extra_config = format!(
-            "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n[[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\nranges = [\"10.71.1.0-10.71.9.255\"]\nrouters = [\"10.71.0.1\"]\nlease_secs = {lease_secs}\n"
+            "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n[[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\nranges = [\"10.71.1.0-10.71.40.255\"]\nrouters = [\"10.71.0.1\"]\nlease_secs = {lease_secs}\n"
         );
         self
     }
@@ -435,6 +435,8 @@ struct RelayFarm {
     servers: Vec<Ipv4Addr>,
     /// How long one send waits for its answer.
     window: Duration,
+    /// The relay's address on its clients' subnet.
+    giaddr: Ipv4Addr,
 }
 
 /// What the clients saw.
@@ -469,7 +471,12 @@ impl RelayFarm {
 
     /// A relay whose helper addresses are only `servers`, waiting `window` per send.
     fn bind_to(servers: &[usize], window: Duration) -> Self {
-        let socket = UdpSocket::bind(SocketAddr::from((GIADDR, 67))).expect("bind the relay");
+        Self::bind_relay(GIADDR, servers, window)
+    }
+
+    /// A relay at `giaddr` (its clients' subnet) with the helper addresses `servers`.
+    fn bind_relay(giaddr: Ipv4Addr, servers: &[usize], window: Duration) -> Self {
+        let socket = UdpSocket::bind(SocketAddr::from((giaddr, 67))).expect("bind the relay");
         socket
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
@@ -480,15 +487,16 @@ impl RelayFarm {
                 .map(|index| Ipv4Addr::new(10, 70, 0, *index as u8))
                 .collect(),
             window,
+            giaddr,
         }
     }
 
-    fn message(message_type: MessageType, client: u32, xid: u32) -> Message {
+    fn message(&self, message_type: MessageType, client: u32, xid: u32) -> Message {
         let mut message = Message::default();
         message
             .set_xid(xid)
             .set_chaddr(&client_mac(client))
-            .set_giaddr(GIADDR)
+            .set_giaddr(self.giaddr)
             .set_hops(1);
         message
             .opts_mut()
@@ -530,10 +538,10 @@ impl RelayFarm {
     /// DISCOVER, the first OFFER, REQUEST naming its server; the ACK and who sent it.
     fn lease_ack(&self, client: u32, xid: u32) -> Option<(Message, Ipv4Addr)> {
         let (offer, server) = self.exchange(
-            &Self::message(MessageType::Discover, client, xid),
+            &self.message(MessageType::Discover, client, xid),
             &[MessageType::Offer],
         )?;
-        let mut request = Self::message(MessageType::Request, client, xid);
+        let mut request = self.message(MessageType::Request, client, xid);
         request
             .opts_mut()
             .insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
@@ -546,7 +554,7 @@ impl RelayFarm {
 
     /// REBINDING; the ACK.
     fn rebind_ack(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<Message> {
-        let mut request = Self::message(MessageType::Request, client, xid);
+        let mut request = self.message(MessageType::Request, client, xid);
         request.set_ciaddr(address);
         let (ack, _) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
         (ack.opts().msg_type() == Some(MessageType::Ack)).then_some(ack)
@@ -560,7 +568,7 @@ impl RelayFarm {
 
     /// REBINDING: a REQUEST from the address it holds, to any server.
     fn rebind(&self, client: u32, xid: u32, address: Ipv4Addr) -> Option<(Ipv4Addr, Ipv4Addr)> {
-        let mut request = Self::message(MessageType::Request, client, xid);
+        let mut request = self.message(MessageType::Request, client, xid);
         request.set_ciaddr(address);
         let (ack, acked_by) = self.exchange(&request, &[MessageType::Ack, MessageType::Nak])?;
         (ack.opts().msg_type() == Some(MessageType::Ack)).then_some((ack.yiaddr(), acked_by))
@@ -1398,4 +1406,65 @@ fn a_server_whose_raft_store_is_damaged_or_missing_refuses_to_start_and_says_wha
         "{output}"
     );
     assert!(!store.exists(), "no empty store was created in its place");
+}
+
+#[test]
+fn a_cluster_serving_two_subnets_keeps_free_addresses_in_each() {
+    if !lab::enabled() {
+        return;
+    }
+    // Two relayed subnets: a server holds blocks in each, so clients of the second get
+    // addresses as readily as those of the first.
+    let mut cluster = ClusterLab::new(3);
+    let second_relay = Ipv4Addr::new(10, 72, 0, 1);
+    cluster
+        .lab
+        .add_address(&cluster.client_namespace, "lo", "10.72.0.1/32");
+    for namespace in cluster.namespaces.clone() {
+        cluster
+            .lab
+            .add_route(&namespace, "10.72.0.0/16", "10.70.0.200");
+    }
+    cluster.extra_config = "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n\
+        [[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\nranges = [\"10.71.1.0-10.71.9.255\"]\nlease_secs = 600\n\n\
+        [[dhcp.subnet]]\ncidr = \"10.72.0.0/16\"\nranges = [\"10.72.1.0-10.72.9.255\"]\nlease_secs = 600\n"
+        .into();
+    form(&mut cluster, 3);
+    let logs: Vec<FarmLog> = [GIADDR, second_relay]
+        .into_iter()
+        .enumerate()
+        .map(|(relay, giaddr)| {
+            let first_client = 1000 * relay as u32;
+            in_namespace(&cluster.client_namespace, move || {
+                let farm = RelayFarm::bind_relay(giaddr, &[1, 2, 3], Duration::from_millis(700));
+                let mut log = FarmLog::default();
+                farm.storm(
+                    first_client..first_client + 100,
+                    0x7500_0000 + first_client,
+                    &AtomicUsize::new(0),
+                    &mut log,
+                );
+                log
+            })
+            .join()
+            .expect("farm")
+        })
+        .collect();
+    for (relay, log) in logs.iter().enumerate() {
+        let subnet = 71 + relay as u8;
+        assert_eq!(
+            log.unanswered,
+            0,
+            "subnet 10.{subnet}.0.0/16:\n{}",
+            cluster.logs()
+        );
+        assert!(
+            log.acked
+                .values()
+                .all(|(address, _)| address.octets()[..2] == [10, subnet]),
+            "every client of 10.{subnet}.0.0/16 got an address there: {:?}",
+            log.acked
+        );
+        check_unique(log);
+    }
 }
