@@ -1268,13 +1268,22 @@ fn a_server_joins_and_another_is_removed_while_dhcp_is_served() {
     }
     let mut cluster = ClusterLab::new(4).with_dhcp(600);
     form(&mut cluster, 3);
+    // The storm goes on until the membership changes are done (at most 5000 clients), so
+    // they happen while it is served however fast the servers are.
+    const CLIENTS_MAX: u32 = 5000;
     let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let farm = {
         let done = Arc::clone(&done);
+        let stop = Arc::clone(&stop);
         in_namespace(&cluster.client_namespace, move || {
             let farm = RelayFarm::bind(4);
             let mut log = FarmLog::default();
-            farm.storm(0..300, 0x7300_0000, &done, &mut log);
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) && next < CLIENTS_MAX {
+                farm.storm(next..next + 10, 0x7300_0000, &done, &mut log);
+                next += 10;
+            }
             log
         })
     };
@@ -1314,10 +1323,20 @@ fn a_server_joins_and_another_is_removed_while_dhcp_is_served() {
     cluster
         .lab
         .terminate_and_wait(&format!("s{leaving}"), Duration::from_secs(20));
+    wait_for(Duration::from_secs(120), || {
+        done.load(Ordering::Relaxed) >= removed_at + 60
+    })
+    .unwrap_or_else(|| panic!("the storm stalled:\n{}", cluster.logs()));
+    stop.store(true, Ordering::Relaxed);
 
     let log = farm.join().expect("farm");
+    assert!(
+        log.acked.len() + log.unanswered < CLIENTS_MAX as usize,
+        "the storm outlasted both changes"
+    );
     eprintln!(
-        "300 clients: s4 a voter after {joined_at}, s{leaving} removed after {removed_at}; {} unanswered",
+        "{} clients: s4 a voter after {joined_at}, s{leaving} removed after {removed_at}; {} unanswered",
+        log.acked.len() + log.unanswered,
         log.unanswered
     );
     assert_eq!(log.unanswered, 0, "{}", cluster.logs());
@@ -1337,7 +1356,12 @@ fn a_server_joins_and_another_is_removed_while_dhcp_is_served() {
         "{status}"
     );
     // New clients are served by the servers that stayed, including the one that joined.
-    let later = leases_through(&cluster, &staying, 300..320, 0x7400_0000);
+    let later = leases_through(
+        &cluster,
+        &staying,
+        CLIENTS_MAX..CLIENTS_MAX + 20,
+        0x7400_0000,
+    );
     let servers_seen: std::collections::BTreeSet<Ipv4Addr> =
         later.acked.values().map(|(_, server)| *server).collect();
     eprintln!("after the changes, 20 new leases ACKed by {servers_seen:?}");
