@@ -64,6 +64,8 @@ const FREE_ADDRESSES_LOW: u32 = 16;
 /// How far ahead of its grant rate a server keeps free addresses: a boot storm draws a block
 /// of 64 in a second or two, and a block takes a commit to arrive.
 const FREE_ADDRESSES_AHEAD: Duration = Duration::from_secs(4);
+/// How often grants made while cut off are proposed again.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// Blocks one request takes at most.
 const BLOCKS_PER_REQUEST_MAX: usize = 8;
 /// How often blocks and members are looked at.
@@ -102,6 +104,9 @@ pub struct ClusterLeaseStore {
     minority: Arc<Mutex<FileLeaseJournal>>,
     /// A reconciliation of `minority` is on its way.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
+    /// When `minority` was last read for a reconciliation: once a second is enough, and the
+    /// blocks are looked at four times as often.
+    last_reconcile: Option<tokio::time::Instant>,
     /// The last batch failed to commit and none has committed since.
     cut_off: Arc<std::sync::atomic::AtomicBool>,
     /// New DHCP configurations (the fleet configuration changed).
@@ -182,6 +187,7 @@ impl ClusterLeaseStore {
             grant_rates: Default::default(),
             minority: Arc::new(Mutex::new(minority)),
             reconciling: Arc::default(),
+            last_reconcile: None,
             cut_off: Arc::default(),
             reconfigured,
         })
@@ -332,7 +338,13 @@ impl ClusterLeaseStore {
                 wanted.extend(subnet_candidates.iter().copied().take(blocks));
             }
         }
-        self.reconcile();
+        if self
+            .last_reconcile
+            .is_none_or(|last| looked_at.duration_since(last) >= RECONCILE_EVERY)
+        {
+            self.last_reconcile = Some(looked_at);
+            self.reconcile();
+        }
         let allocatable = Some(held);
         if allocatable != self.allocatable {
             self.allocatable = allocatable.clone();
