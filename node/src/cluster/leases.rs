@@ -8,6 +8,9 @@
 //! next try. The state machine refuses a bind
 //! of an address another client holds unexpired, whatever any server's table believed.
 //!
+//! Group commit: batches queue for a few commit slots, and what queued while a slot was busy
+//! goes into one Raft entry, so under load the entries grow rather than their number.
+//!
 //! Address blocks: the dynamic ranges are cut into blocks of [`BLOCK_ADDRESSES`]; a server
 //! gives new clients addresses only from blocks it holds under an unexpired block lease in the
 //! cluster state, so two servers never offer one new address. It takes another block when its
@@ -50,8 +53,13 @@ pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
 /// the minority rules give at once. Each batch still tries, so the first commit after the heal
 /// ends the cut-off mode.
 pub const CUT_OFF_COMMIT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Batches waiting for their commit at once; beyond, new batches fail at once.
-const BATCHES_IN_FLIGHT_MAX: usize = 64;
+/// Commits on their way at once. Batches that arrive meanwhile wait and go into the next
+/// entry together (group commit): under load, entries grow instead of their number.
+const COMMITS_IN_FLIGHT_MAX: usize = 8;
+/// Batches waiting for a commit slot; beyond, new batches fail at once.
+const BATCHES_QUEUED_MAX: usize = 4096;
+/// Lease changes in one Raft entry at most.
+const CHANGES_PER_ENTRY_MAX: usize = 512;
 /// Outcomes waiting for the DHCP service.
 const EVENTS_BUFFERED: usize = 1024;
 /// Addresses in a block.
@@ -80,7 +88,8 @@ pub struct ClusterLeaseStore {
     applied: broadcast::Receiver<AppliedLeases>,
     sender: mpsc::Sender<LeaseEvent>,
     outcomes: mpsc::Receiver<LeaseEvent>,
-    in_flight: Arc<Semaphore>,
+    /// Batches on their way to the group-commit task.
+    queued: mpsc::Sender<QueuedBatch>,
     /// Every block of every dynamic range, in address order.
     blocks: Vec<AddressRange>,
     /// For each of `blocks`, the subnet it is in (its index in the configuration): a server
@@ -107,8 +116,6 @@ pub struct ClusterLeaseStore {
     /// When `minority` was last read for a reconciliation: once a second is enough, and the
     /// blocks are looked at four times as often.
     last_reconcile: Option<tokio::time::Instant>,
-    /// The last batch failed to commit and none has committed since.
-    cut_off: Arc<std::sync::atomic::AtomicBool>,
     /// New DHCP configurations (the fleet configuration changed).
     reconfigured: watch::Receiver<Option<DhcpConfig>>,
 }
@@ -162,10 +169,21 @@ impl ClusterLeaseStore {
         minority_directory: &std::path::Path,
         reconfigured: watch::Receiver<Option<DhcpConfig>>,
     ) -> Result<Self, DhcpServiceError> {
-        let minority = FileLeaseJournal::open(minority_directory)?;
+        let minority_journal = Arc::new(Mutex::new(FileLeaseJournal::open(minority_directory)?));
+        let cut_off: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (blocks, block_subnets) = blocks_of_subnets(subnet_ranges);
         let applied = member.subscribe_leases();
         let (sender, outcomes) = mpsc::channel(EVENTS_BUFFERED);
+        let (queued, queue) = mpsc::channel(BATCHES_QUEUED_MAX);
+        tokio::spawn(group_commits(
+            queue,
+            CommitContext {
+                member: member.clone(),
+                sender: sender.clone(),
+                minority: Arc::clone(&minority_journal),
+                cut_off,
+            },
+        ));
         let mut tick = tokio::time::interval(BLOCK_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self {
@@ -173,7 +191,7 @@ impl ClusterLeaseStore {
             applied,
             sender,
             outcomes,
-            in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
+            queued,
             blocks,
             block_subnets,
             // Until it holds a block, a server gives no new client an address.
@@ -185,10 +203,9 @@ impl ClusterLeaseStore {
             blocks_changed: Arc::default(),
             last_free: Default::default(),
             grant_rates: Default::default(),
-            minority: Arc::new(Mutex::new(minority)),
+            minority: minority_journal,
             reconciling: Arc::default(),
             last_reconcile: None,
-            cut_off: Arc::default(),
             reconfigured,
         })
     }
@@ -502,6 +519,102 @@ fn minority_grants(
 }
 
 /// What the leader's answer to one batch means for each proposal.
+/// A batch from the DHCP core, with the blocks it was made with (for the minority rules).
+#[derive(Debug)]
+struct QueuedBatch {
+    proposals: Vec<LeaseProposal>,
+    blocks: Vec<AddressRange>,
+}
+
+/// What a commit needs besides its batch.
+#[derive(Debug, Clone)]
+struct CommitContext {
+    member: ClusterMember,
+    sender: mpsc::Sender<LeaseEvent>,
+    minority: Arc<Mutex<FileLeaseJournal>>,
+    /// The last batch failed to commit and none has committed since.
+    cut_off: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Group commit: takes queued batches, and whatever queued behind the first while it waited
+/// for a commit slot becomes one Raft entry with it. At low load an entry is one batch and
+/// waits for nothing; under load entries grow, so the log and its fsyncs keep up.
+async fn group_commits(mut queue: mpsc::Receiver<QueuedBatch>, context: CommitContext) {
+    let slots = Arc::new(Semaphore::new(COMMITS_IN_FLIGHT_MAX));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let QueuedBatch {
+            mut proposals,
+            mut blocks,
+        } = first;
+        while proposals.len() < CHANGES_PER_ENTRY_MAX {
+            match queue.try_recv() {
+                Ok(next) => {
+                    proposals.extend(next.proposals);
+                    blocks = next.blocks;
+                }
+                Err(_) => break,
+            }
+        }
+        let context = context.clone();
+        tokio::spawn(async move {
+            commit(context, proposals, blocks).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Commits one entry of lease changes and reports each change's outcome to the DHCP core;
+/// cut off from the majority, answers by the minority rules instead.
+async fn commit(context: CommitContext, proposals: Vec<LeaseProposal>, blocks: Vec<AddressRange>) {
+    let CommitContext {
+        member,
+        sender,
+        minority: journal,
+        cut_off,
+    } = context;
+    let ids: Vec<ProposalId> = proposals.iter().map(|proposal| proposal.id).collect();
+    let records = proposals
+        .iter()
+        .map(|proposal| {
+            let mut record = Vec::new();
+            proposal.change.encode(&mut record);
+            record
+        })
+        .collect();
+    let command = MeshCommand::Leases(records);
+    let wait = if cut_off.load(std::sync::atomic::Ordering::Acquire) {
+        CUT_OFF_COMMIT_TIMEOUT
+    } else {
+        COMMIT_TIMEOUT
+    };
+    let answer = match tokio::time::timeout(wait, member.propose_anywhere(command)).await {
+        Ok(Ok(response)) => Ok(outcome_events(&ids, response)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(format!("not committed within {} ms", wait.as_millis())),
+    };
+    let was_cut_off = cut_off.swap(answer.is_err(), std::sync::atomic::Ordering::AcqRel);
+    if was_cut_off != answer.is_err() {
+        match &answer {
+            Err(reason) => {
+                tracing::warn!(%reason, "cut off from the cluster: answering by the minority rules")
+            }
+            Ok(_) => tracing::info!("commits go through again"),
+        }
+    }
+    let events = match answer {
+        Ok(events) => events,
+        Err(reason) => minority_grants(&member, &blocks, &journal, &proposals, &reason),
+    };
+    for event in events {
+        if sender.send(event).await.is_err() {
+            break;
+        }
+    }
+}
+
 fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent> {
     let MeshResponse::Leases(outcomes) = response else {
         return vec![LeaseEvent::Failed(
@@ -535,59 +648,22 @@ impl LeaseStore for ClusterLeaseStore {
         proposals: Vec<LeaseProposal>,
         _table: &LeaseTable,
     ) -> Result<(), DhcpServiceError> {
-        let ids: Vec<ProposalId> = proposals.iter().map(|proposal| proposal.id).collect();
-        let Ok(permit) = Arc::clone(&self.in_flight).try_acquire_owned() else {
+        let batch = QueuedBatch {
+            proposals,
+            blocks: self.blocks.clone(),
+        };
+        if let Err(refused) = self.queued.try_send(batch) {
+            let ids = match refused {
+                mpsc::error::TrySendError::Full(batch)
+                | mpsc::error::TrySendError::Closed(batch) => {
+                    batch.proposals.iter().map(|proposal| proposal.id).collect()
+                }
+            };
             let _ = self.sender.try_send(LeaseEvent::Failed(
                 ids,
                 "too many lease batches waiting for the cluster".into(),
             ));
-            return Ok(());
-        };
-        let records = proposals
-            .iter()
-            .map(|proposal| {
-                let mut record = Vec::new();
-                proposal.change.encode(&mut record);
-                record
-            })
-            .collect();
-        let member = self.member.clone();
-        let sender = self.sender.clone();
-        let blocks = self.blocks.clone();
-        let journal = Arc::clone(&self.minority);
-        let cut_off = Arc::clone(&self.cut_off);
-        tokio::spawn(async move {
-            let command = MeshCommand::Leases(records);
-            let wait = if cut_off.load(std::sync::atomic::Ordering::Acquire) {
-                CUT_OFF_COMMIT_TIMEOUT
-            } else {
-                COMMIT_TIMEOUT
-            };
-            let answer = match tokio::time::timeout(wait, member.propose_anywhere(command)).await {
-                Ok(Ok(response)) => Ok(outcome_events(&ids, response)),
-                Ok(Err(error)) => Err(error),
-                Err(_) => Err(format!("not committed within {} ms", wait.as_millis())),
-            };
-            let was_cut_off = cut_off.swap(answer.is_err(), std::sync::atomic::Ordering::AcqRel);
-            if was_cut_off != answer.is_err() {
-                match &answer {
-                    Err(reason) => {
-                        tracing::warn!(%reason, "cut off from the cluster: answering by the minority rules")
-                    }
-                    Ok(_) => tracing::info!("commits go through again"),
-                }
-            }
-            let events = match answer {
-                Ok(events) => events,
-                Err(reason) => minority_grants(&member, &blocks, &journal, &proposals, &reason),
-            };
-            for event in events {
-                if sender.send(event).await.is_err() {
-                    break;
-                }
-            }
-            drop(permit);
-        });
+        }
         Ok(())
     }
 
