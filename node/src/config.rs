@@ -92,6 +92,9 @@ pub struct ServerConfig {
     /// Present: this server is a cluster member, with the identity `bootmesh cluster init` or
     /// `cluster join` wrote in `<state_dir>/cluster`.
     pub cluster: Option<ClusterSection>,
+    /// Present: this server serves its images' chunks to the swarm (booting and booted nodes,
+    /// other servers) over QUIC.
+    pub swarm: Option<SwarmSection>,
 }
 
 /// `[cluster]`. Everything about the member itself is in its identity; this section says the
@@ -124,6 +127,19 @@ fn default_snapshot_every() -> u64 {
 
 fn default_log_kept_after_snapshot() -> u64 {
     1000
+}
+
+/// `[swarm]`: serving image chunks to peers over QUIC (ALPN `bootmesh-chunks/1`).
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SwarmSection {
+    /// A UDP address for a chunk endpoint of its own. Without it, a cluster member serves
+    /// chunks on its cluster endpoint (told apart by ALPN); a server outside a cluster must
+    /// name one.
+    pub listen: Option<SocketAddr>,
+    /// The most this server uploads to peers, in MiB/s, so that seeding never starves its
+    /// other work; absent, the network decides.
+    pub upload_mib_per_second: Option<u64>,
 }
 
 /// `[images]`.
@@ -502,6 +518,7 @@ impl FleetConfig {
             groups: Vec::new(),
             images: ImagesSection::default(),
             cluster: None,
+            swarm: None,
         }
         .with_fleet(&fleet)?;
         probe.validate()?;
@@ -547,6 +564,20 @@ impl ServerConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(swarm) = &self.swarm {
+            if swarm.listen.is_none() && self.cluster.is_none() {
+                return Err(invalid(
+                    "swarm.listen",
+                    "a server outside a cluster needs an address for its chunk endpoint",
+                ));
+            }
+            if swarm.upload_mib_per_second == Some(0) {
+                return Err(invalid(
+                    "swarm.upload_mib_per_second",
+                    "0 would upload nothing; leave it out for no limit",
+                ));
+            }
+        }
         let mut group_names = std::collections::BTreeSet::new();
         for (index, group) in self.groups.iter().enumerate() {
             let valid = !group.name.is_empty()

@@ -57,6 +57,37 @@ async fn shutdown_signal(mut signal: watch::Receiver<bool>) {
     }
 }
 
+/// The swarm member of this server: on an endpoint of its own, or on the cluster's.
+fn start_swarm(
+    section: &crate::config::SwarmSection,
+    member: Option<&crate::cluster::member::ClusterMember>,
+) -> Result<Arc<crate::swarm::SwarmNode>, ServeError> {
+    let upload = transfer::swarm::UploadConfig {
+        bytes_per_second: section
+            .upload_mib_per_second
+            .map(|mib| mib.saturating_mul(1024 * 1024)),
+        ..transfer::swarm::UploadConfig::default()
+    };
+    let swarm_error = |error: crate::swarm::SwarmError| ServeError::Task(error.to_string());
+    match (section.listen, member) {
+        (Some(address), _) => {
+            let swarm = crate::swarm::SwarmNode::bind(address, upload).map_err(swarm_error)?;
+            tracing::info!(%address, "serving image chunks to the swarm");
+            Ok(swarm)
+        }
+        (None, Some(member)) => {
+            let swarm = crate::swarm::SwarmNode::with_endpoint(member.endpoint().clone(), upload)
+                .map_err(swarm_error)?;
+            member.attach_swarm(Arc::clone(&swarm));
+            tracing::info!(address = %member.record.address, "serving image chunks to the swarm on the cluster endpoint");
+            Ok(swarm)
+        }
+        (None, None) => Err(ServeError::Task(
+            "[swarm] needs `listen` on a server outside a cluster".into(),
+        )),
+    }
+}
+
 /// Runs every service in `config` until `shutdown` resolves or one of them fails.
 pub async fn serve(
     config: ServerConfig,
@@ -118,6 +149,17 @@ pub async fn serve(
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
             watcher.run(shutdown).await;
+            Ok(())
+        });
+    }
+
+    if let Some(section) = &config.swarm {
+        let swarm = start_swarm(section, member.as_ref())?;
+        let store = Arc::clone(images.store());
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            crate::swarm::offer_store_images(&swarm, store, shutdown).await;
+            swarm.shut_down();
             Ok(())
         });
     }

@@ -23,5 +23,6 @@ pub mod nbd_service;
 pub mod net;
 pub mod plan;
 pub mod seams;
+pub mod swarm;
 pub mod tftp_service;
 pub mod vmlab;

@@ -132,6 +132,33 @@ enum AgentCommand {
         #[arg(long)]
         cmdline: Option<String>,
     },
+    /// Fetches an image from the swarm into a chunk store while serving what it holds to other
+    /// peers, then keeps serving until SIGTERM or SIGINT. Prints `listening`, `progress HELD
+    /// TOTAL`, `complete ...` and `uploaded BYTES` lines on stdout.
+    ///
+    /// Example: `bootmesh agent swarm --manifest 3f2a... --server 10.0.0.1:8080
+    /// --store /var/lib/bootmesh-agent --listen 0.0.0.0:7800 --peer 10.0.0.1:7800`
+    Swarm {
+        /// The image's manifest hash (what `bootmesh image show` prints).
+        #[arg(long)]
+        manifest: String,
+        /// A boot server's HTTP address (ip:port) to ask for the manifest when the store lacks
+        /// it; repeatable.
+        #[arg(long = "server")]
+        servers: Vec<std::net::SocketAddr>,
+        /// The chunk store's directory (created if missing).
+        #[arg(long)]
+        store: PathBuf,
+        /// This member's chunk endpoint (UDP ip:port; port 0 picks one).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// A peer's chunk endpoint (a server's `[swarm]` address or another member); repeatable.
+        #[arg(long = "peer")]
+        peers: Vec<std::net::SocketAddr>,
+        /// The most this member uploads, in MiB/s (default: no limit).
+        #[arg(long)]
+        upload_mib_per_second: Option<u64>,
+    },
     /// Brings up the NIC with `mac` and configures it from DHCP as the agent does at boot, then
     /// prints the lease (for testing the agent's network path outside a VM; needs root).
     Network {
@@ -222,6 +249,40 @@ fn main() -> anyhow::Result<()> {
                 );
                 use std::io::Write;
                 std::io::stdout().write_all(report.as_bytes())?;
+                Ok(())
+            }
+            AgentCommand::Swarm {
+                manifest,
+                servers,
+                store,
+                listen,
+                peers,
+                upload_mib_per_second,
+            } => {
+                let manifest: transfer::ContentHash = manifest
+                    .parse()
+                    .map_err(|error| anyhow::anyhow!("--manifest: {error}"))?;
+                if upload_mib_per_second == Some(0) {
+                    anyhow::bail!("--upload-mib-per-second 0 would upload nothing; leave it out for no limit");
+                }
+                let options = node::swarm::member::MemberOptions {
+                    manifest,
+                    servers,
+                    store,
+                    listen,
+                    peers,
+                    upload_bytes_per_second: upload_mib_per_second
+                        .map(|mib| mib.saturating_mul(1024 * 1024)),
+                    tie_break: u64::from(std::process::id()),
+                };
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    node::swarm::member::run_member(options, termination())
+                        .await
+                        .context("swarm")
+                })?;
                 Ok(())
             }
         },

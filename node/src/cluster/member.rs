@@ -33,12 +33,14 @@ use super::admin::{
 use super::files::{ClusterFiles, IdentityRecord};
 use super::pki::{ClusterCa, JoinToken};
 use super::transport::{
-    ALPN_ADMIN, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, connect, member_client_config,
+    ALPN_ADMIN, ALPN_CHUNKS, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, connect, member_client_config,
     open_stream, peer_server_id, protocol,
 };
 
 /// Connections served at once; more are refused.
 const CONNECTIONS_MAX: usize = 256;
+/// Chunk connections served at once; more are refused (their nodes fetch from peers).
+const CHUNK_CONNECTIONS_MAX: usize = 4096;
 /// Streams served at once per connection.
 const STREAMS_PER_CONNECTION_MAX: usize = 64;
 /// A learner is promoted once it is this close to the leader's last log index.
@@ -97,6 +99,9 @@ pub struct ClusterMember {
     /// Admin connections to other members (requests forwarded to the leader).
     admin_config: quinn::ClientConfig,
     admin_connections: Arc<Mutex<BTreeMap<SocketAddr, Connection>>>,
+    /// The swarm member that serves image chunks on this endpoint, once the daemon has
+    /// started it; until then chunk connections are refused.
+    swarm: Arc<std::sync::OnceLock<Arc<crate::swarm::SwarmNode>>>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -182,6 +187,7 @@ impl ClusterMember {
             applied_leases,
             admin_config,
             admin_connections: Arc::default(),
+            swarm: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -211,6 +217,17 @@ impl ClusterMember {
         Ok(member)
     }
 
+    /// The member's QUIC endpoint (a swarm member shares it for chunk connections).
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Hands chunk connections (ALPN `bootmesh-chunks/1`) to `swarm` from now on. Only the
+    /// first call counts.
+    pub fn attach_swarm(&self, swarm: Arc<crate::swarm::SwarmNode>) {
+        let _attached_before = self.swarm.set(swarm);
+    }
+
     /// Serves until `shutdown` resolves, then stops Raft and closes the endpoint.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ClusterError> {
         let mut tasks = tokio::task::JoinSet::new();
@@ -228,6 +245,9 @@ impl ClusterMember {
 
     async fn accept_connections(self) {
         let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+        // Chunk connections (one per fetching node, thousands in a boot storm) have slots of
+        // their own, so that they can never crowd out Raft and admin connections.
+        let chunk_slots = Arc::new(Semaphore::new(CHUNK_CONNECTIONS_MAX));
         while let Some(incoming) = self.endpoint.accept().await {
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 tracing::warn!(remote = %incoming.remote_address(), "cluster connection refused: too many");
@@ -235,9 +255,15 @@ impl ClusterMember {
                 continue;
             };
             let member = self.clone();
+            let chunk_slots = Arc::clone(&chunk_slots);
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 match incoming.await {
+                    Ok(connection) if protocol(&connection).as_deref() == Some(ALPN_CHUNKS) => {
+                        drop(permit);
+                        member.serve_chunk_connection(connection, &chunk_slots).await;
+                        return;
+                    }
                     Ok(connection) => member.serve_connection(connection).await,
                     Err(error) => {
                         tracing::info!(%remote, %error, "cluster handshake failed");
@@ -256,6 +282,18 @@ impl ClusterMember {
         let metrics = metrics.borrow();
         let mut nodes = metrics.membership_config.nodes().peekable();
         nodes.peek().is_none() || nodes.any(|(id, _)| *id == server_id)
+    }
+
+    async fn serve_chunk_connection(self, connection: Connection, slots: &Arc<Semaphore>) {
+        let Ok(_slot) = Arc::clone(slots).try_acquire_owned() else {
+            tracing::warn!(remote = %connection.remote_address(), "chunk connection refused: too many");
+            connection.close(crate::swarm::CLOSE_BUSY.into(), b"too many peers");
+            return;
+        };
+        match self.swarm.get() {
+            Some(swarm) => Arc::clone(swarm).serve_connection(connection).await,
+            None => connection.close(crate::swarm::CLOSE_UNKNOWN_IMAGE.into(), b"no swarm here"),
+        }
     }
 
     async fn serve_connection(self, connection: Connection) {

@@ -1,8 +1,8 @@
 //! One QUIC endpoint per server (quinn), mutual TLS under the cluster CA, protocols told apart
 //! by ALPN: `bootmesh-raft/1` (Raft messages, `consensus::rpc` frames on bidirectional
 //! streams), `bootmesh-admin/1` (the CLI's requests) and `bootmesh-join/1` (a new server's one
-//! request, the only one allowed without a certificate). Chunks will share the endpoint
-//! under their own ALPN.
+//! request, the only one allowed without a certificate) and `bootmesh-chunks/1` (image chunks
+//! for the swarm: no certificate asked, chunks are trusted by hash).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -23,6 +23,8 @@ pub const ALPN_RAFT: &[u8] = b"bootmesh-raft/1";
 pub const ALPN_ADMIN: &[u8] = b"bootmesh-admin/1";
 /// A new server's join request.
 pub const ALPN_JOIN: &[u8] = b"bootmesh-join/1";
+/// Image chunks between swarm members (no certificate asked: chunks are trusted by hash).
+pub const ALPN_CHUNKS: &[u8] = crate::swarm::ALPN_CHUNKS;
 
 /// A QUIC bidirectional stream as one byte stream.
 pub type QuicStream = tokio::io::Join<quinn::RecvStream, quinn::SendStream>;
@@ -44,7 +46,7 @@ pub fn bind_server(
     address: SocketAddr,
     identity: &ServerIdentity,
 ) -> Result<Endpoint, ClusterError> {
-    let tls = identity.server_config(&[ALPN_RAFT, ALPN_ADMIN, ALPN_JOIN])?;
+    let tls = identity.server_config(&[ALPN_RAFT, ALPN_ADMIN, ALPN_JOIN, ALPN_CHUNKS])?;
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|error| ClusterError::Transport(format!("server TLS for QUIC: {error}")))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));

@@ -19,5 +19,6 @@ mod initramfs;
 mod lab;
 mod nbd;
 mod serve;
+mod swarm;
 mod tftp;
 mod vm;

@@ -1,13 +1,18 @@
-//! The swarm's sans-IO parts (DESIGN 5.3): the messages peers exchange about one image, which
-//! chunks each peer holds, and the fetch scheduler that decides what to ask whom. No sockets,
-//! clocks or randomness here: a driver feeds events with the time and carries out the actions.
+//! The swarm's sans-IO parts (DESIGN 5.3): how peers number an image's chunks, the messages
+//! they exchange about it, which chunks each peer holds, the fetch scheduler that decides what
+//! to ask whom, and the upload gate that decides what to send next. No sockets, clocks or
+//! randomness here: a driver feeds events with the time and carries out the actions.
 
 pub mod bitfield;
+pub mod image;
 pub mod scheduler;
+pub mod upload;
 pub mod wire;
 
 pub use bitfield::{Bitfield, BitfieldError};
+pub use image::{SwarmImage, TooManyChunks};
 pub use scheduler::{
     ChunkArrival, FetchAction, FetchScheduler, PeerId, SchedulerConfig, SchedulerError,
 };
-pub use wire::{Message, Priority, WireError};
+pub use upload::{Admission, Ticket, UploadConfig, UploadEvent, UploadGate};
+pub use wire::{Message, Priority, WireError, decode_frame};

@@ -204,6 +204,17 @@ impl Message {
     }
 }
 
+/// The first bytes of a `Data` frame for chunk `index` of `length` bytes, so that a sender
+/// can write them and then the chunk's bytes as they are, without copying them into a frame.
+pub fn data_frame_header(index: u32, length: usize) -> [u8; 9] {
+    let frame_length = u32::try_from(length + 5).unwrap_or(u32::MAX);
+    let mut header = [0u8; 9];
+    header[..4].copy_from_slice(&frame_length.to_be_bytes());
+    header[4] = DATA;
+    header[5..].copy_from_slice(&index.to_be_bytes());
+    header
+}
+
 /// Takes one frame off the front of `buffer`: `Ok(None)` until a whole frame is there, then
 /// the message and how many bytes it took.
 pub fn decode_frame(buffer: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
@@ -494,5 +505,19 @@ mod tests {
             decode_frame(&frame(&[HAVE, 0, 0, 0, 9, 0x00, 0xff])),
             Err(WireError::Bitfield(BitfieldError::TrailingBits { .. }))
         ));
+    }
+
+    #[test]
+    fn a_data_frame_written_as_header_and_bytes_decodes_like_an_encoded_one() {
+        let bytes = vec![7u8; 1000];
+        let mut encoded = Vec::new();
+        Message::Data {
+            index: 42,
+            bytes: bytes.clone(),
+        }
+        .encode(&mut encoded);
+        let mut written = data_frame_header(42, bytes.len()).to_vec();
+        written.extend_from_slice(&bytes);
+        assert_eq!(written, encoded);
     }
 }

@@ -1,0 +1,436 @@
+//! Fetching an image from the swarm: the driver of `transfer::swarm::FetchScheduler`. It dials
+//! the peers it was given, takes in every peer that dials it about the same image, carries out
+//! the scheduler's requests (one QUIC stream each), verifies each chunk against the manifest
+//! before it is stored or announced, and bans a peer that sends a wrong one.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a driver: it spawns request tasks and reads the clock for the scheduler"
+)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use quinn::Connection;
+use tokio::sync::mpsc;
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+use transfer::swarm::wire::FRAME_BYTES_MAX;
+use transfer::swarm::{
+    Bitfield, ChunkArrival, FetchAction, FetchScheduler, Message, PeerId, Priority,
+    SchedulerConfig, decode_frame,
+};
+use transfer::{ChunkRef, verify_chunk};
+
+use super::peering::{SharedImage, SwarmNode, write_message};
+use super::{CLOSE_BANNED, SwarmError};
+
+/// Events the peerings of an image report to its fetch.
+#[derive(Debug)]
+pub(crate) enum FetchEvent {
+    /// A peering is up (dialed or accepted).
+    PeerUp {
+        peer: PeerId,
+        address: SocketAddr,
+        connection: Connection,
+        have: Bitfield,
+    },
+    /// The peer holds one more chunk.
+    HaveChunk { peer: PeerId, index: u32 },
+    /// The peer sent a whole new bitfield.
+    PeerHave { peer: PeerId, have: Bitfield },
+    /// The peering closed.
+    PeerGone { peer: PeerId },
+    /// A dial failed.
+    DialFailed { address: SocketAddr, error: String },
+}
+
+/// Settings of one fetch.
+#[derive(Debug, Clone)]
+pub struct SwarmFetchConfig {
+    /// The scheduler's bounds and pauses.
+    pub scheduler: SchedulerConfig,
+    /// How long the fetch may go without a chunk arriving, while no peer holds what is
+    /// missing or none answers, before it gives up.
+    pub stall_timeout: Duration,
+    /// Mixes the rarest-first order of this fetcher (from its seeded randomness).
+    pub tie_break: u64,
+}
+
+impl Default for SwarmFetchConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            stall_timeout: Duration::from_secs(30),
+            tie_break: 0,
+        }
+    }
+}
+
+/// What one peer gave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceReport {
+    /// Verified chunks from it.
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Chunks from it that failed verification (one bans it).
+    pub rejected: u64,
+}
+
+/// How a fetch went.
+#[derive(Debug, Clone, Default)]
+pub struct FetchReport {
+    /// Chunks fetched (not counting those held before).
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Per peer address.
+    pub sources: BTreeMap<SocketAddr, SourceReport>,
+    /// How long it took.
+    pub elapsed: Duration,
+}
+
+/// What a request came back with.
+enum Answer {
+    Verified { bytes: u64 },
+    Corrupt(String),
+    Busy(Duration),
+    NotHere,
+    Failed(String),
+    /// The chunk was good but could not be kept: the fetch cannot go on.
+    StoreFailed(String),
+}
+
+/// The first pause before the given peers are dialled again, and the longest.
+const REDIAL_FIRST: Duration = Duration::from_millis(500);
+const REDIAL_MAX: Duration = Duration::from_secs(4);
+
+struct Peer {
+    address: SocketAddr,
+    connection: Connection,
+}
+
+impl SwarmNode {
+    /// Fetches every chunk of `image` that is not held yet, from `peers` and from whoever
+    /// dials this member about the image meanwhile, and offers the image to others as it
+    /// fills. Returns when every chunk is held and verified.
+    pub async fn fetch(
+        self: &Arc<Self>,
+        image: Arc<SharedImage>,
+        peers: &[SocketAddr],
+        config: SwarmFetchConfig,
+    ) -> Result<FetchReport, SwarmError> {
+        let started = Instant::now();
+        let manifest = image.image().manifest();
+        let total = image.image().chunk_count();
+        let stalled = |held: &Bitfield, detail: String| SwarmError::Stalled {
+            manifest,
+            missing: total - held.count(),
+            total,
+            detail,
+        };
+        let mut scheduler = FetchScheduler::new(
+            config.scheduler,
+            image.held(),
+            image.image().boot_critical(),
+            config.tie_break,
+        )
+        .map_err(|error| stalled(&image.held(), error.to_string()))?;
+        let (events_sender, mut events) = mpsc::channel(1024);
+        image.set_fetch(Some(events_sender.clone()));
+        let _unregister = Unregister(Arc::clone(&image));
+        self.offer(Arc::clone(&image));
+
+        let own = self.local_addr();
+        let peers: Vec<SocketAddr> = peers
+            .iter()
+            .copied()
+            .filter(|address| Some(*address) != own)
+            .collect();
+        let mut dials = JoinSet::new();
+        self.dial_all(&mut dials, &peers, &image, &events_sender);
+        let mut redial_after = REDIAL_FIRST;
+        let mut redial_at: Option<Instant> = None;
+
+        let mut report = FetchReport::default();
+        let mut known: HashMap<PeerId, Peer> = HashMap::new();
+        // Every peer ever taken in, so that a chunk that arrives just after its peer went
+        // is still counted for it.
+        let mut addresses: HashMap<PeerId, SocketAddr> = HashMap::new();
+        let mut requests: JoinSet<(PeerId, u32, Answer)> = JoinSet::new();
+        let mut in_flight: HashMap<(PeerId, u32), AbortHandle> = HashMap::new();
+        let mut last_progress = Instant::now();
+        let mut last_error = String::from("no peer answered");
+        loop {
+            while let Some(action) = scheduler.poll_action() {
+                match action {
+                    FetchAction::Request {
+                        peer,
+                        index,
+                        priority,
+                    } => {
+                        let (Some(known_peer), Some(chunk)) =
+                            (known.get(&peer), image.image().chunk(index).copied())
+                        else {
+                            continue;
+                        };
+                        let connection = known_peer.connection.clone();
+                        let image = Arc::clone(&image);
+                        let handle = requests.spawn(async move {
+                            let answer =
+                                request_chunk(&connection, &image, index, chunk, priority).await;
+                            (peer, index, answer)
+                        });
+                        in_flight.insert((peer, index), handle);
+                    }
+                    FetchAction::Cancel { peer, index } => {
+                        if let Some(handle) = in_flight.remove(&(peer, index)) {
+                            handle.abort();
+                        }
+                    }
+                    FetchAction::Ban { peer, index } => {
+                        if let Some(banned) = known.remove(&peer) {
+                            tracing::error!(
+                                peer = %banned.address,
+                                index,
+                                "BANNED peer: it sent a chunk that does not match the manifest"
+                            );
+                            banned.connection.close(CLOSE_BANNED.into(), b"wrong chunk");
+                        }
+                    }
+                    FetchAction::Complete => {
+                        report.elapsed = started.elapsed();
+                        tracing::info!(
+                            %manifest,
+                            chunks = report.chunks,
+                            bytes = report.bytes,
+                            peers = report.sources.len(),
+                            elapsed_ms = report.elapsed.as_millis() as u64,
+                            "image complete"
+                        );
+                        return Ok(report);
+                    }
+                }
+            }
+            if last_progress.elapsed() >= config.stall_timeout {
+                return Err(stalled(scheduler.held(), last_error));
+            }
+            // With nobody to ask, the given peers are dialled again, less and less often,
+            // until one answers or the fetch stalls (a server may be restarting).
+            if known.is_empty() && dials.is_empty() {
+                let now = Instant::now();
+                match redial_at {
+                    Some(at) if at <= now => {
+                        redial_at = None;
+                        self.dial_all(&mut dials, &peers, &image, &events_sender);
+                        redial_after = (redial_after * 2).min(REDIAL_MAX);
+                    }
+                    Some(_) => {}
+                    None => redial_at = Some(now + redial_after),
+                }
+            }
+            let stall_at = last_progress + config.stall_timeout;
+            let wake_at = [scheduler.poll_timeout().map(Instant::from_std), redial_at]
+                .into_iter()
+                .flatten()
+                .fold(stall_at, Instant::min);
+            tokio::select! {
+                event = events.recv() => {
+                    let Some(event) = event else {
+                        continue;
+                    };
+                    let now = Instant::now().into_std();
+                    match event {
+                        FetchEvent::PeerUp { peer, address, connection, have } => {
+                            match scheduler.handle_peer(now, peer, have) {
+                                Ok(()) => {
+                                    addresses.insert(peer, address);
+                                    known.insert(peer, Peer { address, connection });
+                                    redial_after = REDIAL_FIRST;
+                                }
+                                Err(error) => {
+                                    tracing::debug!(%address, %error, "peer not taken in");
+                                }
+                            }
+                        }
+                        FetchEvent::HaveChunk { peer, index } => {
+                            let _unknown = scheduler.handle_have_chunk(now, peer, index);
+                        }
+                        FetchEvent::PeerHave { peer, have } => {
+                            if known.contains_key(&peer) {
+                                let _refused = scheduler.handle_peer(now, peer, have);
+                            }
+                        }
+                        FetchEvent::PeerGone { peer } => {
+                            if let Some(gone) = known.remove(&peer) {
+                                tracing::info!(peer = %gone.address, "peer gone; its requests go elsewhere");
+                                last_error = format!("{} went away", gone.address);
+                            }
+                            scheduler.handle_peer_gone(now, peer);
+                        }
+                        FetchEvent::DialFailed { address, error } => {
+                            tracing::warn!(peer = %address, %error, "could not reach a peer");
+                            last_error = error;
+                        }
+                    }
+                }
+                Some(finished) = requests.join_next() => {
+                    let Ok((peer, index, answer)) = finished else {
+                        // Aborted (cancelled) requests end here.
+                        continue;
+                    };
+                    in_flight.remove(&(peer, index));
+                    let now = Instant::now().into_std();
+                    let address = addresses.get(&peer).copied();
+                    match answer {
+                        Answer::Verified { bytes } => {
+                            last_progress = Instant::now();
+                            image.mark_held(index);
+                            self.stats().chunks_downloaded.fetch_add(1, Ordering::Relaxed);
+                            self.stats().bytes_downloaded.fetch_add(bytes, Ordering::Relaxed);
+                            if !scheduler.held().contains(index) {
+                                report.chunks += 1;
+                                report.bytes += bytes;
+                                if let Some(address) = address {
+                                    let source = report.sources.entry(address).or_default();
+                                    source.chunks += 1;
+                                    source.bytes += bytes;
+                                }
+                            }
+                            let _out_of_range =
+                                scheduler.handle_chunk(now, peer, index, ChunkArrival::Verified);
+                        }
+                        Answer::Corrupt(reason) => {
+                            self.stats().chunks_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::error!(
+                                peer = ?address,
+                                index,
+                                %reason,
+                                "REJECTED chunk: not what the manifest names; nothing of it is kept"
+                            );
+                            if let Some(address) = address {
+                                report.sources.entry(address).or_default().rejected += 1;
+                            }
+                            last_error = reason;
+                            let _out_of_range =
+                                scheduler.handle_chunk(now, peer, index, ChunkArrival::Corrupt);
+                        }
+                        Answer::Busy(retry_after) => {
+                            let _out_of_range =
+                                scheduler.handle_refused(now, peer, index, Some(retry_after));
+                        }
+                        Answer::NotHere => {
+                            let _out_of_range = scheduler.handle_refused(now, peer, index, None);
+                        }
+                        Answer::StoreFailed(reason) => {
+                            return Err(SwarmError::Shelf(reason));
+                        }
+                        Answer::Failed(reason) => {
+                            tracing::debug!(peer = ?address, index, %reason, "request failed");
+                            last_error = reason;
+                            // Whatever broke (usually the connection) gets a moment; a closed
+                            // peering reports itself gone.
+                            let _out_of_range = scheduler.handle_refused(
+                                now,
+                                peer,
+                                index,
+                                Some(Duration::from_secs(1)),
+                            );
+                        }
+                    }
+                }
+                Some(_dialled) = dials.join_next() => {}
+                () = tokio::time::sleep_until(wake_at) => {
+                    scheduler.handle_timeout(Instant::now().into_std());
+                }
+            }
+        }
+    }
+}
+
+impl SwarmNode {
+    fn dial_all(
+        self: &Arc<Self>,
+        dials: &mut JoinSet<()>,
+        peers: &[SocketAddr],
+        image: &Arc<SharedImage>,
+        events: &mpsc::Sender<FetchEvent>,
+    ) {
+        for &address in peers {
+            let node = Arc::clone(self);
+            let image = Arc::clone(image);
+            let events = events.clone();
+            dials.spawn(async move {
+                if let Err(error) = node.dial(address, &image).await {
+                    let _fetch_over = events
+                        .send(FetchEvent::DialFailed {
+                            address,
+                            error: error.to_string(),
+                        })
+                        .await;
+                }
+            });
+        }
+    }
+}
+
+/// Takes the image's fetch registration away when the fetch ends, however it ends.
+struct Unregister(Arc<SharedImage>);
+
+impl Drop for Unregister {
+    fn drop(&mut self) {
+        self.0.set_fetch(None);
+    }
+}
+
+/// One request on its own stream: the answer, with `Data` verified and stored.
+async fn request_chunk(
+    connection: &Connection,
+    image: &SharedImage,
+    index: u32,
+    chunk: ChunkRef,
+    priority: Priority,
+) -> Answer {
+    let (mut send, mut receive) = match connection.open_bi().await {
+        Ok(streams) => streams,
+        Err(error) => return Answer::Failed(format!("open a stream: {error}")),
+    };
+    if let Err(error) = write_message(&mut send, &Message::Request { index, priority }).await {
+        return Answer::Failed(format!("send the request: {error}"));
+    }
+    let _already_closed = send.finish();
+    let frame = match receive.read_to_end(FRAME_BYTES_MAX + 4).await {
+        Ok(frame) => frame,
+        Err(error) => return Answer::Failed(format!("read the answer: {error}")),
+    };
+    let message = match decode_frame(&frame) {
+        Ok(Some((message, used))) if used == frame.len() => message,
+        Ok(_) => return Answer::Failed("the answer is not one whole frame".into()),
+        Err(error) => return Answer::Failed(format!("bad answer: {error}")),
+    };
+    match message {
+        Message::Data {
+            index: sent_index,
+            bytes,
+        } if sent_index == index => {
+            if let Err(error) = verify_chunk(&chunk, &bytes) {
+                return Answer::Corrupt(error.to_string());
+            }
+            let length = bytes.len() as u64;
+            let shelf = Arc::clone(image.shelf());
+            match tokio::task::spawn_blocking(move || shelf.store(&chunk, &bytes)).await {
+                Ok(Ok(())) => Answer::Verified { bytes: length },
+                Ok(Err(error)) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
+                Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
+            }
+        }
+        Message::Busy { retry_after_ms, .. } => {
+            Answer::Busy(Duration::from_millis(u64::from(retry_after_ms)))
+        }
+        Message::NotHere { .. } => Answer::NotHere,
+        other => Answer::Failed(format!("answered a request with {}", other.kind())),
+    }
+}

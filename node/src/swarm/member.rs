@@ -1,0 +1,157 @@
+//! `bootmesh agent swarm`: one swarm member as a process. It fetches an image into a chunk
+//! store from its peers while serving what it holds, then keeps serving until it is told to
+//! stop. Booted nodes run it to share their image; tests and benchmarks run many of them.
+//!
+//! It prints one line per event on stdout, for scripts and tests: `listening ADDR`,
+//! `progress HELD TOTAL` (at most every 100 ms, while chunks arrive), `complete ...` with the
+//! bytes per source, and `uploaded BYTES` when it stops.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the member's driver: it reads the clock for its progress lines"
+)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use transfer::swarm::{SwarmImage, UploadConfig};
+use transfer::{ChunkStore, ContentHash, Manifest, StoreError};
+
+use super::{FetchReport, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig, SwarmNode};
+use crate::agent::fetch::{HttpTransport, fetch_manifest};
+
+/// Verified chunks kept in memory for serving.
+const CHUNK_CACHE_BYTES: usize = 256 * 1024 * 1024;
+/// How often progress is printed while chunks arrive.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// What one member does.
+#[derive(Debug, Clone)]
+pub struct MemberOptions {
+    /// The image.
+    pub manifest: ContentHash,
+    /// Boot servers' HTTP addresses, asked for the manifest when the store lacks it.
+    pub servers: Vec<SocketAddr>,
+    /// Where chunks are kept.
+    pub store: PathBuf,
+    /// This member's chunk endpoint.
+    pub listen: SocketAddr,
+    /// Peers to fetch from (servers' chunk endpoints, other members).
+    pub peers: Vec<SocketAddr>,
+    /// Upload cap.
+    pub upload_bytes_per_second: Option<u64>,
+    /// Mixes this member's rarest-first order.
+    pub tie_break: u64,
+}
+
+fn print_line(line: &str) {
+    let mut stdout = std::io::stdout().lock();
+    // A closed stdout (nobody reads the progress) must not stop the member.
+    let _unread = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+}
+
+fn store_error(error: StoreError) -> SwarmError {
+    SwarmError::Shelf(error.to_string())
+}
+
+/// Runs the member until the image is complete and then until `shutdown` resolves.
+pub async fn run_member(
+    options: MemberOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<FetchReport, SwarmError> {
+    let store = Arc::new(ChunkStore::open(&options.store, CHUNK_CACHE_BYTES).map_err(store_error)?);
+    let manifest = load_manifest(&store, &options).await?;
+    let image = SwarmImage::new(options.manifest, &manifest, &[])?;
+    let total = image.chunk_count();
+    let shelf = Arc::new(StoreShelf::new(Arc::clone(&store)));
+    let shared = tokio::task::spawn_blocking(move || SharedImage::new(image, shelf))
+        .await
+        .map_err(|error| SwarmError::Shelf(error.to_string()))?;
+    let upload = UploadConfig {
+        bytes_per_second: options.upload_bytes_per_second,
+        ..UploadConfig::default()
+    };
+    let node = SwarmNode::bind(options.listen, upload)?;
+    node.offer(Arc::clone(&shared));
+    if let Some(address) = node.local_addr() {
+        print_line(&format!("listening {address}"));
+    }
+    let progress = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut printed = None;
+            loop {
+                let held = shared.held().count();
+                if printed != Some(held) {
+                    print_line(&format!("progress {held} {total}"));
+                    printed = Some(held);
+                }
+                if held == total {
+                    return;
+                }
+                tokio::time::sleep(PROGRESS_EVERY).await;
+            }
+        })
+    };
+    let config = SwarmFetchConfig {
+        tie_break: options.tie_break,
+        ..SwarmFetchConfig::default()
+    };
+    let report = node.fetch(Arc::clone(&shared), &options.peers, config).await;
+    progress.abort();
+    let report = report?;
+    tokio::task::spawn_blocking({
+        let store = Arc::clone(&store);
+        move || store.sync()
+    })
+    .await
+    .map_err(|error| SwarmError::Shelf(error.to_string()))?
+    .map_err(store_error)?;
+    print_line(&format!("progress {total} {total}"));
+    let sources: Vec<String> = report
+        .sources
+        .iter()
+        .map(|(address, source)| format!("{address}={}", source.bytes))
+        .collect();
+    print_line(&format!(
+        "complete chunks={} bytes={} elapsed_ms={} sources={}",
+        report.chunks,
+        report.bytes,
+        report.elapsed.as_millis(),
+        sources.join(",")
+    ));
+    shutdown.await;
+    print_line(&format!(
+        "uploaded {}",
+        node.stats().bytes_uploaded.load(Ordering::Relaxed)
+    ));
+    node.shut_down();
+    Ok(report)
+}
+
+/// The manifest from the store, or else from a server (verified by its hash, then stored).
+async fn load_manifest(
+    store: &Arc<ChunkStore>,
+    options: &MemberOptions,
+) -> Result<Manifest, SwarmError> {
+    match store.manifest(&options.manifest) {
+        Ok(manifest) => return Ok(manifest),
+        Err(StoreError::ManifestMissing { .. }) => {}
+        Err(error) => return Err(store_error(error)),
+    }
+    if options.servers.is_empty() {
+        return Err(SwarmError::Shelf(format!(
+            "manifest {} is not in the store and no --server was given to ask for it",
+            options.manifest
+        )));
+    }
+    let transport = HttpTransport::new(options.servers.clone());
+    let manifest = fetch_manifest(&transport, &options.manifest)
+        .await
+        .map_err(|error| SwarmError::Shelf(error.to_string()))?;
+    store.put_manifest(&manifest).map_err(store_error)?;
+    Ok(manifest)
+}

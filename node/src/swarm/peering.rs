@@ -1,0 +1,660 @@
+//! A swarm member (boot server or agent) and its peerings: the images it offers, the
+//! handshake on a new connection in either direction, the HAVE exchange on the control
+//! stream, and the serving of chunk requests through the node's upload gate.
+#![allow(
+    clippy::disallowed_methods,
+    reason = "a driver: it spawns the tasks of each peering and reads the clock for timeouts"
+)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use tokio::sync::{broadcast, mpsc};
+use tracing::Instrument;
+use transfer::ContentHash;
+use transfer::swarm::wire::{FRAME_BYTES_MAX, data_frame_header};
+use transfer::swarm::{
+    Bitfield, Message, PeerId, Priority, SwarmImage, UploadConfig, decode_frame,
+};
+
+use super::fetch::FetchEvent;
+use super::shelf::ChunkShelf;
+use super::uploader::{Turn, Uploader};
+use super::{
+    CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_config,
+};
+
+/// How long a new peering may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HAVE announcements a slow peering may fall behind by before it is sent a whole bitfield.
+const ANNOUNCEMENTS_BUFFERED: usize = 4096;
+/// The largest request frame (length, kind, index, priority).
+const REQUEST_FRAME_BYTES_MAX: usize = 16;
+
+/// One image a member offers (and, while it fetches, fills).
+pub struct SharedImage {
+    image: SwarmImage,
+    shelf: Arc<dyn ChunkShelf>,
+    held: Mutex<Bitfield>,
+    /// Every chunk gained, for the peerings to announce.
+    gained: broadcast::Sender<u32>,
+    /// The fetch that runs for this image, if one does: peerings report to it.
+    fetch: Mutex<Option<mpsc::Sender<FetchEvent>>>,
+}
+
+impl std::fmt::Debug for SharedImage {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SharedImage")
+            .field("manifest", &self.image.manifest())
+            .field("held", &self.held().count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedImage {
+    /// `image` kept on `shelf`; which chunks are held is read from the shelf (blocking).
+    pub fn new(image: SwarmImage, shelf: Arc<dyn ChunkShelf>) -> Arc<Self> {
+        let mut held = Bitfield::empty(image.chunk_count());
+        for (index, chunk) in (0u32..).zip(image.chunks()) {
+            if shelf.holds(chunk) {
+                held.insert(index);
+            }
+        }
+        let (gained, _) = broadcast::channel(ANNOUNCEMENTS_BUFFERED);
+        Arc::new(Self {
+            image,
+            shelf,
+            held: Mutex::new(held),
+            gained,
+            fetch: Mutex::new(None),
+        })
+    }
+
+    /// The image's numbering.
+    pub fn image(&self) -> &SwarmImage {
+        &self.image
+    }
+
+    /// Where its chunks are kept.
+    pub fn shelf(&self) -> &Arc<dyn ChunkShelf> {
+        &self.shelf
+    }
+
+    /// The chunks held now.
+    pub fn held(&self) -> Bitfield {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Chunk `index` is held now (stored and verified): announce it.
+    pub(crate) fn mark_held(&self, index: u32) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.insert(index) {
+            // Sent under the lock, so that a peering that subscribes and then copies the
+            // bitfield never misses a chunk between the two.
+            let _no_peerings = self.gained.send(index);
+        }
+    }
+
+    /// The held bitfield and a subscription to every chunk gained after it.
+    fn held_and_subscribe(&self) -> (Bitfield, broadcast::Receiver<u32>) {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        (held.clone(), self.gained.subscribe())
+    }
+
+    pub(crate) fn set_fetch(&self, fetch: Option<mpsc::Sender<FetchEvent>>) {
+        *self.fetch.lock().unwrap_or_else(PoisonError::into_inner) = fetch;
+    }
+
+    fn fetch(&self) -> Option<mpsc::Sender<FetchEvent>> {
+        self.fetch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What a member has done, for reports and benchmarks.
+#[derive(Debug, Default)]
+pub struct SwarmStats {
+    /// Chunks sent to peers.
+    pub chunks_uploaded: AtomicU64,
+    /// Bytes of chunks sent to peers.
+    pub bytes_uploaded: AtomicU64,
+    /// Requests answered "busy".
+    pub requests_refused_busy: AtomicU64,
+    /// Requests answered "not here".
+    pub requests_not_here: AtomicU64,
+    /// Chunks received and verified.
+    pub chunks_downloaded: AtomicU64,
+    /// Bytes of chunks received and verified.
+    pub bytes_downloaded: AtomicU64,
+    /// Chunks received that failed verification (never stored).
+    pub chunks_rejected: AtomicU64,
+}
+
+/// A swarm member: its endpoint, the images it offers, its upload gate.
+pub struct SwarmNode {
+    endpoint: Endpoint,
+    client_config: quinn::ClientConfig,
+    images: Mutex<HashMap<ContentHash, Arc<SharedImage>>>,
+    uploader: Uploader,
+    next_peer: AtomicU64,
+    stats: SwarmStats,
+}
+
+impl std::fmt::Debug for SwarmNode {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("SwarmNode")
+            .field("address", &self.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SwarmNode {
+    /// A member with an endpoint of its own at `address` (a throwaway certificate; agents
+    /// and tests), accepting peerings until the returned node is dropped.
+    pub fn bind(address: SocketAddr, upload: UploadConfig) -> Result<Arc<Self>, SwarmError> {
+        let (certificate, key) = tls::ephemeral_identity()?;
+        let server = tls::server_config(certificate, key, transport_config())?;
+        let endpoint = Endpoint::server(server, address)
+            .map_err(|source| SwarmError::Bind { address, source })?;
+        let node = Self::with_endpoint(endpoint.clone(), upload)?;
+        let weak = Arc::downgrade(&node);
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let Some(node) = weak.upgrade() else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    match incoming.await {
+                        Ok(connection) => node.serve_connection(connection).await,
+                        Err(error) => tracing::debug!(%error, "a peer's handshake failed"),
+                    }
+                });
+            }
+        });
+        Ok(node)
+    }
+
+    /// A member on an endpoint someone else accepts on (a boot server's cluster endpoint,
+    /// which hands it the connections that chose [`ALPN_CHUNKS`](super::ALPN_CHUNKS)).
+    pub fn with_endpoint(endpoint: Endpoint, upload: UploadConfig) -> Result<Arc<Self>, SwarmError> {
+        Ok(Arc::new(Self {
+            endpoint,
+            client_config: tls::client_config(transport_config())?,
+            images: Mutex::default(),
+            uploader: Uploader::start(upload),
+            next_peer: AtomicU64::new(1),
+            stats: SwarmStats::default(),
+        }))
+    }
+
+    /// Where peers reach this member.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.endpoint.local_addr().ok()
+    }
+
+    /// What it has done so far.
+    pub fn stats(&self) -> &SwarmStats {
+        &self.stats
+    }
+
+    /// Offers `image` to peers (replacing an earlier offer of the same manifest).
+    pub fn offer(&self, image: Arc<SharedImage>) {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(image.image().manifest(), image);
+    }
+
+    /// Stops offering the image whose manifest is `manifest` (peerings about it end as their
+    /// peers go).
+    pub fn withdraw(&self, manifest: &ContentHash) {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(manifest);
+    }
+
+    /// The manifests offered.
+    pub fn offered_manifests(&self) -> std::collections::BTreeSet<ContentHash> {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// The offered image whose manifest is `manifest`.
+    pub fn offered(&self, manifest: &ContentHash) -> Option<Arc<SharedImage>> {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(manifest)
+            .cloned()
+    }
+
+    /// Stops serving: every peering is closed at once and nothing more is accepted.
+    pub fn shut_down(&self) {
+        self.images
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+        self.endpoint.close(super::CLOSE_DONE.into(), b"shutting down");
+    }
+
+    fn next_peer_id(&self) -> PeerId {
+        self.next_peer.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Serves a connection a peer opened: the handshake, then the peering until it closes.
+    pub async fn serve_connection(self: Arc<Self>, connection: Connection) {
+        let address = connection.remote_address();
+        let span = tracing::info_span!("peering", peer = %address, side = "accepted");
+        async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_handshake(&connection))
+                .await
+            {
+                Ok(Ok(Some((image, control, have)))) => {
+                    self.run_peering(connection, control, image, have).await;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(error)) => {
+                    tracing::info!(%error, "peering refused");
+                    connection.close(CLOSE_PROTOCOL.into(), b"protocol");
+                }
+                Err(_) => {
+                    tracing::info!("no hello in time");
+                    connection.close(CLOSE_PROTOCOL.into(), b"no hello");
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+
+    async fn accept_handshake(
+        &self,
+        connection: &Connection,
+    ) -> Result<Option<(Arc<SharedImage>, Control, Bitfield)>, SwarmError> {
+        let address = connection.remote_address();
+        let peer_error = |reason: String| SwarmError::Peer {
+            peer: address,
+            reason,
+        };
+        let (send, receive) = connection
+            .accept_bi()
+            .await
+            .map_err(|error| peer_error(format!("no control stream: {error}")))?;
+        let mut reader = FrameReader::new(receive);
+        let Message::Hello {
+            manifest,
+            chunk_count,
+        } = reader.next(address).await?
+        else {
+            return Err(peer_error("the first message is not a hello".into()));
+        };
+        let Some(image) = self.offered(&manifest) else {
+            tracing::info!(%manifest, "asked about an image not offered here");
+            connection.close(CLOSE_UNKNOWN_IMAGE.into(), b"unknown image");
+            return Ok(None);
+        };
+        if chunk_count != image.image().chunk_count() {
+            return Err(peer_error(format!(
+                "hello says {chunk_count} chunks, the manifest has {}",
+                image.image().chunk_count()
+            )));
+        }
+        let mut control = Control {
+            send,
+            reader,
+            announcements: None,
+        };
+        control.greet(&image).await.map_err(|error| peer_error(error.to_string()))?;
+        let have = control.read_have(&image, address).await?;
+        Ok(Some((image, control, have)))
+    }
+
+    /// Dials `address` about `image`; once the handshake is done the peering runs on its own
+    /// (and reports to the image's fetch, if one runs). Returns when the peering is up.
+    pub(crate) async fn dial(
+        self: &Arc<Self>,
+        address: SocketAddr,
+        image: &Arc<SharedImage>,
+    ) -> Result<(), SwarmError> {
+        let peer_error = |reason: String| SwarmError::Peer {
+            peer: address,
+            reason,
+        };
+        let connecting = self
+            .endpoint
+            .connect_with(self.client_config.clone(), address, tls::PEER_NAME)
+            .map_err(|error| peer_error(error.to_string()))?;
+        let handshake = async {
+            let connection = connecting
+                .await
+                .map_err(|error| peer_error(error.to_string()))?;
+            let (send, receive) = connection
+                .open_bi()
+                .await
+                .map_err(|error| peer_error(error.to_string()))?;
+            let mut control = Control {
+                send,
+                reader: FrameReader::new(receive),
+                announcements: None,
+            };
+            control.greet(image).await.map_err(|error| peer_error(error.to_string()))?;
+            let Message::Hello {
+                manifest,
+                chunk_count,
+            } = control.reader.next(address).await?
+            else {
+                return Err(peer_error("the answer is not a hello".into()));
+            };
+            if manifest != image.image().manifest() || chunk_count != image.image().chunk_count()
+            {
+                return Err(peer_error("it answered about another image".into()));
+            }
+            let have = control.read_have(image, address).await?;
+            Ok((connection, control, have))
+        };
+        let (connection, control, have) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| peer_error("no hello in time".into()))??;
+        let node = Arc::clone(self);
+        let image = Arc::clone(image);
+        let span = tracing::info_span!("peering", peer = %address, side = "dialed");
+        tokio::spawn(
+            async move { node.run_peering(connection, control, image, have).await }
+                .instrument(span),
+        );
+        Ok(())
+    }
+
+    /// The peering after its handshake: HAVE updates both ways, chunk requests served, and
+    /// the peer reported to this member's fetch of the image, until the connection closes.
+    async fn run_peering(
+        self: Arc<Self>,
+        connection: Connection,
+        control: Control,
+        image: Arc<SharedImage>,
+        have: Bitfield,
+    ) {
+        let peer = self.next_peer_id();
+        let address = connection.remote_address();
+        if let Some(fetch) = image.fetch() {
+            let _fetch_over = fetch
+                .send(FetchEvent::PeerUp {
+                    peer,
+                    address,
+                    connection: connection.clone(),
+                    have,
+                })
+                .await;
+        }
+        tracing::debug!(peer, "peering up");
+        let Control {
+            mut send,
+            mut reader,
+            announcements,
+        } = control;
+        let Some(mut announcements) = announcements else {
+            return;
+        };
+        let announcing = {
+            let image = Arc::clone(&image);
+            async move {
+                loop {
+                    let message = match announcements.recv().await {
+                        Ok(index) => Message::HaveChunk { index },
+                        Err(broadcast::error::RecvError::Lagged(_)) => Message::Have(image.held()),
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if write_message(&mut send, &message).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        };
+        let listening = {
+            let image = Arc::clone(&image);
+            let connection = connection.clone();
+            async move {
+                loop {
+                    let event = match reader.next(address).await {
+                        Ok(Message::HaveChunk { index }) if index < image.image().chunk_count() => {
+                            FetchEvent::HaveChunk { peer, index }
+                        }
+                        Ok(Message::Have(have)) if have.len() == image.image().chunk_count() => {
+                            FetchEvent::PeerHave { peer, have }
+                        }
+                        Ok(other) => {
+                            tracing::info!(kind = other.kind(), "unexpected message on the control stream; closing");
+                            connection.close(CLOSE_PROTOCOL.into(), b"protocol");
+                            return;
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "control stream ended");
+                            return;
+                        }
+                    };
+                    if let Some(fetch) = image.fetch() {
+                        let _fetch_over = fetch.send(event).await;
+                    }
+                }
+            }
+        };
+        let serving = {
+            let node = Arc::clone(&self);
+            let image = Arc::clone(&image);
+            let connection = connection.clone();
+            async move {
+                while let Ok((send, receive)) = connection.accept_bi().await {
+                    let node = Arc::clone(&node);
+                    let image = Arc::clone(&image);
+                    tokio::spawn(
+                        async move { node.serve_request(&image, send, receive).await }
+                            .in_current_span(),
+                    );
+                }
+            }
+        };
+        tokio::select! {
+            () = announcing => {}
+            () = listening => {}
+            () = serving => {}
+        }
+        let reason = connection.closed().await;
+        tracing::debug!(peer, %reason, "peering closed");
+        if let Some(fetch) = image.fetch() {
+            let _fetch_over = fetch.send(FetchEvent::PeerGone { peer }).await;
+        }
+    }
+
+    /// One request stream: `Request` in, then `Data`, `Busy` or `NotHere` out.
+    async fn serve_request(&self, image: &SharedImage, mut send: SendStream, mut receive: RecvStream) {
+        let frame = match receive.read_to_end(REQUEST_FRAME_BYTES_MAX).await {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::debug!(%error, "a request stream broke");
+                return;
+            }
+        };
+        let (index, priority) = match decode_frame(&frame) {
+            Ok(Some((Message::Request { index, priority }, used))) if used == frame.len() => {
+                (index, priority)
+            }
+            Ok(_) | Err(_) => {
+                tracing::info!("a request stream without a request; dropped");
+                let _already_gone = send.reset(CLOSE_PROTOCOL.into());
+                return;
+            }
+        };
+        let answer = self.answer(image, index, priority, &mut send).await;
+        match answer {
+            Ok(()) => {
+                let _already_gone = send.finish();
+            }
+            Err(error) => tracing::debug!(index, %error, "a request ended early"),
+        }
+    }
+
+    async fn answer(
+        &self,
+        image: &SharedImage,
+        index: u32,
+        priority: Priority,
+        send: &mut SendStream,
+    ) -> Result<(), quinn::WriteError> {
+        let not_here = Message::NotHere { index };
+        let Some(chunk) = image.image().chunk(index).copied() else {
+            return write_message(send, &not_here).await;
+        };
+        if !image.held().contains(index) {
+            self.stats.requests_not_here.fetch_add(1, Ordering::Relaxed);
+            return write_message(send, &not_here).await;
+        }
+        let turn = tokio::select! {
+            turn = self.uploader.turn(priority, chunk.length_bytes) => turn,
+            // The requester gave up (endgame, timeout): the queued request goes with it.
+            _stopped = send.stopped() => return Ok(()),
+        };
+        let permit = match turn {
+            Turn::Send(permit) => permit,
+            Turn::Busy(retry_after) => {
+                self.stats.requests_refused_busy.fetch_add(1, Ordering::Relaxed);
+                let busy = Message::Busy {
+                    index,
+                    retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
+                    // Whom else to ask is the tracker's to say (a fetcher has its neighbour
+                    // set); an uploader does not track its peers' chunks.
+                    alternatives: Vec::new(),
+                };
+                return write_message(send, &busy).await;
+            }
+        };
+        let shelf = Arc::clone(image.shelf());
+        let read = tokio::task::spawn_blocking(move || shelf.read(&chunk)).await;
+        let bytes = match read {
+            Ok(Ok(Some(bytes))) => bytes,
+            Ok(Ok(None)) => {
+                self.stats.requests_not_here.fetch_add(1, Ordering::Relaxed);
+                return write_message(send, &not_here).await;
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, index, "reading a chunk to serve it failed");
+                return write_message(send, &not_here).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, index, "the chunk reader task failed");
+                return write_message(send, &not_here).await;
+            }
+        };
+        send.write_all(&data_frame_header(index, bytes.len())).await?;
+        send.write_all(&bytes).await?;
+        drop(permit);
+        self.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_uploaded
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The control stream of one peering.
+struct Control {
+    send: SendStream,
+    reader: FrameReader,
+    /// Chunks gained since the `Have` this side sent.
+    announcements: Option<broadcast::Receiver<u32>>,
+}
+
+impl Control {
+    /// Sends `Hello` and `Have`, subscribing to what is gained after the bitfield was taken.
+    async fn greet(&mut self, image: &SharedImage) -> Result<(), quinn::WriteError> {
+        let (held, announcements) = image.held_and_subscribe();
+        self.announcements = Some(announcements);
+        let hello = Message::Hello {
+            manifest: image.image().manifest(),
+            chunk_count: image.image().chunk_count(),
+        };
+        write_message(&mut self.send, &hello).await?;
+        write_message(&mut self.send, &Message::Have(held)).await
+    }
+
+    async fn read_have(
+        &mut self,
+        image: &SharedImage,
+        address: SocketAddr,
+    ) -> Result<Bitfield, SwarmError> {
+        match self.reader.next(address).await? {
+            Message::Have(have) if have.len() == image.image().chunk_count() => Ok(have),
+            other => Err(SwarmError::Peer {
+                peer: address,
+                reason: format!("expected its bitfield, got {}", other.kind()),
+            }),
+        }
+    }
+}
+
+/// Writes one message as a frame.
+pub(crate) async fn write_message(
+    send: &mut SendStream,
+    message: &Message,
+) -> Result<(), quinn::WriteError> {
+    let mut frame = Vec::new();
+    message.encode(&mut frame);
+    send.write_all(&frame).await
+}
+
+/// Reads frames off a stream, never holding more than one frame's worth beyond what it has
+/// decoded.
+pub(crate) struct FrameReader {
+    receive: RecvStream,
+    buffer: Vec<u8>,
+}
+
+impl FrameReader {
+    pub(crate) fn new(receive: RecvStream) -> Self {
+        Self {
+            receive,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next message; an error when the stream ends or breaks the protocol.
+    pub(crate) async fn next(&mut self, address: SocketAddr) -> Result<Message, SwarmError> {
+        let peer_error = |reason: String| SwarmError::Peer {
+            peer: address,
+            reason,
+        };
+        loop {
+            match decode_frame(&self.buffer) {
+                Ok(Some((message, used))) => {
+                    self.buffer.drain(..used);
+                    return Ok(message);
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    return Err(peer_error(format!("bad frame: {error}")));
+                }
+            }
+            if self.buffer.len() > FRAME_BYTES_MAX + 4 {
+                return Err(peer_error("a frame larger than the limit".into()));
+            }
+            let mut piece = [0u8; 16 * 1024];
+            match self.receive.read(&mut piece).await {
+                Ok(Some(count)) => self.buffer.extend_from_slice(&piece[..count]),
+                Ok(None) => return Err(peer_error("the stream ended".into())),
+                Err(error) => return Err(peer_error(error.to_string())),
+            }
+        }
+    }
+}
