@@ -159,6 +159,22 @@ pub async fn serve(
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
             crate::swarm::offer_store_images(&swarm, store, shutdown).await;
+            let stats = swarm.stats();
+            tracing::info!(
+                chunks_uploaded = stats
+                    .chunks_uploaded
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                bytes_uploaded = stats
+                    .bytes_uploaded
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                requests_refused_busy = stats
+                    .requests_refused_busy
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                requests_declined_duplicate = stats
+                    .requests_declined_duplicate
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                "swarm stopped"
+            );
             swarm.shut_down();
             Ok(())
         });

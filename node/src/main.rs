@@ -263,7 +263,9 @@ fn main() -> anyhow::Result<()> {
                     .parse()
                     .map_err(|error| anyhow::anyhow!("--manifest: {error}"))?;
                 if upload_mib_per_second == Some(0) {
-                    anyhow::bail!("--upload-mib-per-second 0 would upload nothing; leave it out for no limit");
+                    anyhow::bail!(
+                        "--upload-mib-per-second 0 would upload nothing; leave it out for no limit"
+                    );
                 }
                 let options = node::swarm::member::MemberOptions {
                     manifest,

@@ -33,8 +33,8 @@ use super::admin::{
 use super::files::{ClusterFiles, IdentityRecord};
 use super::pki::{ClusterCa, JoinToken};
 use super::transport::{
-    ALPN_ADMIN, ALPN_CHUNKS, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, connect, member_client_config,
-    open_stream, peer_server_id, protocol,
+    ALPN_ADMIN, ALPN_CHUNKS, ALPN_JOIN, ALPN_RAFT, QuicDialer, bind_server, connect,
+    member_client_config, open_stream, peer_server_id, protocol,
 };
 
 /// Connections served at once; more are refused.
@@ -261,7 +261,9 @@ impl ClusterMember {
                 match incoming.await {
                     Ok(connection) if protocol(&connection).as_deref() == Some(ALPN_CHUNKS) => {
                         drop(permit);
-                        member.serve_chunk_connection(connection, &chunk_slots).await;
+                        member
+                            .serve_chunk_connection(connection, &chunk_slots)
+                            .await;
                         return;
                     }
                     Ok(connection) => member.serve_connection(connection).await,

@@ -95,9 +95,13 @@ pub struct FetchReport {
 
 /// What a request came back with.
 enum Answer {
-    Verified { bytes: u64 },
+    Verified {
+        bytes: u64,
+    },
     Corrupt(String),
     Busy(Duration),
+    /// Busy for this chunk only: the peer just sent it to others, who have it now.
+    Declined(Duration),
     NotHere,
     Failed(String),
     /// The chunk was good but could not be kept: the fetch cannot go on.
@@ -322,6 +326,10 @@ impl SwarmNode {
                             let _out_of_range =
                                 scheduler.handle_refused(now, peer, index, Some(retry_after));
                         }
+                        Answer::Declined(retry_after) => {
+                            let _out_of_range =
+                                scheduler.handle_declined(now, peer, index, retry_after);
+                        }
                         Answer::NotHere => {
                             let _out_of_range = scheduler.handle_refused(now, peer, index, None);
                         }
@@ -427,8 +435,17 @@ async fn request_chunk(
                 Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
             }
         }
-        Message::Busy { retry_after_ms, .. } => {
-            Answer::Busy(Duration::from_millis(u64::from(retry_after_ms)))
+        Message::Busy {
+            retry_after_ms,
+            alternatives,
+            ..
+        } => {
+            let retry_after = Duration::from_millis(u64::from(retry_after_ms));
+            if alternatives.is_empty() {
+                Answer::Busy(retry_after)
+            } else {
+                Answer::Declined(retry_after)
+            }
         }
         Message::NotHere { .. } => Answer::NotHere,
         other => Answer::Failed(format!("answered a request with {}", other.kind())),

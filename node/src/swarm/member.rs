@@ -100,7 +100,9 @@ pub async fn run_member(
         tie_break: options.tie_break,
         ..SwarmFetchConfig::default()
     };
-    let report = node.fetch(Arc::clone(&shared), &options.peers, config).await;
+    let report = node
+        .fetch(Arc::clone(&shared), &options.peers, config)
+        .await;
     progress.abort();
     let report = report?;
     tokio::task::spawn_blocking({

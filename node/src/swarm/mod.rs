@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use fetch::{FetchReport, SwarmFetchConfig, SourceReport};
+pub use fetch::{FetchReport, SourceReport, SwarmFetchConfig};
 pub use peering::{SharedImage, SwarmNode, SwarmStats};
 pub use shelf::{ChunkShelf, StoreShelf};
 pub use store_offer::offer_store_images;

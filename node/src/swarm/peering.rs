@@ -24,9 +24,7 @@ use transfer::swarm::{
 use super::fetch::FetchEvent;
 use super::shelf::ChunkShelf;
 use super::uploader::{Turn, Uploader};
-use super::{
-    CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_config,
-};
+use super::{CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_config};
 
 /// How long a new peering may take to say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +32,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ANNOUNCEMENTS_BUFFERED: usize = 4096;
 /// The largest request frame (length, kind, index, priority).
 const REQUEST_FRAME_BYTES_MAX: usize = 16;
+/// How long after sending a chunk to one peer a member declines other peers' requests for it
+/// from others, naming the first recipient instead: long enough for that copy to arrive, be
+/// verified and announced, so that a seed's upload goes to new copies, not to the same chunk
+/// twenty times at the start of a storm.
+const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
 
 /// One image a member offers (and, while it fetches, fills).
 pub struct SharedImage {
@@ -44,6 +47,8 @@ pub struct SharedImage {
     gained: broadcast::Sender<u32>,
     /// The fetch that runs for this image, if one does: peerings report to it.
     fetch: Mutex<Option<mpsc::Sender<FetchEvent>>>,
+    /// Per chunk: when it was last sent, and to whom.
+    last_sent: Mutex<Vec<Option<(tokio::time::Instant, SocketAddr)>>>,
 }
 
 impl std::fmt::Debug for SharedImage {
@@ -66,7 +71,9 @@ impl SharedImage {
             }
         }
         let (gained, _) = broadcast::channel(ANNOUNCEMENTS_BUFFERED);
+        let last_sent = Mutex::new(vec![None; image.chunk_count() as usize]);
         Arc::new(Self {
+            last_sent,
             image,
             shelf,
             held: Mutex::new(held),
@@ -87,7 +94,10 @@ impl SharedImage {
 
     /// The chunks held now.
     pub fn held(&self) -> Bitfield {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Chunk `index` is held now (stored and verified): announce it.
@@ -104,6 +114,31 @@ impl SharedImage {
     fn held_and_subscribe(&self) -> (Bitfield, broadcast::Receiver<u32>) {
         let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         (held.clone(), self.gained.subscribe())
+    }
+
+    /// Whether chunk `index` went to another peer than `requester` within the duplicate
+    /// window: that peer, and how long the window has left. Otherwise notes the send to
+    /// `requester` now.
+    fn claim_send(&self, index: u32, requester: SocketAddr) -> Result<(), (SocketAddr, Duration)> {
+        let now = tokio::time::Instant::now();
+        let mut last_sent = self
+            .last_sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(slot) = last_sent.get_mut(index as usize) else {
+            return Ok(());
+        };
+        if let Some((at, recipient)) = *slot
+            && recipient != requester
+            && now.saturating_duration_since(at) < DUPLICATE_WINDOW
+        {
+            return Err((
+                recipient,
+                DUPLICATE_WINDOW - now.saturating_duration_since(at),
+            ));
+        }
+        *slot = Some((now, requester));
+        Ok(())
     }
 
     pub(crate) fn set_fetch(&self, fetch: Option<mpsc::Sender<FetchEvent>>) {
@@ -129,6 +164,8 @@ pub struct SwarmStats {
     pub requests_refused_busy: AtomicU64,
     /// Requests answered "not here".
     pub requests_not_here: AtomicU64,
+    /// Requests declined because the chunk had just gone to another peer.
+    pub requests_declined_duplicate: AtomicU64,
     /// Chunks received and verified.
     pub chunks_downloaded: AtomicU64,
     /// Bytes of chunks received and verified.
@@ -184,7 +221,10 @@ impl SwarmNode {
 
     /// A member on an endpoint someone else accepts on (a boot server's cluster endpoint,
     /// which hands it the connections that chose [`ALPN_CHUNKS`](super::ALPN_CHUNKS)).
-    pub fn with_endpoint(endpoint: Endpoint, upload: UploadConfig) -> Result<Arc<Self>, SwarmError> {
+    pub fn with_endpoint(
+        endpoint: Endpoint,
+        upload: UploadConfig,
+    ) -> Result<Arc<Self>, SwarmError> {
         Ok(Arc::new(Self {
             endpoint,
             client_config: tls::client_config(transport_config())?,
@@ -247,7 +287,8 @@ impl SwarmNode {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clear();
-        self.endpoint.close(super::CLOSE_DONE.into(), b"shutting down");
+        self.endpoint
+            .close(super::CLOSE_DONE.into(), b"shutting down");
     }
 
     fn next_peer_id(&self) -> PeerId {
@@ -259,8 +300,7 @@ impl SwarmNode {
         let address = connection.remote_address();
         let span = tracing::info_span!("peering", peer = %address, side = "accepted");
         async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_handshake(&connection))
-                .await
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_handshake(&connection)).await
             {
                 Ok(Ok(Some((image, control, have)))) => {
                     self.run_peering(connection, control, image, have).await;
@@ -317,7 +357,10 @@ impl SwarmNode {
             reader,
             announcements: None,
         };
-        control.greet(&image).await.map_err(|error| peer_error(error.to_string()))?;
+        control
+            .greet(&image)
+            .await
+            .map_err(|error| peer_error(error.to_string()))?;
         let have = control.read_have(&image, address).await?;
         Ok(Some((image, control, have)))
     }
@@ -350,7 +393,10 @@ impl SwarmNode {
                 reader: FrameReader::new(receive),
                 announcements: None,
             };
-            control.greet(image).await.map_err(|error| peer_error(error.to_string()))?;
+            control
+                .greet(image)
+                .await
+                .map_err(|error| peer_error(error.to_string()))?;
             let Message::Hello {
                 manifest,
                 chunk_count,
@@ -358,8 +404,7 @@ impl SwarmNode {
             else {
                 return Err(peer_error("the answer is not a hello".into()));
             };
-            if manifest != image.image().manifest() || chunk_count != image.image().chunk_count()
-            {
+            if manifest != image.image().manifest() || chunk_count != image.image().chunk_count() {
                 return Err(peer_error("it answered about another image".into()));
             }
             let have = control.read_have(image, address).await?;
@@ -436,7 +481,10 @@ impl SwarmNode {
                             FetchEvent::PeerHave { peer, have }
                         }
                         Ok(other) => {
-                            tracing::info!(kind = other.kind(), "unexpected message on the control stream; closing");
+                            tracing::info!(
+                                kind = other.kind(),
+                                "unexpected message on the control stream; closing"
+                            );
                             connection.close(CLOSE_PROTOCOL.into(), b"protocol");
                             return;
                         }
@@ -460,7 +508,7 @@ impl SwarmNode {
                     let node = Arc::clone(&node);
                     let image = Arc::clone(&image);
                     tokio::spawn(
-                        async move { node.serve_request(&image, send, receive).await }
+                        async move { node.serve_request(&image, address, send, receive).await }
                             .in_current_span(),
                     );
                 }
@@ -479,7 +527,13 @@ impl SwarmNode {
     }
 
     /// One request stream: `Request` in, then `Data`, `Busy` or `NotHere` out.
-    async fn serve_request(&self, image: &SharedImage, mut send: SendStream, mut receive: RecvStream) {
+    async fn serve_request(
+        &self,
+        image: &SharedImage,
+        requester: SocketAddr,
+        mut send: SendStream,
+        mut receive: RecvStream,
+    ) {
         let frame = match receive.read_to_end(REQUEST_FRAME_BYTES_MAX).await {
             Ok(frame) => frame,
             Err(error) => {
@@ -497,7 +551,9 @@ impl SwarmNode {
                 return;
             }
         };
-        let answer = self.answer(image, index, priority, &mut send).await;
+        let answer = self
+            .answer(image, requester, index, priority, &mut send)
+            .await;
         match answer {
             Ok(()) => {
                 let _already_gone = send.finish();
@@ -509,6 +565,7 @@ impl SwarmNode {
     async fn answer(
         &self,
         image: &SharedImage,
+        requester: SocketAddr,
         index: u32,
         priority: Priority,
         send: &mut SendStream,
@@ -521,6 +578,24 @@ impl SwarmNode {
             self.stats.requests_not_here.fetch_add(1, Ordering::Relaxed);
             return write_message(send, &not_here).await;
         }
+        // Requests for a chunk just sent to someone else are pointed there, boot-critical ones
+        // too (under a storm a seed's upload is what everyone waits for, and the first copy
+        // is seconds away); only a reader blocked on the chunk right now is always served.
+        if priority != Priority::OnDemand
+            && let Err((recipient, remaining)) = image.claim_send(index, requester)
+        {
+            self.stats
+                .requests_declined_duplicate
+                .fetch_add(1, Ordering::Relaxed);
+            let busy = Message::Busy {
+                index,
+                retry_after_ms: u32::try_from(remaining.as_millis())
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                alternatives: vec![recipient],
+            };
+            return write_message(send, &busy).await;
+        }
         let turn = tokio::select! {
             turn = self.uploader.turn(priority, chunk.length_bytes) => turn,
             // The requester gave up (endgame, timeout): the queued request goes with it.
@@ -529,7 +604,9 @@ impl SwarmNode {
         let permit = match turn {
             Turn::Send(permit) => permit,
             Turn::Busy(retry_after) => {
-                self.stats.requests_refused_busy.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .requests_refused_busy
+                    .fetch_add(1, Ordering::Relaxed);
                 let busy = Message::Busy {
                     index,
                     retry_after_ms: u32::try_from(retry_after.as_millis()).unwrap_or(u32::MAX),
@@ -557,7 +634,8 @@ impl SwarmNode {
                 return write_message(send, &not_here).await;
             }
         };
-        send.write_all(&data_frame_header(index, bytes.len())).await?;
+        send.write_all(&data_frame_header(index, bytes.len()))
+            .await?;
         send.write_all(&bytes).await?;
         drop(permit);
         self.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);

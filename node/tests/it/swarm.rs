@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::lab;
 use node::swarm::{ChunkShelf, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig, SwarmNode};
 use transfer::manifest::MANIFEST_FORMAT_VERSION;
 use transfer::swarm::{SwarmImage, UploadConfig};
@@ -184,7 +185,11 @@ async fn fetchers_that_serve_each_other_take_most_of_the_image_from_each_other()
         seed.uploaded() >> 20
     );
     assert_eq!(from_seed + from_peers, 4 * total);
-    assert_eq!(seed.uploaded(), from_seed, "the seed's count and the fetchers' agree");
+    assert_eq!(
+        seed.uploaded(),
+        from_seed,
+        "the seed's count and the fetchers' agree"
+    );
     assert!(
         seed.uploaded() < 5 * total / 2,
         "the seed sent {} bytes for four copies of {total}: the fetchers did not share",
@@ -236,7 +241,11 @@ async fn a_peer_that_serves_corrupt_chunks_is_banned_and_nothing_corrupt_is_stor
         .await
         .expect("the fetch completes from the honest peer");
     fetcher.assert_complete_and_verified(&swarm_image);
-    let from_liar = report.sources.get(&liar.address()).cloned().unwrap_or_default();
+    let from_liar = report
+        .sources
+        .get(&liar.address())
+        .cloned()
+        .unwrap_or_default();
     assert_eq!(from_liar.chunks, 0, "nothing from the liar is kept");
     assert!(from_liar.rejected >= 1, "the liar was caught: {report:?}");
     assert_eq!(
@@ -274,15 +283,32 @@ async fn the_fetch_completes_from_the_others_when_its_peer_goes_away_midway() {
         tokio::spawn(async move { node.fetch(image, &peers, quick_config(7)).await })
     };
     let tenth = u64::from(swarm_image.chunk_count()).div_ceil(10);
-    while fetcher.node.stats().chunks_downloaded.load(Ordering::Relaxed) < tenth {
+    while fetcher
+        .node
+        .stats()
+        .chunks_downloaded
+        .load(Ordering::Relaxed)
+        < tenth
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let sent_by_first = first.node.stats().chunks_uploaded.load(Ordering::Relaxed);
     first.node.shut_down();
-    let report = fetch.await.expect("fetch task").expect("the fetch completes");
+    let report = fetch
+        .await
+        .expect("fetch task")
+        .expect("the fetch completes");
     fetcher.assert_complete_and_verified(&swarm_image);
-    let from_first = report.sources.get(&first.address()).cloned().unwrap_or_default();
-    let from_second = report.sources.get(&second.address()).cloned().unwrap_or_default();
+    let from_first = report
+        .sources
+        .get(&first.address())
+        .cloned()
+        .unwrap_or_default();
+    let from_second = report
+        .sources
+        .get(&second.address())
+        .cloned()
+        .unwrap_or_default();
     eprintln!(
         "chunks from the seed that went away: {} (it had sent {sent_by_first} when it went); from the other: {}",
         from_first.chunks, from_second.chunks
@@ -292,4 +318,486 @@ async fn the_fetch_completes_from_the_others_when_its_peer_goes_away_midway() {
         from_first.chunks + from_second.chunks,
         u64::from(swarm_image.chunk_count())
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Processes in network namespaces: `bootmesh serve` with [swarm] and `bootmesh agent swarm`
+// members, on one bridge, with tc bandwidth caps on every veth.
+
+mod processes {
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+
+    use transfer::{ChunkStore, ContentHash};
+
+    use crate::lab::{self, Lab, run_checked};
+
+    const HTTP_PORT: u16 = 8080;
+    const SWARM_PORT: u16 = 7800;
+    /// How long a whole fetch may take before the test gives up on it.
+    const FETCH_LIMIT: Duration = Duration::from_secs(600);
+
+    /// The image size: 64 MiB in the default run, the 256 MiB of the issue with
+    /// BOOTMESH_SLOW=1 (20 copies of it cost minutes of CPU on a 2-core machine).
+    fn image_mib() -> usize {
+        if std::env::var_os("BOOTMESH_SLOW").is_some() {
+            256
+        } else {
+            64
+        }
+    }
+
+    pub struct SwarmLab {
+        pub lab: Lab,
+        switch: String,
+        /// (namespace, inside interface, address) of each server.
+        pub servers: Vec<(String, String, String)>,
+        /// (namespace, address) of each agent.
+        pub agents: Vec<(String, String)>,
+        pub manifest: String,
+        pub image_bytes: u64,
+    }
+
+    /// Caps the egress of `interface` in `namespace` at `mbit`.
+    fn cap(namespace: &str, interface: &str, mbit: u32) {
+        run_checked(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                namespace,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                interface,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{mbit}mbit"),
+                "burst",
+                "256kb",
+                "latency",
+                "200ms",
+            ],
+        );
+    }
+
+    /// Bytes sent by `interface` in `namespace`, from its counters.
+    pub fn tx_bytes(namespace: &str, interface: &str) -> u64 {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", namespace, "cat"])
+            .arg(format!("/sys/class/net/{interface}/statistics/tx_bytes"))
+            .output()
+            .expect("read counters");
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .expect("a byte count")
+    }
+
+    impl SwarmLab {
+        /// `servers` servers (10.61.0.1..) each serving the same imported image, and
+        /// `agents` agent namespaces (10.61.0.11..), every veth capped.
+        pub fn new(servers: usize, agents: usize, server_mbit: u32, agent_mbit: u32) -> Self {
+            let mut lab = Lab::new();
+            let switch = lab.namespace("sw");
+            run_checked(
+                "ip",
+                &["-n", &switch, "link", "add", "br0", "type", "bridge"],
+            );
+            run_checked("ip", &["-n", &switch, "link", "set", "br0", "up"]);
+            let mut swarm_lab = Self {
+                lab,
+                switch,
+                servers: Vec::new(),
+                agents: Vec::new(),
+                manifest: String::new(),
+                image_bytes: 0,
+            };
+            for index in 1..=servers {
+                let (namespace, interface) = swarm_lab.attach(&format!("s{index}"), server_mbit);
+                let address = format!("10.61.0.{index}");
+                swarm_lab
+                    .lab
+                    .add_address(&namespace, &interface, &format!("{address}/24"));
+                swarm_lab.servers.push((namespace, interface, address));
+            }
+            for index in 1..=agents {
+                let (namespace, interface) = swarm_lab.attach(&format!("a{index}"), agent_mbit);
+                let address = format!("10.61.0.{}", 10 + index);
+                swarm_lab
+                    .lab
+                    .add_address(&namespace, &interface, &format!("{address}/24"));
+                swarm_lab.agents.push((namespace, address));
+            }
+            swarm_lab.import_image();
+            swarm_lab
+        }
+
+        fn attach(&mut self, role: &str, mbit: u32) -> (String, String) {
+            let namespace = self.lab.namespace(role);
+            let (inside, outside) = self.lab.veth(&format!("w{role}"), &namespace, &self.switch);
+            run_checked(
+                "ip",
+                &["-n", &self.switch, "link", "set", &outside, "master", "br0"],
+            );
+            cap(&namespace, &inside, mbit);
+            (namespace, inside)
+        }
+
+        fn state(&self, server: usize) -> PathBuf {
+            self.lab.path(&format!("state-s{}", server + 1))
+        }
+
+        /// Imports one image (a kernel, an initrd, and incompressible data) into the first
+        /// server's state and copies the store to the others.
+        fn import_image(&mut self) {
+            let tree = self.lab.path("rootfs");
+            std::fs::create_dir_all(tree.join("boot")).expect("boot dir");
+            std::fs::write(
+                tree.join("boot/vmlinuz-6.1.0-1-amd64"),
+                lab::deterministic_bytes(1, 4 << 20),
+            )
+            .expect("kernel");
+            std::fs::write(
+                tree.join("boot/initrd.img-6.1.0-1-amd64"),
+                lab::deterministic_bytes(2, 2 << 20),
+            )
+            .expect("initrd");
+            std::fs::write(
+                tree.join("data"),
+                lab::deterministic_bytes(3, image_mib() << 20),
+            )
+            .expect("data");
+            let first = self.state(0);
+            std::fs::create_dir_all(&first).expect("state dir");
+            let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+                .args(["image", "--state-dir"])
+                .arg(&first)
+                .args(["import", "node:v1", "--from"])
+                .arg(&tree)
+                .args(["--created", "1"])
+                .output()
+                .expect("run bootmesh image import");
+            assert!(
+                output.status.success(),
+                "import: {}",
+                lab::describe(&output)
+            );
+            self.manifest = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .find_map(|line| {
+                    line.trim()
+                        .strip_prefix("image")
+                        .map(|rest| rest.trim().to_owned())
+                })
+                .expect("the import names the image");
+            let store = ChunkStore::open(&first.join("images"), 1 << 20).expect("store");
+            let manifest = store
+                .manifest(&self.manifest.parse().expect("hash"))
+                .expect("manifest");
+            let image = transfer::swarm::SwarmImage::new(
+                self.manifest.parse().expect("hash"),
+                &manifest,
+                &[],
+            )
+            .expect("numbering");
+            self.image_bytes = image.total_bytes();
+            for server in 1..self.servers.len() {
+                run_checked(
+                    "cp",
+                    &[
+                        "-a",
+                        &first.to_string_lossy(),
+                        &self.state(server).to_string_lossy(),
+                    ],
+                );
+            }
+        }
+
+        pub fn serve(&mut self, server: usize) {
+            let (namespace, _, address) = self.servers[server].clone();
+            let www = self.lab.path("www");
+            std::fs::create_dir_all(&www).expect("www");
+            let config = format!(
+                "state_dir = \"{state}\"\n\
+                 [http]\nlisten = \"{address}:{HTTP_PORT}\"\nroot = \"{www}\"\n\
+                 [swarm]\nlisten = \"{address}:{SWARM_PORT}\"\n",
+                state = self.state(server).display(),
+                www = www.display(),
+            );
+            self.lab
+                .serve(&format!("s{}", server + 1), &namespace, &config);
+            let log_name = format!("s{}", server + 1);
+            lab::wait_for(Duration::from_secs(20), || {
+                self.lab
+                    .log(&log_name)
+                    .contains("offering an image to the swarm")
+            })
+            .unwrap_or_else(|| panic!("server offers no image:\n{}", self.lab.log(&log_name)));
+        }
+
+        pub fn agent_store(&self, agent: usize) -> PathBuf {
+            self.lab.path(&format!("agent{}", agent + 1))
+        }
+
+        /// Starts agent `agent` with `peers` (addresses without port; the swarm port is added).
+        pub fn start_agent(&mut self, agent: usize, peers: &[String]) {
+            let (namespace, address) = self.agents[agent].clone();
+            let store = self.agent_store(agent).to_string_lossy().into_owned();
+            let listen = format!("{address}:{SWARM_PORT}");
+            let server = format!("{}:{HTTP_PORT}", self.servers[0].2);
+            let mut arguments = vec![
+                "agent".to_owned(),
+                "swarm".to_owned(),
+                "--manifest".to_owned(),
+                self.manifest.clone(),
+                "--server".to_owned(),
+                server,
+                "--store".to_owned(),
+                store,
+                "--listen".to_owned(),
+                listen,
+            ];
+            for peer in peers.iter().filter(|peer| **peer != address) {
+                arguments.push("--peer".to_owned());
+                arguments.push(format!("{peer}:{SWARM_PORT}"));
+            }
+            let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+            self.lab.spawn(
+                &format!("agent{}", agent + 1),
+                &namespace,
+                env!("CARGO_BIN_EXE_bootmesh"),
+                &arguments,
+            );
+        }
+
+        pub fn agent_log(&self, agent: usize) -> String {
+            self.lab.log(&format!("agent{}", agent + 1))
+        }
+
+        /// The agent's last `progress HELD TOTAL` line.
+        pub fn agent_progress(&self, agent: usize) -> Option<(u64, u64)> {
+            self.agent_log(agent).lines().rev().find_map(|line| {
+                let mut words = line.strip_prefix("progress ")?.split(' ');
+                Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+            })
+        }
+
+        /// The `complete` line's bytes per source address (ip).
+        pub fn agent_sources(&self, agent: usize) -> Option<Vec<(String, u64)>> {
+            let log = self.agent_log(agent);
+            let line = log.lines().find(|line| line.starts_with("complete "))?;
+            let sources = line.split(" sources=").nth(1)?;
+            Some(
+                sources
+                    .split(',')
+                    .filter(|source| !source.is_empty())
+                    .filter_map(|source| {
+                        let (address, bytes) = source.split_once('=')?;
+                        let ip = address.rsplit_once(':')?.0.to_owned();
+                        Some((ip, bytes.parse().ok()?))
+                    })
+                    .collect(),
+            )
+        }
+
+        /// Every chunk of the image is in the agent's store and reads back verified.
+        pub fn assert_agent_holds_the_image(&self, agent: usize) {
+            let store = ChunkStore::open(&self.agent_store(agent), 1 << 20).expect("agent store");
+            let hash: ContentHash = self.manifest.parse().expect("hash");
+            let manifest = store
+                .manifest(&hash)
+                .expect("the agent stored the manifest");
+            for chunk in manifest.all_chunks() {
+                store.read_chunk(&chunk.hash).unwrap_or_else(|error| {
+                    panic!("agent {}: chunk {}: {error}", agent + 1, chunk.hash)
+                });
+            }
+        }
+
+        pub fn wait_until_complete(&self, agents: &[usize]) -> Duration {
+            let started = Instant::now();
+            lab::wait_for(FETCH_LIMIT, || {
+                agents
+                    .iter()
+                    .all(|agent| self.agent_log(*agent).contains("\ncomplete "))
+            })
+            .unwrap_or_else(|| {
+                let states: Vec<String> = agents
+                    .iter()
+                    .map(|agent| format!("agent{}: {:?}", agent + 1, self.agent_progress(*agent)))
+                    .collect();
+                panic!(
+                    "not every agent completed within {FETCH_LIMIT:?}: {states:?}\nfirst log:\n{}",
+                    self.agent_log(agents[0])
+                )
+            });
+            started.elapsed()
+        }
+    }
+
+    /// The number after `key=` in the last line of `log` that contains `marker`.
+    pub fn logged_number(log: &str, marker: &str, key: &str) -> Option<u64> {
+        let line = log.lines().rev().find(|line| line.contains(marker))?;
+        let start = line.find(&format!("{key}="))? + key.len() + 1;
+        line[start..]
+            .split(|character: char| !character.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+#[test]
+fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_copies() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("tc");
+    // The server uploads at 100 Mbit/s, each agent at 200 Mbit/s: from the server alone the
+    // 20 copies would take 20 times S/100 Mbit; the swarm's lower bound is
+    // max(S/B_server, S/B_agent, N*S/(B_server + N*B_agent)) = S/B_server.
+    let agents = 20;
+    let (server_mbit, agent_mbit) = (100u32, 200u32);
+    let mut swarm = processes::SwarmLab::new(1, agents, server_mbit, agent_mbit);
+    swarm.serve(0);
+    let (server_namespace, server_interface, server_address) = swarm.servers[0].clone();
+    let sent_before = processes::tx_bytes(&server_namespace, &server_interface);
+    let mut everyone = vec![server_address.clone()];
+    everyone.extend(swarm.agents.iter().map(|(_, address)| address.clone()));
+    let started = std::time::Instant::now();
+    for agent in 0..agents {
+        swarm.start_agent(agent, &everyone);
+    }
+    let all: Vec<usize> = (0..agents).collect();
+    swarm.wait_until_complete(&all);
+    let elapsed = started.elapsed();
+    let sent_on_the_wire = processes::tx_bytes(&server_namespace, &server_interface) - sent_before;
+    let mut agent_rss_mib: Vec<u64> = (0..agents)
+        .filter_map(|agent| swarm.lab.rss_kib(&format!("agent{}", agent + 1)))
+        .map(|kib| kib / 1024)
+        .collect();
+    agent_rss_mib.sort_unstable();
+    let mut fetched_from_server = 0u64;
+    let mut fetched_from_peers = 0u64;
+    for agent in 0..agents {
+        swarm.assert_agent_holds_the_image(agent);
+        for (ip, bytes) in swarm.agent_sources(agent).expect("a complete line") {
+            if ip == server_address {
+                fetched_from_server += bytes;
+            } else {
+                fetched_from_peers += bytes;
+            }
+        }
+    }
+    swarm
+        .lab
+        .terminate_and_wait("s1", Duration::from_secs(10))
+        .expect("the server stops on SIGTERM");
+    let server_log = swarm.lab.log("s1");
+    let uploaded_by_server =
+        processes::logged_number(&server_log, "swarm stopped", "bytes_uploaded")
+            .unwrap_or_else(|| panic!("the server reports its uploads:\n{server_log}"));
+    let image = swarm.image_bytes;
+    let bits = |bytes: u64| bytes as f64 * 8.0;
+    let lower_bound_seconds = [
+        bits(image) / (f64::from(server_mbit) * 1e6),
+        bits(image) / (f64::from(agent_mbit) * 1e6),
+        agents as f64 * bits(image)
+            / ((f64::from(server_mbit) + agents as f64 * f64::from(agent_mbit)) * 1e6),
+    ]
+    .into_iter()
+    .fold(0.0, f64::max);
+    eprintln!(
+        "{agents} agents, image {} MiB: all complete in {:.1} s (lower bound {lower_bound_seconds:.1} s, ratio {:.2}); \
+         server sent {} MiB on the wire, {} MiB of chunks by its count ({:.2} copies); \
+         agents took {} MiB from the server and {} MiB from each other; agent peak RSS median {} MiB, max {} MiB",
+        image >> 20,
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() / lower_bound_seconds,
+        sent_on_the_wire >> 20,
+        uploaded_by_server >> 20,
+        uploaded_by_server as f64 / image as f64,
+        fetched_from_server >> 20,
+        fetched_from_peers >> 20,
+        agent_rss_mib
+            .get(agent_rss_mib.len() / 2)
+            .copied()
+            .unwrap_or(0),
+        agent_rss_mib.last().copied().unwrap_or(0),
+    );
+    assert_eq!(
+        fetched_from_server + fetched_from_peers,
+        agents as u64 * image,
+        "every agent fetched exactly the image once"
+    );
+    assert!(
+        uploaded_by_server >= fetched_from_server,
+        "the server counts what it sent, the agents what they kept"
+    );
+    assert!(
+        uploaded_by_server <= 3 * image,
+        "the server uploaded {uploaded_by_server} bytes, more than 3 copies of {image}"
+    );
+    assert!(
+        sent_on_the_wire <= 3 * image,
+        "the server's interface sent {sent_on_the_wire} bytes, more than 3 copies of {image}"
+    );
+}
+
+#[test]
+fn an_agent_completes_from_another_server_when_the_one_it_fetches_from_is_killed() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("tc");
+    // Two servers at 50 Mbit/s each; the agent fetches from both. When 10 % of the chunks
+    // have arrived (its progress line, not a sleep), the first server gets kill -9: no
+    // goodbye on the wire, so the agent notices by timeouts and goes on with the second.
+    let mut swarm = processes::SwarmLab::new(2, 1, 50, 1000);
+    swarm.serve(0);
+    swarm.serve(1);
+    let peers: Vec<String> = swarm
+        .servers
+        .iter()
+        .map(|server| server.2.clone())
+        .collect();
+    let started = std::time::Instant::now();
+    swarm.start_agent(0, &peers);
+    lab::wait_for(Duration::from_secs(120), || {
+        swarm
+            .agent_progress(0)
+            .is_some_and(|(held, total)| held * 10 >= total)
+    })
+    .unwrap_or_else(|| panic!("no progress:\n{}", swarm.agent_log(0)));
+    let (held, total) = swarm.agent_progress(0).expect("progress");
+    swarm.lab.signal("s1", libc::SIGKILL);
+    let killed_at = started.elapsed();
+    swarm.wait_until_complete(&[0]);
+    let completed_at = started.elapsed();
+    swarm.assert_agent_holds_the_image(0);
+    let sources = swarm.agent_sources(0).expect("a complete line");
+    let from = |ip: &str| {
+        sources
+            .iter()
+            .filter(|(source, _)| source == ip)
+            .map(|(_, bytes)| *bytes)
+            .sum::<u64>()
+    };
+    eprintln!(
+        "killed s1 at {:.1} s with {held} of {total} chunks held; complete at {:.1} s; \
+         {} MiB from s1, {} MiB from s2",
+        killed_at.as_secs_f64(),
+        completed_at.as_secs_f64(),
+        from(&peers[0]) >> 20,
+        from(&peers[1]) >> 20
+    );
+    assert!(
+        held * 2 <= total,
+        "the kill came after half the image: {held}/{total}"
+    );
+    assert!(from(&peers[0]) > 0 && from(&peers[1]) > 0);
+    assert_eq!(from(&peers[0]) + from(&peers[1]), swarm.image_bytes);
 }

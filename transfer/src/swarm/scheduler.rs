@@ -112,8 +112,12 @@ pub enum SchedulerError {
 #[derive(Debug)]
 struct Peer {
     have: Bitfield,
+    /// It held the whole image when it came (a server, or a node that finished earlier).
+    seed: bool,
     /// Chunks asked of it, with when.
     asked: BTreeMap<u32, Instant>,
+    /// Chunks it declined for now ("busy, others have it"), and until when.
+    declined_until: BTreeMap<u32, Instant>,
     paused_until: Option<Instant>,
 }
 
@@ -129,6 +133,11 @@ pub struct FetchScheduler {
     demanded: VecDeque<u32>,
     /// Per chunk: how many known peers hold it.
     availability: Vec<u32>,
+    /// Per chunk: how many known peers that are not seeds (fetchers like this one) hold it.
+    /// A seed is asked only for chunks no fetcher holds: every copy a seed uploads is then a
+    /// new one in the swarm, and the rest spreads among the fetchers, so a boot storm costs
+    /// the seeds about one copy of the image instead of one per node.
+    held_by_fetchers: Vec<u32>,
     /// Per chunk in flight: the peers asked.
     in_flight: BTreeMap<u32, BTreeSet<PeerId>>,
     peers: BTreeMap<PeerId, Peer>,
@@ -170,6 +179,7 @@ impl FetchScheduler {
         let mut scheduler = Self {
             config,
             availability: vec![0; count as usize],
+            held_by_fetchers: vec![0; count as usize],
             held,
             critical_order,
             critical,
@@ -229,14 +239,24 @@ impl FetchScheduler {
         if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.peers_max {
             return Err(SchedulerError::TooManyPeers(self.peers.len()));
         }
+        let seed = match self.peers.get(&peer) {
+            Some(known) => known.seed,
+            None => have.is_complete(),
+        };
         for index in have.iter() {
             self.availability[index as usize] += 1;
+            if !seed {
+                self.held_by_fetchers[index as usize] += 1;
+            }
         }
         match self.peers.get_mut(&peer) {
             Some(known) => {
                 let old = std::mem::replace(&mut known.have, have);
                 for index in old.iter() {
                     self.availability[index as usize] -= 1;
+                    if !seed {
+                        self.held_by_fetchers[index as usize] -= 1;
+                    }
                 }
             }
             None => {
@@ -244,7 +264,9 @@ impl FetchScheduler {
                     peer,
                     Peer {
                         have,
+                        seed,
                         asked: BTreeMap::new(),
+                        declined_until: BTreeMap::new(),
                         paused_until: None,
                     },
                 );
@@ -266,6 +288,9 @@ impl FetchScheduler {
             && known.have.insert(index)
         {
             self.availability[index as usize] += 1;
+            if !known.seed {
+                self.held_by_fetchers[index as usize] += 1;
+            }
             self.schedule(now);
         }
         Ok(())
@@ -283,6 +308,9 @@ impl FetchScheduler {
         };
         for index in gone.have.iter() {
             self.availability[index as usize] -= 1;
+            if !gone.seed {
+                self.held_by_fetchers[index as usize] -= 1;
+            }
         }
         for index in gone.asked.keys() {
             self.drop_request(*index, peer);
@@ -365,9 +393,32 @@ impl FetchScheduler {
                 None => {
                     if known.have.remove(index) {
                         self.availability[index as usize] -= 1;
+                        if !known.seed {
+                            self.held_by_fetchers[index as usize] -= 1;
+                        }
                     }
                 }
             }
+        }
+        self.drop_request(index, peer);
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// `peer` declined chunk `index` for now and named others that have it (a seed that sent
+    /// it to someone a moment ago): `peer` is not asked for that chunk again before
+    /// `retry_after` has passed, but stays in use for the others.
+    pub fn handle_declined(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        index: u32,
+        retry_after: Duration,
+    ) -> Result<(), SchedulerError> {
+        self.check_index(index)?;
+        if let Some(known) = self.peers.get_mut(&peer) {
+            known.asked.remove(&index);
+            known.declined_until.insert(index, now + retry_after);
         }
         self.drop_request(index, peer);
         self.schedule(now);
@@ -382,6 +433,7 @@ impl FetchScheduler {
             if peer.paused_until.is_some_and(|until| until <= now) {
                 peer.paused_until = None;
             }
+            peer.declined_until.retain(|_, until| *until > now);
             let expired: Vec<u32> = peer
                 .asked
                 .iter()
@@ -411,6 +463,7 @@ impl FetchScheduler {
                 .values()
                 .map(|asked_at| *asked_at + self.config.request_timeout)
                 .chain(peer.paused_until)
+                .chain(peer.declined_until.values().copied())
         });
         deadlines.min()
     }
@@ -440,7 +493,7 @@ impl FetchScheduler {
                 {
                     break;
                 }
-                let Some((index, priority)) = self.pick_for(id) else {
+                let Some((index, priority)) = self.pick_for(id, now) else {
                     break;
                 };
                 if let Some(peer) = self.peers.get_mut(&id) {
@@ -457,12 +510,16 @@ impl FetchScheduler {
     }
 
     /// The chunk to ask `id` for next, if any.
-    fn pick_for(&self, id: PeerId) -> Option<(u32, Priority)> {
+    fn pick_for(&self, id: PeerId, now: Instant) -> Option<(u32, Priority)> {
         let peer = self.peers.get(&id)?;
         let wanted = |index: u32| {
             !self.held.contains(index)
                 && !self.in_flight.contains_key(&index)
                 && peer.have.contains(index)
+                && peer
+                    .declined_until
+                    .get(&index)
+                    .is_none_or(|until| *until <= now)
         };
         if let Some(index) = self.demanded.iter().copied().find(|index| wanted(*index)) {
             return Some((index, Priority::OnDemand));
@@ -475,8 +532,12 @@ impl FetchScheduler {
         {
             return Some((index, Priority::BootTrace));
         }
+        // A seed only for what no fetcher holds (see `held_by_fetchers`). Boot-critical and
+        // on-demand chunks above, and the endgame below, take any peer: they are about this
+        // node's boot, not the swarm's economy.
         let rarest = (0..self.held.len())
             .filter(|index| wanted(*index))
+            .filter(|index| !peer.seed || self.held_by_fetchers[*index as usize] == 0)
             .min_by_key(|index| {
                 (
                     self.availability[*index as usize],
@@ -594,7 +655,77 @@ mod tests {
                 priority: Priority::Background
             })
         );
-        assert_eq!(scheduler.requests_in_flight(), 6);
+        // A seed is asked for nothing a fetcher holds: chunk 9 is all it gets.
+        assert_eq!(requests(&second), vec![(2, 9)]);
+        assert_eq!(scheduler.requests_in_flight(), 4);
+    }
+
+    #[test]
+    fn a_seed_is_asked_only_for_what_no_fetcher_holds_until_the_endgame() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(6), &[], 3).unwrap();
+        // Peer 2 is a fetcher holding chunks 1 and 2; peer 1 a seed (the whole image).
+        scheduler.handle_peer(now, 2, with(6, &[1, 2])).unwrap();
+        let [(2, from_fetcher)] = requests(&drain(&mut scheduler))[..] else {
+            panic!("one request to the fetcher");
+        };
+        assert!([1, 2].contains(&from_fetcher));
+        scheduler.handle_peer(now, 1, Bitfield::full(6)).unwrap();
+        let mut from_seed = Vec::new();
+        // The fetcher gains chunk 3 before the seed is asked for it.
+        scheduler.handle_have_chunk(now, 2, 3).unwrap();
+        loop {
+            let asked = requests(&drain(&mut scheduler));
+            let Some(&(peer, index)) = asked.iter().find(|(peer, _)| *peer == 1) else {
+                break;
+            };
+            assert_eq!(peer, 1);
+            from_seed.push(index);
+            scheduler
+                .handle_chunk(now, 1, index, ChunkArrival::Verified)
+                .unwrap();
+        }
+        from_seed.sort_unstable();
+        // Chunks 0, 4 and 5: nobody but the seed holds them. Then, with every missing chunk
+        // asked somewhere, the endgame may ask the seed for a second copy of the one the
+        // fetcher is still sending.
+        assert_eq!(from_seed[..3], [0, 4, 5], "{from_seed:?}");
+        assert!(from_seed.len() <= 4);
+        for extra in &from_seed[3..] {
+            assert_eq!(
+                *extra, from_fetcher,
+                "only as an endgame copy: {from_seed:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_declined_chunk_is_asked_elsewhere_and_of_the_same_peer_again_only_later() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 1,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(2), &[], 9).unwrap();
+        scheduler.handle_peer(now, 1, Bitfield::full(2)).unwrap();
+        let [(1, first)] = requests(&drain(&mut scheduler))[..] else {
+            panic!("one request");
+        };
+        let pause = Duration::from_secs(2);
+        scheduler.handle_declined(now, 1, first, pause).unwrap();
+        // The peer is still used, for the other chunk.
+        assert_eq!(requests(&drain(&mut scheduler)), vec![(1, 1 - first)]);
+        scheduler
+            .handle_chunk(now, 1, 1 - first, ChunkArrival::Verified)
+            .unwrap();
+        assert_eq!(requests(&drain(&mut scheduler)), vec![], "declined for now");
+        assert_eq!(scheduler.poll_timeout(), Some(now + pause));
+        scheduler.handle_timeout(now + pause);
+        assert_eq!(requests(&drain(&mut scheduler)), vec![(1, first)]);
     }
 
     #[test]

@@ -349,8 +349,8 @@ mod tests {
         // What went out is the burst plus the rate over the time taken, give or take the one
         // chunk the bucket lends.
         let elapsed_nanos = (now - start).as_nanos();
-        let earned = u64::try_from(u128::from(rate) * elapsed_nanos / 1_000_000_000)
-            .expect("a short test");
+        let earned =
+            u64::try_from(u128::from(rate) * elapsed_nanos / 1_000_000_000).expect("a short test");
         assert!(
             sent_bytes <= burst + earned + u64::from(CHUNK),
             "{sent_bytes} bytes sent in {elapsed_nanos} ns: faster than the rate"
