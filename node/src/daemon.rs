@@ -175,7 +175,7 @@ pub async fn serve(
                     .load(std::sync::atomic::Ordering::Relaxed),
                 "swarm stopped"
             );
-            swarm.shut_down();
+            swarm.shut_down_and_wait().await;
             Ok(())
         });
     }

@@ -146,9 +146,17 @@ enum AgentCommand {
         /// it; repeatable.
         #[arg(long = "server")]
         servers: Vec<std::net::SocketAddr>,
-        /// The chunk store's directory (created if missing).
+        /// Keep the image in a chunk store at this directory (created if missing).
+        #[arg(
+            long,
+            required_unless_present = "assemble",
+            conflicts_with = "assemble"
+        )]
+        store: Option<PathBuf>,
+        /// Keep the image assembled as files `kernel`, `initrd` and `root` in this directory
+        /// (what a node boots from), instead of in a chunk store.
         #[arg(long)]
-        store: PathBuf,
+        assemble: Option<PathBuf>,
         /// This member's chunk endpoint (UDP ip:port; port 0 picks one).
         #[arg(long)]
         listen: std::net::SocketAddr,
@@ -158,6 +166,9 @@ enum AgentCommand {
         /// The most this member uploads, in MiB/s (default: no limit).
         #[arg(long)]
         upload_mib_per_second: Option<u64>,
+        /// Exit once the image is complete instead of serving it on (benchmarks, scripts).
+        #[arg(long)]
+        exit_when_complete: bool,
     },
     /// Brings up the NIC with `mac` and configures it from DHCP as the agent does at boot, then
     /// prints the lease (for testing the agent's network path outside a VM; needs root).
@@ -255,9 +266,11 @@ fn main() -> anyhow::Result<()> {
                 manifest,
                 servers,
                 store,
+                assemble,
                 listen,
                 peers,
                 upload_mib_per_second,
+                exit_when_complete,
             } => {
                 let manifest: transfer::ContentHash = manifest
                     .parse()
@@ -270,7 +283,11 @@ fn main() -> anyhow::Result<()> {
                 let options = node::swarm::member::MemberOptions {
                     manifest,
                     servers,
-                    store,
+                    keep: match (store, assemble) {
+                        (Some(store), _) => node::swarm::member::Keep::Store(store),
+                        (None, Some(directory)) => node::swarm::member::Keep::Assembled(directory),
+                        (None, None) => anyhow::bail!("--store or --assemble is required"),
+                    },
                     listen,
                     peers,
                     upload_bytes_per_second: upload_mib_per_second
@@ -281,7 +298,12 @@ fn main() -> anyhow::Result<()> {
                     .enable_all()
                     .build()?;
                 runtime.block_on(async move {
-                    node::swarm::member::run_member(options, termination())
+                    let stop = async move {
+                        if !exit_when_complete {
+                            termination().await;
+                        }
+                    };
+                    node::swarm::member::run_member(options, stop)
                         .await
                         .context("swarm")
                 })?;

@@ -206,6 +206,10 @@ impl SwarmNode {
                         }
                     }
                     FetchAction::Complete => {
+                        let shelf = Arc::clone(image.shelf());
+                        tokio::task::spawn_blocking(move || shelf.sync())
+                            .await
+                            .map_err(|error| SwarmError::Shelf(error.to_string()))??;
                         report.elapsed = started.elapsed();
                         tracing::info!(
                             %manifest,

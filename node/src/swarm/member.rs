@@ -20,13 +20,25 @@ use std::time::Duration;
 use transfer::swarm::{SwarmImage, UploadConfig};
 use transfer::{ChunkStore, ContentHash, Manifest, StoreError};
 
-use super::{FetchReport, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig, SwarmNode};
+use super::{
+    AssembledShelf, ChunkShelf, FetchReport, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig,
+    SwarmNode,
+};
 use crate::agent::fetch::{HttpTransport, fetch_manifest};
 
 /// Verified chunks kept in memory for serving.
 const CHUNK_CACHE_BYTES: usize = 256 * 1024 * 1024;
 /// How often progress is printed while chunks arrive.
 const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
+/// Where a member keeps the image.
+#[derive(Debug, Clone)]
+pub enum Keep {
+    /// In a chunk store at this directory (a server's kind of storage).
+    Store(PathBuf),
+    /// Assembled as files `kernel`, `initrd`, `root` in this directory (what a node boots).
+    Assembled(PathBuf),
+}
 
 /// What one member does.
 #[derive(Debug, Clone)]
@@ -36,7 +48,7 @@ pub struct MemberOptions {
     /// Boot servers' HTTP addresses, asked for the manifest when the store lacks it.
     pub servers: Vec<SocketAddr>,
     /// Where chunks are kept.
-    pub store: PathBuf,
+    pub keep: Keep,
     /// This member's chunk endpoint.
     pub listen: SocketAddr,
     /// Peers to fetch from (servers' chunk endpoints, other members).
@@ -62,11 +74,21 @@ pub async fn run_member(
     options: MemberOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<FetchReport, SwarmError> {
-    let store = Arc::new(ChunkStore::open(&options.store, CHUNK_CACHE_BYTES).map_err(store_error)?);
-    let manifest = load_manifest(&store, &options).await?;
+    let (shelf, manifest): (Arc<dyn ChunkShelf>, Manifest) = match &options.keep {
+        Keep::Store(directory) => {
+            let store =
+                Arc::new(ChunkStore::open(directory, CHUNK_CACHE_BYTES).map_err(store_error)?);
+            let manifest = load_manifest(Some(&store), &options).await?;
+            (Arc::new(StoreShelf::new(store)), manifest)
+        }
+        Keep::Assembled(directory) => {
+            let manifest = load_manifest(None, &options).await?;
+            let shelf = AssembledShelf::create(directory, &manifest)?;
+            (Arc::new(shelf), manifest)
+        }
+    };
     let image = SwarmImage::new(options.manifest, &manifest, &[])?;
     let total = image.chunk_count();
-    let shelf = Arc::new(StoreShelf::new(Arc::clone(&store)));
     let shared = tokio::task::spawn_blocking(move || SharedImage::new(image, shelf))
         .await
         .map_err(|error| SwarmError::Shelf(error.to_string()))?;
@@ -104,14 +126,8 @@ pub async fn run_member(
         .fetch(Arc::clone(&shared), &options.peers, config)
         .await;
     progress.abort();
+    // The fetch synced the store before it reported the image complete.
     let report = report?;
-    tokio::task::spawn_blocking({
-        let store = Arc::clone(&store);
-        move || store.sync()
-    })
-    .await
-    .map_err(|error| SwarmError::Shelf(error.to_string()))?
-    .map_err(store_error)?;
     print_line(&format!("progress {total} {total}"));
     let sources: Vec<String> = report
         .sources
@@ -130,19 +146,21 @@ pub async fn run_member(
         "uploaded {}",
         node.stats().bytes_uploaded.load(Ordering::Relaxed)
     ));
-    node.shut_down();
+    node.shut_down_and_wait().await;
     Ok(report)
 }
 
 /// The manifest from the store, or else from a server (verified by its hash, then stored).
 async fn load_manifest(
-    store: &Arc<ChunkStore>,
+    store: Option<&Arc<ChunkStore>>,
     options: &MemberOptions,
 ) -> Result<Manifest, SwarmError> {
-    match store.manifest(&options.manifest) {
-        Ok(manifest) => return Ok(manifest),
-        Err(StoreError::ManifestMissing { .. }) => {}
-        Err(error) => return Err(store_error(error)),
+    if let Some(store) = store {
+        match store.manifest(&options.manifest) {
+            Ok(manifest) => return Ok(manifest),
+            Err(StoreError::ManifestMissing { .. }) => {}
+            Err(error) => return Err(store_error(error)),
+        }
     }
     if options.servers.is_empty() {
         return Err(SwarmError::Shelf(format!(
@@ -154,6 +172,8 @@ async fn load_manifest(
     let manifest = fetch_manifest(&transport, &options.manifest)
         .await
         .map_err(|error| SwarmError::Shelf(error.to_string()))?;
-    store.put_manifest(&manifest).map_err(store_error)?;
+    if let Some(store) = store {
+        store.put_manifest(&manifest).map_err(store_error)?;
+    }
     Ok(manifest)
 }

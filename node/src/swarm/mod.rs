@@ -30,7 +30,7 @@ use std::time::Duration;
 
 pub use fetch::{FetchReport, SourceReport, SwarmFetchConfig};
 pub use peering::{SharedImage, SwarmNode, SwarmStats};
-pub use shelf::{ChunkShelf, StoreShelf};
+pub use shelf::{AssembledShelf, ChunkShelf, StoreShelf};
 pub use store_offer::offer_store_images;
 pub use uploader::Uploader;
 

@@ -49,6 +49,8 @@ pub struct SharedImage {
     fetch: Mutex<Option<mpsc::Sender<FetchEvent>>>,
     /// Per chunk: when it was last sent, and to whom.
     last_sent: Mutex<Vec<Option<(tokio::time::Instant, SocketAddr)>>>,
+    /// Peers with a peering about this image now (a chunk is pointed only at a live one).
+    live_peers: Mutex<HashMap<SocketAddr, usize>>,
 }
 
 impl std::fmt::Debug for SharedImage {
@@ -74,6 +76,7 @@ impl SharedImage {
         let last_sent = Mutex::new(vec![None; image.chunk_count() as usize]);
         Arc::new(Self {
             last_sent,
+            live_peers: Mutex::default(),
             image,
             shelf,
             held: Mutex::new(held),
@@ -131,6 +134,7 @@ impl SharedImage {
         if let Some((at, recipient)) = *slot
             && recipient != requester
             && now.saturating_duration_since(at) < DUPLICATE_WINDOW
+            && self.is_live(recipient)
         {
             return Err((
                 recipient,
@@ -139,6 +143,29 @@ impl SharedImage {
         }
         *slot = Some((now, requester));
         Ok(())
+    }
+
+    fn is_live(&self, peer: SocketAddr) -> bool {
+        self.live_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&peer)
+    }
+
+    /// Counts a peering with `peer` in (`up`) or out.
+    fn peering_with(&self, peer: SocketAddr, up: bool) {
+        let mut live = self
+            .live_peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if up {
+            *live.entry(peer).or_default() += 1;
+        } else if let Some(count) = live.get_mut(&peer) {
+            *count -= 1;
+            if *count == 0 {
+                live.remove(&peer);
+            }
+        }
     }
 
     pub(crate) fn set_fetch(&self, fetch: Option<mpsc::Sender<FetchEvent>>) {
@@ -279,6 +306,14 @@ impl SwarmNode {
             .unwrap_or_else(PoisonError::into_inner)
             .get(manifest)
             .cloned()
+    }
+
+    /// Stops serving and waits (at most a second) until the peers have been told, so that
+    /// they drop this member at once instead of waiting out a timeout.
+    pub async fn shut_down_and_wait(&self) {
+        self.shut_down();
+        let _told_or_not =
+            tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 
     /// Stops serving: every peering is closed at once and nothing more is accepted.
@@ -453,6 +488,7 @@ impl SwarmNode {
         let Some(mut announcements) = announcements else {
             return;
         };
+        image.peering_with(address, true);
         let announcing = {
             let image = Arc::clone(&image);
             async move {
@@ -519,6 +555,8 @@ impl SwarmNode {
             () = listening => {}
             () = serving => {}
         }
+        connection.close(super::CLOSE_DONE.into(), b"done");
+        image.peering_with(address, false);
         let reason = connection.closed().await;
         tracing::debug!(peer, %reason, "peering closed");
         if let Some(fetch) = image.fetch() {

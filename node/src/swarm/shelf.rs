@@ -20,6 +20,10 @@ pub trait ChunkShelf: Send + Sync + 'static {
 
     /// Whether the shelf holds `chunk` (without reading it).
     fn holds(&self, chunk: &ChunkRef) -> bool;
+
+    /// Makes every stored chunk durable (once, when a fetch completes: `store` need not
+    /// flush each chunk, since a torn one fails verification and is fetched again).
+    fn sync(&self) -> Result<(), SwarmError>;
 }
 
 /// A shelf in a [`ChunkStore`] (which verifies on write and on every load).
@@ -52,12 +56,136 @@ impl ChunkShelf for StoreShelf {
 
     fn store(&self, chunk: &ChunkRef, bytes: &[u8]) -> Result<(), SwarmError> {
         self.store
-            .insert_chunk(chunk.hash, bytes)
+            .insert_chunk_deferred(chunk.hash, bytes)
             .map(|_| ())
             .map_err(|error| SwarmError::Shelf(error.to_string()))
     }
 
     fn holds(&self, chunk: &ChunkRef) -> bool {
         self.store.contains_chunk(&chunk.hash)
+    }
+
+    fn sync(&self) -> Result<(), SwarmError> {
+        self.store
+            .sync()
+            .map_err(|error| SwarmError::Shelf(error.to_string()))
+    }
+}
+
+/// A shelf that is the image itself: each part (kernel, initrd, root) assembled in one file,
+/// every chunk written at each offset where the part has it. What a node boots from, with no
+/// copy in a chunk store beside it; reads for serving are verified again, since the file is
+/// plain bytes on disk (or in memory) that anything could have changed.
+#[derive(Debug)]
+pub struct AssembledShelf {
+    files: Vec<std::fs::File>,
+    /// Per chunk hash: (file, offset) of every place it occupies.
+    placements: std::collections::HashMap<transfer::ContentHash, Vec<(usize, u64)>>,
+    /// Chunks written since the files were created.
+    stored: std::sync::Mutex<std::collections::HashSet<transfer::ContentHash>>,
+}
+
+impl AssembledShelf {
+    /// Creates (truncating) one file per part of `manifest` in `directory`, named after the
+    /// part (`kernel`, `initrd`, `root`), each at its full length.
+    pub fn create(
+        directory: &std::path::Path,
+        manifest: &transfer::Manifest,
+    ) -> Result<Self, SwarmError> {
+        let io = |what: String| {
+            move |error: std::io::Error| SwarmError::Shelf(format!("{what}: {error}"))
+        };
+        std::fs::create_dir_all(directory)
+            .map_err(io(format!("create {}", directory.display())))?;
+        let mut files = Vec::new();
+        let mut placements: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for name in transfer::PartName::ALL {
+            let Some(part) = manifest.part(name) else {
+                continue;
+            };
+            let path = directory.join(name.as_str());
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(io(format!("create {}", path.display())))?;
+            file.set_len(part.size_bytes)
+                .map_err(io(format!("size {}", path.display())))?;
+            let mut offset = 0u64;
+            for chunk in &part.chunks {
+                placements
+                    .entry(chunk.hash)
+                    .or_default()
+                    .push((files.len(), offset));
+                offset += u64::from(chunk.length_bytes);
+            }
+            files.push(file);
+        }
+        Ok(Self {
+            files,
+            placements,
+            stored: std::sync::Mutex::default(),
+        })
+    }
+
+    fn is_stored(&self, chunk: &ChunkRef) -> bool {
+        self.stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&chunk.hash)
+    }
+}
+
+impl ChunkShelf for AssembledShelf {
+    fn read(&self, chunk: &ChunkRef) -> Result<Option<Arc<[u8]>>, SwarmError> {
+        use std::os::unix::fs::FileExt;
+        if !self.is_stored(chunk) {
+            return Ok(None);
+        }
+        let Some(&(file, offset)) = self.placements.get(&chunk.hash).and_then(|at| at.first())
+        else {
+            return Ok(None);
+        };
+        let mut bytes = vec![0u8; chunk.length_bytes as usize];
+        self.files[file]
+            .read_exact_at(&mut bytes, offset)
+            .map_err(|error| SwarmError::Shelf(format!("read chunk {}: {error}", chunk.hash)))?;
+        match transfer::verify_chunk(chunk, &bytes) {
+            Ok(()) => Ok(Some(Arc::from(bytes))),
+            Err(error) => {
+                tracing::error!(%error, "an assembled image changed on disk; not serving the chunk");
+                Ok(None)
+            }
+        }
+    }
+
+    fn store(&self, chunk: &ChunkRef, bytes: &[u8]) -> Result<(), SwarmError> {
+        use std::os::unix::fs::FileExt;
+        for &(file, offset) in self.placements.get(&chunk.hash).into_iter().flatten() {
+            self.files[file]
+                .write_all_at(bytes, offset)
+                .map_err(|error| {
+                    SwarmError::Shelf(format!("write chunk {}: {error}", chunk.hash))
+                })?;
+        }
+        self.stored
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(chunk.hash);
+        Ok(())
+    }
+
+    fn holds(&self, chunk: &ChunkRef) -> bool {
+        self.is_stored(chunk)
+    }
+
+    fn sync(&self) -> Result<(), SwarmError> {
+        for file in &self.files {
+            file.sync_all()
+                .map_err(|error| SwarmError::Shelf(format!("sync the assembled image: {error}")))?;
+        }
+        Ok(())
     }
 }

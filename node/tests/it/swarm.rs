@@ -216,6 +216,10 @@ impl ChunkShelf for CorruptingShelf {
     fn holds(&self, chunk: &ChunkRef) -> bool {
         self.0.holds(chunk)
     }
+
+    fn sync(&self) -> Result<(), SwarmError> {
+        self.0.sync()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

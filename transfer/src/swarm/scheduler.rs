@@ -19,7 +19,8 @@ pub type PeerId = u64;
 /// Bounds and pauses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SchedulerConfig {
-    /// Requests one peer may have outstanding.
+    /// Requests one peer may have outstanding: enough that one fast peer's link stays busy
+    /// while each chunk is read, verified and stored at either end.
     pub requests_per_peer: usize,
     /// How long a request may take before its peer is paused.
     pub request_timeout: Duration,
@@ -34,7 +35,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
-            requests_per_peer: 4,
+            requests_per_peer: 8,
             request_timeout: Duration::from_secs(5),
             pause_after_timeout: Duration::from_secs(10),
             endgame_copies_max: 2,
