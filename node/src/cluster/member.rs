@@ -39,8 +39,6 @@ use super::transport::{
 
 /// Connections served at once; more are refused.
 const CONNECTIONS_MAX: usize = 256;
-/// Chunk connections served at once; more are refused (their nodes fetch from peers).
-const CHUNK_CONNECTIONS_MAX: usize = 4096;
 /// Streams served at once per connection.
 const STREAMS_PER_CONNECTION_MAX: usize = 64;
 /// A learner is promoted once it is this close to the leader's last log index.
@@ -247,7 +245,7 @@ impl ClusterMember {
         let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
         // Chunk connections (one per fetching node, thousands in a boot storm) have slots of
         // their own, so that they can never crowd out Raft and admin connections.
-        let chunk_slots = Arc::new(Semaphore::new(CHUNK_CONNECTIONS_MAX));
+        let chunk_slots = Arc::new(Semaphore::new(crate::swarm::PEERINGS_MAX));
         while let Some(incoming) = self.endpoint.accept().await {
             let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
                 tracing::warn!(remote = %incoming.remote_address(), "cluster connection refused: too many");

@@ -37,6 +37,10 @@ pub use uploader::Uploader;
 /// The chunk exchange's ALPN protocol.
 pub const ALPN_CHUNKS: &[u8] = b"bootmesh-chunks/1";
 
+/// Peerings a member serves at once (accepted connections); more are refused, and their
+/// nodes fetch from other peers.
+pub const PEERINGS_MAX: usize = 4096;
+
 /// Application close codes.
 pub const CLOSE_DONE: u32 = 0;
 /// The peer asked about an image this node does not offer.

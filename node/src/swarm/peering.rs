@@ -32,11 +32,30 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ANNOUNCEMENTS_BUFFERED: usize = 4096;
 /// The largest request frame (length, kind, index, priority).
 const REQUEST_FRAME_BYTES_MAX: usize = 16;
-/// How long after sending a chunk to one peer a member declines other peers' requests for it
-/// from others, naming the first recipient instead: long enough for that copy to arrive, be
-/// verified and announced, so that a seed's upload goes to new copies, not to the same chunk
-/// twenty times at the start of a storm.
-const DUPLICATE_WINDOW: Duration = Duration::from_secs(5);
+/// After sending a chunk to one peer, a member declines other peers' requests for it and
+/// names that peer instead, until the recipient has announced the chunk and this long has
+/// passed (its other neighbours heard the announcement too, and ask it rather than this
+/// member), so that a seed's upload goes to new copies, not to the same chunk twenty times at
+/// the start of a storm. Tied to the announcement, not to a clock, so that slow recipients
+/// (a loaded machine, a debug build) do not turn declines into duplicates.
+const ANNOUNCED_GRACE: Duration = Duration::from_secs(3);
+/// And at least this long after the send: on a fast machine the announcement comes within
+/// milliseconds, and the recipient's neighbours need a moment to ask it instead.
+const SENT_WINDOW: Duration = Duration::from_secs(5);
+/// How long a recipient that never announces the chunk (it gave up on the request, or failed
+/// to verify or store it) holds the others back.
+const IN_TRANSIT_MAX: Duration = Duration::from_secs(10);
+/// The "ask again" hint while a chunk is in transit to its first recipient.
+const IN_TRANSIT_RETRY: Duration = Duration::from_secs(1);
+
+/// The last send of one chunk.
+#[derive(Debug, Clone, Copy)]
+struct SentRecord {
+    at: tokio::time::Instant,
+    recipient: SocketAddr,
+    /// When the recipient announced the chunk (`HaveChunk`), if it has.
+    announced_at: Option<tokio::time::Instant>,
+}
 
 /// One image a member offers (and, while it fetches, fills).
 pub struct SharedImage {
@@ -47,8 +66,8 @@ pub struct SharedImage {
     gained: broadcast::Sender<u32>,
     /// The fetch that runs for this image, if one does: peerings report to it.
     fetch: Mutex<Option<mpsc::Sender<FetchEvent>>>,
-    /// Per chunk: when it was last sent, and to whom.
-    last_sent: Mutex<Vec<Option<(tokio::time::Instant, SocketAddr)>>>,
+    /// Per chunk: its last send.
+    last_sent: Mutex<Vec<Option<SentRecord>>>,
     /// Peers with a peering about this image now (a chunk is pointed only at a live one).
     live_peers: Mutex<HashMap<SocketAddr, usize>>,
 }
@@ -119,8 +138,8 @@ impl SharedImage {
         (held.clone(), self.gained.subscribe())
     }
 
-    /// Whether chunk `index` went to another peer than `requester` within the duplicate
-    /// window: that peer, and how long the window has left. Otherwise notes the send to
+    /// Whether chunk `index` is on its way to, or was just announced by, another live peer
+    /// than `requester`: that peer, and when to ask again. Otherwise notes the send to
     /// `requester` now.
     fn claim_send(&self, index: u32, requester: SocketAddr) -> Result<(), (SocketAddr, Duration)> {
         let now = tokio::time::Instant::now();
@@ -131,18 +150,58 @@ impl SharedImage {
         let Some(slot) = last_sent.get_mut(index as usize) else {
             return Ok(());
         };
-        if let Some((at, recipient)) = *slot
-            && recipient != requester
-            && now.saturating_duration_since(at) < DUPLICATE_WINDOW
-            && self.is_live(recipient)
+        if let Some(record) = *slot
+            && record.recipient != requester
+            && self.is_live(record.recipient)
         {
-            return Err((
-                recipient,
-                DUPLICATE_WINDOW - now.saturating_duration_since(at),
-            ));
+            let since_sent = now.saturating_duration_since(record.at);
+            let wait = match record.announced_at {
+                Some(announced) => ANNOUNCED_GRACE
+                    .saturating_sub(now.saturating_duration_since(announced))
+                    .max(SENT_WINDOW.saturating_sub(since_sent)),
+                None => IN_TRANSIT_MAX
+                    .saturating_sub(since_sent)
+                    .min(IN_TRANSIT_RETRY),
+            };
+            if !wait.is_zero() {
+                return Err((record.recipient, wait));
+            }
         }
-        *slot = Some((now, requester));
+        *slot = Some(SentRecord {
+            at: now,
+            recipient: requester,
+            announced_at: None,
+        });
         Ok(())
+    }
+
+    /// The send of chunk `index` to `requester` did not happen after all.
+    fn release_claim(&self, index: u32, requester: SocketAddr) {
+        let mut last_sent = self
+            .last_sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = last_sent.get_mut(index as usize)
+            && slot.is_some_and(|record| {
+                record.recipient == requester && record.announced_at.is_none()
+            })
+        {
+            *slot = None;
+        }
+    }
+
+    /// `peer` announced chunk `index`.
+    fn note_announced(&self, index: u32, peer: SocketAddr) {
+        let mut last_sent = self
+            .last_sent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(Some(record)) = last_sent.get_mut(index as usize)
+            && record.recipient == peer
+            && record.announced_at.is_none()
+        {
+            record.announced_at = Some(tokio::time::Instant::now());
+        }
     }
 
     fn is_live(&self, peer: SocketAddr) -> bool {
@@ -230,16 +289,23 @@ impl SwarmNode {
             .map_err(|source| SwarmError::Bind { address, source })?;
         let node = Self::with_endpoint(endpoint.clone(), upload)?;
         let weak = Arc::downgrade(&node);
+        let slots = Arc::new(tokio::sync::Semaphore::new(super::PEERINGS_MAX));
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let Some(node) = weak.upgrade() else {
                     return;
+                };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    tracing::warn!(remote = %incoming.remote_address(), "peer refused: too many peerings");
+                    incoming.refuse();
+                    continue;
                 };
                 tokio::spawn(async move {
                     match incoming.await {
                         Ok(connection) => node.serve_connection(connection).await,
                         Err(error) => tracing::debug!(%error, "a peer's handshake failed"),
                     }
+                    drop(slot);
                 });
             }
         });
@@ -511,6 +577,7 @@ impl SwarmNode {
                 loop {
                     let event = match reader.next(address).await {
                         Ok(Message::HaveChunk { index }) if index < image.image().chunk_count() => {
+                            image.note_announced(index, address);
                             FetchEvent::HaveChunk { peer, index }
                         }
                         Ok(Message::Have(have)) if have.len() == image.image().chunk_count() => {
@@ -634,10 +701,27 @@ impl SwarmNode {
             };
             return write_message(send, &busy).await;
         }
+        let sent = self.send_chunk(image, chunk, index, priority, send).await;
+        if !matches!(sent, Ok(true)) {
+            image.release_claim(index, requester);
+        }
+        sent.map(|_| ())
+    }
+
+    /// Sends chunk `index` when the upload gate allows; `Ok(true)` once its bytes are out.
+    async fn send_chunk(
+        &self,
+        image: &SharedImage,
+        chunk: transfer::ChunkRef,
+        index: u32,
+        priority: Priority,
+        send: &mut SendStream,
+    ) -> Result<bool, quinn::WriteError> {
+        let not_here = Message::NotHere { index };
         let turn = tokio::select! {
             turn = self.uploader.turn(priority, chunk.length_bytes) => turn,
             // The requester gave up (endgame, timeout): the queued request goes with it.
-            _stopped = send.stopped() => return Ok(()),
+            _stopped = send.stopped() => return Ok(false),
         };
         let permit = match turn {
             Turn::Send(permit) => permit,
@@ -652,7 +736,7 @@ impl SwarmNode {
                     // set); an uploader does not track its peers' chunks.
                     alternatives: Vec::new(),
                 };
-                return write_message(send, &busy).await;
+                return write_message(send, &busy).await.map(|()| false);
             }
         };
         let shelf = Arc::clone(image.shelf());
@@ -661,15 +745,15 @@ impl SwarmNode {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => {
                 self.stats.requests_not_here.fetch_add(1, Ordering::Relaxed);
-                return write_message(send, &not_here).await;
+                return write_message(send, &not_here).await.map(|()| false);
             }
             Ok(Err(error)) => {
                 tracing::warn!(%error, index, "reading a chunk to serve it failed");
-                return write_message(send, &not_here).await;
+                return write_message(send, &not_here).await.map(|()| false);
             }
             Err(error) => {
                 tracing::warn!(%error, index, "the chunk reader task failed");
-                return write_message(send, &not_here).await;
+                return write_message(send, &not_here).await.map(|()| false);
             }
         };
         send.write_all(&data_frame_header(index, bytes.len()))
@@ -680,7 +764,7 @@ impl SwarmNode {
         self.stats
             .bytes_uploaded
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(())
+        Ok(true)
     }
 }
 

@@ -1492,3 +1492,111 @@ fn a_cluster_serving_two_subnets_keeps_free_addresses_in_each() {
         check_unique(log);
     }
 }
+
+#[test]
+fn a_cluster_member_serves_image_chunks_on_its_cluster_endpoint() {
+    if !lab::enabled() {
+        return;
+    }
+    // One member with `[swarm]` and no address of its own: chunk connections share the
+    // cluster endpoint (ALPN bootmesh-chunks/1) with Raft and admin.
+    let mut cluster = ClusterLab::new(1);
+    cluster.extra_config = "[swarm]\n".into();
+    let tree = cluster.lab.path("rootfs");
+    std::fs::create_dir_all(tree.join("boot")).expect("boot dir");
+    std::fs::write(
+        tree.join("boot/vmlinuz-6.1.0-1-amd64"),
+        lab::deterministic_bytes(11, 1 << 20),
+    )
+    .expect("kernel");
+    std::fs::write(
+        tree.join("boot/initrd.img-6.1.0-1-amd64"),
+        lab::deterministic_bytes(12, 1 << 20),
+    )
+    .expect("initrd");
+    std::fs::write(tree.join("data"), lab::deterministic_bytes(13, 8 << 20)).expect("data");
+    let state = cluster.state_dir(1);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+        .args(["image", "--state-dir"])
+        .arg(&state)
+        .args(["import", "node:v1", "--from"])
+        .arg(&tree)
+        .args(["--created", "1"])
+        .output()
+        .expect("run bootmesh image import");
+    assert!(
+        output.status.success(),
+        "import: {}",
+        lab::describe(&output)
+    );
+    let manifest_hash: transfer::ContentHash = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            line.trim()
+                .strip_prefix("image")
+                .map(|rest| rest.trim().to_owned())
+        })
+        .expect("the import names the image")
+        .parse()
+        .expect("a hash");
+    found(&mut cluster);
+    wait_for(Duration::from_secs(20), || {
+        cluster.log(1).contains("offering an image to the swarm")
+    })
+    .unwrap_or_else(|| panic!("no image offered:\n{}", cluster.logs()));
+
+    // The fetcher's store starts with the manifest alone (a booting node gets it from a
+    // server over HTTP; this lab serves no HTTP).
+    let server_store =
+        transfer::ChunkStore::open(&state.join("images"), 1 << 20).expect("server store");
+    let manifest = server_store.manifest(&manifest_hash).expect("manifest");
+    let agent_store = cluster.lab.path("agent-store");
+    transfer::ChunkStore::open(&agent_store, 1 << 20)
+        .expect("agent store")
+        .put_manifest(&manifest)
+        .expect("put manifest");
+    let manifest_text = manifest_hash.to_string();
+    let agent_store_text = agent_store.to_string_lossy().into_owned();
+    let server = ClusterLab::address(1);
+    let fetch = cluster.lab.run(
+        &cluster.namespaces[0],
+        Duration::from_secs(120),
+        env!("CARGO_BIN_EXE_bootmesh"),
+        &[
+            "agent",
+            "swarm",
+            "--manifest",
+            &manifest_text,
+            "--store",
+            &agent_store_text,
+            "--listen",
+            "10.80.0.1:0",
+            "--peer",
+            &server,
+            "--exit-when-complete",
+        ],
+    );
+    assert!(
+        fetch.status.success(),
+        "agent swarm: {}",
+        lab::describe(&fetch)
+    );
+    let stdout = String::from_utf8_lossy(&fetch.stdout);
+    let complete = stdout
+        .lines()
+        .find(|line| line.starts_with("complete "))
+        .unwrap_or_else(|| panic!("no complete line: {stdout}"));
+    assert!(
+        complete.contains(&format!("sources={server}=")),
+        "{complete}"
+    );
+    let fetched = transfer::ChunkStore::open(&agent_store, 1 << 20).expect("agent store");
+    for chunk in manifest.all_chunks() {
+        fetched
+            .read_chunk(&chunk.hash)
+            .unwrap_or_else(|error| panic!("chunk {}: {error}", chunk.hash));
+    }
+    // Raft carried on beside it.
+    let status = cluster.status(1).expect("s1 answers");
+    assert_eq!(status["leader"], serde_json::json!(1), "{status}");
+}

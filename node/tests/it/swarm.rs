@@ -704,6 +704,13 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
     let uploaded_by_server =
         processes::logged_number(&server_log, "swarm stopped", "bytes_uploaded")
             .unwrap_or_else(|| panic!("the server reports its uploads:\n{server_log}"));
+    if let Some(line) = server_log
+        .lines()
+        .rev()
+        .find(|line| line.contains("swarm stopped"))
+    {
+        eprintln!("server: {line}");
+    }
     let image = swarm.image_bytes;
     let bits = |bytes: u64| bytes as f64 * 8.0;
     let lower_bound_seconds = [
