@@ -140,6 +140,11 @@ pub struct SwarmSection {
     /// The most this server uploads to peers, in MiB/s, so that seeding never starves its
     /// other work; absent, the network decides.
     pub upload_mib_per_second: Option<u64>,
+    /// The swarm endpoints of every server that tracks images (this one included), the same
+    /// list on every server: each image's tracker is the first of them by rendezvous hash,
+    /// and each server announces the images it offers there. Absent: this server alone.
+    #[serde(default)]
+    pub trackers: Vec<SocketAddr>,
 }
 
 /// `[images]`.
@@ -317,6 +322,9 @@ pub struct SubnetSection {
     pub lease_secs: u64,
     /// Where boot files come from, if not this server.
     pub next_server: Option<Ipv4Addr>,
+    /// The rack whose nodes this subnet holds (a rack behind a DHCP relay has a subnet of its
+    /// own): the image tracker places a node by its address and prefers its rack's peers.
+    pub rack: Option<String>,
 }
 
 /// `[[dhcp.host]]`.
@@ -561,6 +569,19 @@ impl ServerConfig {
         merged.boot = fleet.boot.clone();
         merged.groups = fleet.groups.clone();
         Ok(merged)
+    }
+
+    /// The racks the DHCP subnets name, for the image tracker: a node is in the rack of the
+    /// most specific subnet that holds its address.
+    pub fn rack_map(&self) -> Vec<(Ipv4Network, String)> {
+        self.dhcp
+            .iter()
+            .flat_map(|dhcp| &dhcp.subnets)
+            .filter_map(|subnet| {
+                let rack = subnet.rack.clone()?;
+                parse_cidr(&subnet.cidr).ok().map(|network| (network, rack))
+            })
+            .collect()
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -859,6 +880,14 @@ impl ServerConfig {
                 }
                 ranges.push(parsed);
             }
+            if let Some(rack) = &subnet.rack
+                && !is_rack_name(rack)
+            {
+                return Err(invalid(
+                    format!("{key}.rack"),
+                    "must be 1-64 of a-z A-Z 0-9 . _ -",
+                ));
+            }
             if subnet.lease_secs == 0 || subnet.lease_secs > u64::from(u32::MAX) {
                 return Err(invalid(
                     format!("{key}.lease_secs"),
@@ -1048,6 +1077,15 @@ fn check_node_settings(key: &str, settings: &NodeSettings<'_>) -> Result<(), Con
     Ok(())
 }
 
+/// A rack name: what a tracker compares, so kept to a label's characters.
+pub fn is_rack_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= transfer::swarm::tracker::RACK_NAME_MAX
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+}
+
 /// Parses `10.0.0.0/24`.
 pub fn parse_cidr(text: &str) -> Result<Ipv4Network, String> {
     let (address, prefix) = text
@@ -1191,6 +1229,27 @@ path = "/srv/root.squashfs"
             &GOOD.replace("0.0.0.0:69", "0.0.0.0"),
             &["line 18", "invalid socket address"],
         );
+        check_error(
+            &GOOD.replace(
+                "cidr = \"10.0.0.0/24\"",
+                "cidr = \"10.0.0.0/24\"\nrack = \"rack 1\"",
+            ),
+            &["dhcp.subnet[0].rack", "a-z A-Z 0-9"],
+        );
+    }
+
+    #[test]
+    fn racks_come_from_the_subnets_that_name_one() {
+        let config = parse(&GOOD.replace(
+            "cidr = \"10.0.0.0/24\"",
+            "cidr = \"10.0.0.0/24\"\nrack = \"r1\"",
+        ))
+        .unwrap();
+        let racks = config.rack_map();
+        assert_eq!(racks.len(), 1);
+        assert_eq!(racks[0].1, "r1");
+        assert!(racks[0].0.contains(Ipv4Addr::new(10, 0, 0, 77)));
+        assert!(parse(GOOD).unwrap().rack_map().is_empty());
     }
 
     /// GOOD plus groups, a host with its own settings, secrets and `[boot]`.

@@ -155,10 +155,29 @@ pub async fn serve(
 
     if let Some(section) = &config.swarm {
         let swarm = start_swarm(section, member.as_ref())?;
+        swarm.enable_tracker(crate::swarm::TrackerService::new(
+            transfer::swarm::TrackerConfig::default(),
+            config.rack_map(),
+        ));
+        // Without a list, this server tracks its own images: agents that name it as their
+        // tracker are told of it as a seed.
+        let own_address = section
+            .listen
+            .or_else(|| member.as_ref().map(|member| member.record.address));
+        let trackers = if section.trackers.is_empty() {
+            own_address.into_iter().collect()
+        } else {
+            section.trackers.clone()
+        };
+        let announce = crate::swarm::AnnounceOptions {
+            trackers,
+            rack: member.as_ref().map(|member| member.record.rack.clone()),
+            ..crate::swarm::AnnounceOptions::default()
+        };
         let store = Arc::clone(images.store());
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
-            crate::swarm::offer_store_images(&swarm, store, shutdown).await;
+            crate::swarm::offer_store_images(&swarm, store, Some(announce), shutdown).await;
             let stats = swarm.stats();
             tracing::info!(
                 chunks_uploaded = stats

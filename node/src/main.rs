@@ -133,11 +133,14 @@ enum AgentCommand {
         cmdline: Option<String>,
     },
     /// Fetches an image from the swarm into a chunk store while serving what it holds to other
-    /// peers, then keeps serving until SIGTERM or SIGINT. Prints `listening`, `progress HELD
-    /// TOTAL`, `complete ...` and `uploaded BYTES` lines on stdout.
+    /// peers, then keeps serving until SIGTERM or SIGINT. Its peers are the ones given with
+    /// --peer and the neighbours the image's tracker names (--tracker: the servers' swarm
+    /// endpoints; the tracker is chosen among them by the image). Prints `listening`,
+    /// `tracker ADDR`, `progress HELD TOTAL`, `complete ...` and `uploaded BYTES` lines.
     ///
     /// Example: `bootmesh agent swarm --manifest 3f2a... --server 10.0.0.1:8080
-    /// --store /var/lib/bootmesh-agent --listen 0.0.0.0:7800 --peer 10.0.0.1:7800`
+    /// --store /var/lib/bootmesh-agent --listen 0.0.0.0:7800 --tracker 10.0.0.1:7800
+    /// --tracker 10.0.0.2:7800`
     Swarm {
         /// The image's manifest hash (what `bootmesh image show` prints).
         #[arg(long)]
@@ -161,8 +164,17 @@ enum AgentCommand {
         #[arg(long)]
         listen: std::net::SocketAddr,
         /// A peer's chunk endpoint (a server's `[swarm]` address or another member); repeatable.
-        #[arg(long = "peer")]
+        #[arg(long = "peer", required_unless_present = "trackers")]
         peers: Vec<std::net::SocketAddr>,
+        /// A server's swarm endpoint that may track the image; repeatable, the same list for
+        /// every member of the image. The member announces itself there and peers with the
+        /// neighbours it is told of.
+        #[arg(long = "tracker")]
+        trackers: Vec<std::net::SocketAddr>,
+        /// The rack this member is in, if the servers' subnets do not say (1-64 of a-z A-Z
+        /// 0-9 . _ -).
+        #[arg(long)]
+        rack: Option<String>,
         /// The most this member uploads, in MiB/s (default: no limit).
         #[arg(long)]
         upload_mib_per_second: Option<u64>,
@@ -269,9 +281,16 @@ fn main() -> anyhow::Result<()> {
                 assemble,
                 listen,
                 peers,
+                trackers,
+                rack,
                 upload_mib_per_second,
                 exit_when_complete,
             } => {
+                if let Some(rack) = &rack
+                    && !node::config::is_rack_name(rack)
+                {
+                    anyhow::bail!("--rack {rack:?}: must be 1-64 of a-z A-Z 0-9 . _ -");
+                }
                 let manifest: transfer::ContentHash = manifest
                     .parse()
                     .map_err(|error| anyhow::anyhow!("--manifest: {error}"))?;
@@ -290,6 +309,11 @@ fn main() -> anyhow::Result<()> {
                     },
                     listen,
                     peers,
+                    announce: node::swarm::AnnounceOptions {
+                        trackers,
+                        rack,
+                        ..node::swarm::AnnounceOptions::default()
+                    },
                     upload_bytes_per_second: upload_mib_per_second
                         .map(|mib| mib.saturating_mul(1024 * 1024)),
                     tie_break: u64::from(std::process::id()),

@@ -17,6 +17,7 @@ use quinn::Connection;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
+use transfer::swarm::tracker::Neighbours;
 use transfer::swarm::wire::FRAME_BYTES_MAX;
 use transfer::swarm::{
     Bitfield, ChunkArrival, FetchAction, FetchScheduler, Message, PeerId, Priority,
@@ -45,6 +46,8 @@ pub(crate) enum FetchEvent {
     PeerGone { peer: PeerId },
     /// A dial failed.
     DialFailed { address: SocketAddr, error: String },
+    /// The image's tracker names these members as neighbours.
+    Neighbours(Neighbours),
 }
 
 /// Settings of one fetch.
@@ -111,6 +114,13 @@ enum Answer {
 /// The first pause before the given peers are dialled again, and the longest.
 const REDIAL_FIRST: Duration = Duration::from_millis(500);
 const REDIAL_MAX: Duration = Duration::from_secs(4);
+/// Peerings a fetch opens or takes in before it stops dialling the neighbours a tracker
+/// names (peers that dial it are still taken in, up to the endpoint's bound).
+const PEERS_DIALLED_MAX: usize = 24;
+/// Rack-local addresses a fetch remembers (the tracker names at most 16 per answer).
+const PEERINGS_NOTED_MAX: usize = 4096;
+/// How long a neighbour that could not be dialled is left alone.
+const DIAL_FAILED_PAUSE: Duration = Duration::from_secs(10);
 
 struct Peer {
     address: SocketAddr,
@@ -155,6 +165,12 @@ impl SwarmNode {
             .filter(|address| Some(*address) != own)
             .collect();
         let mut dials = JoinSet::new();
+        // Addresses being dialled, and those whose dial failed lately (tracker neighbours).
+        let mut dialling: std::collections::HashSet<SocketAddr> = peers.iter().copied().collect();
+        let mut dial_failed: HashMap<SocketAddr, Instant> = HashMap::new();
+        // Members the tracker placed in this node's rack.
+        let mut rack_local: std::collections::HashSet<SocketAddr> =
+            std::collections::HashSet::new();
         self.dial_all(&mut dials, &peers, &image, &events_sender);
         let mut redial_after = REDIAL_FIRST;
         let mut redial_at: Option<Instant> = None;
@@ -233,6 +249,7 @@ impl SwarmNode {
                 match redial_at {
                     Some(at) if at <= now => {
                         redial_at = None;
+                        dialling.extend(peers.iter().copied());
                         self.dial_all(&mut dials, &peers, &image, &events_sender);
                         redial_after = (redial_after * 2).min(REDIAL_MAX);
                     }
@@ -255,6 +272,9 @@ impl SwarmNode {
                         FetchEvent::PeerUp { peer, address, connection, have } => {
                             match scheduler.handle_peer(now, peer, have) {
                                 Ok(()) => {
+                                    if rack_local.contains(&address) {
+                                        scheduler.handle_peer_place(now, peer, true);
+                                    }
                                     addresses.insert(peer, address);
                                     known.insert(peer, Peer { address, connection });
                                     redial_after = REDIAL_FIRST;
@@ -281,7 +301,40 @@ impl SwarmNode {
                         }
                         FetchEvent::DialFailed { address, error } => {
                             tracing::warn!(peer = %address, %error, "could not reach a peer");
+                            dial_failed.insert(address, Instant::now());
                             last_error = error;
+                        }
+                        FetchEvent::Neighbours(neighbours) => {
+                            for address in &neighbours.same_rack {
+                                if rack_local.len() < PEERINGS_NOTED_MAX && rack_local.insert(*address) {
+                                    for (id, known_peer) in &known {
+                                        if known_peer.address == *address {
+                                            scheduler.handle_peer_place(now, *id, true);
+                                        }
+                                    }
+                                }
+                            }
+                            let now = Instant::now();
+                            dial_failed.retain(|_, at| now.duration_since(*at) < DIAL_FAILED_PAUSE);
+                            let peered: std::collections::HashSet<SocketAddr> =
+                                known.values().map(|peer| peer.address).collect();
+                            let room = PEERS_DIALLED_MAX
+                                .saturating_sub(peered.len() + dialling.len());
+                            let new: Vec<SocketAddr> = neighbours
+                                .all()
+                                .filter(|address| {
+                                    Some(*address) != own
+                                        && !peered.contains(address)
+                                        && !dialling.contains(address)
+                                        && !dial_failed.contains_key(address)
+                                })
+                                .take(room)
+                                .collect();
+                            if !new.is_empty() {
+                                tracing::debug!(count = new.len(), "dialling neighbours the tracker named");
+                                dialling.extend(new.iter().copied());
+                                self.dial_all(&mut dials, &new, &image, &events_sender);
+                            }
                         }
                     }
                 }
@@ -354,7 +407,11 @@ impl SwarmNode {
                         }
                     }
                 }
-                Some(_dialled) = dials.join_next() => {}
+                Some(dialled) = dials.join_next() => {
+                    if let Ok(address) = dialled {
+                        dialling.remove(&address);
+                    }
+                }
                 () = tokio::time::sleep_until(wake_at) => {
                     scheduler.handle_timeout(Instant::now().into_std());
                 }
@@ -366,7 +423,7 @@ impl SwarmNode {
 impl SwarmNode {
     fn dial_all(
         self: &Arc<Self>,
-        dials: &mut JoinSet<()>,
+        dials: &mut JoinSet<SocketAddr>,
         peers: &[SocketAddr],
         image: &Arc<SharedImage>,
         events: &mpsc::Sender<FetchEvent>,
@@ -384,6 +441,7 @@ impl SwarmNode {
                         })
                         .await;
                 }
+                address
             });
         }
     }

@@ -21,8 +21,8 @@ use transfer::swarm::{SwarmImage, UploadConfig};
 use transfer::{ChunkStore, ContentHash, Manifest, StoreError};
 
 use super::{
-    AssembledShelf, ChunkShelf, FetchReport, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig,
-    SwarmNode,
+    AnnounceOptions, AssembledShelf, ChunkShelf, FetchReport, SharedImage, StoreShelf, SwarmError,
+    SwarmFetchConfig, SwarmNode,
 };
 use crate::agent::fetch::{HttpTransport, fetch_manifest};
 
@@ -53,6 +53,9 @@ pub struct MemberOptions {
     pub listen: SocketAddr,
     /// Peers to fetch from (servers' chunk endpoints, other members).
     pub peers: Vec<SocketAddr>,
+    /// Where the member announces itself and learns its neighbours (no trackers: only
+    /// `peers`).
+    pub announce: AnnounceOptions,
     /// Upload cap.
     pub upload_bytes_per_second: Option<u64>,
     /// Mixes this member's rarest-first order.
@@ -118,6 +121,14 @@ pub async fn run_member(
             }
         })
     };
+    // Announced for as long as the member runs: while it fetches (to meet neighbours) and
+    // after (as a seed the tracker names to others).
+    let announcer = tokio::spawn(Arc::clone(&node).announce(
+        Arc::clone(&shared),
+        options.announce.clone(),
+        |tracker| print_line(&format!("tracker {tracker}")),
+    ));
+    let _stop_announcing = AbortOnDrop(announcer);
     let config = SwarmFetchConfig {
         tie_break: options.tie_break,
         ..SwarmFetchConfig::default()
@@ -148,6 +159,15 @@ pub async fn run_member(
     ));
     node.shut_down_and_wait().await;
     Ok(report)
+}
+
+/// Aborts a task when dropped, however the member ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The manifest from the store, or else from a server (verified by its hash, then stored).

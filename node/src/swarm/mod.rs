@@ -12,6 +12,9 @@
 //!   on a request (endgame, timeout) drops its stream, which QUIC turns into a stop the
 //!   uploader sees at once.
 //!
+//! A connection whose control stream opens with `Announce` instead is a tracker session
+//! (servers only): each announce is answered with the member's neighbours ([`tracker`]).
+//!
 //! Nothing a peer sends is trusted: frames are bounded before anything is allocated, chunks
 //! are verified against the manifest before they are stored or served on, and a peer that
 //! sends a wrong chunk is banned for the rest of the fetch and logged.
@@ -22,6 +25,7 @@ pub mod peering;
 pub mod shelf;
 pub mod store_offer;
 pub mod tls;
+pub mod tracker;
 pub mod uploader;
 
 use std::net::SocketAddr;
@@ -32,6 +36,7 @@ pub use fetch::{FetchReport, SourceReport, SwarmFetchConfig};
 pub use peering::{SharedImage, SwarmNode, SwarmStats};
 pub use shelf::{AssembledShelf, ChunkShelf, StoreShelf};
 pub use store_offer::offer_store_images;
+pub use tracker::{AnnounceOptions, TrackerService};
 pub use uploader::Uploader;
 
 /// The chunk exchange's ALPN protocol.
@@ -49,8 +54,10 @@ pub const CLOSE_UNKNOWN_IMAGE: u32 = 1;
 pub const CLOSE_PROTOCOL: u32 = 2;
 /// The peer sent a chunk whose hash was wrong and is banned.
 pub const CLOSE_BANNED: u32 = 3;
-/// This member serves as many peers as it may.
+/// This member serves as many peers as it may (or, as a tracker, tracks as many as it may).
 pub const CLOSE_BUSY: u32 = 4;
+/// The peer announced itself to a member that runs no tracker.
+pub const CLOSE_NO_TRACKER: u32 = 5;
 
 /// Why the swarm could not do something.
 #[derive(Debug, thiserror::Error)]

@@ -23,6 +23,7 @@ use transfer::swarm::{
 
 use super::fetch::FetchEvent;
 use super::shelf::ChunkShelf;
+use super::tracker::TrackerService;
 use super::uploader::{Turn, Uploader};
 use super::{CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_config};
 
@@ -231,6 +232,11 @@ impl SharedImage {
         *self.fetch.lock().unwrap_or_else(PoisonError::into_inner) = fetch;
     }
 
+    /// The fetch that runs for this image, if one does.
+    pub(crate) fn fetch_running(&self) -> Option<mpsc::Sender<FetchEvent>> {
+        self.fetch()
+    }
+
     fn fetch(&self) -> Option<mpsc::Sender<FetchEvent>> {
         self.fetch
             .lock()
@@ -268,6 +274,8 @@ pub struct SwarmNode {
     uploader: Uploader,
     next_peer: AtomicU64,
     stats: SwarmStats,
+    /// Present on servers: tracker sessions are answered.
+    tracker: std::sync::OnceLock<Arc<TrackerService>>,
 }
 
 impl std::fmt::Debug for SwarmNode {
@@ -325,7 +333,26 @@ impl SwarmNode {
             uploader: Uploader::start(upload),
             next_peer: AtomicU64::new(1),
             stats: SwarmStats::default(),
+            tracker: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Answers tracker sessions with `tracker` from now on (servers do; agents do not).
+    pub fn enable_tracker(&self, tracker: Arc<TrackerService>) {
+        let _already = self.tracker.set(tracker);
+    }
+
+    /// The tracker this member runs, if it runs one.
+    pub fn tracker(&self) -> Option<&Arc<TrackerService>> {
+        self.tracker.get()
+    }
+
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    pub(crate) fn client_config(&self) -> &quinn::ClientConfig {
+        &self.client_config
     }
 
     /// Where peers reach this member.
@@ -403,10 +430,15 @@ impl SwarmNode {
         async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, self.accept_handshake(&connection)).await
             {
-                Ok(Ok(Some((image, control, have)))) => {
+                Ok(Ok(Accepted::Peering(image, control, have))) => {
                     self.run_peering(connection, control, image, have).await;
                 }
-                Ok(Ok(None)) => {}
+                Ok(Ok(Accepted::TrackerSession(send, reader, first))) => {
+                    if let Some(tracker) = self.tracker() {
+                        tracker.serve_session(connection, send, reader, first).await;
+                    }
+                }
+                Ok(Ok(Accepted::Closed)) => {}
                 Ok(Err(error)) => {
                     tracing::info!(%error, "peering refused");
                     connection.close(CLOSE_PROTOCOL.into(), b"protocol");
@@ -421,10 +453,7 @@ impl SwarmNode {
         .await;
     }
 
-    async fn accept_handshake(
-        &self,
-        connection: &Connection,
-    ) -> Result<Option<(Arc<SharedImage>, Control, Bitfield)>, SwarmError> {
+    async fn accept_handshake(&self, connection: &Connection) -> Result<Accepted, SwarmError> {
         let address = connection.remote_address();
         let peer_error = |reason: String| SwarmError::Peer {
             peer: address,
@@ -435,17 +464,25 @@ impl SwarmNode {
             .await
             .map_err(|error| peer_error(format!("no control stream: {error}")))?;
         let mut reader = FrameReader::new(receive);
-        let Message::Hello {
-            manifest,
-            chunk_count,
-        } = reader.next(address).await?
-        else {
-            return Err(peer_error("the first message is not a hello".into()));
+        let (manifest, chunk_count) = match reader.next(address).await? {
+            Message::Hello {
+                manifest,
+                chunk_count,
+            } => (manifest, chunk_count),
+            announce @ Message::Announce { .. } => {
+                if self.tracker().is_none() {
+                    tracing::info!("an announce, but this member is no tracker");
+                    connection.close(super::CLOSE_NO_TRACKER.into(), b"no tracker here");
+                    return Ok(Accepted::Closed);
+                }
+                return Ok(Accepted::TrackerSession(send, reader, announce));
+            }
+            _ => return Err(peer_error("the first message is not a hello".into())),
         };
         let Some(image) = self.offered(&manifest) else {
             tracing::info!(%manifest, "asked about an image not offered here");
             connection.close(CLOSE_UNKNOWN_IMAGE.into(), b"unknown image");
-            return Ok(None);
+            return Ok(Accepted::Closed);
         };
         if chunk_count != image.image().chunk_count() {
             return Err(peer_error(format!(
@@ -463,7 +500,7 @@ impl SwarmNode {
             .await
             .map_err(|error| peer_error(error.to_string()))?;
         let have = control.read_have(&image, address).await?;
-        Ok(Some((image, control, have)))
+        Ok(Accepted::Peering(image, control, have))
     }
 
     /// Dials `address` about `image`; once the handshake is done the peering runs on its own
@@ -766,6 +803,16 @@ impl SwarmNode {
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(true)
     }
+}
+
+/// What a new connection turned out to be.
+enum Accepted {
+    /// A peering about an image offered here, after its handshake.
+    Peering(Arc<SharedImage>, Control, Bitfield),
+    /// A tracker session, and its first announce.
+    TrackerSession(SendStream, FrameReader, Message),
+    /// Refused and closed.
+    Closed,
 }
 
 /// The control stream of one peering.

@@ -5,22 +5,29 @@
     reason = "a driver: it scans the store off the async threads and sleeps between scans"
 )]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{SharedImage, StoreShelf, SwarmNode};
+use tokio::task::JoinSet;
+
+use super::{AnnounceOptions, SharedImage, StoreShelf, SwarmNode};
 
 /// How often a server looks for images imported or removed since its last look.
 const STORE_RESCAN: Duration = Duration::from_secs(5);
 
 /// Offers every image in `store` to the swarm, and keeps the offer in step with the store
-/// (imports and removals) until `shutdown` resolves.
+/// (imports and removals) until `shutdown` resolves. With `announce`, each offered image is
+/// announced to its tracker as complete, so fetchers are told of this server as a seed.
 pub async fn offer_store_images(
     swarm: &Arc<SwarmNode>,
     store: Arc<transfer::ChunkStore>,
+    announce: Option<AnnounceOptions>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let mut announcers = JoinSet::new();
+    let mut announcing = HashMap::new();
     loop {
         let scan_store = Arc::clone(&store);
         let offered = swarm.offered_manifests();
@@ -28,12 +35,24 @@ pub async fn offer_store_images(
         match scan {
             Ok(Ok((new, gone))) => {
                 for image in new {
-                    tracing::info!(manifest = %image.image().manifest(), chunks = image.image().chunk_count(), "offering an image to the swarm");
-                    swarm.offer(image);
+                    let manifest = image.image().manifest();
+                    tracing::info!(%manifest, chunks = image.image().chunk_count(), "offering an image to the swarm");
+                    swarm.offer(Arc::clone(&image));
+                    if let Some(options) = &announce {
+                        let announcer = announcers.spawn(Arc::clone(swarm).announce(
+                            image,
+                            options.clone(),
+                            |_| {},
+                        ));
+                        announcing.insert(manifest, announcer);
+                    }
                 }
                 for manifest in gone {
                     tracing::info!(%manifest, "no longer offering a removed image");
                     swarm.withdraw(&manifest);
+                    if let Some(announcer) = announcing.remove(&manifest) {
+                        announcer.abort();
+                    }
                 }
             }
             Ok(Err(error)) => tracing::warn!(%error, "reading the image store for the swarm"),

@@ -7,7 +7,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use crate::lab;
-use node::swarm::{ChunkShelf, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig, SwarmNode};
+use node::swarm::{
+    AnnounceOptions, ChunkShelf, SharedImage, StoreShelf, SwarmError, SwarmFetchConfig, SwarmNode,
+    TrackerService,
+};
 use transfer::manifest::MANIFEST_FORMAT_VERSION;
 use transfer::swarm::{SwarmImage, UploadConfig};
 use transfer::{
@@ -324,6 +327,202 @@ async fn the_fetch_completes_from_the_others_when_its_peer_goes_away_midway() {
     );
 }
 
+/// Waits (at most a minute, polling) until `condition` holds; panics with `what` if it never does.
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let waited = tokio::time::timeout(Duration::from_secs(60), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "never: {what}");
+}
+
+fn tracking(member: &Member) {
+    member.node.enable_tracker(TrackerService::new(
+        transfer::swarm::TrackerConfig::default(),
+        Vec::new(),
+    ));
+}
+
+/// Announces `member`'s image to `trackers` every 200 ms; each new tracker session's address
+/// goes to the returned channel.
+fn announce(
+    member: &Member,
+    trackers: &[SocketAddr],
+    rack: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<SocketAddr>,
+) {
+    let (sessions, opened) = tokio::sync::mpsc::unbounded_channel();
+    let options = AnnounceOptions {
+        trackers: trackers.to_vec(),
+        rack: Some(rack.to_owned()),
+        every_while_fetching: Duration::from_millis(200),
+        every_when_complete: Duration::from_millis(200),
+    };
+    let task = tokio::spawn(Arc::clone(&member.node).announce(
+        Arc::clone(&member.image),
+        options,
+        move |tracker| {
+            let _test_over = sessions.send(tracker);
+        },
+    ));
+    (task, opened)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetchers_that_know_only_the_tracker_find_the_seed_and_each_other() {
+    // The seed tracks its own image and announces itself to itself; four fetchers are given
+    // no peer at all, only the tracker, and must meet the seed and each other through it.
+    let image_bytes = 16 << 20;
+    let (seed, swarm_image) = seed(limited(4 << 20), image_bytes);
+    tracking(&seed);
+    let trackers = [seed.address()];
+    let (_seed_announcer, _) = announce(&seed, &trackers, "r1");
+    let fetchers: Vec<Member> = (0..4)
+        .map(|_| member(UploadConfig::default(), &swarm_image, store_shelf))
+        .collect();
+    let mut announcers = Vec::new();
+    let mut fetches = tokio::task::JoinSet::new();
+    for (number, fetcher) in fetchers.iter().enumerate() {
+        let node = Arc::clone(&fetcher.node);
+        let image = Arc::clone(&fetcher.image);
+        fetches.spawn(async move { node.fetch(image, &[], quick_config(number as u64)).await });
+        announcers.push(announce(fetcher, &trackers, "r1"));
+    }
+    let mut from_peers = 0u64;
+    let mut from_seed = 0u64;
+    while let Some(result) = fetches.join_next().await {
+        let report = result.expect("fetch task").expect("fetch");
+        for (address, source) in &report.sources {
+            if *address == seed.address() {
+                from_seed += source.bytes;
+            } else {
+                from_peers += source.bytes;
+            }
+        }
+    }
+    for fetcher in &fetchers {
+        fetcher.assert_complete_and_verified(&swarm_image);
+    }
+    let total = swarm_image.total_bytes();
+    eprintln!(
+        "through the tracker: {} MiB from the seed, {} MiB from each other",
+        from_seed >> 20,
+        from_peers >> 20
+    );
+    assert_eq!(from_seed + from_peers, 4 * total);
+    assert!(from_peers > 0, "the fetchers never met each other");
+    // Complete members announce so at once; the tracker lists all five as seeds.
+    let tracker = Arc::clone(seed.node.tracker().expect("tracking"));
+    let manifest = swarm_image.manifest();
+    eventually("five complete members listed", || {
+        tracker.members(&manifest) == (5, 5)
+    })
+    .await;
+    // A member that shuts down leaves the tracker with its session.
+    announcers[0].0.abort();
+    fetchers[0].node.shut_down();
+    eventually("the departed member forgotten", || {
+        tracker.members(&manifest) == (4, 4)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_moves_to_the_next_tracker_when_its_tracker_goes_and_back_when_it_returns() {
+    let (first, swarm_image) = seed(UploadConfig::default(), 4 << 20);
+    let second = member(UploadConfig::default(), &swarm_image, |store| {
+        for chunk in swarm_image.chunks() {
+            let bytes = first.store.read_chunk(&chunk.hash).expect("seed chunk");
+            store.insert_chunk(chunk.hash, &bytes).expect("copy");
+        }
+        store_shelf(store)
+    });
+    tracking(&first);
+    tracking(&second);
+    let trackers = [first.address(), second.address()];
+    let manifest = swarm_image.manifest();
+    let order = transfer::swarm::tracker_order(&manifest, &trackers);
+    let (top, next) = if order[0] == first.address() {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    let (top_announcer, _) = announce(&top, &trackers, "r1");
+    let (_next_announcer, _) = announce(&next, &trackers, "r1");
+    let fetcher = member(UploadConfig::default(), &swarm_image, store_shelf);
+    let (_fetcher_announcer, mut sessions) = announce(&fetcher, &trackers, "r2");
+    let report = fetcher
+        .node
+        .fetch(Arc::clone(&fetcher.image), &[], quick_config(3))
+        .await
+        .expect("the fetch completes from the servers the tracker names");
+    fetcher.assert_complete_and_verified(&swarm_image);
+    assert!(
+        report
+            .sources
+            .keys()
+            .all(|source| trackers.contains(source))
+    );
+    assert_eq!(
+        sessions.recv().await,
+        Some(order[0]),
+        "the first-ranked tracker first"
+    );
+    let top_tracker = Arc::clone(top.node.tracker().expect("tracking"));
+    eventually("all three listed by the first tracker", || {
+        top_tracker.members(&manifest) == (3, 3)
+    })
+    .await;
+
+    // The tracker goes: everyone re-announces to the next, which rebuilds the view.
+    top_announcer.abort();
+    top.node.shut_down_and_wait().await;
+    drop(top);
+    drop(top_tracker);
+    assert_eq!(
+        sessions.recv().await,
+        Some(order[1]),
+        "failed over to the next tracker"
+    );
+    let next_tracker = Arc::clone(next.node.tracker().expect("tracking"));
+    eventually("the next tracker lists the survivors", || {
+        next_tracker.members(&manifest) == (2, 2)
+    })
+    .await;
+
+    // A server is back at the first address (once the old socket is gone): members move
+    // back to it.
+    let mut returned = None;
+    eventually("the first address bound again", || {
+        returned = SwarmNode::bind(order[0], UploadConfig::default()).ok();
+        returned.is_some()
+    })
+    .await;
+    let returned = returned.expect("bound");
+    returned.enable_tracker(TrackerService::new(
+        transfer::swarm::TrackerConfig::default(),
+        Vec::new(),
+    ));
+    assert_eq!(
+        sessions.recv().await,
+        Some(order[0]),
+        "moved back to the first-ranked tracker"
+    );
+    eventually(
+        "the returned tracker hears from the fetcher and the other server",
+        || {
+            returned
+                .tracker()
+                .is_some_and(|tracker| tracker.members(&manifest) == (2, 2))
+        },
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------
 // Processes in network namespaces: `bootmesh serve` with [swarm] and `bootmesh agent swarm`
 // members, on one bridge, with tc bandwidth caps on every veth.
@@ -358,6 +557,13 @@ mod processes {
         pub servers: Vec<(String, String, String)>,
         /// (namespace, address) of each agent.
         pub agents: Vec<(String, String)>,
+        /// The rack (1-based) of each agent.
+        pub agent_racks: Vec<usize>,
+        /// Racks: rack 1 is 10.61.0.0/25 (with the servers), rack 2 is 10.61.0.128/25, all on
+        /// one bridge; the servers' DHCP subnets name them, and the tracker goes by those.
+        racks: usize,
+        /// Every server's swarm endpoint, as `[swarm] trackers` lists them.
+        trackers: Vec<String>,
         pub manifest: String,
         pub image_bytes: u64,
     }
@@ -402,8 +608,16 @@ mod processes {
 
     impl SwarmLab {
         /// `servers` servers (10.61.0.1..) each serving the same imported image, and
-        /// `agents` agent namespaces (10.61.0.11..), every veth capped.
-        pub fn new(servers: usize, agents: usize, server_mbit: u32, agent_mbit: u32) -> Self {
+        /// `agents` agent namespaces (10.61.0.11.. in rack 1, 10.61.0.139.. in rack 2), split
+        /// evenly over `racks` (1 or 2), every veth capped.
+        pub fn new(
+            servers: usize,
+            agents: usize,
+            racks: usize,
+            server_mbit: u32,
+            agent_mbit: u32,
+        ) -> Self {
+            assert!((1..=2).contains(&racks));
             let mut lab = Lab::new();
             let switch = lab.namespace("sw");
             run_checked(
@@ -416,6 +630,11 @@ mod processes {
                 switch,
                 servers: Vec::new(),
                 agents: Vec::new(),
+                agent_racks: Vec::new(),
+                racks,
+                trackers: (1..=servers)
+                    .map(|index| format!("10.61.0.{index}:{SWARM_PORT}"))
+                    .collect(),
                 manifest: String::new(),
                 image_bytes: 0,
             };
@@ -429,7 +648,9 @@ mod processes {
             }
             for index in 1..=agents {
                 let (namespace, interface) = swarm_lab.attach(&format!("a{index}"), agent_mbit);
-                let address = format!("10.61.0.{}", 10 + index);
+                let rack = 1 + (index - 1) * racks / agents;
+                let address = format!("10.61.0.{}", 10 + index + 128 * (rack - 1));
+                swarm_lab.agent_racks.push(rack);
                 swarm_lab
                     .lab
                     .add_address(&namespace, &interface, &format!("{address}/24"));
@@ -521,16 +742,32 @@ mod processes {
         }
 
         pub fn serve(&mut self, server: usize) {
-            let (namespace, _, address) = self.servers[server].clone();
+            let (namespace, interface, address) = self.servers[server].clone();
             let www = self.lab.path("www");
             std::fs::create_dir_all(&www).expect("www");
-            let config = format!(
+            let trackers: Vec<String> = self
+                .trackers
+                .iter()
+                .map(|tracker| format!("\"{tracker}\""))
+                .collect();
+            let mut config = format!(
                 "state_dir = \"{state}\"\n\
                  [http]\nlisten = \"{address}:{HTTP_PORT}\"\nroot = \"{www}\"\n\
-                 [swarm]\nlisten = \"{address}:{SWARM_PORT}\"\n",
+                 [swarm]\nlisten = \"{address}:{SWARM_PORT}\"\ntrackers = [{trackers}]\n",
                 state = self.state(server).display(),
                 www = www.display(),
+                trackers = trackers.join(", "),
             );
+            if self.racks > 1 {
+                // The racks come from the DHCP subnets, as behind relays; the server answers
+                // DHCP on an unprivileged port of its namespaced interface, which no client
+                // here asks.
+                config.push_str(&format!(
+                    "[dhcp]\ninterfaces = [\"{interface}\"]\nport = 6767\n\
+                     [[dhcp.subnet]]\ncidr = \"10.61.0.0/25\"\nrack = \"r1\"\n\
+                     [[dhcp.subnet]]\ncidr = \"10.61.0.128/25\"\nrack = \"r2\"\n"
+                ));
+            }
             self.lab
                 .serve(&format!("s{}", server + 1), &namespace, &config);
             let log_name = format!("s{}", server + 1);
@@ -546,7 +783,8 @@ mod processes {
             self.lab.path(&format!("agent{}", agent + 1))
         }
 
-        /// Starts agent `agent` with `peers` (addresses without port; the swarm port is added).
+        /// Starts agent `agent` with every server as a possible tracker and `peers` (addresses
+        /// without port; the swarm port is added).
         pub fn start_agent(&mut self, agent: usize, peers: &[String]) {
             let (namespace, address) = self.agents[agent].clone();
             let store = self.agent_store(agent).to_string_lossy().into_owned();
@@ -567,6 +805,10 @@ mod processes {
             for peer in peers.iter().filter(|peer| **peer != address) {
                 arguments.push("--peer".to_owned());
                 arguments.push(format!("{peer}:{SWARM_PORT}"));
+            }
+            for tracker in &self.trackers {
+                arguments.push("--tracker".to_owned());
+                arguments.push(tracker.clone());
             }
             let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
             self.lab.spawn(
@@ -590,6 +832,15 @@ mod processes {
         }
 
         /// The `complete` line's bytes per source address (ip).
+        /// The trackers the agent announced to, in order (`tracker ADDR` lines, without port).
+        pub fn agent_trackers(&self, agent: usize) -> Vec<String> {
+            self.agent_log(agent)
+                .lines()
+                .filter_map(|line| line.strip_prefix("tracker "))
+                .filter_map(|address| address.rsplit_once(':').map(|(ip, _)| ip.to_owned()))
+                .collect()
+        }
+
         pub fn agent_sources(&self, agent: usize) -> Option<Vec<(String, u64)>> {
             let log = self.agent_log(agent);
             let line = log.lines().find(|line| line.starts_with("complete "))?;
@@ -665,15 +916,22 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
     // max(S/B_server, S/B_agent, N*S/(B_server + N*B_agent)) = S/B_server.
     let agents = 20;
     let (server_mbit, agent_mbit) = (100u32, 200u32);
-    let mut swarm = processes::SwarmLab::new(1, agents, server_mbit, agent_mbit);
+    // The agents are given no peers: only the server, as the image's tracker, which
+    // places them in two racks by the server's DHCP subnets and names each mostly neighbours
+    // of its own rack.
+    let mut swarm = processes::SwarmLab::new(1, agents, 2, server_mbit, agent_mbit);
     swarm.serve(0);
     let (server_namespace, server_interface, server_address) = swarm.servers[0].clone();
     let sent_before = processes::tx_bytes(&server_namespace, &server_interface);
-    let mut everyone = vec![server_address.clone()];
-    everyone.extend(swarm.agents.iter().map(|(_, address)| address.clone()));
+    let rack_of: std::collections::HashMap<String, usize> = swarm
+        .agents
+        .iter()
+        .map(|(_, address)| address.clone())
+        .zip(swarm.agent_racks.iter().copied())
+        .collect();
     let started = std::time::Instant::now();
     for agent in 0..agents {
-        swarm.start_agent(agent, &everyone);
+        swarm.start_agent(agent, &[]);
     }
     let all: Vec<usize> = (0..agents).collect();
     swarm.wait_until_complete(&all);
@@ -686,13 +944,24 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
     agent_rss_mib.sort_unstable();
     let mut fetched_from_server = 0u64;
     let mut fetched_from_peers = 0u64;
+    let (mut same_rack, mut other_rack) = (0u64, 0u64);
     for agent in 0..agents {
         swarm.assert_agent_holds_the_image(agent);
+        assert_eq!(
+            swarm.agent_trackers(agent),
+            vec![server_address.clone()],
+            "agent {agent} announced to the server"
+        );
         for (ip, bytes) in swarm.agent_sources(agent).expect("a complete line") {
             if ip == server_address {
                 fetched_from_server += bytes;
             } else {
                 fetched_from_peers += bytes;
+                if rack_of.get(&ip) == Some(&swarm.agent_racks[agent]) {
+                    same_rack += bytes;
+                } else {
+                    other_rack += bytes;
+                }
             }
         }
     }
@@ -724,7 +993,8 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
     eprintln!(
         "{agents} agents, image {} MiB: all complete in {:.1} s (lower bound {lower_bound_seconds:.1} s, ratio {:.2}); \
          server sent {} MiB on the wire, {} MiB of chunks by its count ({:.2} copies); \
-         agents took {} MiB from the server and {} MiB from each other; agent peak RSS median {} MiB, max {} MiB",
+         agents took {} MiB from the server and {} MiB from each other ({} MiB within their rack, {} MiB across); \
+         agent peak RSS median {} MiB, max {} MiB",
         image >> 20,
         elapsed.as_secs_f64(),
         elapsed.as_secs_f64() / lower_bound_seconds,
@@ -733,6 +1003,8 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
         uploaded_by_server as f64 / image as f64,
         fetched_from_server >> 20,
         fetched_from_peers >> 20,
+        same_rack >> 20,
+        other_rack >> 20,
         agent_rss_mib
             .get(agent_rss_mib.len() / 2)
             .copied()
@@ -756,6 +1028,12 @@ fn twenty_agents_fetch_through_capped_links_and_the_server_sends_at_most_three_c
         sent_on_the_wire <= 3 * image,
         "the server's interface sent {sent_on_the_wire} bytes, more than 3 copies of {image}"
     );
+    // Each chunk crosses into a rack about once (the server sits in rack 1): what the
+    // agents take across is a few copies, what they take within their rack the rest.
+    assert!(
+        other_rack * 3 < same_rack,
+        "rack-local peers gave {same_rack} bytes, peers in the other rack {other_rack}"
+    );
 }
 
 #[test]
@@ -764,19 +1042,21 @@ fn an_agent_completes_from_another_server_when_the_one_it_fetches_from_is_killed
         return;
     }
     lab::require_program("tc");
-    // Two servers at 50 Mbit/s each; the agent fetches from both. When 10 % of the chunks
-    // have arrived (its progress line, not a sleep), the first server gets kill -9: no
-    // goodbye on the wire, so the agent notices by timeouts and goes on with the second.
-    let mut swarm = processes::SwarmLab::new(2, 1, 50, 1000);
+    // Two servers at 50 Mbit/s each, both listed as trackers; the agent is given only the
+    // list, learns both servers from the image's tracker and fetches from both. When 10 % of
+    // the chunks have arrived (its progress line, not a sleep), the tracker's server gets
+    // kill -9: no goodbye on the wire, so the agent notices by timeouts, fails over to the
+    // other tracker and completes from the other server.
+    let mut swarm = processes::SwarmLab::new(2, 1, 1, 50, 1000);
     swarm.serve(0);
     swarm.serve(1);
-    let peers: Vec<String> = swarm
+    let servers: Vec<String> = swarm
         .servers
         .iter()
         .map(|server| server.2.clone())
         .collect();
     let started = std::time::Instant::now();
-    swarm.start_agent(0, &peers);
+    swarm.start_agent(0, &[]);
     lab::wait_for(Duration::from_secs(120), || {
         swarm
             .agent_progress(0)
@@ -784,7 +1064,17 @@ fn an_agent_completes_from_another_server_when_the_one_it_fetches_from_is_killed
     })
     .unwrap_or_else(|| panic!("no progress:\n{}", swarm.agent_log(0)));
     let (held, total) = swarm.agent_progress(0).expect("progress");
-    swarm.lab.signal("s1", libc::SIGKILL);
+    let tracker = swarm
+        .agent_trackers(0)
+        .first()
+        .cloned()
+        .expect("a tracker line");
+    let killed = servers
+        .iter()
+        .position(|server| *server == tracker)
+        .expect("the tracker is a server");
+    let survivor = &servers[1 - killed];
+    swarm.lab.signal(&format!("s{}", killed + 1), libc::SIGKILL);
     let killed_at = started.elapsed();
     swarm.wait_until_complete(&[0]);
     let completed_at = started.elapsed();
@@ -798,17 +1088,28 @@ fn an_agent_completes_from_another_server_when_the_one_it_fetches_from_is_killed
             .sum::<u64>()
     };
     eprintln!(
-        "killed s1 at {:.1} s with {held} of {total} chunks held; complete at {:.1} s; \
-         {} MiB from s1, {} MiB from s2",
+        "killed s{} (the image's tracker) at {:.1} s with {held} of {total} chunks held; complete at {:.1} s; \
+         {} MiB from it, {} MiB from the other; trackers announced to: {:?}",
+        killed + 1,
         killed_at.as_secs_f64(),
         completed_at.as_secs_f64(),
-        from(&peers[0]) >> 20,
-        from(&peers[1]) >> 20
+        from(&tracker) >> 20,
+        from(survivor) >> 20,
+        swarm.agent_trackers(0),
     );
     assert!(
         held * 2 <= total,
         "the kill came after half the image: {held}/{total}"
     );
-    assert!(from(&peers[0]) > 0 && from(&peers[1]) > 0);
-    assert_eq!(from(&peers[0]) + from(&peers[1]), swarm.image_bytes);
+    assert!(from(&tracker) > 0 && from(survivor) > 0);
+    assert_eq!(from(&tracker) + from(survivor), swarm.image_bytes);
+    lab::wait_for(Duration::from_secs(60), || {
+        swarm.agent_trackers(0).last() == Some(survivor)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the agent never announced to the surviving tracker:\n{}",
+            swarm.agent_log(0)
+        )
+    });
 }

@@ -1,11 +1,13 @@
 //! The swarm's sans-IO parts (DESIGN 5.3): how peers number an image's chunks, the messages
 //! they exchange about it, which chunks each peer holds, the fetch scheduler that decides what
-//! to ask whom, and the upload gate that decides what to send next. No sockets, clocks or
+//! to ask whom, the upload gate that decides what to send next, and the tracker that tells a
+//! fetcher whom to peer with. No sockets, clocks or
 //! randomness here: a driver feeds events with the time and carries out the actions.
 
 pub mod bitfield;
 pub mod image;
 pub mod scheduler;
+pub mod tracker;
 pub mod upload;
 pub mod wire;
 
@@ -14,5 +16,6 @@ pub use image::{SwarmImage, TooManyChunks};
 pub use scheduler::{
     ChunkArrival, FetchAction, FetchScheduler, PeerId, SchedulerConfig, SchedulerError,
 };
+pub use tracker::{Announce, Tracker, TrackerConfig, TrackerRefusal, tracker_order};
 pub use upload::{Admission, Ticket, UploadConfig, UploadEvent, UploadGate};
 pub use wire::{Message, Priority, WireError, decode_frame};

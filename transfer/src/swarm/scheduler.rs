@@ -115,6 +115,8 @@ struct Peer {
     have: Bitfield,
     /// It held the whole image when it came (a server, or a node that finished earlier).
     seed: bool,
+    /// The tracker placed it in this node's rack.
+    same_rack: bool,
     /// Chunks asked of it, with when.
     asked: BTreeMap<u32, Instant>,
     /// Chunks it declined for now ("busy, others have it"), and until when.
@@ -139,6 +141,11 @@ pub struct FetchScheduler {
     /// new one in the swarm, and the rest spreads among the fetchers, so a boot storm costs
     /// the seeds about one copy of the image instead of one per node.
     held_by_fetchers: Vec<u32>,
+    /// Per chunk: how many fetchers in this node's rack hold it. A fetcher in another rack
+    /// is asked only for chunks none of them holds, the same rule one level up: each chunk
+    /// crosses into a rack about once, and the rack shares it on its own links instead of
+    /// the uplinks. Without racks (nobody placed) it is always 0 and changes nothing.
+    held_in_rack: Vec<u32>,
     /// Per chunk in flight: the peers asked.
     in_flight: BTreeMap<u32, BTreeSet<PeerId>>,
     peers: BTreeMap<PeerId, Peer>,
@@ -181,6 +188,7 @@ impl FetchScheduler {
             config,
             availability: vec![0; count as usize],
             held_by_fetchers: vec![0; count as usize],
+            held_in_rack: vec![0; count as usize],
             held,
             critical_order,
             critical,
@@ -240,24 +248,18 @@ impl FetchScheduler {
         if !self.peers.contains_key(&peer) && self.peers.len() >= self.config.peers_max {
             return Err(SchedulerError::TooManyPeers(self.peers.len()));
         }
-        let seed = match self.peers.get(&peer) {
-            Some(known) => known.seed,
-            None => have.is_complete(),
+        let (seed, same_rack) = match self.peers.get(&peer) {
+            Some(known) => (known.seed, known.same_rack),
+            None => (have.is_complete(), false),
         };
         for index in have.iter() {
-            self.availability[index as usize] += 1;
-            if !seed {
-                self.held_by_fetchers[index as usize] += 1;
-            }
+            self.count_holder(index, seed, same_rack, true);
         }
         match self.peers.get_mut(&peer) {
             Some(known) => {
                 let old = std::mem::replace(&mut known.have, have);
                 for index in old.iter() {
-                    self.availability[index as usize] -= 1;
-                    if !seed {
-                        self.held_by_fetchers[index as usize] -= 1;
-                    }
+                    self.count_holder(index, seed, same_rack, false);
                 }
             }
             None => {
@@ -266,6 +268,7 @@ impl FetchScheduler {
                     Peer {
                         have,
                         seed,
+                        same_rack,
                         asked: BTreeMap::new(),
                         declined_until: BTreeMap::new(),
                         paused_until: None,
@@ -288,13 +291,48 @@ impl FetchScheduler {
         if let Some(known) = self.peers.get_mut(&peer)
             && known.have.insert(index)
         {
-            self.availability[index as usize] += 1;
-            if !known.seed {
-                self.held_by_fetchers[index as usize] += 1;
-            }
+            let (seed, same_rack) = (known.seed, known.same_rack);
+            self.count_holder(index, seed, same_rack, true);
             self.schedule(now);
         }
         Ok(())
+    }
+
+    /// The tracker placed `peer` in this node's rack (`same_rack`) or not. Peers start out
+    /// placed elsewhere.
+    pub fn handle_peer_place(&mut self, now: Instant, peer: PeerId, same_rack: bool) {
+        let Some(known) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if known.same_rack == same_rack {
+            return;
+        }
+        known.same_rack = same_rack;
+        let (seed, have) = (known.seed, known.have.clone());
+        for index in have.iter() {
+            self.count_holder(index, seed, !same_rack, false);
+            self.count_holder(index, seed, same_rack, true);
+        }
+        self.schedule(now);
+    }
+
+    /// Counts a holder of chunk `index` in (`add`) or out.
+    fn count_holder(&mut self, index: u32, seed: bool, same_rack: bool, add: bool) {
+        let index = index as usize;
+        let step = |counter: &mut u32| {
+            if add {
+                *counter += 1;
+            } else {
+                *counter -= 1;
+            }
+        };
+        step(&mut self.availability[index]);
+        if !seed {
+            step(&mut self.held_by_fetchers[index]);
+            if same_rack {
+                step(&mut self.held_in_rack[index]);
+            }
+        }
     }
 
     /// `peer` is gone (its connection closed): what was asked of it is asked elsewhere.
@@ -308,10 +346,7 @@ impl FetchScheduler {
             return;
         };
         for index in gone.have.iter() {
-            self.availability[index as usize] -= 1;
-            if !gone.seed {
-                self.held_by_fetchers[index as usize] -= 1;
-            }
+            self.count_holder(index, gone.seed, gone.same_rack, false);
         }
         for index in gone.asked.keys() {
             self.drop_request(*index, peer);
@@ -393,10 +428,8 @@ impl FetchScheduler {
                 Some(pause) => known.paused_until = Some(now + pause),
                 None => {
                     if known.have.remove(index) {
-                        self.availability[index as usize] -= 1;
-                        if !known.seed {
-                            self.held_by_fetchers[index as usize] -= 1;
-                        }
+                        let (seed, same_rack) = (known.seed, known.same_rack);
+                        self.count_holder(index, seed, same_rack, false);
                     }
                 }
             }
@@ -533,12 +566,14 @@ impl FetchScheduler {
         {
             return Some((index, Priority::BootTrace));
         }
-        // A seed only for what no fetcher holds (see `held_by_fetchers`). Boot-critical and
+        // A seed only for what no fetcher holds (see `held_by_fetchers`), a fetcher in another
+        // rack only for what no fetcher in this one holds (`held_in_rack`). Boot-critical and
         // on-demand chunks above, and the endgame below, take any peer: they are about this
         // node's boot, not the swarm's economy.
         let rarest = (0..self.held.len())
             .filter(|index| wanted(*index))
             .filter(|index| !peer.seed || self.held_by_fetchers[*index as usize] == 0)
+            .filter(|index| peer.seed || peer.same_rack || self.held_in_rack[*index as usize] == 0)
             .min_by_key(|index| {
                 (
                     self.availability[*index as usize],
@@ -659,6 +694,44 @@ mod tests {
         // A seed is asked for nothing a fetcher holds: chunk 9 is all it gets.
         assert_eq!(requests(&second), vec![(2, 9)]);
         assert_eq!(scheduler.requests_in_flight(), 4);
+    }
+
+    #[test]
+    fn a_fetcher_in_another_rack_is_asked_only_for_what_this_rack_lacks() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 8,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(8), &[], 5).unwrap();
+        // Peer 1 is in this rack and holds chunks 0-3; peer 2, in another rack, holds all but
+        // chunk 7 (a fetcher, not a seed).
+        scheduler
+            .handle_peer(now, 1, with(8, &[0, 1, 2, 3]))
+            .unwrap();
+        scheduler.handle_peer_place(now, 1, true);
+        scheduler
+            .handle_peer(now, 2, with(8, &[0, 1, 2, 3, 4, 5, 6]))
+            .unwrap();
+        let asked = requests(&drain(&mut scheduler));
+        let mut from_other_rack: Vec<u32> = asked
+            .iter()
+            .filter(|(peer, _)| *peer == 2)
+            .map(|(_, index)| *index)
+            .collect();
+        from_other_rack.sort_unstable();
+        assert_eq!(from_other_rack, [4, 5, 6], "{asked:?}");
+        let mut from_rack: Vec<u32> = asked
+            .iter()
+            .filter(|(peer, _)| *peer == 1)
+            .map(|(_, index)| *index)
+            .collect();
+        from_rack.sort_unstable();
+        assert_eq!(from_rack, [0, 1, 2, 3]);
+        // Placed elsewhere after all: it counts as any other fetcher again, and nothing of
+        // what is in flight is asked twice.
+        scheduler.handle_peer_place(now, 1, false);
+        assert!(requests(&drain(&mut scheduler)).is_empty());
     }
 
     #[test]

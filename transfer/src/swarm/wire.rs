@@ -7,6 +7,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::bitfield::{Bitfield, BitfieldError};
+use super::tracker::{NEIGHBOURS_MAX, RACK_NAME_MAX};
 use crate::ContentHash;
 
 /// The largest chunk a peer sends (the chunker's maximum).
@@ -80,6 +81,24 @@ pub enum Message {
         /// The chunk.
         index: u32,
     },
+    /// To a tracker: the sender is a member of `manifest`'s swarm (the first message of a
+    /// tracker session, and again on every re-announce).
+    Announce {
+        /// The image.
+        manifest: ContentHash,
+        /// The rack the sender believes it is in (a server's subnet map takes precedence);
+        /// empty when unknown.
+        rack: String,
+        /// The sender holds every chunk.
+        complete: bool,
+    },
+    /// From a tracker: members to peer with, those in the announcer's rack apart.
+    Neighbours {
+        /// Members in the announcer's rack.
+        same_rack: Vec<SocketAddr>,
+        /// Members elsewhere (or of unknown rack).
+        elsewhere: Vec<SocketAddr>,
+    },
 }
 
 /// A frame that breaks the protocol.
@@ -118,6 +137,8 @@ const DATA: u8 = 5;
 const CANCEL: u8 = 6;
 const BUSY: u8 = 7;
 const NOT_HERE: u8 = 8;
+const ANNOUNCE: u8 = 9;
+const NEIGHBOURS: u8 = 10;
 
 impl Message {
     /// Appends the frame (length prefix included) to `out`.
@@ -164,25 +185,41 @@ impl Message {
                 out.push(BUSY);
                 out.extend_from_slice(&index.to_be_bytes());
                 out.extend_from_slice(&retry_after_ms.to_be_bytes());
-                let named = &alternatives[..alternatives.len().min(ALTERNATIVES_MAX)];
-                out.push(named.len() as u8);
-                for address in named {
-                    match address.ip() {
-                        IpAddr::V4(ip) => {
-                            out.push(4);
-                            out.extend_from_slice(&ip.octets());
-                        }
-                        IpAddr::V6(ip) => {
-                            out.push(6);
-                            out.extend_from_slice(&ip.octets());
-                        }
-                    }
-                    out.extend_from_slice(&address.port().to_be_bytes());
-                }
+                encode_addresses(
+                    &alternatives[..alternatives.len().min(ALTERNATIVES_MAX)],
+                    out,
+                );
             }
             Self::NotHere { index } => {
                 out.push(NOT_HERE);
                 out.extend_from_slice(&index.to_be_bytes());
+            }
+            Self::Announce {
+                manifest,
+                rack,
+                complete,
+            } => {
+                out.push(ANNOUNCE);
+                out.extend_from_slice(&manifest.0);
+                out.push(u8::from(*complete));
+                // An overlong name is cut at a character boundary rather than refused: the
+                // rack is a hint, and the server's subnet map comes first anyway.
+                let mut end = rack.len().min(RACK_NAME_MAX);
+                while !rack.is_char_boundary(end) {
+                    end -= 1;
+                }
+                out.push(end as u8);
+                out.extend_from_slice(&rack.as_bytes()[..end]);
+            }
+            Self::Neighbours {
+                same_rack,
+                elsewhere,
+            } => {
+                out.push(NEIGHBOURS);
+                let same_rack = &same_rack[..same_rack.len().min(NEIGHBOURS_MAX)];
+                encode_addresses(same_rack, out);
+                let room = NEIGHBOURS_MAX - same_rack.len();
+                encode_addresses(&elsewhere[..elsewhere.len().min(room)], out);
             }
         }
         let length = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
@@ -200,7 +237,27 @@ impl Message {
             Self::Cancel { .. } => "cancel",
             Self::Busy { .. } => "busy",
             Self::NotHere { .. } => "not-here",
+            Self::Announce { .. } => "announce",
+            Self::Neighbours { .. } => "neighbours",
         }
+    }
+}
+
+/// A count byte and each address as family (4 or 6), octets and port.
+fn encode_addresses(addresses: &[SocketAddr], out: &mut Vec<u8>) {
+    out.push(addresses.len() as u8);
+    for address in addresses {
+        match address.ip() {
+            IpAddr::V4(ip) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+        out.extend_from_slice(&address.port().to_be_bytes());
     }
 }
 
@@ -272,6 +329,39 @@ impl<'a> Fields<'a> {
         Ok(index)
     }
 
+    /// A count byte (at most `most`) and that many addresses.
+    fn addresses(&mut self, most: usize) -> Result<Vec<SocketAddr>, WireError> {
+        let count = usize::from(self.u8()?);
+        if count > most {
+            return Err(WireError::OutOfRange(format!(
+                "{}: {count} addresses, more than {most}",
+                self.kind
+            )));
+        }
+        let mut addresses = Vec::with_capacity(count);
+        for _ in 0..count {
+            let ip = match self.u8()? {
+                4 => {
+                    let octets = self.take(4)?;
+                    IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+                }
+                6 => {
+                    let mut octets = [0u8; 16];
+                    octets.copy_from_slice(self.take(16)?);
+                    IpAddr::V6(Ipv6Addr::from(octets))
+                }
+                other => {
+                    return Err(WireError::OutOfRange(format!(
+                        "{}: unknown address family {other}",
+                        self.kind
+                    )));
+                }
+            };
+            addresses.push(SocketAddr::new(ip, self.u16()?));
+        }
+        Ok(addresses)
+    }
+
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.bytes)
     }
@@ -301,6 +391,8 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         CANCEL => "cancel",
         BUSY => "busy",
         NOT_HERE => "not-here",
+        ANNOUNCE => "announce",
+        NEIGHBOURS => "neighbours",
         other => return Err(WireError::UnknownKind(other)),
     };
     let mut fields = Fields {
@@ -368,32 +460,7 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         BUSY => {
             let index = fields.index()?;
             let retry_after_ms = fields.u32()?;
-            let count = usize::from(fields.u8()?);
-            if count > ALTERNATIVES_MAX {
-                return Err(WireError::OutOfRange(format!(
-                    "busy: {count} alternatives, more than {ALTERNATIVES_MAX}"
-                )));
-            }
-            let mut alternatives = Vec::with_capacity(count);
-            for _ in 0..count {
-                let ip = match fields.u8()? {
-                    4 => {
-                        let octets = fields.take(4)?;
-                        IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
-                    }
-                    6 => {
-                        let mut octets = [0u8; 16];
-                        octets.copy_from_slice(fields.take(16)?);
-                        IpAddr::V6(Ipv6Addr::from(octets))
-                    }
-                    other => {
-                        return Err(WireError::OutOfRange(format!(
-                            "busy: unknown address family {other}"
-                        )));
-                    }
-                };
-                alternatives.push(SocketAddr::new(ip, fields.u16()?));
-            }
+            let alternatives = fields.addresses(ALTERNATIVES_MAX)?;
             Message::Busy {
                 index,
                 retry_after_ms,
@@ -403,6 +470,41 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         NOT_HERE => Message::NotHere {
             index: fields.index()?,
         },
+        ANNOUNCE => {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(fields.take(32)?);
+            let complete = match fields.u8()? {
+                0 => false,
+                1 => true,
+                other => {
+                    return Err(WireError::OutOfRange(format!(
+                        "announce: complete flag {other}"
+                    )));
+                }
+            };
+            let length = usize::from(fields.u8()?);
+            if length > RACK_NAME_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "announce: rack name of {length} bytes, more than {RACK_NAME_MAX}"
+                )));
+            }
+            let rack = std::str::from_utf8(fields.take(length)?)
+                .map_err(|_| WireError::OutOfRange("announce: rack name is not UTF-8".into()))?
+                .to_owned();
+            Message::Announce {
+                manifest: ContentHash(hash),
+                rack,
+                complete,
+            }
+        }
+        NEIGHBOURS => {
+            let same_rack = fields.addresses(NEIGHBOURS_MAX)?;
+            let elsewhere = fields.addresses(NEIGHBOURS_MAX - same_rack.len())?;
+            Message::Neighbours {
+                same_rack,
+                elsewhere,
+            }
+        }
         other => return Err(WireError::UnknownKind(other)),
     };
     fields.end()?;
@@ -442,6 +544,18 @@ mod tests {
                 ],
             },
             Message::NotHere { index: 12 },
+            Message::Announce {
+                manifest: ContentHash::of(b"manifest"),
+                rack: "r7".into(),
+                complete: true,
+            },
+            Message::Neighbours {
+                same_rack: vec!["10.0.0.8:7200".parse().unwrap()],
+                elsewhere: vec![
+                    "10.0.1.8:7200".parse().unwrap(),
+                    "[fd00::8]:7200".parse().unwrap(),
+                ],
+            },
         ]
     }
 
@@ -499,6 +613,39 @@ mod tests {
         ));
         assert!(matches!(
             decode_frame(&frame(&[BUSY, 0, 0, 0, 1, 0, 0, 0, 0, 17])),
+            Err(WireError::OutOfRange(_))
+        ));
+        let mut announce = vec![ANNOUNCE];
+        announce.extend_from_slice(&[0; 32]);
+        announce.extend_from_slice(&[2, 0]);
+        assert!(matches!(
+            decode_frame(&frame(&announce)),
+            Err(WireError::OutOfRange(_))
+        ));
+        announce[33] = 0;
+        announce[34] = 65;
+        assert!(matches!(
+            decode_frame(&frame(&announce)),
+            Err(WireError::OutOfRange(_))
+        ));
+        announce[34] = 2;
+        announce.extend_from_slice(&[0xff, 0xfe]);
+        assert!(matches!(
+            decode_frame(&frame(&announce)),
+            Err(WireError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[NEIGHBOURS, 17])),
+            Err(WireError::OutOfRange(_))
+        ));
+        // Sixteen in the rack leave no room for any elsewhere.
+        let mut full = vec![NEIGHBOURS, 16];
+        for host in 0..16 {
+            full.extend_from_slice(&[4, 10, 0, 0, host, 0x1c, 0x20]);
+        }
+        full.extend_from_slice(&[1, 4, 10, 0, 1, 1, 0x1c, 0x20]);
+        assert!(matches!(
+            decode_frame(&frame(&full)),
             Err(WireError::OutOfRange(_))
         ));
         assert!(matches!(
