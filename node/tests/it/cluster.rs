@@ -1571,7 +1571,10 @@ fn a_cluster_member_serves_image_chunks_on_its_cluster_endpoint() {
             &agent_store_text,
             "--listen",
             "10.80.0.1:0",
-            "--peer",
+            // No peer: the member finds the server through the image's tracker, which is
+            // the server itself, answering on its cluster endpoint too; the server
+            // announced its image there as a seed.
+            "--tracker",
             &server,
             "--exit-when-complete",
         ],
@@ -1589,6 +1592,10 @@ fn a_cluster_member_serves_image_chunks_on_its_cluster_endpoint() {
     assert!(
         complete.contains(&format!("sources={server}=")),
         "{complete}"
+    );
+    assert!(
+        stdout.lines().any(|line| line == format!("tracker {server}")),
+        "{stdout}"
     );
     let fetched = transfer::ChunkStore::open(&agent_store, 1 << 20).expect("agent store");
     for chunk in manifest.all_chunks() {
