@@ -142,7 +142,10 @@ pub struct SwarmSection {
     pub upload_mib_per_second: Option<u64>,
     /// The swarm endpoints of every server that tracks images (this one included), the same
     /// list on every server: each image's tracker is the first of them by rendezvous hash,
-    /// and each server announces the images it offers there. Absent: this server alone.
+    /// and each server announces the images it offers there. Booting nodes get the list as
+    /// `bootmesh.trackers=` and fetch `ram` roots from the swarm. Absent: this server tracks
+    /// its own images alone and names itself as their seed (booting nodes get `listen`; a
+    /// cluster member that has no `listen` must list the servers here for that).
     #[serde(default)]
     pub trackers: Vec<SocketAddr>,
 }

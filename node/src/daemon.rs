@@ -159,25 +159,17 @@ pub async fn serve(
             transfer::swarm::TrackerConfig::default(),
             config.rack_map(),
         ));
-        // Without a list, this server tracks its own images: agents that name it as their
-        // tracker are told of it as a seed.
-        let own_address = section
-            .listen
-            .or_else(|| member.as_ref().map(|member| member.record.address));
-        let trackers = if section.trackers.is_empty() {
-            own_address.into_iter().collect()
-        } else {
-            section.trackers.clone()
-        };
-        let announce = crate::swarm::AnnounceOptions {
-            trackers,
+        // With a list, this server announces its images to each image's tracker; without
+        // one it is the tracker of its own images, and names itself to those who ask.
+        let announce = (!section.trackers.is_empty()).then(|| crate::swarm::AnnounceOptions {
+            trackers: section.trackers.clone(),
             rack: member.as_ref().map(|member| member.record.rack.clone()),
             ..crate::swarm::AnnounceOptions::default()
-        };
+        });
         let store = Arc::clone(images.store());
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
-            crate::swarm::offer_store_images(&swarm, store, Some(announce), shutdown).await;
+            crate::swarm::offer_store_images(&swarm, store, announce, shutdown).await;
             let stats = swarm.stats();
             tracing::info!(
                 chunks_uploaded = stats
@@ -392,6 +384,15 @@ fn boot_scripts(
         images: Some(images.clone()),
         plans: node_plans.clone(),
         servers: config.boot_servers(),
+        // A cluster member without a listen address of its own serves the swarm on its
+        // cluster endpoint, which this file does not name: such servers list `trackers`.
+        trackers: config.swarm.as_ref().map_or_else(Vec::new, |swarm| {
+            if swarm.trackers.is_empty() {
+                swarm.listen.into_iter().collect()
+            } else {
+                swarm.trackers.clone()
+            }
+        }),
         token_time_to_live: config.boot_token_ttl(),
         ..Default::default()
     };

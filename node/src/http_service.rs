@@ -64,6 +64,9 @@ pub struct BootScripts {
     pub images: Option<ImageLibrary>,
     /// HTTP addresses of the other boot servers, named after our own in `bootmesh.servers`.
     pub servers: Vec<SocketAddr>,
+    /// The servers' swarm endpoints (`bootmesh.trackers`: a `ram` root comes from the swarm).
+    /// An unspecified IP (`0.0.0.0:7800`) stands for the address the node reached us on.
+    pub trackers: Vec<SocketAddr>,
     /// How long a boot token stays redeemable.
     pub token_time_to_live: Duration,
 }
@@ -78,6 +81,7 @@ impl Default for BootScripts {
             group_cmdlines: BTreeMap::new(),
             images: None,
             servers: Vec::new(),
+            trackers: Vec::new(),
             token_time_to_live: Duration::from_secs(BOOT_TOKEN_TTL_SECS_DEFAULT),
         }
     }
@@ -277,6 +281,24 @@ async fn serve_boot_script(
         push_argument(
             &mut plan.cmdline,
             &format!("bootmesh.servers={}", list.join(",")),
+        );
+    }
+    let trackers: Vec<String> = scripts
+        .trackers
+        .iter()
+        .filter_map(|tracker| {
+            if tracker.ip().is_unspecified() {
+                host_address(host).map(|reached| SocketAddr::new(reached.ip(), tracker.port()))
+            } else {
+                Some(*tracker)
+            }
+        })
+        .map(|tracker| tracker.to_string())
+        .collect();
+    if !trackers.is_empty() {
+        push_argument(
+            &mut plan.cmdline,
+            &format!("bootmesh.trackers={}", trackers.join(",")),
         );
     }
     // Rendered once before the token is added: a refusal quotes the command line, and it

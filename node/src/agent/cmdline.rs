@@ -46,6 +46,10 @@ pub struct AgentCmdline {
     pub root_mode: Option<RootMode>,
     /// `bootmesh.init=<path>`: what to exec in the new root (default `/sbin/init`).
     pub init: String,
+    /// `bootmesh.trackers=<ip:port>,...`: the servers' swarm endpoints. Present, a `ram` root
+    /// is fetched from the swarm (the image's tracker names peers, booting nodes share with
+    /// each other), with the servers' HTTP as the fallback.
+    pub trackers: Vec<SocketAddr>,
 }
 
 fn invalid(key: &'static str, value: &str, reason: &'static str) -> CmdlineError {
@@ -54,6 +58,24 @@ fn invalid(key: &'static str, value: &str, reason: &'static str) -> CmdlineError
         value: value.to_owned(),
         reason,
     }
+}
+
+/// A comma-separated list of `ip:port` (IP literals only: the agent has no resolver, by
+/// design), each once, at most [`SERVERS_MAX`].
+fn parse_addresses(
+    key: &'static str,
+    value: &str,
+    addresses: &mut Vec<SocketAddr>,
+) -> Result<(), CmdlineError> {
+    for text in value.split(',').filter(|text| !text.is_empty()) {
+        let address = text
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid(key, value, "not a list of ip:port addresses"))?;
+        if addresses.len() < SERVERS_MAX && !addresses.contains(&address) {
+            addresses.push(address);
+        }
+    }
+    Ok(())
 }
 
 impl AgentCmdline {
@@ -69,6 +91,7 @@ impl AgentCmdline {
             token: None,
             root_mode: None,
             init: "/sbin/init".to_owned(),
+            trackers: Vec::new(),
         };
         for word in cmdline.split_ascii_whitespace() {
             let Some((key, value)) = word
@@ -85,18 +108,8 @@ impl AgentCmdline {
                             .map_err(|_| invalid("image", value, "not a manifest hash"))?,
                     );
                 }
-                "servers" => {
-                    for server in value.split(',').filter(|server| !server.is_empty()) {
-                        // IP literals only: the agent has no resolver, by design.
-                        let address = server.parse::<SocketAddr>().map_err(|_| {
-                            invalid("servers", value, "not a list of ip:port addresses")
-                        })?;
-                        if parsed.servers.len() < SERVERS_MAX && !parsed.servers.contains(&address)
-                        {
-                            parsed.servers.push(address);
-                        }
-                    }
-                }
+                "servers" => parse_addresses("servers", value, &mut parsed.servers)?,
+                "trackers" => parse_addresses("trackers", value, &mut parsed.trackers)?,
                 "mac" => {
                     parsed.mac = Some(
                         crate::config::parse_mac(value)
@@ -145,7 +158,8 @@ mod tests {
         let cmdline = format!(
             "initrd=initrd.img console=ttyS0 bootmesh.image={HASH} bootmesh.group=workers \
              bootmesh.mac=52:54:00:12:34:56 bootmesh.servers=10.0.0.1:8080,10.0.0.2:8080,10.0.0.1:8080 \
-             bootmesh.token=00ff bootmesh.root=nbd bootmesh.future=whatever"
+             bootmesh.token=00ff bootmesh.root=nbd bootmesh.future=whatever \
+             bootmesh.trackers=10.0.0.1:7800,10.0.0.2:7800"
         );
         let parsed = AgentCmdline::parse(&cmdline).unwrap();
         assert_eq!(parsed.image.to_hex(), HASH);
@@ -161,6 +175,7 @@ mod tests {
         assert_eq!(parsed.token.as_deref(), Some("00ff"));
         assert_eq!(parsed.root_mode, Some(RootMode::Nbd));
         assert_eq!(parsed.init, "/sbin/init");
+        assert_eq!(parsed.trackers.len(), 2);
     }
 
     #[test]
@@ -175,6 +190,7 @@ mod tests {
             format!("bootmesh.image={HASH} bootmesh.root=disk"),
             format!("bootmesh.image={HASH} bootmesh.token=not-hex"),
             format!("bootmesh.image={HASH} bootmesh.init=sbin/init"),
+            format!("bootmesh.image={HASH} bootmesh.trackers=10.0.0.1"),
         ] {
             assert!(AgentCmdline::parse(&bad).is_err(), "{bad}");
         }

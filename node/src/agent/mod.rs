@@ -82,6 +82,9 @@ pub enum AgentError {
     /// No server to ask.
     #[error("no boot servers: the command line names none and DHCP gave no next server")]
     NoServers,
+    /// The swarm could not deliver the root image (the servers' HTTP is tried next).
+    #[error(transparent)]
+    Swarm(#[from] crate::swarm::SwarmError),
 }
 
 /// Boot rounds before the agent gives up and reboots into PXE.
@@ -320,12 +323,20 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
     } else {
         cmdline.token.as_deref()
     };
-    let fetched = runtime.block_on(fetch_everything(&transport, &cmdline, token, &mac_text))?;
+    let swarm_address = SocketAddr::new(lease.address.into(), 0);
+    let fetched = runtime.block_on(fetch_everything(
+        &transport,
+        &cmdline,
+        token,
+        &mac_text,
+        swarm_address,
+    ))?;
     drop(runtime);
     let FetchedBoot {
         plan,
         manifest,
         root_memory,
+        swarm_image,
         secrets,
         plan_source,
     } = fetched;
@@ -397,8 +408,15 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
     let device_name = verity_name.clone();
     let image = manifest.reference();
     let keeper = progress.lease_keeper.take();
+    // The companion serves the image it booted from to the swarm: the memory the fetch filled
+    // stays mapped into it across switch_root, so a booted node shares without fetching again.
+    let serving = swarm_image.map(|image| BootedSwarm {
+        image,
+        trackers: cmdline.trackers.clone(),
+        address: SocketAddr::new(lease.address.into(), 0),
+    });
     Err(system::switch_root(&cmdline.init, move || {
-        run_companion(&device_name, &image, keeper)
+        run_companion(&device_name, &image, keeper, serving)
     })
     .into())
 }
@@ -415,9 +433,70 @@ fn peak_rss_kib() -> Option<u64> {
         .ok()
 }
 
-/// The agent's companion in the booted system: keeps the DHCP lease and watches the root
-/// image's integrity, until the machine stops.
-fn run_companion(device_name: &str, image: &str, keeper: Option<network::LeaseKeeper>) {
+/// What a booted node serves to the swarm.
+struct BootedSwarm {
+    image: std::sync::Arc<crate::swarm::SharedImage>,
+    trackers: Vec<SocketAddr>,
+    address: SocketAddr,
+}
+
+/// Serves the booted image's chunks to the swarm and announces the node to the image's
+/// tracker as a complete member, until the machine stops. Reads are verified again before
+/// they are sent (the memory is sealed, but a chunk is trusted only by its hash).
+fn serve_booted_image(serving: BootedSwarm) {
+    use std::sync::Arc;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::warn!(%error, "not serving the image: no runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let node = match crate::swarm::SwarmNode::bind(
+            serving.address,
+            transfer::swarm::UploadConfig::default(),
+        ) {
+            Ok(node) => node,
+            Err(error) => {
+                tracing::warn!(%error, "not serving the image to the swarm");
+                return;
+            }
+        };
+        node.offer(Arc::clone(&serving.image));
+        tracing::info!(listen = ?node.local_addr(), "serving the booted image to the swarm");
+        Arc::clone(&node)
+            .announce(
+                serving.image,
+                crate::swarm::AnnounceOptions {
+                    trackers: serving.trackers,
+                    ..crate::swarm::AnnounceOptions::default()
+                },
+                |tracker| tracing::info!(%tracker, "booted node announced to the image's tracker"),
+            )
+            .await;
+    });
+}
+
+/// The agent's companion in the booted system: keeps the DHCP lease, watches the root
+/// image's integrity, and serves the image to the swarm, until the machine stops.
+fn run_companion(
+    device_name: &str,
+    image: &str,
+    keeper: Option<network::LeaseKeeper>,
+    serving: Option<BootedSwarm>,
+) {
+    if let Some(serving) = serving {
+        let server = std::thread::Builder::new()
+            .name("swarm".into())
+            .spawn(move || serve_booted_image(serving));
+        if let Err(error) = server {
+            tracing::warn!(%error, "not serving the image: thread not started");
+        }
+    }
     let device_name = device_name.to_owned();
     let image = image.to_owned();
     let watcher = std::thread::Builder::new()
@@ -471,6 +550,9 @@ struct FetchedBoot {
     plan: NodePlan,
     manifest: Manifest,
     root_memory: Option<File>,
+    /// The image as the swarm fetched it (every part in memory), kept for the companion to
+    /// serve once the node has booted.
+    swarm_image: Option<std::sync::Arc<crate::swarm::SharedImage>>,
     secrets: Option<NodeSecrets>,
     plan_source: usize,
 }
@@ -480,6 +562,7 @@ async fn fetch_everything(
     cmdline: &AgentCmdline,
     token: Option<&str>,
     mac_text: &str,
+    swarm_address: SocketAddr,
 ) -> Result<FetchedBoot, AgentError> {
     let (plan, plan_source): (NodePlan, usize) = transport
         .get_json(&format!("nodes/{mac_text}/plan"), "node plan")
@@ -499,8 +582,33 @@ async fn fetch_everything(
         "manifest verified against bootmesh.image"
     );
     let root_mode = cmdline.root_mode.unwrap_or(plan.root_mode);
+    let mut swarm_image = None;
     let root_memory = match root_mode {
-        RootMode::Ram => Some(fetch_root_into_memory(transport, &manifest).await?),
+        RootMode::Ram => {
+            let from_swarm = if cmdline.trackers.is_empty() {
+                None
+            } else {
+                let tie_break = u64::from_le_bytes(
+                    transfer::ContentHash::of(mac_text.as_bytes()).0[..8]
+                        .try_into()
+                        .unwrap_or([0; 8]),
+                );
+                match fetch_root_from_swarm(cmdline, &manifest, swarm_address, tie_break).await {
+                    Ok((memory, image)) => {
+                        swarm_image = Some(image);
+                        Some(memory)
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the swarm did not deliver the root image; fetching it from the servers");
+                        None
+                    }
+                }
+            };
+            match from_swarm {
+                Some(memory) => Some(memory),
+                None => Some(fetch_root_into_memory(transport, &manifest).await?),
+            }
+        }
         RootMode::Nbd => None,
     };
     // Secrets last: the single-use token is spent only once the boot is otherwise ready.
@@ -521,8 +629,117 @@ async fn fetch_everything(
         plan,
         manifest,
         root_memory,
+        swarm_image,
         secrets,
         plan_source,
+    })
+}
+
+/// The root image from the swarm into sealed memory: the node announces itself to the image's
+/// tracker (chosen among `bootmesh.trackers`), fetches every chunk of the image from the peers
+/// it is told of (servers, and nodes booting at the same time, which it serves in turn while
+/// it fetches), each verified before it is written, and seals the root. The kernel's and
+/// initrd's chunks come along in memory, so that this node can serve whole images to others;
+/// they are freed when the fetch ends.
+async fn fetch_root_from_swarm(
+    cmdline: &AgentCmdline,
+    manifest: &Manifest,
+    address: SocketAddr,
+    tie_break: u64,
+) -> Result<(File, std::sync::Arc<crate::swarm::SharedImage>), AgentError> {
+    use std::sync::Arc;
+
+    use crate::swarm::{
+        AnnounceOptions, AssembledShelf, SharedImage, SwarmError, SwarmFetchConfig, SwarmNode,
+    };
+
+    let (shelf, root) = AssembledShelf::in_memory(manifest)?;
+    let root = root.ok_or_else(|| SwarmError::Shelf("the manifest has no root part".into()))?;
+    let image =
+        transfer::swarm::SwarmImage::new(cmdline.image, manifest, &[]).map_err(SwarmError::from)?;
+    let total = image.chunk_count();
+    let shared = SharedImage::new(image, Arc::new(shelf));
+    let node = SwarmNode::bind(address, transfer::swarm::UploadConfig::default())?;
+    node.offer(Arc::clone(&shared));
+    tracing::info!(listen = ?node.local_addr(), chunks = total, "root image from the swarm");
+    let announcer = tokio::spawn(Arc::clone(&node).announce(
+        Arc::clone(&shared),
+        AnnounceOptions {
+            trackers: cmdline.trackers.clone(),
+            ..AnnounceOptions::default()
+        },
+        |tracker| tracing::info!(%tracker, "announced to the image's tracker"),
+    ));
+    let progress = {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut next_report = 25u32;
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let percent = shared.held().count() * 100 / total.max(1);
+                if percent >= next_report && percent < 100 {
+                    tracing::info!(percent, "root image (swarm)");
+                    next_report = (percent / 25 + 1) * 25;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let fetched = node
+        .fetch(
+            Arc::clone(&shared),
+            &[],
+            SwarmFetchConfig {
+                tie_break,
+                ..SwarmFetchConfig::default()
+            },
+        )
+        .await;
+    progress.abort();
+    announcer.abort();
+    let uploaded = node
+        .stats()
+        .bytes_uploaded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    node.shut_down_and_wait().await;
+    let report = fetched?;
+    let from_servers: u64 = report
+        .sources
+        .iter()
+        .filter(|(source, _)| {
+            cmdline
+                .trackers
+                .iter()
+                .any(|tracker| tracker.ip() == source.ip())
+        })
+        .map(|(_, source)| source.bytes)
+        .sum();
+    let seconds = started.elapsed().as_secs_f64().max(0.001);
+    tracing::info!(
+        chunks = report.chunks,
+        bytes = report.bytes,
+        peers = report.sources.len(),
+        from_servers,
+        from_nodes = report.bytes - from_servers,
+        uploaded,
+        mib_per_second = format!("{:.1}", report.bytes as f64 / 1_048_576.0 / seconds),
+        "root image in memory from the swarm, every chunk verified"
+    );
+    seal_root(&root)?;
+    Ok((root, shared))
+}
+
+/// Seals the root image's memory: nothing, not even this process, can change it under the
+/// verity tree.
+fn seal_root(memory: &File) -> Result<(), AgentError> {
+    use rustix::fs::SealFlags;
+    rustix::fs::fcntl_add_seals(
+        memory,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
+    )
+    .map_err(|error| AgentError::Io {
+        what: "seal the root image",
+        source: error.into(),
     })
 }
 
@@ -530,7 +747,7 @@ async fn fetch_root_into_memory(
     transport: &HttpTransport,
     manifest: &Manifest,
 ) -> Result<File, AgentError> {
-    use rustix::fs::{MemfdFlags, SealFlags};
+    use rustix::fs::MemfdFlags;
     let part = &manifest.root.part;
     let memory = rustix::fs::memfd_create(
         "bootmesh-root",
@@ -567,15 +784,7 @@ async fn fetch_root_into_memory(
         mib_per_second = format!("{:.1}", summary.bytes as f64 / 1_048_576.0 / seconds),
         "root image in memory, every chunk verified"
     );
-    // Sealed: nothing, not even this process, can change the image under the verity tree.
-    rustix::fs::fcntl_add_seals(
-        &memory,
-        SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE | SealFlags::SEAL,
-    )
-    .map_err(|error| AgentError::Io {
-        what: "seal the root image",
-        source: error.into(),
-    })?;
+    seal_root(&memory)?;
     Ok(memory)
 }
 

@@ -435,7 +435,20 @@ impl SwarmNode {
                 }
                 Ok(Ok(Accepted::TrackerSession(send, reader, first))) => {
                     if let Some(tracker) = self.tracker() {
-                        tracker.serve_session(connection, send, reader, first).await;
+                        let port = self.local_addr().map(|address| address.port());
+                        let reached = connection.local_ip().or_else(|| {
+                            self.local_addr()
+                                .map(|address| address.ip())
+                                .filter(|ip| !ip.is_unspecified())
+                        });
+                        let own_offer = |manifest: &ContentHash| {
+                            let (ip, port) = (reached?, port?);
+                            self.offered(manifest)?;
+                            Some(SocketAddr::new(ip, port))
+                        };
+                        tracker
+                            .serve_session(connection, send, reader, first, own_offer)
+                            .await;
                     }
                 }
                 Ok(Ok(Accepted::Closed)) => {}

@@ -79,6 +79,8 @@ impl ChunkShelf for StoreShelf {
 #[derive(Debug)]
 pub struct AssembledShelf {
     files: Vec<std::fs::File>,
+    /// Which part each file holds.
+    parts: Vec<transfer::PartName>,
     /// Per chunk hash: (file, offset) of every place it occupies.
     placements: std::collections::HashMap<transfer::ContentHash, Vec<(usize, u64)>>,
     /// Chunks written since the files were created.
@@ -92,27 +94,66 @@ impl AssembledShelf {
         directory: &std::path::Path,
         manifest: &transfer::Manifest,
     ) -> Result<Self, SwarmError> {
-        let io = |what: String| {
-            move |error: std::io::Error| SwarmError::Shelf(format!("{what}: {error}"))
-        };
-        std::fs::create_dir_all(directory)
-            .map_err(io(format!("create {}", directory.display())))?;
-        let mut files = Vec::new();
-        let mut placements: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
-        for name in transfer::PartName::ALL {
-            let Some(part) = manifest.part(name) else {
-                continue;
-            };
+        std::fs::create_dir_all(directory).map_err(|error| {
+            SwarmError::Shelf(format!("create {}: {error}", directory.display()))
+        })?;
+        Self::with_files(manifest, |name| {
             let path = directory.join(name.as_str());
-            let file = std::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(true)
                 .open(&path)
-                .map_err(io(format!("create {}", path.display())))?;
-            file.set_len(part.size_bytes)
-                .map_err(io(format!("size {}", path.display())))?;
+                .map_err(|error| format!("create {}: {error}", path.display()))
+        })
+    }
+
+    /// One sealable memory file per part of `manifest` (a booting node, whose disk is RAM),
+    /// and a second descriptor of the root part's: the caller seals it once the fetch is
+    /// complete and hands it to a loop device.
+    pub fn in_memory(
+        manifest: &transfer::Manifest,
+    ) -> Result<(Self, Option<std::fs::File>), SwarmError> {
+        use rustix::fs::MemfdFlags;
+        let shelf = Self::with_files(manifest, |name| {
+            rustix::fs::memfd_create(
+                format!("bootmesh-{}", name.as_str()),
+                MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+            )
+            .map(std::fs::File::from)
+            .map_err(|error| format!("memfd for the {}: {error}", name.as_str()))
+        })?;
+        let root = match shelf
+            .parts
+            .iter()
+            .position(|name| *name == transfer::PartName::Root)
+        {
+            Some(index) => Some(
+                shelf.files[index]
+                    .try_clone()
+                    .map_err(|error| SwarmError::Shelf(format!("the root's memfd: {error}")))?,
+            ),
+            None => None,
+        };
+        Ok((shelf, root))
+    }
+
+    fn with_files(
+        manifest: &transfer::Manifest,
+        mut open: impl FnMut(transfer::PartName) -> Result<std::fs::File, String>,
+    ) -> Result<Self, SwarmError> {
+        let mut files = Vec::new();
+        let mut parts = Vec::new();
+        let mut placements: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
+        for name in transfer::PartName::ALL {
+            let Some(part) = manifest.part(name) else {
+                continue;
+            };
+            let file = open(name).map_err(SwarmError::Shelf)?;
+            file.set_len(part.size_bytes).map_err(|error| {
+                SwarmError::Shelf(format!("size the {}: {error}", name.as_str()))
+            })?;
             let mut offset = 0u64;
             for chunk in &part.chunks {
                 placements
@@ -122,9 +163,11 @@ impl AssembledShelf {
                 offset += u64::from(chunk.length_bytes);
             }
             files.push(file);
+            parts.push(name);
         }
         Ok(Self {
             files,
+            parts,
             placements,
             stored: std::sync::Mutex::default(),
         })

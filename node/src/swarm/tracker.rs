@@ -23,7 +23,7 @@ use boot_services::dhcp::Ipv4Network;
 use quinn::{Connection, SendStream};
 use tracing::Instrument;
 use transfer::ContentHash;
-use transfer::swarm::tracker::Neighbours;
+use transfer::swarm::tracker::{NEIGHBOURS_MAX, Neighbours};
 use transfer::swarm::{Announce, Message, Tracker, TrackerConfig, tracker_order};
 
 use super::fetch::FetchEvent;
@@ -81,13 +81,17 @@ impl TrackerService {
     }
 
     /// Serves a tracker session whose first message was `first`, until it closes; then the
-    /// member's listings go.
+    /// member's listings go. `own_offer` says where the member reaches this server's own
+    /// chunk endpoint for an image it offers: a tracker always names itself as a seed of its
+    /// own images, so a standalone server needs no announce to itself (and a server bound to
+    /// `0.0.0.0` is named by the address each member reached it on).
     pub(crate) async fn serve_session(
         &self,
         connection: Connection,
         mut send: SendStream,
         mut reader: FrameReader,
         first: Message,
+        own_offer: impl Fn(&ContentHash) -> Option<SocketAddr>,
     ) {
         let address = connection.remote_address();
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
@@ -127,7 +131,16 @@ impl TrackerService {
                         },
                     );
                 match answer {
-                    Ok(neighbours) => {
+                    Ok(mut neighbours) => {
+                        if let Some(own) = own_offer(&manifest)
+                            && own != address
+                            && !neighbours.all().any(|neighbour| neighbour == own)
+                        {
+                            if neighbours.len() >= NEIGHBOURS_MAX {
+                                neighbours.elsewhere.pop();
+                            }
+                            neighbours.elsewhere.insert(0, own);
+                        }
                         if announced.insert(manifest) {
                             tracing::info!(%manifest, rack = rack.as_deref().unwrap_or("-"), complete, "member announced");
                         }

@@ -1594,7 +1594,9 @@ fn a_cluster_member_serves_image_chunks_on_its_cluster_endpoint() {
         "{complete}"
     );
     assert!(
-        stdout.lines().any(|line| line == format!("tracker {server}")),
+        stdout
+            .lines()
+            .any(|line| line == format!("tracker {server}")),
         "{stdout}"
     );
     let fetched = transfer::ChunkStore::open(&agent_store, 1 << 20).expect("agent store");

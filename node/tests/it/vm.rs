@@ -311,7 +311,9 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
                 "cmdline = \"lab.nonce={nonce}\"\npreinit = [\"echo default-group > /etc/preinit-proof\"]"
             ),
             hosts: "[[dhcp.host]]\nmac = \"52:54:00:61:00:01\"\naddress = \"10.61.0.50\"\nhostname = \"known-node\"\ngroup = \"special\"",
-            extra: "",
+            // The server tracks its images' swarms: the `ram` roots come from the swarm
+            // (`bootmesh.trackers=` on the command line), nodes booting together sharing.
+            extra: "[swarm]\nlisten = \"0.0.0.0:7800\"",
         },
     );
     // Short leases: the known VM stays up past T1, and its lease must be renewed by the agent's
@@ -387,8 +389,38 @@ fn four_vms_boot_at_once_bios_and_uefi_known_and_unknown_macs() {
             );
         }
         assert_eq!(field(&line, "root"), Some("root_mode:ram"), "{line}");
+        let serial = vm.serial();
+        let from_swarm = serial
+            .lines()
+            .find(|line| line.contains("root image in memory from the swarm"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: the root did not come from the swarm:\n{serial}",
+                    vm.name
+                )
+            });
+        eprintln!("{}: {}", vm.name, from_swarm.trim());
         addresses.push(address);
     }
+    let server_log = lab.log("server");
+    assert!(
+        server_log.matches("member announced").count() >= 4,
+        "every node announced itself to the tracker:\n{server_log}"
+    );
+    // Booted, each node's companion serves the image it booted from (the fetch's memory,
+    // kept across switch_root) and announces itself as a complete member.
+    let booted_members = || {
+        lab.log("server")
+            .lines()
+            .filter(|line| line.contains("member announced") && line.contains("complete=true"))
+            .count()
+    };
+    lab::wait_for(Duration::from_secs(60), || booted_members() >= 4).unwrap_or_else(|| {
+        panic!(
+            "the booted nodes did not announce themselves as seeds:\n{}",
+            lab.log("server")
+        )
+    });
     addresses.sort();
     addresses.dedup();
     assert_eq!(
