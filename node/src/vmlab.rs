@@ -179,6 +179,8 @@ pub struct Vm {
     pub started: Instant,
     /// Its serial console.
     pub serial_path: PathBuf,
+    /// Its tap on the lab's bridge (in the lab's namespace).
+    pub tap: String,
     child: Child,
 }
 
@@ -280,6 +282,19 @@ pub fn run_bootmesh(binary: &Path, args: &[&str]) -> Result<String, LabError> {
 }
 
 impl BootLab {
+    /// Bytes `vm` has sent on its NIC so far (its tap's receive counter on the host side).
+    pub fn bytes_sent_by(&self, vm: &Vm) -> Result<u64, LabError> {
+        let path = format!("/sys/class/net/{}/statistics/rx_bytes", vm.tap);
+        let output = run("ip", &["netns", "exec", &self.namespace, "cat", &path])?;
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| LabError::Command {
+                command: format!("cat {path}"),
+                detail: "not a byte count".into(),
+            })
+    }
+
     /// Makes namespace `<prefix>` with bridge `<prefix>-br` holding `10.<subnet>.0.1/24` and
     /// `fd00:<subnet>::1/64`, and starts router advertisements on it.
     pub fn new(prefix: &str, subnet: u8, directory: PathBuf) -> Result<Self, LabError> {
@@ -507,6 +522,7 @@ impl BootLab {
             name: spec.name.clone(),
             started,
             serial_path,
+            tap,
             child,
         })
     }

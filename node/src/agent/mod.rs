@@ -715,10 +715,16 @@ async fn fetch_root_from_swarm(
         .map(|(_, source)| source.bytes)
         .sum();
     let seconds = started.elapsed().as_secs_f64().max(0.001);
+    let sources: Vec<String> = report
+        .sources
+        .iter()
+        .map(|(source, taken)| format!("{}={}", source.ip(), taken.bytes))
+        .collect();
     tracing::info!(
         chunks = report.chunks,
         bytes = report.bytes,
         peers = report.sources.len(),
+        sources = sources.join(","),
         from_servers,
         from_nodes = report.bytes - from_servers,
         uploaded,
