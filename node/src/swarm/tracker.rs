@@ -210,6 +210,10 @@ impl Default for AnnounceOptions {
 /// members that started before their tracker was up soon all meet at the same one.
 const RETRY_BETTER_FIRST: Duration = Duration::from_secs(1);
 
+/// The first pause after a session was lost before the next attempt; it doubles up to the
+/// announce period while sessions keep being lost.
+const LOST_PAUSE_FIRST: Duration = Duration::from_millis(500);
+
 /// An open session with a tracker.
 struct Session {
     tracker: SocketAddr,
@@ -250,6 +254,7 @@ impl SwarmNode {
             // A fetcher announces again after 1 s, 2 s, ... up to its period: members of a
             // storm come up together, and the first answers name few of them.
             let mut fetching_period = RETRY_BETTER_FIRST;
+            let mut lost_pause = LOST_PAUSE_FIRST;
             loop {
                 let better_than = session.as_ref().map_or(order.len(), |open| open.rank);
                 for (rank, &tracker) in order.iter().enumerate().take(better_than) {
@@ -284,15 +289,19 @@ impl SwarmNode {
                     .await;
                     match asked {
                         Ok(Ok(neighbours)) => {
+                            lost_pause = LOST_PAUSE_FIRST;
                             if let Some(fetch) = image.fetch_running() {
                                 let _fetch_over =
                                     fetch.send(FetchEvent::Neighbours(neighbours)).await;
                             }
                         }
                         Ok(Err(error)) => {
-                            tracing::warn!(tracker = %open.tracker, %error, "tracker session lost");
+                            // A tracker that takes sessions but refuses announces (full) is
+                            // asked less and less often, not twice a second.
+                            tracing::warn!(tracker = %open.tracker, %error, pause_ms = lost_pause.as_millis() as u64, "tracker session lost");
                             session = None;
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            tokio::time::sleep(lost_pause).await;
+                            lost_pause = (lost_pause * 2).min(options.every_while_fetching);
                             continue;
                         }
                         Err(_) => {

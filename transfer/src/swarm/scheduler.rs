@@ -117,6 +117,10 @@ struct Peer {
     seed: bool,
     /// The tracker placed it in this node's rack.
     same_rack: bool,
+    /// Orders the seeds alike on every fetcher (from the seed's address): seed r of k is
+    /// asked first for the chunks j with j mod k = r, so that several seeds split the first
+    /// copies of an image instead of each sending the same chunks.
+    order_key: u64,
     /// Chunks asked of it, with when.
     asked: BTreeMap<u32, Instant>,
     /// Chunks it declined for now ("busy, others have it"), and until when.
@@ -269,6 +273,7 @@ impl FetchScheduler {
                         have,
                         seed,
                         same_rack,
+                        order_key: mix(peer),
                         asked: BTreeMap::new(),
                         declined_until: BTreeMap::new(),
                         paused_until: None,
@@ -314,6 +319,17 @@ impl FetchScheduler {
             self.count_holder(index, seed, same_rack, true);
         }
         self.schedule(now);
+    }
+
+    /// `peer`'s place among the seeds: the same key for the same seed on every fetcher (a
+    /// hash of its address). Until told, a seed's key is derived from its local id.
+    pub fn handle_peer_order_key(&mut self, now: Instant, peer: PeerId, key: u64) {
+        if let Some(known) = self.peers.get_mut(&peer)
+            && known.order_key != key
+        {
+            known.order_key = key;
+            self.schedule(now);
+        }
     }
 
     /// Counts a holder of chunk `index` in (`add`) or out.
@@ -570,12 +586,30 @@ impl FetchScheduler {
         // rack only for what no fetcher in this one holds (`held_in_rack`). Boot-critical and
         // on-demand chunks above, and the endgame below, take any peer: they are about this
         // node's boot, not the swarm's economy.
+        // A seed's share of the first copies: its rank r among the k seeds known, by key.
+        let (seed_rank, seeds) = if peer.seed {
+            let mut keys: Vec<u64> = self
+                .peers
+                .values()
+                .filter(|other| other.seed)
+                .map(|other| other.order_key)
+                .collect();
+            keys.sort_unstable();
+            let rank = keys
+                .iter()
+                .position(|key| *key == peer.order_key)
+                .unwrap_or(0);
+            (rank as u32, keys.len().max(1) as u32)
+        } else {
+            (0, 1)
+        };
         let rarest = (0..self.held.len())
             .filter(|index| wanted(*index))
             .filter(|index| !peer.seed || self.held_by_fetchers[*index as usize] == 0)
             .filter(|index| peer.seed || peer.same_rack || self.held_in_rack[*index as usize] == 0)
             .min_by_key(|index| {
                 (
+                    *index % seeds != seed_rank,
                     self.availability[*index as usize],
                     mix(u64::from(*index) ^ self.tie_break),
                 )
@@ -694,6 +728,40 @@ mod tests {
         // A seed is asked for nothing a fetcher holds: chunk 9 is all it gets.
         assert_eq!(requests(&second), vec![(2, 9)]);
         assert_eq!(scheduler.requests_in_flight(), 4);
+    }
+
+    #[test]
+    fn two_seeds_split_the_first_copies_by_chunk_number() {
+        let now = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 3,
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(60), &[], 9).unwrap();
+        // Keys as every fetcher would derive them from the seeds' addresses: peer 7 ranks
+        // first, peer 3 second, whatever the local ids.
+        scheduler.handle_peer(now, 3, Bitfield::full(60)).unwrap();
+        scheduler.handle_peer_order_key(now, 3, 200);
+        scheduler.handle_peer(now, 7, Bitfield::full(60)).unwrap();
+        scheduler.handle_peer_order_key(now, 7, 100);
+        // What went out before both keys were known is answered; from then on each seed is
+        // asked only for its share while its share lasts.
+        let mut answered = requests(&drain(&mut scheduler));
+        let mut asked: Vec<(PeerId, u32)> = Vec::new();
+        for _ in 0..2 {
+            for (peer, index) in std::mem::take(&mut answered) {
+                scheduler
+                    .handle_chunk(now, peer, index, ChunkArrival::Verified)
+                    .unwrap();
+            }
+            answered = requests(&drain(&mut scheduler));
+            asked.extend(answered.iter().copied());
+        }
+        assert!(!asked.is_empty());
+        for (peer, index) in &asked {
+            let expected_rank = if *peer == 7 { 0 } else { 1 };
+            assert_eq!(index % 2, expected_rank, "{asked:?}");
+        }
     }
 
     #[test]
