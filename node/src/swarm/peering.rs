@@ -347,14 +347,6 @@ impl SwarmNode {
         self.tracker.get()
     }
 
-    pub(crate) fn endpoint(&self) -> &Endpoint {
-        &self.endpoint
-    }
-
-    pub(crate) fn client_config(&self) -> &quinn::ClientConfig {
-        &self.client_config
-    }
-
     /// Where peers reach this member.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()
@@ -516,6 +508,29 @@ impl SwarmNode {
         Ok(Accepted::Peering(image, control, have))
     }
 
+    /// Connects to `address` and opens the connection's control stream (a peering's, or a
+    /// tracker session's).
+    pub(crate) async fn open_control(
+        &self,
+        address: SocketAddr,
+    ) -> Result<(Connection, SendStream, FrameReader), SwarmError> {
+        let peer_error = |reason: String| SwarmError::Peer {
+            peer: address,
+            reason,
+        };
+        let connection = self
+            .endpoint
+            .connect_with(self.client_config.clone(), address, tls::PEER_NAME)
+            .map_err(|error| peer_error(error.to_string()))?
+            .await
+            .map_err(|error| peer_error(error.to_string()))?;
+        let (send, receive) = connection
+            .open_bi()
+            .await
+            .map_err(|error| peer_error(error.to_string()))?;
+        Ok((connection, send, FrameReader::new(receive)))
+    }
+
     /// Dials `address` about `image`; once the handshake is done the peering runs on its own
     /// (and reports to the image's fetch, if one runs). Returns when the peering is up.
     pub(crate) async fn dial(
@@ -527,21 +542,11 @@ impl SwarmNode {
             peer: address,
             reason,
         };
-        let connecting = self
-            .endpoint
-            .connect_with(self.client_config.clone(), address, tls::PEER_NAME)
-            .map_err(|error| peer_error(error.to_string()))?;
         let handshake = async {
-            let connection = connecting
-                .await
-                .map_err(|error| peer_error(error.to_string()))?;
-            let (send, receive) = connection
-                .open_bi()
-                .await
-                .map_err(|error| peer_error(error.to_string()))?;
+            let (connection, send, reader) = self.open_control(address).await?;
             let mut control = Control {
                 send,
-                reader: FrameReader::new(receive),
+                reader,
                 announcements: None,
             };
             control

@@ -28,7 +28,7 @@ use transfer::swarm::{Announce, Message, Tracker, TrackerConfig, tracker_order};
 
 use super::fetch::FetchEvent;
 use super::peering::{FrameReader, SharedImage, SwarmNode, write_message};
-use super::{CLOSE_BUSY, CLOSE_DONE, CLOSE_PROTOCOL, SwarmError, tls};
+use super::{CLOSE_BUSY, CLOSE_DONE, CLOSE_PROTOCOL, SwarmError};
 
 /// Images one session may announce (a member announces the one it boots; a server each it
 /// offers, on a session per image).
@@ -258,7 +258,7 @@ impl SwarmNode {
             loop {
                 let better_than = session.as_ref().map_or(order.len(), |open| open.rank);
                 for (rank, &tracker) in order.iter().enumerate().take(better_than) {
-                    match tokio::time::timeout(TRACKER_TIMEOUT, self.open_session(tracker)).await
+                    match tokio::time::timeout(TRACKER_TIMEOUT, self.open_control(tracker)).await
                     {
                         Ok(Ok((connection, send, reader))) => {
                             if let Some(previous) = session.take() {
@@ -355,27 +355,6 @@ impl SwarmNode {
         }
         .instrument(span)
         .await;
-    }
-
-    async fn open_session(
-        &self,
-        tracker: SocketAddr,
-    ) -> Result<(Connection, SendStream, FrameReader), SwarmError> {
-        let peer_error = |reason: String| SwarmError::Peer {
-            peer: tracker,
-            reason,
-        };
-        let connection = self
-            .endpoint()
-            .connect_with(self.client_config().clone(), tracker, tls::PEER_NAME)
-            .map_err(|error| peer_error(error.to_string()))?
-            .await
-            .map_err(|error| peer_error(error.to_string()))?;
-        let (send, receive) = connection
-            .open_bi()
-            .await
-            .map_err(|error| peer_error(error.to_string()))?;
-        Ok((connection, send, FrameReader::new(receive)))
     }
 }
 
