@@ -10,6 +10,7 @@ pub mod clients;
 pub mod cluster;
 pub mod disk;
 pub mod seams;
+pub mod storm;
 pub mod trace;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

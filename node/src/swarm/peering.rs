@@ -16,6 +16,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument;
 use transfer::ContentHash;
+use transfer::swarm::claims::{ClaimTimings, SendClaims};
 use transfer::swarm::wire::{FRAME_BYTES_MAX, data_frame_header};
 use transfer::swarm::{
     Bitfield, Message, PeerId, Priority, SwarmImage, UploadConfig, decode_frame,
@@ -33,31 +34,6 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const ANNOUNCEMENTS_BUFFERED: usize = 4096;
 /// The largest request frame (length, kind, index, priority).
 const REQUEST_FRAME_BYTES_MAX: usize = 16;
-/// After sending a chunk to one peer, a member declines other peers' requests for it and
-/// names that peer instead, until the recipient has announced the chunk and this long has
-/// passed (its other neighbours heard the announcement too, and ask it rather than this
-/// member), so that a seed's upload goes to new copies, not to the same chunk twenty times at
-/// the start of a storm. Tied to the announcement, not to a clock, so that slow recipients
-/// (a loaded machine, a debug build) do not turn declines into duplicates.
-const ANNOUNCED_GRACE: Duration = Duration::from_secs(3);
-/// And at least this long after the send: on a fast machine the announcement comes within
-/// milliseconds, and the recipient's neighbours need a moment to ask it instead.
-const SENT_WINDOW: Duration = Duration::from_secs(5);
-/// How long a recipient that never announces the chunk (it gave up on the request, or failed
-/// to verify or store it) holds the others back.
-const IN_TRANSIT_MAX: Duration = Duration::from_secs(10);
-/// The "ask again" hint while a chunk is in transit to its first recipient.
-const IN_TRANSIT_RETRY: Duration = Duration::from_secs(1);
-
-/// The last send of one chunk.
-#[derive(Debug, Clone, Copy)]
-struct SentRecord {
-    at: tokio::time::Instant,
-    recipient: SocketAddr,
-    /// When the recipient announced the chunk (`HaveChunk`), if it has.
-    announced_at: Option<tokio::time::Instant>,
-}
-
 /// One image a member offers (and, while it fetches, fills).
 pub struct SharedImage {
     image: SwarmImage,
@@ -67,8 +43,8 @@ pub struct SharedImage {
     gained: broadcast::Sender<u32>,
     /// The fetch that runs for this image, if one does: peerings report to it.
     fetch: Mutex<Option<mpsc::Sender<FetchEvent>>>,
-    /// Per chunk: its last send.
-    last_sent: Mutex<Vec<Option<SentRecord>>>,
+    /// Per chunk: its last send (ADR 0009).
+    claims: Mutex<SendClaims<SocketAddr>>,
     /// Peers with a peering about this image now (a chunk is pointed only at a live one).
     live_peers: Mutex<HashMap<SocketAddr, usize>>,
 }
@@ -93,9 +69,12 @@ impl SharedImage {
             }
         }
         let (gained, _) = broadcast::channel(ANNOUNCEMENTS_BUFFERED);
-        let last_sent = Mutex::new(vec![None; image.chunk_count() as usize]);
+        let claims = Mutex::new(SendClaims::new(
+            image.chunk_count(),
+            ClaimTimings::default(),
+        ));
         Arc::new(Self {
-            last_sent,
+            claims,
             live_peers: Mutex::default(),
             image,
             shelf,
@@ -143,66 +122,28 @@ impl SharedImage {
     /// than `requester`: that peer, and when to ask again. Otherwise notes the send to
     /// `requester` now.
     fn claim_send(&self, index: u32, requester: SocketAddr) -> Result<(), (SocketAddr, Duration)> {
-        let now = tokio::time::Instant::now();
-        let mut last_sent = self
-            .last_sent
+        let now = tokio::time::Instant::now().into_std();
+        self.claims
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let Some(slot) = last_sent.get_mut(index as usize) else {
-            return Ok(());
-        };
-        if let Some(record) = *slot
-            && record.recipient != requester
-            && self.is_live(record.recipient)
-        {
-            let since_sent = now.saturating_duration_since(record.at);
-            let wait = match record.announced_at {
-                Some(announced) => ANNOUNCED_GRACE
-                    .saturating_sub(now.saturating_duration_since(announced))
-                    .max(SENT_WINDOW.saturating_sub(since_sent)),
-                None => IN_TRANSIT_MAX
-                    .saturating_sub(since_sent)
-                    .min(IN_TRANSIT_RETRY),
-            };
-            if !wait.is_zero() {
-                return Err((record.recipient, wait));
-            }
-        }
-        *slot = Some(SentRecord {
-            at: now,
-            recipient: requester,
-            announced_at: None,
-        });
-        Ok(())
+            .unwrap_or_else(PoisonError::into_inner)
+            .claim(now, index, requester, |peer| self.is_live(*peer))
     }
 
     /// The send of chunk `index` to `requester` did not happen after all.
     fn release_claim(&self, index: u32, requester: SocketAddr) {
-        let mut last_sent = self
-            .last_sent
+        self.claims
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(slot) = last_sent.get_mut(index as usize)
-            && slot.is_some_and(|record| {
-                record.recipient == requester && record.announced_at.is_none()
-            })
-        {
-            *slot = None;
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .release(index, requester);
     }
 
     /// `peer` announced chunk `index`.
     fn note_announced(&self, index: u32, peer: SocketAddr) {
-        let mut last_sent = self
-            .last_sent
+        let now = tokio::time::Instant::now().into_std();
+        self.claims
             .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(Some(record)) = last_sent.get_mut(index as usize)
-            && record.recipient == peer
-            && record.announced_at.is_none()
-        {
-            record.announced_at = Some(tokio::time::Instant::now());
-        }
+            .unwrap_or_else(PoisonError::into_inner)
+            .note_announced(now, index, peer);
     }
 
     fn is_live(&self, peer: SocketAddr) -> bool {

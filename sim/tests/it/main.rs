@@ -1,6 +1,7 @@
 //! The simulator's integration tests: determinism first.
 
 mod cluster;
+mod storm;
 
 use sim::run_boot_path;
 

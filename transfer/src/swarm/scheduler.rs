@@ -125,7 +125,13 @@ struct Peer {
     asked: BTreeMap<u32, Instant>,
     /// Chunks it declined for now ("busy, others have it"), and until when.
     declined_until: BTreeMap<u32, Instant>,
+    /// The keys of `declined_until`, for a search that tests every chunk.
+    declined: Bitfield,
     paused_until: Option<Instant>,
+    /// The scheduler's generation when a search found nothing to ask it for: until something
+    /// changes that could make a chunk wanted from it, it is not searched again (the search
+    /// is linear in the image's chunks, and most events change nothing for most peers).
+    idle_at: Option<u64>,
 }
 
 /// One node's fetch of one image.
@@ -152,12 +158,16 @@ pub struct FetchScheduler {
     held_in_rack: Vec<u32>,
     /// Per chunk in flight: the peers asked.
     in_flight: BTreeMap<u32, BTreeSet<PeerId>>,
+    /// The keys of `in_flight`, for a search that tests every chunk.
+    in_flight_bits: Bitfield,
     peers: BTreeMap<PeerId, Peer>,
     banned: BTreeSet<PeerId>,
     /// Mixes rarest-first ties, so fetchers started together spread over the chunks.
     tie_break: u64,
     actions: VecDeque<FetchAction>,
     complete_reported: bool,
+    /// Bumped by every event that can make a chunk wanted from any peer (see `Peer::idle_at`).
+    generation: u64,
 }
 
 /// A 64-bit mix (splitmix64's finaliser): a fixed permutation, no randomness.
@@ -198,11 +208,13 @@ impl FetchScheduler {
             critical,
             demanded: VecDeque::new(),
             in_flight: BTreeMap::new(),
+            in_flight_bits: Bitfield::empty(count),
             peers: BTreeMap::new(),
             banned: BTreeSet::new(),
             tie_break,
             actions: VecDeque::new(),
             complete_reported: false,
+            generation: 0,
         };
         scheduler.check_complete();
         Ok(scheduler)
@@ -240,6 +252,7 @@ impl FetchScheduler {
         peer: PeerId,
         have: Bitfield,
     ) -> Result<(), SchedulerError> {
+        self.generation += 1;
         if self.banned.contains(&peer) {
             return Err(SchedulerError::Banned(peer));
         }
@@ -276,7 +289,9 @@ impl FetchScheduler {
                         order_key: mix(peer),
                         asked: BTreeMap::new(),
                         declined_until: BTreeMap::new(),
+                        declined: Bitfield::empty(self.held.len()),
                         paused_until: None,
+                        idle_at: None,
                     },
                 );
             }
@@ -296,6 +311,9 @@ impl FetchScheduler {
         if let Some(known) = self.peers.get_mut(&peer)
             && known.have.insert(index)
         {
+            // More holders of one chunk make nothing wanted from another peer; only this one
+            // may now have something to ask for.
+            known.idle_at = None;
             let (seed, same_rack) = (known.seed, known.same_rack);
             self.count_holder(index, seed, same_rack, true);
             self.schedule(now);
@@ -306,6 +324,7 @@ impl FetchScheduler {
     /// The tracker placed `peer` in this node's rack (`same_rack`) or not. Peers start out
     /// placed elsewhere.
     pub fn handle_peer_place(&mut self, now: Instant, peer: PeerId, same_rack: bool) {
+        self.generation += 1;
         let Some(known) = self.peers.get_mut(&peer) else {
             return;
         };
@@ -324,6 +343,7 @@ impl FetchScheduler {
     /// `peer`'s place among the seeds: the same key for the same seed on every fetcher (a
     /// hash of its address). Until told, a seed's key is derived from its local id.
     pub fn handle_peer_order_key(&mut self, now: Instant, peer: PeerId, key: u64) {
+        self.generation += 1;
         if let Some(known) = self.peers.get_mut(&peer)
             && known.order_key != key
         {
@@ -353,6 +373,7 @@ impl FetchScheduler {
 
     /// `peer` is gone (its connection closed): what was asked of it is asked elsewhere.
     pub fn handle_peer_gone(&mut self, now: Instant, peer: PeerId) {
+        self.generation += 1;
         self.forget_peer(peer);
         self.schedule(now);
     }
@@ -374,6 +395,7 @@ impl FetchScheduler {
             asked.remove(&peer);
             if asked.is_empty() {
                 self.in_flight.remove(&index);
+                self.in_flight_bits.remove(index);
             }
         }
     }
@@ -381,6 +403,7 @@ impl FetchScheduler {
     /// A reader is blocked on chunk `index` (lazy mode): it goes before everything else.
     pub fn handle_demand(&mut self, now: Instant, index: u32) -> Result<(), SchedulerError> {
         self.check_index(index)?;
+        self.generation += 1;
         if !self.held.contains(index) && !self.demanded.contains(&index) {
             self.demanded.push_back(index);
             self.schedule(now);
@@ -406,6 +429,7 @@ impl FetchScheduler {
                 if self.held.insert(index) {
                     self.demanded.retain(|demanded| *demanded != index);
                     // The endgame's other copies are not needed any more.
+                    self.in_flight_bits.remove(index);
                     if let Some(others) = self.in_flight.remove(&index) {
                         for other in others {
                             if let Some(known) = self.peers.get_mut(&other) {
@@ -419,6 +443,7 @@ impl FetchScheduler {
                 }
             }
             ChunkArrival::Corrupt => {
+                self.generation += 1;
                 self.forget_peer(peer);
                 self.banned.insert(peer);
                 self.actions.push_back(FetchAction::Ban { peer, index });
@@ -451,6 +476,7 @@ impl FetchScheduler {
             }
         }
         self.drop_request(index, peer);
+        self.chunk_freed(index);
         self.schedule(now);
         Ok(())
     }
@@ -469,8 +495,10 @@ impl FetchScheduler {
         if let Some(known) = self.peers.get_mut(&peer) {
             known.asked.remove(&index);
             known.declined_until.insert(index, now + retry_after);
+            known.declined.insert(index);
         }
         self.drop_request(index, peer);
+        self.chunk_freed(index);
         self.schedule(now);
         Ok(())
     }
@@ -482,8 +510,21 @@ impl FetchScheduler {
         for (id, peer) in &mut self.peers {
             if peer.paused_until.is_some_and(|until| until <= now) {
                 peer.paused_until = None;
+                peer.idle_at = None;
             }
-            peer.declined_until.retain(|_, until| *until > now);
+            let declined = peer.declined_until.len();
+            let bits = &mut peer.declined;
+            peer.declined_until.retain(|index, until| {
+                let keep = *until > now;
+                if !keep {
+                    bits.remove(*index);
+                }
+                keep
+            });
+            if peer.declined_until.len() != declined {
+                // A chunk it declined may be asked of it again.
+                peer.idle_at = None;
+            }
             let expired: Vec<u32> = peer
                 .asked
                 .iter()
@@ -500,10 +541,21 @@ impl FetchScheduler {
         for (peer, indexes) in late {
             for index in indexes {
                 self.drop_request(index, peer);
+                self.chunk_freed(index);
                 self.actions.push_back(FetchAction::Cancel { peer, index });
             }
         }
         self.schedule(now);
+    }
+
+    /// Chunk `index` is no longer asked of some peer (or one fewer peer holds it): a peer
+    /// found idle may now be asked for it.
+    fn chunk_freed(&mut self, index: u32) {
+        for peer in self.peers.values_mut() {
+            if peer.idle_at.is_some() && peer.have.contains(index) {
+                peer.idle_at = None;
+            }
+        }
     }
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next.
@@ -535,21 +587,50 @@ impl FetchScheduler {
         if self.held.is_complete() {
             return;
         }
+        let endgame_before = self.unasked() == 0;
+        self.schedule_pass(now);
+        // Requests made in this pass may have asked for the last unasked chunks: the endgame
+        // begins, and peers found idle before it may now take second copies.
+        if !endgame_before && self.unasked() == 0 {
+            self.generation += 1;
+            self.schedule_pass(now);
+        }
+    }
+
+    /// Chunks neither held nor asked for anywhere.
+    fn unasked(&self) -> u32 {
+        self.held.len() - self.held.count() - self.in_flight.len() as u32
+    }
+
+    fn schedule_pass(&mut self, now: Instant) {
+        let mut seed_keys: Vec<u64> = self
+            .peers
+            .values()
+            .filter(|peer| peer.seed)
+            .map(|peer| peer.order_key)
+            .collect();
+        seed_keys.sort_unstable();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
             while let Some(peer) = self.peers.get(&id) {
                 if peer.asked.len() >= self.config.requests_per_peer
                     || peer.paused_until.is_some_and(|until| until > now)
+                    || peer.idle_at == Some(self.generation)
                 {
                     break;
                 }
-                let Some((index, priority)) = self.pick_for(id, now) else {
+                let Some((index, priority)) = self.pick_for(id, now, &seed_keys) else {
+                    let generation = self.generation;
+                    if let Some(peer) = self.peers.get_mut(&id) {
+                        peer.idle_at = Some(generation);
+                    }
                     break;
                 };
                 if let Some(peer) = self.peers.get_mut(&id) {
                     peer.asked.insert(index, now);
                 }
                 self.in_flight.entry(index).or_default().insert(id);
+                self.in_flight_bits.insert(index);
                 self.actions.push_back(FetchAction::Request {
                     peer: id,
                     index,
@@ -560,16 +641,17 @@ impl FetchScheduler {
     }
 
     /// The chunk to ask `id` for next, if any.
-    fn pick_for(&self, id: PeerId, now: Instant) -> Option<(u32, Priority)> {
+    fn pick_for(&self, id: PeerId, now: Instant, seed_keys: &[u64]) -> Option<(u32, Priority)> {
         let peer = self.peers.get(&id)?;
         let wanted = |index: u32| {
             !self.held.contains(index)
-                && !self.in_flight.contains_key(&index)
                 && peer.have.contains(index)
-                && peer
-                    .declined_until
-                    .get(&index)
-                    .is_none_or(|until| *until <= now)
+                && !self.in_flight_bits.contains(index)
+                && (!peer.declined.contains(index)
+                    || peer
+                        .declined_until
+                        .get(&index)
+                        .is_none_or(|until| *until <= now))
         };
         if let Some(index) = self.demanded.iter().copied().find(|index| wanted(*index)) {
             return Some((index, Priority::OnDemand));
@@ -588,18 +670,11 @@ impl FetchScheduler {
         // node's boot, not the swarm's economy.
         // A seed's share of the first copies: its rank r among the k seeds known, by key.
         let (seed_rank, seeds) = if peer.seed {
-            let mut keys: Vec<u64> = self
-                .peers
-                .values()
-                .filter(|other| other.seed)
-                .map(|other| other.order_key)
-                .collect();
-            keys.sort_unstable();
-            let rank = keys
+            let rank = seed_keys
                 .iter()
                 .position(|key| *key == peer.order_key)
                 .unwrap_or(0);
-            (rank as u32, keys.len().max(1) as u32)
+            (rank as u32, seed_keys.len().max(1) as u32)
         } else {
             (0, 1)
         };
@@ -619,8 +694,7 @@ impl FetchScheduler {
         }
         // Endgame: only once every missing chunk is asked for somewhere, a second peer is
         // asked for the one asked longest ago, and the first answer cancels the other.
-        let unasked = self.held.len() - self.held.count() - self.in_flight.len() as u32;
-        if unasked > 0 {
+        if self.unasked() > 0 {
             return None;
         }
         self.in_flight

@@ -1,0 +1,251 @@
+//! Storm scenarios: the fleet, the image, the network and how the nodes power on, as TOML
+//! files (`sim/scenarios/*.toml`) that the storm engine and `bootmesh sim` read.
+
+use serde::Deserialize;
+
+/// One storm scenario.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StormScenario {
+    /// A name for reports.
+    pub name: String,
+    /// What the scenario is about, for reports.
+    #[serde(default)]
+    pub description: String,
+    /// Racks, nodes and servers.
+    pub fleet: Fleet,
+    /// The image every node boots.
+    pub image: ImageShape,
+    /// Link capacities and latencies.
+    pub network: NetworkShape,
+    /// How and when the nodes power on.
+    #[serde(default)]
+    pub boot: BootShape,
+    /// Who serves the image.
+    #[serde(default)]
+    pub serving: Serving,
+}
+
+/// Racks, nodes and servers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fleet {
+    /// Racks.
+    pub racks: u32,
+    /// Booting nodes in each rack.
+    pub nodes_per_rack: u32,
+    /// Boot servers, placed one per rack from rack 0 on (wrapping round).
+    pub servers: u32,
+}
+
+/// The image: its chunk count and (equal) chunk size.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageShape {
+    /// Chunks in the image.
+    pub chunks: u32,
+    /// Bytes per chunk, in KiB (the real average is 256).
+    pub chunk_kib: u32,
+    /// The first chunks are boot-critical (kernel, initrd, read trace), fetched first.
+    #[serde(default)]
+    pub boot_critical_chunks: u32,
+}
+
+impl ImageShape {
+    /// Bytes in one chunk.
+    pub fn chunk_bytes(&self) -> u64 {
+        u64::from(self.chunk_kib) * 1024
+    }
+
+    /// Bytes in the image.
+    pub fn bytes(&self) -> u64 {
+        self.chunk_bytes() * u64::from(self.chunks)
+    }
+}
+
+/// Link capacities (megabits per second, 10^6) and latencies.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkShape {
+    /// A node's upload capacity.
+    pub node_up_mbit: f64,
+    /// A node's download capacity; absent: unlimited (a lab whose caps are on egress only).
+    #[serde(default)]
+    pub node_down_mbit: Option<f64>,
+    /// A server's upload capacity.
+    pub server_up_mbit: f64,
+    /// Each rack's uplink, each direction; absent: unlimited.
+    #[serde(default)]
+    pub uplink_mbit: Option<f64>,
+    /// The spine, all racks together; absent: unlimited.
+    #[serde(default)]
+    pub spine_mbit: Option<f64>,
+    /// One-way latency within a rack, microseconds.
+    #[serde(default = "default_latency_us")]
+    pub latency_us: u64,
+    /// One-way latency between racks, microseconds.
+    #[serde(default = "default_cross_rack_latency_us")]
+    pub cross_rack_latency_us: u64,
+}
+
+fn default_latency_us() -> u64 {
+    50
+}
+
+fn default_cross_rack_latency_us() -> u64 {
+    200
+}
+
+/// How the nodes power on.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootShape {
+    /// Nodes power on at instants drawn uniformly from this span (0: all at once).
+    #[serde(default)]
+    pub power_on_spread_ms: u64,
+    /// From power-on to the agent's first announce: firmware, DHCP, kernel and initramfs.
+    #[serde(default)]
+    pub agent_starts_after_ms: u64,
+    /// Racks that power on only after the others are all booted (a rack restored after a
+    /// power loss): their nodes start then, with the same spread.
+    #[serde(default)]
+    pub late_racks: Vec<u32>,
+}
+
+/// Who serves the image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Serving {
+    /// bootmesh: the tracker names neighbours, nodes fetch from servers and from each other.
+    #[default]
+    Swarm,
+    /// The baseline (LTSP-style): each node reads the whole image from one server, the
+    /// servers split the nodes between them, and no node serves another.
+    Central,
+}
+
+/// Why a scenario cannot be run.
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    /// Not TOML, or not this shape.
+    #[error("scenario: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value out of range.
+    #[error("scenario: {0}")]
+    Invalid(String),
+}
+
+impl StormScenario {
+    /// Reads a scenario from TOML and checks it.
+    pub fn from_toml(text: &str) -> Result<Self, ScenarioError> {
+        let scenario: Self = toml::from_str(text)?;
+        scenario.validate()?;
+        Ok(scenario)
+    }
+
+    /// Checks the values make a network that can be run.
+    pub fn validate(&self) -> Result<(), ScenarioError> {
+        let invalid = |reason: &str| Err(ScenarioError::Invalid(reason.to_owned()));
+        if self.fleet.racks == 0 || self.fleet.servers == 0 {
+            return invalid("a fleet needs at least one rack and one server");
+        }
+        if self.fleet.racks > 4096 || self.fleet.nodes_per_rack > 1_000_000 {
+            return invalid("at most 4096 racks and 1,000,000 nodes per rack");
+        }
+        if self.image.chunks == 0 || self.image.chunk_kib == 0 {
+            return invalid("the image needs chunks of at least 1 KiB");
+        }
+        if self.image.boot_critical_chunks > self.image.chunks {
+            return invalid("more boot-critical chunks than chunks");
+        }
+        let rates = [
+            Some(self.network.node_up_mbit),
+            self.network.node_down_mbit,
+            Some(self.network.server_up_mbit),
+            self.network.uplink_mbit,
+            self.network.spine_mbit,
+        ];
+        if rates
+            .into_iter()
+            .flatten()
+            .any(|mbit| mbit.is_nan() || mbit <= 0.0)
+        {
+            return invalid("every link capacity must be above 0 Mbit/s");
+        }
+        if let Some(rack) = self
+            .boot
+            .late_racks
+            .iter()
+            .find(|rack| **rack >= self.fleet.racks)
+        {
+            return Err(ScenarioError::Invalid(format!(
+                "late rack {rack} is not one of the {} racks",
+                self.fleet.racks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Booting nodes.
+    pub fn node_count(&self) -> u32 {
+        self.fleet.racks * self.fleet.nodes_per_rack
+    }
+
+    /// The swarm's lower bound on the time for every node to hold the image, in seconds:
+    /// max(S/B_servers, S/B_node, N·S/(B_servers + N·B_node)), with S the image, B_servers
+    /// the servers' upload together, B_node a node's upload (or download, if lower) and N the
+    /// nodes. (Uplinks are not counted: the bound is the issue's, for a flat network.)
+    pub fn lower_bound_seconds(&self) -> f64 {
+        let bits = self.image.bytes() as f64 * 8.0;
+        let servers = self.network.server_up_mbit * 1e6 * f64::from(self.fleet.servers);
+        let node_up = self.network.node_up_mbit * 1e6;
+        let node = self
+            .network
+            .node_down_mbit
+            .map_or(node_up, |down| node_up.min(down * 1e6));
+        let nodes = f64::from(self.node_count());
+        [
+            bits / servers,
+            bits / node,
+            nodes * bits / (servers + nodes * node_up),
+        ]
+        .into_iter()
+        .fold(0.0, f64::max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMALL: &str = r#"
+        name = "small"
+        [fleet]
+        racks = 2
+        nodes_per_rack = 10
+        servers = 1
+        [image]
+        chunks = 64
+        chunk_kib = 256
+        [network]
+        node_up_mbit = 200
+        server_up_mbit = 100
+    "#;
+
+    #[test]
+    fn a_scenario_reads_from_toml_and_unknown_or_bad_values_are_refused() {
+        let scenario = StormScenario::from_toml(SMALL).unwrap();
+        assert_eq!(scenario.node_count(), 20);
+        assert_eq!(scenario.serving, Serving::Swarm);
+        // 16 MiB at 100 Mbit/s from the one server is the bound.
+        let expected = 16.0 * 1024.0 * 1024.0 * 8.0 / 100e6;
+        assert!((scenario.lower_bound_seconds() - expected).abs() < 1e-9);
+        let unknown = SMALL.replace("servers = 1", "servers = 1\nsrevers = 2");
+        assert!(StormScenario::from_toml(&unknown).is_err());
+        let zero = SMALL.replace("server_up_mbit = 100", "server_up_mbit = 0");
+        assert!(matches!(
+            StormScenario::from_toml(&zero),
+            Err(ScenarioError::Invalid(_))
+        ));
+    }
+}
