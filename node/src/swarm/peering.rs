@@ -32,6 +32,8 @@ use super::{CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_conf
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HAVE announcements a slow peering may fall behind by before it is sent a whole bitfield.
 const ANNOUNCEMENTS_BUFFERED: usize = 4096;
+/// How long a sent chunk holds its upload slot waiting for the requester's acknowledgement.
+const SEND_ACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request frame (length, kind, index, priority).
 const REQUEST_FRAME_BYTES_MAX: usize = 16;
 /// One image a member offers (and, while it fetches, fills).
@@ -102,6 +104,14 @@ impl SharedImage {
             .clone()
     }
 
+    /// Whether every chunk is held.
+    pub fn is_complete(&self) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_complete()
+    }
+
     /// Chunk `index` is held now (stored and verified): announce it.
     pub(crate) fn mark_held(&self, index: u32) {
         let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
@@ -121,12 +131,17 @@ impl SharedImage {
     /// Whether chunk `index` is on its way to, or was just announced by, another live peer
     /// than `requester`: that peer, and when to ask again. Otherwise notes the send to
     /// `requester` now.
-    fn claim_send(&self, index: u32, requester: SocketAddr) -> Result<(), (SocketAddr, Duration)> {
+    fn claim_send(
+        &self,
+        index: u32,
+        requester: SocketAddr,
+        hold_back: bool,
+    ) -> Result<(), (SocketAddr, Duration)> {
         let now = tokio::time::Instant::now().into_std();
         self.claims
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .claim(now, index, requester, |peer| self.is_live(*peer))
+            .claim(now, index, requester, hold_back, |peer| self.is_live(*peer))
     }
 
     /// The send of chunk `index` to `requester` did not happen after all.
@@ -682,8 +697,11 @@ impl SwarmNode {
         // Requests for a chunk just sent to someone else are pointed there, boot-critical ones
         // too (under a storm a seed's upload is what everyone waits for, and the first copy
         // is seconds away); only a reader blocked on the chunk right now is always served.
+        // A seed holds duplicates back only while its upload is busy; a member still
+        // fetching always does (`SendClaims`, ADR 0011).
+        let hold_back = self.uploader.is_busy() || !image.is_complete();
         if priority != Priority::OnDemand
-            && let Err((recipient, remaining)) = image.claim_send(index, requester)
+            && let Err((recipient, remaining)) = image.claim_send(index, requester, hold_back)
         {
             self.stats
                 .requests_declined_duplicate
@@ -755,6 +773,13 @@ impl SwarmNode {
         send.write_all(&data_frame_header(index, bytes.len()))
             .await?;
         send.write_all(&bytes).await?;
+        // The slot is held until the requester has the bytes, not only until quinn has
+        // buffered them: the gate's count of sends is then the chunks on the wire, so a busy
+        // link shows as a busy gate (and duplicates are declined, `SendClaims`) instead of
+        // as an idle one with megabytes queued in the connection.
+        let _finished_before = send.finish();
+        let _acknowledged_or_gone =
+            tokio::time::timeout(SEND_ACKNOWLEDGED_TIMEOUT, send.stopped()).await;
         drop(permit);
         self.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
         self.stats

@@ -127,6 +127,11 @@ impl Uploader {
         }
     }
 
+    /// Whether a send now would wait behind others (see `UploadGate::is_busy`).
+    pub fn is_busy(&self) -> bool {
+        self.handle.shared.lock().gate.is_busy()
+    }
+
     /// Waits for the turn of a request for `bytes` bytes at `priority`.
     pub async fn turn(&self, priority: Priority, bytes: u32) -> Turn {
         let shared = &self.handle.shared;

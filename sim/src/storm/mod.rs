@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 
 use transfer::ContentHash;
 use transfer::swarm::{
-    Admission, Announce, Bitfield, ChunkArrival, ClaimTimings, FetchAction, FetchScheduler,
-    Priority, SchedulerConfig, SendClaims, Ticket, Tracker, TrackerConfig, UploadConfig,
-    UploadEvent, UploadGate, tracker_order,
+    Admission, Announce, Bitfield, ChunkArrival, FetchAction, FetchScheduler, Priority, SendClaims,
+    Ticket, Tracker, TrackerConfig, UploadConfig, UploadEvent, UploadGate, tracker_order,
 };
 
 use self::network::{Endpoint, EndpointLink, FluidNetwork, Topology};
@@ -211,6 +210,7 @@ struct Tally {
     peerings: u64,
     bytes_same_rack: u64,
     bytes_across_racks: u64,
+    bytes_across_racks_from_nodes: u64,
     events: u64,
 }
 
@@ -308,6 +308,7 @@ impl StormEngine {
             spine_bytes_per_second: network_shape.spine_mbit.map_or(unlimited, mbit),
             endpoints: endpoints.clone(),
         };
+        let claim_timings = scenario.protocol.claim_timings();
         let members = endpoints
             .iter()
             .enumerate()
@@ -330,7 +331,7 @@ impl StormEngine {
                     dialling: BTreeSet::new(),
                     same_rack_named: BTreeSet::new(),
                     gate: UploadGate::new(UploadConfig::default()),
-                    claims: SendClaims::new(chunks, ClaimTimings::default()),
+                    claims: SendClaims::new(chunks, claim_timings),
                     uploads: BTreeMap::new(),
                     scheduler_wake_ns: None,
                     gate_wake_ns: None,
@@ -602,7 +603,7 @@ impl StormEngine {
         let critical: Vec<u32> = (0..self.scenario.image.boot_critical_chunks).collect();
         let tie_break = self.rng.next();
         let fetch = FetchScheduler::new(
-            SchedulerConfig::default(),
+            self.scenario.protocol.scheduler(),
             Bitfield::empty(chunks),
             &critical,
             tie_break,
@@ -764,6 +765,7 @@ impl StormEngine {
         self.tally.requests += 1;
         let now = self.now();
         let swarm = self.scenario.serving == Serving::Swarm;
+        let decline_when_idle = self.scenario.protocol.decline_when_idle;
         let chunk_bytes = u32::try_from(self.scenario.image.chunk_bytes()).unwrap_or(u32::MAX);
         let member = &mut self.members[uploader as usize];
         if !member.held.contains(index) {
@@ -773,9 +775,12 @@ impl StormEngine {
         }
         if swarm && priority != Priority::OnDemand {
             let peers = &member.peers;
-            if let Err((_recipient, wait)) = member
-                .claims
-                .claim(now, index, fetcher, |peer| peers.contains(peer))
+            let hold_back =
+                decline_when_idle || member.gate.is_busy() || !member.held.is_complete();
+            if let Err((_recipient, wait)) =
+                member
+                    .claims
+                    .claim(now, index, fetcher, hold_back, |peer| peers.contains(peer))
             {
                 self.tally.declined += 1;
                 self.answer(fetcher, uploader, index, Refusal::Declined(wait));
@@ -922,6 +927,9 @@ impl StormEngine {
             self.tally.bytes_same_rack += chunk_bytes;
         } else {
             self.tally.bytes_across_racks += chunk_bytes;
+            if !from_server {
+                self.tally.bytes_across_racks_from_nodes += chunk_bytes;
+            }
         }
         let member = &mut self.members[fetcher as usize];
         let Some(fetch) = &mut member.fetch else {
@@ -1073,6 +1081,7 @@ impl StormEngine {
             bytes_uploaded_by_servers: uploaded_by_servers,
             bytes_same_rack: self.tally.bytes_same_rack,
             bytes_across_racks: self.tally.bytes_across_racks,
+            bytes_across_racks_from_nodes: self.tally.bytes_across_racks_from_nodes,
             uplink_bytes: uplinks,
             requests: self.tally.requests,
             declined: self.tally.declined,

@@ -32,6 +32,8 @@ pub struct Figures {
     pub bytes_same_rack: u64,
     /// Chunk bytes delivered across racks.
     pub bytes_across_racks: u64,
+    /// Of those, the bytes nodes (not servers) sent.
+    pub bytes_across_racks_from_nodes: u64,
     /// Per rack: bytes its uplink carried out and in.
     pub uplink_bytes: Vec<(f64, f64)>,
     /// Chunk requests.
@@ -172,9 +174,10 @@ impl StormReport {
         let crossed: f64 = figures.uplink_bytes.iter().map(|(up, _)| up).sum();
         let _ = writeln!(
             out,
-            "racks: {:.0} MiB delivered within a rack, {:.0} MiB across; uplinks carried {:.0} MiB out in all (busiest rack {:.0} MiB in)",
+            "racks: {:.0} MiB delivered within a rack, {:.0} MiB across ({:.0} MiB of it from nodes); uplinks carried {:.0} MiB out in all (busiest rack {:.0} MiB in)",
             mib(figures.bytes_same_rack as f64),
             mib(figures.bytes_across_racks as f64),
+            mib(figures.bytes_across_racks_from_nodes as f64),
             mib(crossed),
             mib(figures
                 .uplink_bytes

@@ -24,6 +24,58 @@ pub struct StormScenario {
     /// Who serves the image.
     #[serde(default)]
     pub serving: Serving,
+    /// Protocol settings to try other than `node`'s (what-if studies); absent: `node`'s.
+    #[serde(default)]
+    pub protocol: ProtocolShape,
+}
+
+/// Protocol settings other than `node`'s defaults.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolShape {
+    /// The send claims' windows (ADR 0009), milliseconds: after the recipient's announcement,
+    /// after the send, and the retry hint while in transit.
+    #[serde(default)]
+    pub claim_announced_grace_ms: Option<u64>,
+    /// See above.
+    #[serde(default)]
+    pub claim_sent_window_ms: Option<u64>,
+    /// See above.
+    #[serde(default)]
+    pub claim_in_transit_retry_ms: Option<u64>,
+    /// Seeds decline duplicates even while idle (the rule before ADR 0011).
+    #[serde(default)]
+    pub decline_when_idle: bool,
+    /// Requests one fetcher may have outstanding with one peer.
+    #[serde(default)]
+    pub requests_per_peer: Option<usize>,
+}
+
+impl ProtocolShape {
+    /// The claim timings: `node`'s, with what this sets.
+    pub fn claim_timings(&self) -> transfer::swarm::ClaimTimings {
+        let mut timings = transfer::swarm::ClaimTimings::default();
+        let millis = std::time::Duration::from_millis;
+        if let Some(ms) = self.claim_announced_grace_ms {
+            timings.announced_grace = millis(ms);
+        }
+        if let Some(ms) = self.claim_sent_window_ms {
+            timings.sent_window = millis(ms);
+        }
+        if let Some(ms) = self.claim_in_transit_retry_ms {
+            timings.in_transit_retry = millis(ms);
+        }
+        timings
+    }
+
+    /// The scheduler settings: `node`'s, with what this sets.
+    pub fn scheduler(&self) -> transfer::swarm::SchedulerConfig {
+        let mut config = transfer::swarm::SchedulerConfig::default();
+        if let Some(requests) = self.requests_per_peer {
+            config.requests_per_peer = requests.max(1);
+        }
+        config
+    }
 }
 
 /// Racks, nodes and servers.

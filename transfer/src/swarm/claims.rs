@@ -7,6 +7,14 @@
 //! Tied to the recipient's announcement, not to a clock alone, so that slow recipients (a
 //! loaded machine, a debug build) do not turn declines into duplicates.
 //!
+//! A seed (a member that holds the whole image) holds duplicates back only while it is busy
+//! (requests wait for its upload, ADR 0011): a duplicate then would displace a new copy, but
+//! an idle seed that declines only makes the requester wait (seconds, against the
+//! milliseconds a chunk takes on a datacenter link) while its own link stands still. A member
+//! that is still fetching always holds them back: its declines also keep a chunk that just
+//! entered a rack spreading inside it, where an idle fetcher in another rack would otherwise
+//! send it across the uplinks again (measured in the storm engine and in the namespace lab).
+//!
 //! Sans-IO: the driver hands in the time and says which peers are live; the same rule runs in
 //! `node`'s peerings and in the simulator.
 
@@ -65,19 +73,22 @@ impl<P: Copy + PartialEq> SendClaims<P> {
     }
 
     /// Whether chunk `index` is on its way to, or was just announced by, another live peer
-    /// than `requester`: if so, that peer and when to ask again. Otherwise the send to
+    /// than `requester`, and duplicates are held back now (`hold_back`: the driver's call, see
+    /// the module's text): if so, that peer and when to ask again. Otherwise the send to
     /// `requester` is noted at `now`.
     pub fn claim(
         &mut self,
         now: Instant,
         index: u32,
         requester: P,
+        hold_back: bool,
         is_live: impl Fn(&P) -> bool,
     ) -> Result<(), (P, Duration)> {
         let Some(slot) = self.last_sent.get_mut(index as usize) else {
             return Ok(());
         };
-        if let Some(record) = *slot
+        if hold_back
+            && let Some(record) = *slot
             && record.recipient != requester
             && is_live(&record.recipient)
         {
@@ -146,22 +157,22 @@ mod tests {
         let start = virtual_start();
         let mut claims = SendClaims::new(4, ClaimTimings::default());
         let live = |_: &u32| true;
-        assert_eq!(claims.claim(start, 2, 10, live), Ok(()));
+        assert_eq!(claims.claim(start, 2, 10, true, live), Ok(()));
         // In transit: others are pointed at peer 10 and asked to come back within a second.
         assert_eq!(
-            claims.claim(start + Duration::from_millis(100), 2, 11, live),
+            claims.claim(start + Duration::from_millis(100), 2, 11, true, live),
             Err((10, Duration::from_secs(1)))
         );
         // The recipient itself may ask again (a retry of its own request).
-        assert_eq!(claims.claim(start, 2, 10, live), Ok(()));
+        assert_eq!(claims.claim(start, 2, 10, true, live), Ok(()));
         // Announced at 1 s: the others wait for the grace after it, and the window after the send.
         claims.note_announced(start + Duration::from_secs(1), 2, 10);
         assert_eq!(
-            claims.claim(start + Duration::from_secs(2), 2, 11, live),
+            claims.claim(start + Duration::from_secs(2), 2, 11, true, live),
             Err((10, Duration::from_secs(3)))
         );
         assert_eq!(
-            claims.claim(start + Duration::from_secs(5), 2, 11, live),
+            claims.claim(start + Duration::from_secs(5), 2, 11, true, live),
             Ok(())
         );
     }
@@ -170,14 +181,20 @@ mod tests {
     fn a_dead_recipient_or_a_released_send_holds_nobody_back() {
         let start = virtual_start();
         let mut claims = SendClaims::new(4, ClaimTimings::default());
-        assert_eq!(claims.claim(start, 1, 10u32, |_| true), Ok(()));
-        assert_eq!(claims.claim(start, 1, 11, |peer| *peer != 10), Ok(()));
+        assert_eq!(claims.claim(start, 1, 10u32, true, |_| true), Ok(()));
+        assert_eq!(claims.claim(start, 1, 11, true, |peer| *peer != 10), Ok(()));
         claims.release(1, 11);
-        assert_eq!(claims.claim(start, 1, 12, |_| true), Ok(()));
+        assert_eq!(claims.claim(start, 1, 12, true, |_| true), Ok(()));
         // Out of range: nothing to hold back.
-        assert_eq!(claims.claim(start, 9, 12, |_| true), Ok(()));
+        assert_eq!(claims.claim(start, 9, 12, true, |_| true), Ok(()));
+        // An idle seed sends a duplicate rather than let its link stand still.
+        assert_eq!(claims.claim(start, 1, 14, false, |_| true), Ok(()));
+        assert_eq!(
+            claims.claim(start, 1, 13, true, |_| true),
+            Err((14, Duration::from_secs(1)))
+        );
         // A recipient that never announces holds the others back at most `in_transit_max`.
         let later = start + ClaimTimings::default().in_transit_max;
-        assert_eq!(claims.claim(later, 1, 13, |_| true), Ok(()));
+        assert_eq!(claims.claim(later, 1, 15, true, |_| true), Ok(()));
     }
 }

@@ -119,6 +119,12 @@ impl UploadGate {
         self.sending
     }
 
+    /// Whether another send now would wait: requests are waiting, or every send slot is in
+    /// use. (What a duplicate would displace; see `SendClaims`.)
+    pub fn is_busy(&self) -> bool {
+        self.waiting_count > 0 || self.sending >= self.config.sending_max
+    }
+
     /// A request for a chunk of `bytes` bytes arrived.
     pub fn handle_request(
         &mut self,
