@@ -184,6 +184,9 @@ pub async fn serve(
                 requests_declined_duplicate = stats
                     .requests_declined_duplicate
                     .load(std::sync::atomic::Ordering::Relaxed),
+                sends_stopped_by_requester = stats
+                    .sends_stopped_by_requester
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 "swarm stopped"
             );
             swarm.shut_down_and_wait().await;

@@ -16,7 +16,7 @@ use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use tokio::sync::{broadcast, mpsc};
 use tracing::Instrument;
 use transfer::ContentHash;
-use transfer::swarm::claims::{ClaimTimings, SendClaims};
+use transfer::swarm::claims::{ClaimTimings, HoldBack, SendClaims};
 use transfer::swarm::wire::{FRAME_BYTES_MAX, data_frame_header};
 use transfer::swarm::{
     Bitfield, Message, PeerId, Priority, SwarmImage, UploadConfig, decode_frame,
@@ -135,7 +135,7 @@ impl SharedImage {
         &self,
         index: u32,
         requester: SocketAddr,
-        hold_back: bool,
+        hold_back: HoldBack,
     ) -> Result<(), (SocketAddr, Duration)> {
         let now = tokio::time::Instant::now().into_std();
         self.claims
@@ -214,6 +214,9 @@ pub struct SwarmStats {
     pub requests_not_here: AtomicU64,
     /// Requests declined because the chunk had just gone to another peer.
     pub requests_declined_duplicate: AtomicU64,
+    /// Chunks whose sending was cut short: the requester stopped the stream (it had the chunk
+    /// from elsewhere, or gave up) or never acknowledged it.
+    pub sends_stopped_by_requester: AtomicU64,
     /// Chunks received and verified.
     pub chunks_downloaded: AtomicU64,
     /// Bytes of chunks received and verified.
@@ -697,9 +700,13 @@ impl SwarmNode {
         // Requests for a chunk just sent to someone else are pointed there, boot-critical ones
         // too (under a storm a seed's upload is what everyone waits for, and the first copy
         // is seconds away); only a reader blocked on the chunk right now is always served.
-        // A seed holds duplicates back only while its upload is busy; a member still
-        // fetching always does (`SendClaims`, ADR 0011).
-        let hold_back = self.uploader.is_busy() || !image.is_complete();
+        // A busy seed holds duplicates back for as long as it stays busy; an idle one, and
+        // a member still fetching, for the claim windows (`SendClaims`, ADR 0011).
+        let hold_back = if image.is_complete() && self.uploader.is_busy() {
+            HoldBack::WhileBusy
+        } else {
+            HoldBack::Windows
+        };
         if priority != Priority::OnDemand
             && let Err((recipient, remaining)) = image.claim_send(index, requester, hold_back)
         {
@@ -777,14 +784,20 @@ impl SwarmNode {
         // buffered them: the gate's count of sends is then the chunks on the wire, so a busy
         // link shows as a busy gate (and duplicates are declined, `SendClaims`) instead of
         // as an idle one with megabytes queued in the connection.
-        let _finished_before = send.finish();
-        let _acknowledged_or_gone =
-            tokio::time::timeout(SEND_ACKNOWLEDGED_TIMEOUT, send.stopped()).await;
-        drop(permit);
+        // Counted once written: what the server hands its connections is what its link
+        // carries (a stream the requester stops later was mostly sent already).
         self.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_uploaded
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        let _finished_before = send.finish();
+        let acknowledged = tokio::time::timeout(SEND_ACKNOWLEDGED_TIMEOUT, send.stopped()).await;
+        drop(permit);
+        if !matches!(acknowledged, Ok(Ok(None))) {
+            self.stats
+                .sends_stopped_by_requester
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Ok(true)
     }
 }

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use transfer::ContentHash;
 use transfer::swarm::{
-    Admission, Announce, Bitfield, ChunkArrival, FetchAction, FetchScheduler, Priority, SendClaims,
-    Ticket, Tracker, TrackerConfig, UploadConfig, UploadEvent, UploadGate, tracker_order,
+    Admission, Announce, Bitfield, ChunkArrival, FetchAction, FetchScheduler, HoldBack, Priority,
+    SendClaims, Ticket, Tracker, TrackerConfig, UploadEvent, UploadGate, tracker_order,
 };
 
 use self::network::{Endpoint, EndpointLink, FluidNetwork, Topology};
@@ -309,6 +309,7 @@ impl StormEngine {
             endpoints: endpoints.clone(),
         };
         let claim_timings = scenario.protocol.claim_timings();
+        let upload_config = scenario.protocol.upload();
         let members = endpoints
             .iter()
             .enumerate()
@@ -330,7 +331,7 @@ impl StormEngine {
                     peers: BTreeSet::new(),
                     dialling: BTreeSet::new(),
                     same_rack_named: BTreeSet::new(),
-                    gate: UploadGate::new(UploadConfig::default()),
+                    gate: UploadGate::new(upload_config),
                     claims: SendClaims::new(chunks, claim_timings),
                     uploads: BTreeMap::new(),
                     scheduler_wake_ns: None,
@@ -765,7 +766,7 @@ impl StormEngine {
         self.tally.requests += 1;
         let now = self.now();
         let swarm = self.scenario.serving == Serving::Swarm;
-        let decline_when_idle = self.scenario.protocol.decline_when_idle;
+        let idle_seeds_send_at_once = self.scenario.protocol.idle_seeds_send_at_once;
         let chunk_bytes = u32::try_from(self.scenario.image.chunk_bytes()).unwrap_or(u32::MAX);
         let member = &mut self.members[uploader as usize];
         if !member.held.contains(index) {
@@ -775,8 +776,13 @@ impl StormEngine {
         }
         if swarm && priority != Priority::OnDemand {
             let peers = &member.peers;
-            let hold_back =
-                decline_when_idle || member.gate.is_busy() || !member.held.is_complete();
+            let hold_back = if member.held.is_complete() && member.gate.is_busy() {
+                HoldBack::WhileBusy
+            } else if member.held.is_complete() && idle_seeds_send_at_once {
+                HoldBack::Never
+            } else {
+                HoldBack::Windows
+            };
             if let Err((_recipient, wait)) =
                 member
                     .claims

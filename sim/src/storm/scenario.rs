@@ -43,12 +43,22 @@ pub struct ProtocolShape {
     /// See above.
     #[serde(default)]
     pub claim_in_transit_retry_ms: Option<u64>,
-    /// Seeds decline duplicates even while idle (the rule before ADR 0011).
+    /// Idle seeds send duplicates at once instead of after the claim windows (tried for ADR
+    /// 0011, and left: it cost the namespace lab's server a copy more).
     #[serde(default)]
-    pub decline_when_idle: bool,
+    pub idle_seeds_send_at_once: bool,
     /// Requests one fetcher may have outstanding with one peer.
     #[serde(default)]
     pub requests_per_peer: Option<usize>,
+    /// How long a request may take before its peer is paused, milliseconds.
+    #[serde(default)]
+    pub request_timeout_ms: Option<u64>,
+    /// Chunks one member sends at once.
+    #[serde(default)]
+    pub upload_sending_max: Option<usize>,
+    /// Requests waiting at one member's upload gate.
+    #[serde(default)]
+    pub upload_queued_max: Option<usize>,
 }
 
 impl ProtocolShape {
@@ -68,11 +78,26 @@ impl ProtocolShape {
         timings
     }
 
+    /// The upload gate's settings: `node`'s, with what this sets.
+    pub fn upload(&self) -> transfer::swarm::UploadConfig {
+        let mut config = transfer::swarm::UploadConfig::default();
+        if let Some(sending) = self.upload_sending_max {
+            config.sending_max = sending.max(1);
+        }
+        if let Some(queued) = self.upload_queued_max {
+            config.queued_max = queued;
+        }
+        config
+    }
+
     /// The scheduler settings: `node`'s, with what this sets.
     pub fn scheduler(&self) -> transfer::swarm::SchedulerConfig {
         let mut config = transfer::swarm::SchedulerConfig::default();
         if let Some(requests) = self.requests_per_peer {
             config.requests_per_peer = requests.max(1);
+        }
+        if let Some(ms) = self.request_timeout_ms {
+            config.request_timeout = std::time::Duration::from_millis(ms.max(1));
         }
         config
     }

@@ -14,7 +14,7 @@ pub mod upload;
 pub mod wire;
 
 pub use bitfield::{Bitfield, BitfieldError};
-pub use claims::{ClaimTimings, SendClaims};
+pub use claims::{ClaimTimings, HoldBack, SendClaims};
 pub use image::{SwarmImage, TooManyChunks};
 pub use scheduler::{
     ChunkArrival, FetchAction, FetchScheduler, PeerId, SchedulerConfig, SchedulerError,

@@ -22,7 +22,8 @@ pub struct SchedulerConfig {
     /// Requests one peer may have outstanding: enough that one fast peer's link stays busy
     /// while each chunk is read, verified and stored at either end.
     pub requests_per_peer: usize,
-    /// How long a request may take before its peer is paused.
+    /// How long a request may go without its peer answering anything (this request or
+    /// another) before the peer is paused: a busy seed that keeps sending is slow, not stuck.
     pub request_timeout: Duration,
     /// How long a paused peer is left alone.
     pub pause_after_timeout: Duration,
@@ -128,6 +129,8 @@ struct Peer {
     /// The keys of `declined_until`, for a search that tests every chunk.
     declined: Bitfield,
     paused_until: Option<Instant>,
+    /// When it last answered a request (a chunk, "busy", "not here", a decline).
+    last_answer: Option<Instant>,
     /// The scheduler's generation when a search found nothing to ask it for: until something
     /// changes that could make a chunk wanted from it, it is not searched again (the search
     /// is linear in the image's chunks, and most events change nothing for most peers).
@@ -291,6 +294,7 @@ impl FetchScheduler {
                         declined_until: BTreeMap::new(),
                         declined: Bitfield::empty(self.held.len()),
                         paused_until: None,
+                        last_answer: None,
                         idle_at: None,
                     },
                 );
@@ -422,6 +426,7 @@ impl FetchScheduler {
         self.check_index(index)?;
         if let Some(known) = self.peers.get_mut(&peer) {
             known.asked.remove(&index);
+            known.last_answer = Some(now);
         }
         self.drop_request(index, peer);
         match arrival {
@@ -465,6 +470,7 @@ impl FetchScheduler {
         self.check_index(index)?;
         if let Some(known) = self.peers.get_mut(&peer) {
             known.asked.remove(&index);
+            known.last_answer = Some(now);
             match retry_after {
                 Some(pause) => known.paused_until = Some(now + pause),
                 None => {
@@ -494,6 +500,7 @@ impl FetchScheduler {
         self.check_index(index)?;
         if let Some(known) = self.peers.get_mut(&peer) {
             known.asked.remove(&index);
+            known.last_answer = Some(now);
             known.declined_until.insert(index, now + retry_after);
             known.declined.insert(index);
         }
@@ -525,10 +532,14 @@ impl FetchScheduler {
                 // A chunk it declined may be asked of it again.
                 peer.idle_at = None;
             }
+            let last_answer = peer.last_answer;
             let expired: Vec<u32> = peer
                 .asked
                 .iter()
-                .filter(|(_, asked_at)| now.saturating_duration_since(**asked_at) >= timeout)
+                .filter(|(_, asked_at)| {
+                    let since = last_answer.map_or(**asked_at, |answer| answer.max(**asked_at));
+                    now.saturating_duration_since(since) >= timeout
+                })
                 .map(|(index, _)| *index)
                 .collect();
             if !expired.is_empty() {
@@ -563,7 +574,11 @@ impl FetchScheduler {
         let deadlines = self.peers.values().flat_map(|peer| {
             peer.asked
                 .values()
-                .map(|asked_at| *asked_at + self.config.request_timeout)
+                .map(|asked_at| {
+                    peer.last_answer
+                        .map_or(*asked_at, |answer| answer.max(*asked_at))
+                        + self.config.request_timeout
+                })
                 .chain(peer.paused_until)
                 .chain(peer.declined_until.values().copied())
         });
@@ -1019,6 +1034,49 @@ mod tests {
                 .poll_timeout()
                 .is_some_and(|deadline| deadline <= timed_out + Duration::from_secs(10))
         );
+    }
+
+    #[test]
+    fn a_busy_peer_that_keeps_answering_is_not_paused() {
+        // A seed with a long queue: each request waits longer than the timeout, but the seed
+        // sends a chunk every 2 s, so it is slow, not stuck, and stays in use.
+        let start = virtual_start();
+        let config = SchedulerConfig {
+            requests_per_peer: 4,
+            request_timeout: Duration::from_secs(5),
+            ..SchedulerConfig::default()
+        };
+        let mut scheduler = FetchScheduler::new(config, Bitfield::empty(8), &[], 3).unwrap();
+        scheduler.handle_peer(start, 1, Bitfield::full(8)).unwrap();
+        let mut asked: VecDeque<u32> = requests(&drain(&mut scheduler))
+            .into_iter()
+            .map(|(_, index)| index)
+            .collect();
+        let mut now = start;
+        while let Some(index) = asked.pop_front() {
+            now += Duration::from_secs(2);
+            if let Some(deadline) = scheduler.poll_timeout()
+                && deadline <= now
+            {
+                scheduler.handle_timeout(deadline);
+            }
+            scheduler
+                .handle_chunk(now, 1, index, ChunkArrival::Verified)
+                .unwrap();
+            for action in drain(&mut scheduler) {
+                assert!(
+                    !matches!(action, FetchAction::Cancel { .. }),
+                    "{action:?} at {:?}",
+                    now - start
+                );
+                if let FetchAction::Request { index, .. } = action {
+                    asked.push_back(index);
+                }
+            }
+        }
+        assert!(scheduler.is_complete());
+        // 8 chunks at one every 2 s: the later ones waited 8 s and more.
+        assert_eq!(now - start, Duration::from_secs(16));
     }
 
     #[test]
