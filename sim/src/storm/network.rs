@@ -396,6 +396,9 @@ impl FluidNetwork {
                 }
             }
         }
+        // Every flow gets a new version below, so every entry in the heap goes stale: start
+        // it afresh rather than let stale entries pile up (and be popped one by one).
+        let mut entries = Vec::with_capacity(pairs.len());
         for (number, pair) in pairs.iter().enumerate() {
             if let Some(flow) = self.flows.get_mut(pair) {
                 // A pair with no limited resource on its path (both ends unlimited, same
@@ -407,11 +410,11 @@ impl FluidNetwork {
                 };
                 flow.version += 1;
                 if let Some(at) = flow.next_completion_ns() {
-                    self.completions
-                        .push(Reverse((at, pair.0, pair.1, flow.version)));
+                    entries.push(Reverse((at, pair.0, pair.1, flow.version)));
                 }
             }
         }
+        self.completions = BinaryHeap::from(entries);
     }
 
     /// Bytes carried so far by each rack's uplink, up and down (a transfer counts when it
