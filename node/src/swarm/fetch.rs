@@ -21,7 +21,7 @@ use transfer::swarm::tracker::Neighbours;
 use transfer::swarm::wire::FRAME_BYTES_MAX;
 use transfer::swarm::{
     Bitfield, ChunkArrival, FetchAction, FetchScheduler, Message, PeerId, Priority,
-    SchedulerConfig, decode_frame,
+    SchedulerConfig, decode_frame, seed_order_key,
 };
 use transfer::{ChunkRef, verify_chunk};
 
@@ -275,7 +275,7 @@ impl SwarmNode {
                                     if rack_local.contains(&address) {
                                         scheduler.handle_peer_place(now, peer, true);
                                     }
-                                    scheduler.handle_peer_order_key(now, peer, order_key(address));
+                                    scheduler.handle_peer_order_key(now, peer, seed_order_key(address));
                                     addresses.insert(peer, address);
                                     known.insert(peer, Peer { address, connection });
                                     redial_after = REDIAL_FIRST;
@@ -446,14 +446,6 @@ impl SwarmNode {
             });
         }
     }
-}
-
-/// A peer's key among the seeds, the same on every fetcher that reaches it at this address.
-fn order_key(address: SocketAddr) -> u64 {
-    let hash = transfer::ContentHash::of(address.to_string().as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.0[..8]);
-    u64::from_le_bytes(first)
 }
 
 /// Takes the image's fetch registration away when the fetch ends, however it ends.

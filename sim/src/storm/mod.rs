@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use transfer::ContentHash;
 use transfer::swarm::{
     Admission, Announce, Bitfield, ChunkArrival, FetchAction, FetchScheduler, HoldBack, Priority,
-    SendClaims, Ticket, Tracker, TrackerConfig, UploadEvent, UploadGate, tracker_order,
+    SendClaims, Ticket, Tracker, TrackerConfig, UploadEvent, UploadGate, seed_order_key,
+    tracker_order,
 };
 
 use self::network::{Endpoint, EndpointLink, FluidNetwork, Topology};
@@ -263,15 +264,6 @@ fn endpoint_of(address: SocketAddr) -> Option<Endpoint> {
         }
         _ => None,
     }
-}
-
-/// A seed's key among the seeds, the same on every fetcher (as `node` derives it from the
-/// address).
-fn order_key(endpoint: Endpoint) -> u64 {
-    let hash = ContentHash::of(address_of(endpoint).to_string().as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&hash.0[..8]);
-    u64::from_le_bytes(first)
 }
 
 fn mbit(rate: f64) -> f64 {
@@ -750,7 +742,11 @@ impl StormEngine {
                 if same_rack {
                     fetch.handle_peer_place(now, u64::from(other), true);
                 }
-                fetch.handle_peer_order_key(now, u64::from(other), order_key(other));
+                fetch.handle_peer_order_key(
+                    now,
+                    u64::from(other),
+                    seed_order_key(address_of(other)),
+                );
                 self.drain_fetch(side);
             }
         }

@@ -18,6 +18,7 @@ pub use claims::{ClaimTimings, HoldBack, SendClaims};
 pub use image::{SwarmImage, TooManyChunks};
 pub use scheduler::{
     ChunkArrival, FetchAction, FetchScheduler, PeerId, SchedulerConfig, SchedulerError,
+    seed_order_key,
 };
 pub use tracker::{Announce, Tracker, TrackerConfig, TrackerRefusal, tracker_order};
 pub use upload::{Admission, Ticket, UploadConfig, UploadEvent, UploadGate};

@@ -173,6 +173,15 @@ pub struct FetchScheduler {
     generation: u64,
 }
 
+/// A seed's key among the seeds ([`FetchScheduler::handle_peer_order_key`]): derived from the
+/// address it is reached at, so every fetcher that reaches it there orders the seeds alike.
+pub fn seed_order_key(address: std::net::SocketAddr) -> u64 {
+    let hash = crate::ContentHash::of(address.to_string().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&hash.0[..8]);
+    u64::from_le_bytes(first)
+}
+
 /// A 64-bit mix (splitmix64's finaliser): a fixed permutation, no randomness.
 fn mix(value: u64) -> u64 {
     let mut mixed = value.wrapping_add(0x9E37_79B9_7F4A_7C15);
