@@ -129,8 +129,8 @@ impl SharedImage {
     }
 
     /// Whether chunk `index` is on its way to, or was just announced by, another live peer
-    /// than `requester`: that peer, and when to ask again. Otherwise notes the send to
-    /// `requester` now.
+    /// than `requester`, and `hold_back` says to point the requester there: that peer, and
+    /// when to ask again. Otherwise notes the send to `requester` now (`SendClaims::claim`).
     fn claim_send(
         &self,
         index: u32,

@@ -235,6 +235,10 @@ pub struct StormEngine {
     trace_hash: u64,
     tally: Tally,
     late_started: bool,
+    /// Nodes without the whole image yet (kept, not counted: the loop asks every step).
+    incomplete_nodes: usize,
+    /// Of those, the nodes outside the late racks.
+    incomplete_early_nodes: usize,
 }
 
 impl std::fmt::Debug for StormEngine {
@@ -360,6 +364,8 @@ impl StormEngine {
             trace_hash: 0xCBF2_9CE4_8422_2325,
             tally: Tally::default(),
             late_started: false,
+            incomplete_nodes: 0,
+            incomplete_early_nodes: 0,
             scenario,
         };
         if engine.scenario.serving == Serving::Swarm {
@@ -378,8 +384,10 @@ impl StormEngine {
             }
         }
         let late: BTreeSet<u32> = engine.scenario.boot.late_racks.iter().copied().collect();
+        engine.incomplete_nodes = nodes as usize;
         for node in servers..servers + nodes {
             if !late.contains(&engine.members[node as usize].rack) {
+                engine.incomplete_early_nodes += 1;
                 engine.power_on_later(node);
             }
         }
@@ -437,19 +445,11 @@ impl StormEngine {
         self.servers..self.members.len() as Endpoint
     }
 
-    fn all_complete(&self, include_late: bool) -> bool {
-        let late: BTreeSet<u32> = self.scenario.boot.late_racks.iter().copied().collect();
-        self.nodes().all(|node| {
-            let member = &self.members[node as usize];
-            member.completed_ns.is_some() || (!include_late && late.contains(&member.rack))
-        })
-    }
-
     /// Runs the storm to its end: every node holds the image.
     pub fn run(mut self) -> Result<StormReport, StormError> {
         let limit_ns = VIRTUAL_TIME_LIMIT.as_nanos() as u64;
         loop {
-            if self.all_complete(true) {
+            if self.incomplete_nodes == 0 {
                 break;
             }
             let next_event = self.queue.peek().map(|Reverse(scheduled)| scheduled.at_ns);
@@ -481,7 +481,7 @@ impl StormEngine {
             }
             if !self.late_started
                 && !self.scenario.boot.late_racks.is_empty()
-                && self.all_complete(false)
+                && self.incomplete_early_nodes == 0
             {
                 self.late_started = true;
                 let late: BTreeSet<u32> = self.scenario.boot.late_racks.iter().copied().collect();
@@ -1017,7 +1017,12 @@ impl StormEngine {
                 // Nothing corrupt travels in a storm run; the chaos engine tests bans.
                 FetchAction::Ban { .. } => {}
                 FetchAction::Complete => {
-                    self.members[node as usize].completed_ns = Some(self.now_ns);
+                    let member = &mut self.members[node as usize];
+                    member.completed_ns = Some(self.now_ns);
+                    self.incomplete_nodes -= 1;
+                    if !self.scenario.boot.late_racks.contains(&member.rack) {
+                        self.incomplete_early_nodes -= 1;
+                    }
                     self.record([3, u64::from(node), 0, 0]);
                     if self.scenario.serving == Serving::Swarm {
                         self.announce(node);

@@ -228,20 +228,6 @@ impl FluidNetwork {
         true
     }
 
-    /// Stops every transfer from or to `endpoint`; returns their ids.
-    pub fn cut(&mut self, now_ns: u64, endpoint: Endpoint) -> Vec<TransferId> {
-        let ids: Vec<TransferId> = self
-            .transfer_pairs
-            .iter()
-            .filter(|(_, (source, destination))| *source == endpoint || *destination == endpoint)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &ids {
-            self.cancel(now_ns, *id);
-        }
-        ids
-    }
-
     fn remove_transfer(&mut self, now_ns: u64, pair: (Endpoint, Endpoint), id: TransferId) {
         let Some(flow) = self.flows.get_mut(&pair) else {
             return;
@@ -418,22 +404,12 @@ impl FluidNetwork {
     }
 
     /// Bytes carried so far by each rack's uplink, up and down (a transfer counts when it
-    /// ends or is cut).
+    /// ends or is cancelled).
     pub fn uplink_bytes(&self, rack: u32) -> (f64, f64) {
         (
             self.carried[self.uplink_up(rack) as usize],
             self.carried[self.uplink_down(rack) as usize],
         )
-    }
-
-    /// Bytes the spine carried.
-    pub fn spine_bytes(&self) -> f64 {
-        self.carried[self.spine() as usize]
-    }
-
-    /// Transfers under way.
-    pub fn transfers(&self) -> usize {
-        self.transfer_pairs.len()
     }
 }
 

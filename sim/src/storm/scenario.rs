@@ -226,8 +226,10 @@ impl StormScenario {
         if self.fleet.racks == 0 || self.fleet.servers == 0 {
             return invalid("a fleet needs at least one rack and one server");
         }
-        if self.fleet.racks > 4096 || self.fleet.nodes_per_rack > 1_000_000 {
-            return invalid("at most 4096 racks and 1,000,000 nodes per rack");
+        // Members are numbered (and named by address) in a u32 beside the servers.
+        let nodes = u64::from(self.fleet.racks) * u64::from(self.fleet.nodes_per_rack);
+        if self.fleet.racks > 4096 || self.fleet.servers > 4096 || nodes > 1_000_000 {
+            return invalid("at most 4096 racks, 4096 servers and 1,000,000 nodes");
         }
         if self.image.chunks == 0 || self.image.chunk_kib == 0 {
             return invalid("the image needs chunks of at least 1 KiB");

@@ -356,11 +356,11 @@ impl FetchScheduler {
     /// `peer`'s place among the seeds: the same key for the same seed on every fetcher (a
     /// hash of its address). Until told, a seed's key is derived from its local id.
     pub fn handle_peer_order_key(&mut self, now: Instant, peer: PeerId, key: u64) {
-        self.generation += 1;
         if let Some(known) = self.peers.get_mut(&peer)
             && known.order_key != key
         {
             known.order_key = key;
+            self.generation += 1;
             self.schedule(now);
         }
     }
