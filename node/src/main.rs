@@ -92,6 +92,15 @@ enum Command {
         #[command(subcommand)]
         command: node::cluster_cli::TokenCommand,
     },
+    /// Rehearse a boot storm in the simulator (runs `bootmesh-sim`, installed beside this
+    /// binary): `bootmesh sim --scenario FILE [--seed N] [--baseline] [--svg FILE]`,
+    /// `bootmesh sim soak ...`; `bootmesh sim --help` says more.
+    #[command(disable_help_flag = true)]
+    Sim {
+        /// Everything after `sim`, passed on as it is.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        arguments: Vec<std::ffi::OsString>,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -205,6 +214,27 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Replaces this process with `bootmesh-sim` from this binary's directory, or else from PATH.
+/// The simulator links the whole server (it runs the same wiring), so it cannot be a module of
+/// the binary it simulates without `node` depending on itself.
+fn run_simulator(arguments: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    const SIMULATOR: &str = "bootmesh-sim";
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|directory| directory.join(SIMULATOR)))
+        .filter(|candidate| candidate.is_file());
+    let program = beside.unwrap_or_else(|| PathBuf::from(SIMULATOR));
+    let error = std::process::Command::new(&program).args(arguments).exec();
+    Err(error).with_context(|| {
+        format!(
+            "running {} (build it with `cargo build --release -p sim --bin bootmesh-sim`, or \
+             install it beside bootmesh)",
+            program.display()
+        )
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     // As the initramfs's /init the kernel passes its own arguments; PID 1 is the agent, always.
     if std::process::id() == 1 {
@@ -240,6 +270,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Image { state_dir, command } => image_cli::run(&state_dir, command),
         Command::Demo => demo::run_demo(),
+        Command::Sim { arguments } => run_simulator(&arguments),
         Command::Initramfs {
             command:
                 InitramfsCommand::Build {

@@ -16,6 +16,7 @@
 //! covers every announce answer and chunk acceptance with its virtual time.
 
 pub mod network;
+pub mod plot;
 pub mod report;
 pub mod scenario;
 
@@ -32,6 +33,7 @@ use transfer::swarm::{
 };
 
 use self::network::{Endpoint, EndpointLink, FluidNetwork, Topology};
+pub use self::plot::storm_svg;
 pub use self::report::StormReport;
 pub use self::scenario::{Serving, StormScenario};
 
@@ -45,6 +47,16 @@ const ANNOUNCE_WHILE_FETCHING: Duration = Duration::from_secs(5);
 const VIRTUAL_TIME_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// The port members are reached on (a name in the simulation, never a socket).
 const SWARM_PORT: u16 = 7000;
+/// QUIC's idle timeout on chunk and tracker connections (`node::swarm::transport_config`):
+/// how long a dead or cut-off peer goes unnoticed.
+const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a member waits for a tracker's answer before it tries the next
+/// (`node::swarm::tracker`).
+const TRACKER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How soon a node without a lease asks again (PXE firmware retries within seconds).
+const DHCP_RETRY: Duration = Duration::from_secs(4);
+/// How soon a central-mode node dials its server again after losing it.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a storm run failed.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +104,7 @@ enum Event {
     AgentStarts(Endpoint),
     AnnounceDue(Endpoint),
     TrackerHears {
+        tracker: Endpoint,
         member: Endpoint,
         complete: bool,
     },
@@ -133,6 +146,83 @@ enum Event {
     },
     SchedulerWake(Endpoint),
     GateWake(Endpoint),
+    /// A central-mode node dials its server again after losing it.
+    Redial(Endpoint),
+    /// A member's tracker handshake went unanswered: it tries the next tracker in order.
+    TrackerRetry(Endpoint),
+    // Faults (see `scenario::Fault`).
+    RackPowerOff(u32),
+    RackPowerOn(u32),
+    UplinkDown(u32),
+    UplinkUp(u32),
+    /// QUIC's idle timeout after `rack` was cut at `since_ns`: connections across it that
+    /// stayed silent so long are lost, if it is still cut.
+    IdleCheck {
+        rack: u32,
+        since_ns: u64,
+    },
+    /// `observer`'s connection to `lost` (dead in its `incarnation`) times out.
+    PeerLost {
+        observer: Endpoint,
+        lost: Endpoint,
+        incarnation: u32,
+    },
+    /// A tracker's session with a dead member times out.
+    TrackerLoses {
+        tracker: Endpoint,
+        member: Endpoint,
+        session: u64,
+    },
+    /// Members notice that a tracker died (its sessions time out) and fail over.
+    TrackerDownNoticed {
+        tracker: Endpoint,
+        incarnation: u32,
+    },
+}
+
+impl Event {
+    /// The members an event is sent between or concerns (to drop what a dead one would have
+    /// sent or received).
+    fn endpoints(&self) -> [Option<Endpoint>; 2] {
+        match *self {
+            Self::PowerOn(node)
+            | Self::AgentStarts(node)
+            | Self::AnnounceDue(node)
+            | Self::SchedulerWake(node)
+            | Self::GateWake(node)
+            | Self::Redial(node)
+            | Self::TrackerRetry(node) => [Some(node), None],
+            Self::TrackerHears {
+                tracker, member, ..
+            }
+            | Self::TrackerLoses {
+                tracker, member, ..
+            } => [Some(tracker), Some(member)],
+            Self::NeighboursArrive { member, .. } => [Some(member), None],
+            // A dial to a dead target is the dialler's business (it fails): see `peering_up`.
+            Self::PeeringUp { dialler, .. } => [Some(dialler), None],
+            Self::HaveArrives { from, to, .. } => [Some(from), Some(to)],
+            Self::RequestArrives {
+                fetcher, uploader, ..
+            }
+            | Self::CancelArrives {
+                fetcher, uploader, ..
+            }
+            | Self::AnswerArrives {
+                fetcher, uploader, ..
+            }
+            | Self::ChunkArrives {
+                fetcher, uploader, ..
+            } => [Some(fetcher), Some(uploader)],
+            Self::PeerLost { observer, .. } => [Some(observer), None],
+            Self::RackPowerOff(_)
+            | Self::RackPowerOn(_)
+            | Self::UplinkDown(_)
+            | Self::UplinkUp(_)
+            | Self::IdleCheck { .. }
+            | Self::TrackerDownNoticed { .. } => [None, None],
+        }
+    }
 }
 
 /// How an uploader turned a request down.
@@ -170,6 +260,16 @@ impl Ord for Scheduled {
 struct Member {
     rack: u32,
     server: bool,
+    /// Powered (a rack power loss turns it off).
+    up: bool,
+    /// Lives so far: bumped at each power loss, so what belonged to an earlier life is known.
+    incarnation: u32,
+    /// The tracker its session is open with, if any.
+    tracker_session: Option<Endpoint>,
+    /// Without a session: the rank (in tracker order) it tries next.
+    tracker_try: usize,
+    /// A handshake with a tracker is waiting to time out.
+    tracker_retry_pending: bool,
     held: Bitfield,
     fetch: Option<FetchScheduler>,
     powered_on_ns: Option<u64>,
@@ -213,6 +313,11 @@ struct Tally {
     bytes_across_racks: u64,
     bytes_across_racks_from_nodes: u64,
     events: u64,
+    faults: u64,
+    messages_lost: u64,
+    dials_failed: u64,
+    peerings_lost: u64,
+    dhcp_retries: u64,
 }
 
 /// One storm, being run.
@@ -227,8 +332,12 @@ pub struct StormEngine {
     members: Vec<Member>,
     servers: u32,
     manifest: ContentHash,
-    tracker_endpoint: Endpoint,
-    tracker: Tracker,
+    /// The image's trackers in rendezvous order (every server, as in `node`).
+    tracker_order: Vec<Endpoint>,
+    /// Each live tracker's soft state (lost when its server dies).
+    trackers: BTreeMap<Endpoint, Tracker>,
+    /// Per rack: how many faults hold its uplink down now, and since when.
+    uplink_down: Vec<(u32, u64)>,
     tickets: BTreeMap<Ticket, Upload>,
     next_ticket: Ticket,
     rng: SeededRng,
@@ -319,6 +428,11 @@ impl StormEngine {
                 Member {
                     rack: link.rack,
                     server,
+                    up: true,
+                    incarnation: 0,
+                    tracker_session: None,
+                    tracker_try: 0,
+                    tracker_retry_pending: false,
                     held,
                     fetch: None,
                     powered_on_ns: None,
@@ -342,11 +456,15 @@ impl StormEngine {
             .collect();
         let manifest = ContentHash::of(scenario.name.as_bytes());
         let server_addresses: Vec<SocketAddr> = (0..servers).map(address_of).collect();
-        let tracker_endpoint = tracker_order(&manifest, &server_addresses)
-            .first()
-            .copied()
-            .and_then(endpoint_of)
-            .unwrap_or(0);
+        let order: Vec<Endpoint> = tracker_order(&manifest, &server_addresses)
+            .into_iter()
+            .filter_map(endpoint_of)
+            .collect();
+        let trackers = order
+            .iter()
+            .map(|tracker| (*tracker, Tracker::new(TrackerConfig::default())))
+            .collect();
+        let racks = scenario.fleet.racks as usize;
         let mut engine = Self {
             origin: virtual_origin(),
             now_ns: 0,
@@ -356,8 +474,9 @@ impl StormEngine {
             members,
             servers,
             manifest,
-            tracker_endpoint,
-            tracker: Tracker::new(TrackerConfig::default()),
+            tracker_order: order,
+            trackers,
+            uplink_down: vec![(0, 0); racks],
             tickets: BTreeMap::new(),
             next_ticket: 0,
             rng: SeededRng(seed),
@@ -369,17 +488,22 @@ impl StormEngine {
             scenario,
         };
         if engine.scenario.serving == Serving::Swarm {
-            // The servers other than the tracker announce the image they offer.
             for server in 0..servers {
-                if server != engine.tracker_endpoint {
-                    let at = engine.latency_ns(server, engine.tracker_endpoint);
-                    engine.push(
-                        at,
-                        Event::TrackerHears {
-                            member: server,
-                            complete: true,
-                        },
-                    );
+                engine.server_announces(server);
+            }
+        }
+        for fault in engine.scenario.faults.clone() {
+            let rack = fault.rack();
+            match fault {
+                scenario::Fault::RackPowerLoss { at_ms, for_ms, .. } => {
+                    engine.push(at_ms * 1_000_000, Event::RackPowerOff(rack));
+                    engine.push((at_ms + for_ms) * 1_000_000, Event::RackPowerOn(rack));
+                }
+                scenario::Fault::LinkFlap { .. } | scenario::Fault::RackCut { .. } => {
+                    for (start, end) in fault.uplink_down_periods() {
+                        engine.push(start * 1_000_000, Event::UplinkDown(rack));
+                        engine.push(end * 1_000_000, Event::UplinkUp(rack));
+                    }
                 }
             }
         }
@@ -428,8 +552,89 @@ impl StormEngine {
     }
 
     fn send(&mut self, from: Endpoint, to: Endpoint, event: Event) {
+        if self.network.is_cut_between(from, to) {
+            self.tally.messages_lost += 1;
+            return;
+        }
         let at = self.now_ns + self.latency_ns(from, to);
         self.push(at, event);
+    }
+
+    /// A server offers the image to every other live tracker (as `node`'s servers announce
+    /// to the image's trackers); a tracker names itself.
+    fn server_announces(&mut self, server: Endpoint) {
+        let trackers: Vec<Endpoint> = self
+            .tracker_order
+            .iter()
+            .copied()
+            .filter(|tracker| *tracker != server && self.members[*tracker as usize].up)
+            .collect();
+        for tracker in trackers {
+            self.send(
+                server,
+                tracker,
+                Event::TrackerHears {
+                    tracker,
+                    member: server,
+                    complete: true,
+                },
+            );
+        }
+    }
+
+    /// Sends `member`'s announce to its tracker, opening a session with the first tracker in
+    /// order that answers (as `node`'s members do: a handshake unanswered for
+    /// `TRACKER_HANDSHAKE_TIMEOUT` moves on to the next).
+    fn announce_to_tracker(&mut self, member: Endpoint) {
+        let state = &self.members[member as usize];
+        if state.tracker_retry_pending || self.tracker_order.is_empty() {
+            return;
+        }
+        let complete = state.completed_ns.is_some();
+        let tracker = match state.tracker_session {
+            Some(tracker) => tracker,
+            None => {
+                let tracker = self.tracker_order[state.tracker_try % self.tracker_order.len()];
+                if !self.members[tracker as usize].up
+                    || self.network.is_cut_between(member, tracker)
+                {
+                    let state = &mut self.members[member as usize];
+                    state.tracker_try += 1;
+                    state.tracker_retry_pending = true;
+                    let at = self.now_ns + TRACKER_HANDSHAKE_TIMEOUT.as_nanos() as u64;
+                    self.push(at, Event::TrackerRetry(member));
+                    return;
+                }
+                self.members[member as usize].tracker_session = Some(tracker);
+                tracker
+            }
+        };
+        self.send(
+            member,
+            tracker,
+            Event::TrackerHears {
+                tracker,
+                member,
+                complete,
+            },
+        );
+    }
+
+    /// `member`'s session with its tracker closed (the tracker died, or a cut outlasted the
+    /// idle timeout): it starts again from the first tracker in order.
+    fn tracker_session_lost(&mut self, member: Endpoint) {
+        let state = &mut self.members[member as usize];
+        state.tracker_session = None;
+        state.tracker_try = 0;
+        if state.fetch.is_some() || state.server {
+            self.announce_to_tracker(member);
+        }
+    }
+
+    /// A member's tracker session id: one per life, so a late departure of an earlier life
+    /// leaves the new listing alone.
+    fn session_of(&self, member: Endpoint) -> u64 {
+        (u64::from(member) << 32) | u64::from(self.members[member as usize].incarnation)
     }
 
     fn record(&mut self, values: [u64; 4]) {
@@ -509,7 +714,88 @@ impl StormEngine {
     }
 
     fn handle(&mut self, event: Event) -> Result<(), StormError> {
+        // Nothing reaches a member without power, and nothing it would do happens.
+        if event
+            .endpoints()
+            .into_iter()
+            .flatten()
+            .any(|member| !self.members[member as usize].up)
+        {
+            return Ok(());
+        }
         match event {
+            Event::Redial(node) => self.dial_own_server(node),
+            Event::TrackerRetry(member) => {
+                self.members[member as usize].tracker_retry_pending = false;
+                self.announce_to_tracker(member);
+            }
+            Event::RackPowerOff(rack) => self.rack_power_off(rack),
+            Event::RackPowerOn(rack) => self.rack_power_on(rack),
+            Event::UplinkDown(rack) => {
+                self.tally.faults += 1;
+                self.record([4, 2, u64::from(rack), 0]);
+                let (depth, since) = &mut self.uplink_down[rack as usize];
+                *depth += 1;
+                if *depth == 1 {
+                    *since = self.now_ns;
+                    self.network.set_rack_cut(rack, true);
+                    let at = self.now_ns + CONNECTION_IDLE_TIMEOUT.as_nanos() as u64;
+                    let since_ns = self.now_ns;
+                    self.push(at, Event::IdleCheck { rack, since_ns });
+                }
+            }
+            Event::UplinkUp(rack) => {
+                self.record([4, 3, u64::from(rack), 0]);
+                let (depth, _) = &mut self.uplink_down[rack as usize];
+                *depth = depth.saturating_sub(1);
+                if *depth == 0 {
+                    self.network.set_rack_cut(rack, false);
+                }
+            }
+            Event::IdleCheck { rack, since_ns } => {
+                let (depth, since) = self.uplink_down[rack as usize];
+                if depth > 0 && since == since_ns {
+                    self.cut_connections_of(rack);
+                }
+            }
+            Event::PeerLost {
+                observer,
+                lost,
+                incarnation,
+            } => {
+                let lost_member = &self.members[lost as usize];
+                if !lost_member.up || lost_member.incarnation > incarnation {
+                    self.forget_peering(observer, lost);
+                }
+            }
+            Event::TrackerLoses {
+                tracker,
+                member,
+                session,
+            } => {
+                let now = self.now();
+                if let Some(state) = self.trackers.get_mut(&tracker) {
+                    state.handle_departure(&self.manifest, address_of(member), session);
+                    state.handle_timeout(now);
+                }
+            }
+            Event::TrackerDownNoticed {
+                tracker,
+                incarnation,
+            } => {
+                let state = &self.members[tracker as usize];
+                if !state.up || state.incarnation > incarnation {
+                    let members: Vec<Endpoint> = (0..self.members.len() as Endpoint)
+                        .filter(|member| {
+                            let state = &self.members[*member as usize];
+                            state.up && state.tracker_session == Some(tracker)
+                        })
+                        .collect();
+                    for member in members {
+                        self.tracker_session_lost(member);
+                    }
+                }
+            }
             Event::PowerOn(node) => {
                 self.members[node as usize].powered_on_ns = Some(self.now_ns);
                 let at = self.now_ns + self.scenario.boot.agent_starts_after_ms * 1_000_000;
@@ -517,7 +803,11 @@ impl StormEngine {
             }
             Event::AgentStarts(node) => self.agent_starts(node)?,
             Event::AnnounceDue(node) => self.announce(node),
-            Event::TrackerHears { member, complete } => self.tracker_hears(member, complete)?,
+            Event::TrackerHears {
+                tracker,
+                member,
+                complete,
+            } => self.tracker_hears(tracker, member, complete)?,
             Event::NeighboursArrive {
                 member,
                 same_rack,
@@ -591,7 +881,260 @@ impl StormEngine {
         Ok(())
     }
 
+    /// Every member of `rack` loses power: what it held in RAM, its transfers, its messages on
+    /// the way; its peers notice at QUIC's idle timeout.
+    fn rack_power_off(&mut self, rack: u32) {
+        self.tally.faults += 1;
+        self.record([4, 0, u64::from(rack), 0]);
+        let victims: Vec<Endpoint> = (0..self.members.len() as Endpoint)
+            .filter(|member| {
+                let state = &self.members[*member as usize];
+                state.rack == rack && state.up
+            })
+            .collect();
+        let idle_ns = CONNECTION_IDLE_TIMEOUT.as_nanos() as u64;
+        let chunks = self.scenario.image.chunks;
+        let claim_timings = self.scenario.protocol.claim_timings();
+        let upload_config = self.scenario.protocol.upload();
+        let late: BTreeSet<u32> = self.scenario.boot.late_racks.iter().copied().collect();
+        for &victim in &victims {
+            for ticket in self.network.transfers_of(victim) {
+                self.abort_upload(ticket);
+            }
+            // Requests queued at its gate, or sent to it and not yet started.
+            let queued: Vec<Ticket> = self
+                .tickets
+                .iter()
+                .filter(|(_, upload)| upload.uploader == victim || upload.fetcher == victim)
+                .map(|(ticket, _)| *ticket)
+                .collect();
+            for ticket in queued {
+                self.abort_upload(ticket);
+            }
+            let incarnation = self.members[victim as usize].incarnation;
+            let peers: Vec<Endpoint> = self.members[victim as usize]
+                .peers
+                .iter()
+                .copied()
+                .collect();
+            for observer in peers {
+                self.push(
+                    self.now_ns + idle_ns,
+                    Event::PeerLost {
+                        observer,
+                        lost: victim,
+                        incarnation,
+                    },
+                );
+            }
+            let session = self.session_of(victim);
+            for tracker in self.tracker_order.clone() {
+                if tracker != victim {
+                    self.push(
+                        self.now_ns + idle_ns,
+                        Event::TrackerLoses {
+                            tracker,
+                            member: victim,
+                            session,
+                        },
+                    );
+                }
+            }
+            if self.trackers.remove(&victim).is_some() {
+                self.push(
+                    self.now_ns + idle_ns,
+                    Event::TrackerDownNoticed {
+                        tracker: victim,
+                        incarnation,
+                    },
+                );
+            }
+            let member = &mut self.members[victim as usize];
+            member.up = false;
+            member.incarnation += 1;
+            if !member.server {
+                if member.completed_ns.take().is_some() {
+                    self.incomplete_nodes += 1;
+                    if !late.contains(&member.rack) {
+                        self.incomplete_early_nodes += 1;
+                    }
+                }
+                member.held = Bitfield::empty(chunks);
+                member.powered_on_ns = None;
+                member.started_ns = None;
+            }
+            member.fetch = None;
+            member.peers.clear();
+            member.dialling.clear();
+            member.same_rack_named.clear();
+            member.gate = UploadGate::new(upload_config);
+            member.claims = SendClaims::new(chunks, claim_timings);
+            member.uploads.clear();
+            member.scheduler_wake_ns = None;
+            member.gate_wake_ns = None;
+            member.announce_wait = ANNOUNCE_FIRST;
+            member.tracker_session = None;
+            member.tracker_try = 0;
+            member.tracker_retry_pending = false;
+        }
+        // What the dead would have received or done is gone (a later life starts afresh).
+        let dead: BTreeSet<Endpoint> = victims.into_iter().collect();
+        let queue = std::mem::take(&mut self.queue);
+        self.queue = queue
+            .into_iter()
+            .filter(|Reverse(scheduled)| {
+                !scheduled
+                    .event
+                    .endpoints()
+                    .into_iter()
+                    .flatten()
+                    .any(|member| dead.contains(&member))
+            })
+            .collect();
+    }
+
+    /// Power returns to `rack`: its servers serve again (a tracker with empty soft state),
+    /// its nodes power on again, spread as at the start.
+    fn rack_power_on(&mut self, rack: u32) {
+        self.record([4, 1, u64::from(rack), 0]);
+        let members: Vec<Endpoint> = (0..self.members.len() as Endpoint)
+            .filter(|member| {
+                let state = &self.members[*member as usize];
+                state.rack == rack && !state.up
+            })
+            .collect();
+        for &member in &members {
+            self.members[member as usize].up = true;
+            if self.members[member as usize].server {
+                if self.tracker_order.contains(&member) {
+                    self.trackers
+                        .insert(member, Tracker::new(TrackerConfig::default()));
+                    // (Members stay with the tracker they failed over to; `node`'s move
+                    // back to a better-ranked one is not modelled.)
+                }
+            } else {
+                self.power_on_later(member);
+            }
+        }
+        if self.scenario.serving == Serving::Swarm {
+            for member in members {
+                if self.members[member as usize].server {
+                    self.server_announces(member);
+                }
+            }
+        }
+    }
+
+    /// QUIC's idle timeout struck every connection across `rack`'s uplink: peerings on both
+    /// sides are lost, and trackers drop the sessions of members they cannot hear.
+    fn cut_connections_of(&mut self, rack: u32) {
+        let mut lost = Vec::new();
+        for (number, member) in self.members.iter().enumerate() {
+            if member.rack != rack || !member.up {
+                continue;
+            }
+            for &peer in &member.peers {
+                if self.members[peer as usize].rack != rack {
+                    lost.push((number as Endpoint, peer));
+                }
+            }
+        }
+        for (inside, outside) in lost {
+            self.forget_peering(inside, outside);
+            self.forget_peering(outside, inside);
+        }
+        let sessions_lost: Vec<Endpoint> = (0..self.members.len() as Endpoint)
+            .filter(|member| {
+                let state = &self.members[*member as usize];
+                state.up
+                    && state.tracker_session.is_some_and(|tracker| {
+                        (self.members[tracker as usize].rack == rack) != (state.rack == rack)
+                    })
+            })
+            .collect();
+        for member in sessions_lost {
+            self.tracker_session_lost(member);
+        }
+        let now = self.now();
+        let racks: Vec<u32> = self.members.iter().map(|member| member.rack).collect();
+        for tracker in self.tracker_order.clone() {
+            let tracker_rack = racks[tracker as usize];
+            let Some(state) = self.trackers.get_mut(&tracker) else {
+                continue;
+            };
+            for (number, member) in self.members.iter().enumerate() {
+                let across = (member.rack == rack) != (tracker_rack == rack);
+                if across && member.up && number as Endpoint != tracker {
+                    let session = (number as u64) << 32 | u64::from(member.incarnation);
+                    state.handle_departure(&self.manifest, address_of(number as Endpoint), session);
+                }
+            }
+            state.handle_timeout(now);
+        }
+    }
+
+    /// `observer`'s connection to `peer` is gone: what it asked of the peer is asked
+    /// elsewhere, and what it was sending the peer stops.
+    fn forget_peering(&mut self, observer: Endpoint, peer: Endpoint) {
+        if !self.members[observer as usize].peers.remove(&peer) {
+            return;
+        }
+        self.tally.peerings_lost += 1;
+        let between: Vec<Ticket> = self
+            .tickets
+            .iter()
+            .filter(|(_, upload)| upload.uploader == observer && upload.fetcher == peer)
+            .map(|(ticket, _)| *ticket)
+            .collect();
+        for ticket in between {
+            self.abort_upload(ticket);
+        }
+        let now = self.now();
+        if let Some(fetch) = &mut self.members[observer as usize].fetch {
+            fetch.handle_peer_gone(now, u64::from(peer));
+        }
+        self.drain_fetch(observer);
+        if self.scenario.serving == Serving::Central && !self.members[observer as usize].server {
+            let at = self.now_ns + REDIAL_AFTER.as_nanos() as u64;
+            self.push(at, Event::Redial(observer));
+        }
+    }
+
+    /// Ends an upload that will never be delivered: its bytes so far were for nothing, and
+    /// its uploader's slot or queue place is free again.
+    fn abort_upload(&mut self, ticket: Ticket) {
+        let Some(upload) = self.tickets.remove(&ticket) else {
+            return;
+        };
+        let sending = self.network.cancel(self.now_ns, ticket);
+        let member = &mut self.members[upload.uploader as usize];
+        member.uploads.remove(&(upload.fetcher, upload.index));
+        member.claims.release(upload.index, upload.fetcher);
+        if sending {
+            member.gate.handle_sent();
+        } else {
+            member.gate.handle_cancel(ticket);
+        }
+        if member.up {
+            self.pump_gate(upload.uploader);
+        }
+    }
+
     fn agent_starts(&mut self, node: Endpoint) -> Result<(), StormError> {
+        let rack = self.members[node as usize].rack;
+        if self.network.is_rack_cut(rack)
+            && !(0..self.servers).any(|server| {
+                let server = &self.members[server as usize];
+                server.up && server.rack == rack
+            })
+        {
+            // Cut off with its relay and no server of its own: no lease, so no kernel and
+            // no agent yet. The firmware asks again (PXE ROMs retry for seconds).
+            self.tally.dhcp_retries += 1;
+            let at = self.now_ns + DHCP_RETRY.as_nanos() as u64;
+            self.push(at, Event::AgentStarts(node));
+            return Ok(());
+        }
         let chunks = self.scenario.image.chunks;
         let critical: Vec<u32> = (0..self.scenario.image.boot_critical_chunks).collect();
         let tie_break = self.rng.next();
@@ -607,31 +1150,36 @@ impl StormEngine {
         member.started_ns = Some(self.now_ns);
         match self.scenario.serving {
             Serving::Swarm => self.announce(node),
-            Serving::Central => {
-                // The node's own server, as a segment's LTSP server is.
-                let server = (node - self.servers) % self.servers;
-                let at = self.now_ns + 2 * self.latency_ns(node, server);
-                self.members[node as usize].dialling.insert(server);
-                self.push(
-                    at,
-                    Event::PeeringUp {
-                        dialler: node,
-                        target: server,
-                    },
-                );
-            }
+            Serving::Central => self.dial_own_server(node),
         }
         Ok(())
+    }
+
+    /// Central mode: the node dials its own server, as a segment's LTSP server is.
+    fn dial_own_server(&mut self, node: Endpoint) {
+        let server = (node - self.servers) % self.servers;
+        let member = &mut self.members[node as usize];
+        if member.completed_ns.is_some()
+            || member.fetch.is_none()
+            || member.peers.contains(&server)
+            || !member.dialling.insert(server)
+        {
+            return;
+        }
+        let at = self.now_ns + 2 * self.latency_ns(node, server);
+        self.push(
+            at,
+            Event::PeeringUp {
+                dialler: node,
+                target: server,
+            },
+        );
     }
 
     fn announce(&mut self, member: Endpoint) {
         let complete = self.members[member as usize].completed_ns.is_some();
         self.tally.announces += 1;
-        self.send(
-            member,
-            self.tracker_endpoint,
-            Event::TrackerHears { member, complete },
-        );
+        self.announce_to_tracker(member);
         // While fetching: again after 1, 2 and 4 s, then every 5 s. A complete node's later
         // announces only keep its listing and change nothing in a storm's time span.
         if !complete {
@@ -643,17 +1191,24 @@ impl StormEngine {
         }
     }
 
-    fn tracker_hears(&mut self, member: Endpoint, complete: bool) -> Result<(), StormError> {
+    fn tracker_hears(
+        &mut self,
+        tracker: Endpoint,
+        member: Endpoint,
+        complete: bool,
+    ) -> Result<(), StormError> {
         let now = self.now();
         let rack = Some(format!("r{}", self.members[member as usize].rack));
         let announce = Announce {
             address: address_of(member),
             rack,
             complete,
-            session: u64::from(member),
+            session: self.session_of(member),
         };
-        let neighbours = self
-            .tracker
+        let Some(state) = self.trackers.get_mut(&tracker) else {
+            return Ok(());
+        };
+        let neighbours = state
             .handle_announce(now, self.manifest, announce)
             .map_err(|error| StormError::Engine(error.to_string()))?;
         let mut same_rack: Vec<Endpoint> = neighbours
@@ -663,15 +1218,15 @@ impl StormEngine {
             .collect();
         let mut all: Vec<Endpoint> = neighbours.all().filter_map(endpoint_of).collect();
         // The tracker names itself as a seed of the image it offers (as `node` does).
-        if member != self.tracker_endpoint && !all.contains(&self.tracker_endpoint) {
-            all.insert(0, self.tracker_endpoint);
+        if member != tracker && !all.contains(&tracker) {
+            all.insert(0, tracker);
             all.truncate(transfer::swarm::tracker::NEIGHBOURS_MAX);
             same_rack.retain(|neighbour| all.contains(neighbour));
         }
         self.record([1, u64::from(member), all.len() as u64, u64::from(complete)]);
         if !self.members[member as usize].server {
             self.send(
-                self.tracker_endpoint,
+                tracker,
                 member,
                 Event::NeighboursArrive {
                     member,
@@ -726,6 +1281,16 @@ impl StormEngine {
     fn peering_up(&mut self, dialler: Endpoint, target: Endpoint) {
         self.members[dialler as usize].dialling.remove(&target);
         if self.members[dialler as usize].peers.contains(&target) {
+            return;
+        }
+        if !self.members[target as usize].up || self.network.is_cut_between(dialler, target) {
+            // The handshake goes unanswered. In central mode the node has nobody else: it
+            // tries its server again shortly; a swarm member meets others at its announces.
+            self.tally.dials_failed += 1;
+            if self.scenario.serving == Serving::Central {
+                let at = self.now_ns + REDIAL_AFTER.as_nanos() as u64;
+                self.push(at, Event::Redial(dialler));
+            }
             return;
         }
         self.tally.peerings += 1;
@@ -1099,6 +1664,11 @@ impl StormEngine {
             peerings: self.tally.peerings,
             events: self.tally.events,
             rate_recomputations: self.network.recomputations,
+            faults: self.tally.faults,
+            messages_lost: self.tally.messages_lost,
+            dials_failed: self.tally.dials_failed,
+            peerings_lost: self.tally.peerings_lost,
+            dhcp_retries: self.tally.dhcp_retries,
             trace_hash: self.trace_hash,
         })
     }

@@ -9,7 +9,7 @@
 //! whose uploader keeps its pipeline full keeps its rate. Time is in nanoseconds of virtual time.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 /// An endpoint: a server or a node.
 pub type Endpoint = u32;
@@ -53,6 +53,8 @@ struct Transfer {
 #[derive(Debug)]
 struct Flow {
     path: Vec<u32>,
+    /// The racks of its ends: a flow between racks stalls while either is cut off.
+    racks: (u32, u32),
     /// Bytes per second for the whole pair.
     rate: f64,
     /// Bytes each transfer of the pair has received since the flow began (all transfers
@@ -114,6 +116,8 @@ pub struct FluidNetwork {
     transfer_pairs: BTreeMap<TransferId, (Endpoint, Endpoint)>,
     completions: BinaryHeap<Reverse<(u64, Endpoint, Endpoint, u64)>>,
     rates_stale: bool,
+    /// Racks whose uplink is down: flows in or out of them get no rate.
+    cut_racks: BTreeSet<u32>,
     /// Rate recomputations so far (a cost figure).
     pub recomputations: u64,
 }
@@ -150,6 +154,7 @@ impl FluidNetwork {
             transfer_pairs: BTreeMap::new(),
             completions: BinaryHeap::new(),
             rates_stale: false,
+            cut_racks: BTreeSet::new(),
             recomputations: 0,
         }
     }
@@ -189,10 +194,15 @@ impl FluidNetwork {
         let pair = (source, destination);
         if !self.flows.contains_key(&pair) {
             let path = self.path(source, destination);
+            let racks = (
+                self.topology.endpoints[source as usize].rack,
+                self.topology.endpoints[destination as usize].rack,
+            );
             self.flows.insert(
                 pair,
                 Flow {
                     path,
+                    racks,
                     rate: 0.0,
                     service: 0.0,
                     updated_at_ns: now_ns,
@@ -250,6 +260,38 @@ impl FluidNetwork {
             self.completions
                 .push(Reverse((at, pair.0, pair.1, flow.version)));
         }
+    }
+
+    /// Cuts `rack` off (its uplink is down) or joins it again. Flows across it keep their
+    /// bytes so far and stall until it is back.
+    pub fn set_rack_cut(&mut self, rack: u32, cut: bool) {
+        let changed = if cut {
+            self.cut_racks.insert(rack)
+        } else {
+            self.cut_racks.remove(&rack)
+        };
+        self.rates_stale |= changed;
+    }
+
+    /// Whether traffic between `from` and `to` crosses a cut uplink.
+    pub fn is_cut_between(&self, from: Endpoint, to: Endpoint) -> bool {
+        let from = self.topology.endpoints[from as usize].rack;
+        let to = self.topology.endpoints[to as usize].rack;
+        from != to && (self.cut_racks.contains(&from) || self.cut_racks.contains(&to))
+    }
+
+    /// Whether `rack`'s uplink is down.
+    pub fn is_rack_cut(&self, rack: u32) -> bool {
+        self.cut_racks.contains(&rack)
+    }
+
+    /// The transfers under way that `endpoint` sends or receives.
+    pub fn transfers_of(&self, endpoint: Endpoint) -> Vec<TransferId> {
+        self.transfer_pairs
+            .iter()
+            .filter(|(_, (source, destination))| *source == endpoint || *destination == endpoint)
+            .map(|(id, _)| *id)
+            .collect()
     }
 
     /// When the next transfer ends, if any is under way. Recomputes the rates first if the
@@ -327,17 +369,24 @@ impl FluidNetwork {
         let mut unfixed = vec![0u32; resource_count];
         let mut flows_of: Vec<Vec<u32>> = vec![Vec::new(); resource_count];
         let pairs: Vec<(Endpoint, Endpoint)> = self.flows.keys().copied().collect();
+        let mut rates = vec![f64::INFINITY; pairs.len()];
+        let mut fixed = vec![false; pairs.len()];
         for (number, pair) in pairs.iter().enumerate() {
             if let Some(flow) = self.flows.get_mut(pair) {
+                flow.catch_up(now_ns);
+                let (from, to) = flow.racks;
+                if from != to && (self.cut_racks.contains(&from) || self.cut_racks.contains(&to)) {
+                    // Across a cut uplink: no rate, and no share taken from anything.
+                    fixed[number] = true;
+                    rates[number] = 0.0;
+                    continue;
+                }
                 for resource in &flow.path {
                     unfixed[*resource as usize] += 1;
                     flows_of[*resource as usize].push(number as u32);
                 }
-                flow.catch_up(now_ns);
             }
         }
-        let mut rates = vec![f64::INFINITY; pairs.len()];
-        let mut fixed = vec![false; pairs.len()];
         let mut queue: BinaryHeap<Reverse<(OrderedShare, u32)>> = BinaryHeap::new();
         for resource in 0..resource_count {
             if unfixed[resource] > 0 {
@@ -524,5 +573,38 @@ mod tests {
         network.start(1_500_000_000, 3, 0, 1, 500);
         assert!(network.cancel(1_600_000_000, 3));
         assert!(run_to_end(&mut network, 1_600_000_000).is_empty());
+    }
+
+    #[test]
+    fn a_cut_rack_stalls_its_flows_across_and_leaves_the_others_their_share() {
+        // 0 (rack 0) sends 1000 bytes at 1000 B/s to 1 (rack 1) and 1000 to 2 (rack 0), 500 B/s
+        // each. Rack 1 is cut from 0.5 s to 2.5 s: the flow to 2 gets the whole link meanwhile
+        // and ends at 1.25 s (250 + 750 bytes); the flow to 1 resumes at 2.5 s with 750 bytes
+        // to go, which take 0.75 s.
+        let inf = f64::INFINITY;
+        let mut network = FluidNetwork::new(topology(
+            &[(0, 1000.0, inf), (1, inf, inf), (0, inf, inf)],
+            inf,
+        ));
+        network.start(0, 1, 0, 1, 1000);
+        network.start(0, 2, 0, 2, 1000);
+        assert_eq!(network.next_delivery_ns(0), Some(2_000_000_000));
+        network.set_rack_cut(1, true);
+        assert!(network.is_cut_between(0, 1) && !network.is_cut_between(0, 2));
+        assert_eq!(network.transfers_of(1), vec![1]);
+        let at = network.next_delivery_ns(500_000_000);
+        assert_eq!(at, Some(1_250_000_000));
+        let delivered = network.deliver_due(1_250_000_000);
+        assert_eq!(
+            delivered.iter().map(|done| done.id).collect::<Vec<_>>(),
+            vec![2]
+        );
+        assert_eq!(
+            network.next_delivery_ns(1_250_000_000),
+            None,
+            "the cut flow stalls"
+        );
+        network.set_rack_cut(1, false);
+        assert_eq!(network.next_delivery_ns(2_500_000_000), Some(3_250_000_000));
     }
 }

@@ -54,6 +54,16 @@ pub struct Figures {
     pub events: u64,
     /// Max-min rate recomputations.
     pub rate_recomputations: u64,
+    /// Faults that struck (power losses and uplink down periods).
+    pub faults: u64,
+    /// Messages lost on a cut uplink.
+    pub messages_lost: u64,
+    /// Dials that went unanswered (a dead peer, or a cut between).
+    pub dials_failed: u64,
+    /// Peerings lost to QUIC's idle timeout (a dead or cut-off peer).
+    pub peerings_lost: u64,
+    /// Times a node cut off from every DHCP server asked again.
+    pub dhcp_retries: u64,
     /// Hash of the trace: announces answered, chunks accepted and completions, with times.
     pub trace_hash: u64,
 }
@@ -199,6 +209,17 @@ impl StormReport {
             figures.announces,
             figures.peerings,
         );
+        if figures.faults > 0 {
+            let _ = writeln!(
+                out,
+                "faults: {} struck; {} messages lost on cut uplinks, {} dials unanswered, {} peerings lost to the idle timeout, {} DHCP retries of nodes cut off",
+                figures.faults,
+                figures.messages_lost,
+                figures.dials_failed,
+                figures.peerings_lost,
+                figures.dhcp_retries,
+            );
+        }
         let _ = writeln!(
             out,
             "engine: {} events, {} rate recomputations, virtual end {:.2} s, trace hash {:016x}",

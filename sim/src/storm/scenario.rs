@@ -27,6 +27,84 @@ pub struct StormScenario {
     /// Protocol settings to try other than `node`'s (what-if studies); absent: `node`'s.
     #[serde(default)]
     pub protocol: ProtocolShape,
+    /// What goes wrong during the storm, each `[[fault]]` at its virtual time.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+}
+
+/// Something that goes wrong during a storm. Times count from the start of the run (the first
+/// power-on may come at 0).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Fault {
+    /// Every node and server of `rack` loses power at `at_ms`: nodes lose the image they held
+    /// in RAM, connections to them die silently (peers notice by QUIC's idle timeout), and
+    /// a tracker among them loses its soft state. Power returns `for_ms` later: servers come
+    /// back with their image, nodes power on again (spread as at the start) and boot anew.
+    RackPowerLoss {
+        /// Which rack.
+        rack: u32,
+        /// When, milliseconds.
+        at_ms: u64,
+        /// For how long.
+        for_ms: u64,
+    },
+    /// `rack`'s uplink goes down for `down_ms` and up for `up_ms`, `times` times, from
+    /// `at_ms`: nothing crosses it while down (chunks stall, messages are lost, and a rack
+    /// without a server of its own gets no DHCP through its relay); a connection across it
+    /// that stays silent for QUIC's idle timeout is lost.
+    LinkFlap {
+        /// Which rack.
+        rack: u32,
+        /// When the first down period starts, milliseconds.
+        at_ms: u64,
+        /// Each down period.
+        down_ms: u64,
+        /// Each up period between them.
+        up_ms: u64,
+        /// Down periods.
+        times: u32,
+    },
+    /// `rack` is cut off, its relay with it, from `at_ms` for `for_ms` (one long flap).
+    RackCut {
+        /// Which rack.
+        rack: u32,
+        /// When, milliseconds.
+        at_ms: u64,
+        /// For how long.
+        for_ms: u64,
+    },
+}
+
+impl Fault {
+    /// The rack it strikes.
+    pub fn rack(&self) -> u32 {
+        match self {
+            Self::RackPowerLoss { rack, .. }
+            | Self::LinkFlap { rack, .. }
+            | Self::RackCut { rack, .. } => *rack,
+        }
+    }
+
+    /// The uplink's down periods, as (start, end) milliseconds.
+    pub fn uplink_down_periods(&self) -> Vec<(u64, u64)> {
+        match *self {
+            Self::RackPowerLoss { .. } => Vec::new(),
+            Self::RackCut { at_ms, for_ms, .. } => vec![(at_ms, at_ms + for_ms)],
+            Self::LinkFlap {
+                at_ms,
+                down_ms,
+                up_ms,
+                times,
+                ..
+            } => (0..u64::from(times))
+                .map(|period| {
+                    let start = at_ms + period * (down_ms + up_ms);
+                    (start, start + down_ms)
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Protocol settings other than `node`'s defaults.
@@ -262,6 +340,47 @@ impl StormScenario {
                 self.fleet.racks
             )));
         }
+        // A day of virtual time bounds every fault, so no sum below can overflow.
+        const DAY_MS: u64 = 24 * 3600 * 1000;
+        for (number, fault) in self.faults.iter().enumerate() {
+            let invalid = |reason: String| {
+                Err(ScenarioError::Invalid(format!(
+                    "fault {}: {reason}",
+                    number + 1
+                )))
+            };
+            if fault.rack() >= self.fleet.racks {
+                return invalid(format!(
+                    "rack {} is not one of the {} racks",
+                    fault.rack(),
+                    self.fleet.racks
+                ));
+            }
+            let (at_ms, lasting_ms) = match *fault {
+                Fault::RackPowerLoss { at_ms, for_ms, .. }
+                | Fault::RackCut { at_ms, for_ms, .. } => (at_ms, for_ms),
+                Fault::LinkFlap {
+                    at_ms,
+                    down_ms,
+                    up_ms,
+                    times,
+                    ..
+                } => {
+                    if down_ms == 0 || times == 0 || times > 10_000 {
+                        return invalid(
+                            "a flap needs down_ms above 0 and 1 to 10,000 times".to_owned(),
+                        );
+                    }
+                    (
+                        at_ms,
+                        down_ms.min(DAY_MS).saturating_add(up_ms.min(DAY_MS)) * u64::from(times),
+                    )
+                }
+            };
+            if lasting_ms == 0 || at_ms > DAY_MS || lasting_ms > DAY_MS {
+                return invalid("a fault lasts above 0 ms, within a day of the start".to_owned());
+            }
+        }
         Ok(())
     }
 
@@ -326,5 +445,30 @@ mod tests {
             StormScenario::from_toml(&zero),
             Err(ScenarioError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn faults_read_with_their_kind_and_are_checked() {
+        let faults = format!(
+            "{SMALL}\n[[fault]]\nkind = \"rack_power_loss\"\nrack = 1\nat_ms = 500\nfor_ms = 2000\n\
+             [[fault]]\nkind = \"link_flap\"\nrack = 0\nat_ms = 100\ndown_ms = 10\nup_ms = 20\ntimes = 3\n"
+        );
+        let scenario = StormScenario::from_toml(&faults).unwrap();
+        assert_eq!(scenario.faults.len(), 2);
+        assert_eq!(
+            scenario.faults[1].uplink_down_periods(),
+            vec![(100, 110), (130, 140), (160, 170)]
+        );
+        let unknown_field = faults.replace("for_ms = 2000", "for_ms = 2000\nfro_ms = 1");
+        assert!(StormScenario::from_toml(&unknown_field).is_err());
+        let unknown_kind = faults.replace("rack_power_loss", "rack_on_fire");
+        assert!(StormScenario::from_toml(&unknown_kind).is_err());
+        let no_such_rack = faults.replace("rack = 1", "rack = 2");
+        assert!(matches!(
+            StormScenario::from_toml(&no_such_rack),
+            Err(ScenarioError::Invalid(reason)) if reason.contains("fault 1")
+        ));
+        let never_down = faults.replace("down_ms = 10", "down_ms = 0");
+        assert!(StormScenario::from_toml(&never_down).is_err());
     }
 }

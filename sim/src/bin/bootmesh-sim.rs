@@ -1,0 +1,400 @@
+//! `bootmesh-sim`: rehearses a boot storm from a scenario file, in virtual time, with the real
+//! swarm cores. `bootmesh sim ...` runs it: the simulator links the whole server and would
+//! make `node` depend on itself, so it is its own executable beside `bootmesh`, as `git foo`
+//! runs `git-foo`.
+//!
+//! ```text
+//! bootmesh sim --scenario sim/scenarios/rack-power-on.toml [--seed N] [--serving swarm|central]
+//!              [--baseline] [--svg FILE] [--reproduce]
+//! bootmesh sim soak --scenario FILE --seeds 1..=20 [--log sim/soak.log]
+//! bootmesh sim soak-summary [--log sim/soak.log]
+//! ```
+#![allow(
+    clippy::disallowed_methods,
+    reason = "the command's edge: it times runs and dates soak log lines on the wall clock"
+)]
+#![allow(clippy::print_stdout, reason = "the report is the command's output")]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sim::storm::{Serving, StormReport, StormScenario, run_storm, storm_svg};
+
+/// The commit this simulator was built from (see build.rs).
+const COMMIT: &str = env!("BOOTMESH_SIM_COMMIT");
+
+/// Rehearse a boot storm in virtual time: the real fetch scheduler, tracker, upload gate and
+/// send claims of every node, on a fluid model of NICs, rack uplinks and the spine, with the
+/// scenario's faults. One seed gives one run; a failing seed prints the command that replays
+/// it.
+#[derive(Debug, Parser)]
+#[command(
+    name = "bootmesh sim",
+    bin_name = "bootmesh sim",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  bootmesh sim --scenario sim/scenarios/rack-power-on.toml --baseline --svg storm.svg\n  bootmesh sim soak --scenario sim/scenarios/rack-power-loss.toml --seeds 1..=50\n  bootmesh sim soak-summary"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<SimCommand>,
+    #[command(flatten)]
+    run: RunArguments,
+}
+
+#[derive(Debug, Args)]
+struct RunArguments {
+    /// The scenario (TOML; the shipped ones are in sim/scenarios/).
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// The seed every choice of the run follows from.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Serve as the scenario says, or override it.
+    #[arg(long, value_enum)]
+    serving: Option<ServingArgument>,
+    /// Also run the central (LTSP-style) baseline and report both.
+    #[arg(long)]
+    baseline: bool,
+    /// Write an SVG: the boot-time CDF and the bytes by source of each run.
+    #[arg(long, value_name = "FILE")]
+    svg: Option<PathBuf>,
+    /// Run the seed twice and fail unless both runs have the same trace hash.
+    #[arg(long)]
+    reproduce: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ServingArgument {
+    /// Tracker, peers and racks (bootmesh).
+    Swarm,
+    /// Every node reads the whole image from one server (LTSP-style).
+    Central,
+}
+
+#[derive(Debug, Subcommand)]
+enum SimCommand {
+    /// Run a range of seeds and append the range, the commit and the result to a log.
+    Soak {
+        /// The scenario.
+        #[arg(long)]
+        scenario: PathBuf,
+        /// Seeds to run, as FIRST..=LAST (or FIRST..END, END excluded, or one seed).
+        #[arg(long, value_parser = parse_seed_range)]
+        seeds: RangeInclusive<u64>,
+        /// The log the result is appended to (tab-separated, one line per soak).
+        #[arg(long, default_value = "sim/soak.log")]
+        log: PathBuf,
+    },
+    /// How many seeds each scenario has survived, by the log.
+    SoakSummary {
+        /// The log to read.
+        #[arg(long, default_value = "sim/soak.log")]
+        log: PathBuf,
+    },
+}
+
+fn parse_seed_range(text: &str) -> Result<RangeInclusive<u64>, String> {
+    let parse = |part: &str| {
+        part.trim()
+            .parse::<u64>()
+            .map_err(|error| format!("{part:?}: {error}"))
+    };
+    let (first, last) = if let Some((first, last)) = text.split_once("..=") {
+        (parse(first)?, parse(last)?)
+    } else if let Some((first, end)) = text.split_once("..") {
+        let end = parse(end)?;
+        if end == 0 {
+            return Err("an empty range".to_owned());
+        }
+        (parse(first)?, end - 1)
+    } else {
+        let seed = parse(text)?;
+        (seed, seed)
+    };
+    if first > last {
+        return Err(format!("an empty range: {first} > {last}"));
+    }
+    if last - first >= 1_000_000 {
+        return Err("at most a million seeds per soak".to_owned());
+    }
+    Ok(first..=last)
+}
+
+fn read_scenario(path: &Path) -> anyhow::Result<StormScenario> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    StormScenario::from_toml(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn replay_command(scenario: &Path, seed: u64) -> String {
+    format!(
+        "bootmesh sim --scenario {} --seed {seed} --reproduce",
+        scenario.display()
+    )
+}
+
+fn serving_label(serving: Serving) -> &'static str {
+    match serving {
+        Serving::Swarm => "swarm",
+        Serving::Central => "central",
+    }
+}
+
+fn run(arguments: &RunArguments) -> anyhow::Result<()> {
+    let Some(path) = &arguments.scenario else {
+        bail!("--scenario FILE is required (see --help)");
+    };
+    let mut scenario = read_scenario(path)?;
+    if let Some(serving) = arguments.serving {
+        scenario.serving = match serving {
+            ServingArgument::Swarm => Serving::Swarm,
+            ServingArgument::Central => Serving::Central,
+        };
+    }
+    let mut variants = vec![scenario.clone()];
+    if arguments.baseline && scenario.serving != Serving::Central {
+        let mut central = scenario.clone();
+        central.serving = Serving::Central;
+        variants.push(central);
+    }
+    let runs = if arguments.reproduce { 2 } else { 1 };
+    let mut reports: Vec<(&str, StormReport)> = Vec::new();
+    for variant in &variants {
+        let label = serving_label(variant.serving);
+        let mut hashes = Vec::new();
+        let mut last = None;
+        for _ in 0..runs {
+            let started = Instant::now();
+            let report = run_storm(variant, arguments.seed).with_context(|| {
+                format!(
+                    "seed {} ({label}); replay with: {}",
+                    arguments.seed,
+                    replay_command(path, arguments.seed)
+                )
+            })?;
+            print!("{}", report.text());
+            println!(
+                "seed {}: {:.2} s of wall time; replay with: {}",
+                arguments.seed,
+                started.elapsed().as_secs_f64(),
+                replay_command(path, arguments.seed)
+            );
+            hashes.push(report.trace_hash());
+            last = Some(report);
+        }
+        if hashes.windows(2).any(|pair| pair[0] != pair[1]) {
+            bail!("the same seed gave two different traces ({label}): {hashes:x?}");
+        }
+        if arguments.reproduce {
+            println!("reproduced: both runs have trace hash {:016x}", hashes[0]);
+        }
+        if let Some(report) = last {
+            reports.push((label, report));
+        }
+    }
+    if let Some(svg_path) = &arguments.svg {
+        let runs: Vec<(&str, &StormReport)> = reports
+            .iter()
+            .map(|(label, report)| (*label, report))
+            .collect();
+        let title = format!("{} (seed {})", scenario.name, arguments.seed);
+        std::fs::write(svg_path, storm_svg(&title, &runs))
+            .with_context(|| format!("writing {}", svg_path.display()))?;
+        println!("plot written to {}", svg_path.display());
+    }
+    Ok(())
+}
+
+/// A UTC date and time from seconds since the Unix epoch (the civil calendar from a day
+/// count, in 400-year eras of the proleptic Gregorian calendar).
+fn utc_timestamp(since_epoch: u64) -> String {
+    let days = since_epoch / 86_400;
+    let seconds_of_day = since_epoch % 86_400;
+    // Days since 0000-03-01: leap days then fall at the end of a year.
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds_of_day / 3600,
+        seconds_of_day / 60 % 60,
+        seconds_of_day % 60
+    )
+}
+
+fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow::Result<bool> {
+    let scenario = read_scenario(scenario_path)?;
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    let mut slowest = 0.0f64;
+    for seed in seeds.clone() {
+        match run_storm(&scenario, seed) {
+            Ok(report) => slowest = slowest.max(report.fetch_percentiles[2]),
+            Err(error) => {
+                eprintln!(
+                    "seed {seed} failed: {error}\n  replay with: {}",
+                    replay_command(scenario_path, seed)
+                );
+                failed.push(seed);
+            }
+        }
+    }
+    let count = seeds.end() - seeds.start() + 1;
+    let result = if failed.is_empty() {
+        "passed".to_owned()
+    } else {
+        let listed: Vec<String> = failed.iter().take(20).map(u64::to_string).collect();
+        format!("failed {} (seeds {})", failed.len(), listed.join(","))
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs());
+    let line = format!(
+        "{}\t{COMMIT}\tstorm\t{}\t{}..={}\t{count}\t{result}\t{:.1}\n",
+        utc_timestamp(now),
+        scenario.name,
+        seeds.start(),
+        seeds.end(),
+        started.elapsed().as_secs_f64()
+    );
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    file.write_all(line.as_bytes())
+        .with_context(|| format!("appending to {}", log.display()))?;
+    println!(
+        "{count} seeds of {}: {result}; slowest fetch {slowest:.2} s; logged to {}",
+        scenario.name,
+        log.display()
+    );
+    Ok(failed.is_empty())
+}
+
+/// Per (engine, scenario): seeds passed, seeds failed, soaks, the newest soak's commit.
+type SoakTotals = BTreeMap<(String, String), (u64, u64, u64, String)>;
+
+fn soak_totals(log: &Path, text: &str) -> anyhow::Result<SoakTotals> {
+    let mut totals = SoakTotals::new();
+    for (number, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let place = || format!("{}:{}", log.display(), number + 1);
+        let fields: Vec<&str> = line.split('\t').collect();
+        let [_, commit, engine, scenario, _, count, result, ..] = fields.as_slice() else {
+            bail!("{}: not a soak line (too few fields)", place());
+        };
+        let count: u64 = count
+            .parse()
+            .with_context(|| format!("{}: seed count", place()))?;
+        let failed: u64 = match result.strip_prefix("failed ") {
+            None => 0,
+            Some(rest) => rest
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .parse()
+                .with_context(|| format!("{}: result", place()))?,
+        };
+        let entry = totals
+            .entry(((*engine).to_owned(), (*scenario).to_owned()))
+            .or_default();
+        entry.0 += count.saturating_sub(failed);
+        entry.1 += failed;
+        entry.2 += 1;
+        (*commit).clone_into(&mut entry.3);
+    }
+    Ok(totals)
+}
+
+fn soak_summary(log: &Path) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    println!("engine\tscenario\tseeds passed\tseeds failed\tsoaks\tnewest commit");
+    for ((engine, scenario), (passed, failed, soaks, commit)) in soak_totals(log, &text)? {
+        println!("{engine}\t{scenario}\t{passed}\t{failed}\t{soaks}\t{commit}");
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match &cli.command {
+        None => run(&cli.run).map(|()| true),
+        Some(SimCommand::Soak {
+            scenario,
+            seeds,
+            log,
+        }) => soak(scenario, seeds, log),
+        Some(SimCommand::SoakSummary { log }) => soak_summary(log).map(|()| true),
+    };
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("bootmesh sim: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_ranges_read_both_ways_and_refuse_empty_ones() {
+        assert_eq!(parse_seed_range("1..=20"), Ok(1..=20));
+        assert_eq!(parse_seed_range("1..21"), Ok(1..=20));
+        assert_eq!(parse_seed_range("7"), Ok(7..=7));
+        assert!(parse_seed_range("5..=4").is_err());
+        assert!(parse_seed_range("0..0").is_err());
+        assert!(parse_seed_range("a..=4").is_err());
+    }
+
+    #[test]
+    fn timestamps_are_civil_utc() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_796_083_200), "2026-12-01T00:00:00Z");
+    }
+
+    #[test]
+    fn the_soak_summary_adds_seeds_up_by_scenario_and_refuses_a_bad_line() {
+        let log = Path::new("soak.log");
+        let text = "# comment\n\
+            2026-12-01T00:00:00Z\tabc\tstorm\tfleet-1k\t1..=10\t10\tpassed\t3.0\n\
+            2026-12-01T01:00:00Z\tdef\tstorm\tfleet-1k\t11..=20\t10\tfailed 2 (seeds 12,15)\t3.1\n\
+            2026-12-01T02:00:00Z\tdef\tstorm\tlab\t1..=5\t5\tpassed\t1.0\n";
+        let totals = soak_totals(log, text).expect("the log reads");
+        assert_eq!(
+            totals.get(&("storm".to_owned(), "fleet-1k".to_owned())),
+            Some(&(18, 2, 2, "def".to_owned()))
+        );
+        assert_eq!(
+            totals.get(&("storm".to_owned(), "lab".to_owned())),
+            Some(&(5, 0, 1, "def".to_owned()))
+        );
+        let error = soak_totals(log, "a\tb\n").expect_err("a short line is refused");
+        assert!(error.to_string().contains("soak.log:1"), "{error}");
+    }
+}
