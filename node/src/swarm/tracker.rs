@@ -20,6 +20,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use boot_services::dhcp::Ipv4Network;
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, SendStream};
 use tracing::Instrument;
 use transfer::ContentHash;
@@ -33,8 +35,14 @@ use super::{CLOSE_BUSY, CLOSE_DONE, CLOSE_PROTOCOL, SwarmError};
 /// Images one session may announce (a member announces the one it boots; a server each it
 /// offers, on a session per image).
 const IMAGES_PER_SESSION_MAX: usize = 16;
-/// How long a member waits for a tracker to answer before it tries the next.
+/// How long a member waits for a tracker to answer before it gives up on it.
 const TRACKER_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a member waits for a tracker's handshake before it also dials the next in order
+/// (and takes whichever answers first). Without it, a dead first tracker cost every member
+/// that powered on after its death the whole `TRACKER_TIMEOUT`; the storm engine showed it
+/// (the rack-power-loss scenario, ADR 0011). Long enough that a live but loaded tracker
+/// usually answers first, so members of one image still meet at one tracker.
+const TRACKER_HEDGE_AFTER: Duration = Duration::from_secs(1);
 /// How long a member that is not complete waits for its fetch to start before announcing
 /// (neighbours told before the fetch listens would be lost until the next round).
 const FETCH_START_WAIT: Duration = Duration::from_secs(2);
@@ -224,6 +232,34 @@ struct Session {
 }
 
 impl SwarmNode {
+    /// Opens a control stream with the first of `trackers` (in rank order) to answer: the
+    /// tracker of rank r is dialled `TRACKER_HEDGE_AFTER` × r after the first, each dial
+    /// waits at most `TRACKER_TIMEOUT`. A better-ranked tracker that answers later is moved
+    /// back to by the announce loop's retries.
+    async fn open_first_answering(
+        &self,
+        trackers: &[SocketAddr],
+    ) -> Option<(usize, SocketAddr, (Connection, SendStream, FrameReader))> {
+        let mut dials: FuturesUnordered<_> = trackers
+            .iter()
+            .enumerate()
+            .map(|(rank, &tracker)| async move {
+                tokio::time::sleep(TRACKER_HEDGE_AFTER * rank as u32).await;
+                let opened =
+                    tokio::time::timeout(TRACKER_TIMEOUT, self.open_control(tracker)).await;
+                (rank, tracker, opened)
+            })
+            .collect();
+        while let Some((rank, tracker, opened)) = dials.next().await {
+            match opened {
+                Ok(Ok(streams)) => return Some((rank, tracker, streams)),
+                Ok(Err(error)) => tracing::debug!(%tracker, %error, "tracker unreachable"),
+                Err(_) => tracing::debug!(%tracker, "tracker did not answer in time"),
+            }
+        }
+        None
+    }
+
     /// Announces `image` to its tracker until the task is dropped: on a period, and at once
     /// when the image becomes complete (fetchers are told of a new seed). Neighbours go to the
     /// image's fetch, if one runs. When the tracker cannot be reached the next in order takes
@@ -257,27 +293,21 @@ impl SwarmNode {
             let mut lost_pause = LOST_PAUSE_FIRST;
             loop {
                 let better_than = session.as_ref().map_or(order.len(), |open| open.rank);
-                for (rank, &tracker) in order.iter().enumerate().take(better_than) {
-                    match tokio::time::timeout(TRACKER_TIMEOUT, self.open_control(tracker)).await
-                    {
-                        Ok(Ok((connection, send, reader))) => {
-                            if let Some(previous) = session.take() {
-                                previous.connection.close(CLOSE_DONE.into(), b"moved back");
-                            }
-                            tracing::info!(%tracker, "announcing to tracker");
-                            on_tracker(tracker);
-                            session = Some(Session {
-                                tracker,
-                                rank,
-                                connection,
-                                send,
-                                reader,
-                            });
-                            break;
-                        }
-                        Ok(Err(error)) => tracing::debug!(%tracker, %error, "tracker unreachable"),
-                        Err(_) => tracing::debug!(%tracker, "tracker did not answer in time"),
+                if let Some((rank, tracker, (connection, send, reader))) =
+                    self.open_first_answering(&order[..better_than]).await
+                {
+                    if let Some(previous) = session.take() {
+                        previous.connection.close(CLOSE_DONE.into(), b"moved back");
                     }
+                    tracing::info!(%tracker, "announcing to tracker");
+                    on_tracker(tracker);
+                    session = Some(Session {
+                        tracker,
+                        rank,
+                        connection,
+                        send,
+                        reader,
+                    });
                 }
                 let complete = image.held().count() == total;
                 if let Some(open) = &mut session {

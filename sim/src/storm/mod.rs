@@ -50,9 +50,10 @@ const SWARM_PORT: u16 = 7000;
 /// QUIC's idle timeout on chunk and tracker connections (`node::swarm::transport_config`):
 /// how long a dead or cut-off peer goes unnoticed.
 const CONNECTION_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a member waits for a tracker's answer before it tries the next
-/// (`node::swarm::tracker`).
-const TRACKER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a member waits for a tracker's handshake before it also dials the next in order
+/// (`node::swarm::tracker`'s hedge): the engine moves on to the next at once, since only the
+/// first to answer counts.
+const TRACKER_HEDGE_AFTER: Duration = Duration::from_secs(1);
 /// How soon a node without a lease asks again (PXE firmware retries within seconds).
 const DHCP_RETRY: Duration = Duration::from_secs(4);
 /// How soon a central-mode node dials its server again after losing it.
@@ -584,7 +585,7 @@ impl StormEngine {
 
     /// Sends `member`'s announce to its tracker, opening a session with the first tracker in
     /// order that answers (as `node`'s members do: a handshake unanswered for
-    /// `TRACKER_HANDSHAKE_TIMEOUT` moves on to the next).
+    /// `TRACKER_HEDGE_AFTER` moves on to the next).
     fn announce_to_tracker(&mut self, member: Endpoint) {
         let state = &self.members[member as usize];
         if state.tracker_retry_pending || self.tracker_order.is_empty() {
@@ -601,7 +602,7 @@ impl StormEngine {
                     let state = &mut self.members[member as usize];
                     state.tracker_try += 1;
                     state.tracker_retry_pending = true;
-                    let at = self.now_ns + TRACKER_HANDSHAKE_TIMEOUT.as_nanos() as u64;
+                    let at = self.now_ns + TRACKER_HEDGE_AFTER.as_nanos() as u64;
                     self.push(at, Event::TrackerRetry(member));
                     return;
                 }
