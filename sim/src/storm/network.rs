@@ -116,6 +116,13 @@ pub struct FluidNetwork {
     transfer_pairs: BTreeMap<TransferId, (Endpoint, Endpoint)>,
     completions: BinaryHeap<Reverse<(u64, Endpoint, Endpoint, u64)>>,
     rates_stale: bool,
+    /// The next delivery's time, while nothing changed on the network since it was found (the
+    /// engine asks at every event, and most events leave the network alone).
+    next_delivery_cached: Option<Option<u64>>,
+    /// Per resource: its place among the resources in use during a recomputation
+    /// (`u32::MAX` when not in use). Kept between recomputations so that each costs what the
+    /// busy flows touch, not what the whole fleet has.
+    compact_index: Vec<u32>,
     /// Racks whose uplink is down: flows in or out of them get no rate.
     cut_racks: BTreeSet<u32>,
     /// Rate recomputations so far (a cost figure).
@@ -154,6 +161,8 @@ impl FluidNetwork {
             transfer_pairs: BTreeMap::new(),
             completions: BinaryHeap::new(),
             rates_stale: false,
+            next_delivery_cached: None,
+            compact_index: Vec::new(),
             cut_racks: BTreeSet::new(),
             recomputations: 0,
         }
@@ -191,6 +200,7 @@ impl FluidNetwork {
         destination: Endpoint,
         bytes: u64,
     ) {
+        self.next_delivery_cached = None;
         let pair = (source, destination);
         if !self.flows.contains_key(&pair) {
             let path = self.path(source, destination);
@@ -239,6 +249,7 @@ impl FluidNetwork {
     }
 
     fn remove_transfer(&mut self, now_ns: u64, pair: (Endpoint, Endpoint), id: TransferId) {
+        self.next_delivery_cached = None;
         let Some(flow) = self.flows.get_mut(&pair) else {
             return;
         };
@@ -300,20 +311,29 @@ impl FluidNetwork {
         if self.rates_stale {
             self.recompute(now_ns);
         }
+        if let Some(cached) = self.next_delivery_cached {
+            return cached;
+        }
+        let mut next = None;
         while let Some(Reverse((at, source, destination, version))) = self.completions.peek() {
             match self.flows.get(&(*source, *destination)) {
-                Some(flow) if flow.version == *version => return Some(*at),
+                Some(flow) if flow.version == *version => {
+                    next = Some(*at);
+                    break;
+                }
                 _ => {
                     self.completions.pop();
                 }
             }
         }
-        None
+        self.next_delivery_cached = Some(next);
+        next
     }
 
     /// Ends every transfer due by `now_ns` (call with the time [`Self::next_delivery_ns`]
     /// gave).
     pub fn deliver_due(&mut self, now_ns: u64) -> Vec<Delivered> {
+        self.next_delivery_cached = None;
         let mut delivered = Vec::new();
         while let Some(Reverse((at, source, destination, version))) =
             self.completions.peek().copied()
@@ -361,49 +381,74 @@ impl FluidNetwork {
 
     /// Max-min fair rates for every busy pair (progressive filling): repeatedly the resource
     /// that offers its unfixed flows the smallest equal share fixes them at that share.
+    #[inline(never)]
     fn recompute(&mut self, now_ns: u64) {
         self.rates_stale = false;
         self.recomputations += 1;
-        let resource_count = self.capacities.len();
-        let mut remaining = self.capacities.clone();
-        let mut unfixed = vec![0u32; resource_count];
-        let mut flows_of: Vec<Vec<u32>> = vec![Vec::new(); resource_count];
-        let pairs: Vec<(Endpoint, Endpoint)> = self.flows.keys().copied().collect();
-        let mut rates = vec![f64::INFINITY; pairs.len()];
-        let mut fixed = vec![false; pairs.len()];
-        for (number, pair) in pairs.iter().enumerate() {
-            if let Some(flow) = self.flows.get_mut(pair) {
-                flow.catch_up(now_ns);
-                let (from, to) = flow.racks;
-                if from != to && (self.cut_racks.contains(&from) || self.cut_racks.contains(&to)) {
-                    // Across a cut uplink: no rate, and no share taken from anything.
-                    fixed[number] = true;
-                    rates[number] = 0.0;
-                    continue;
+        if self.compact_index.len() != self.capacities.len() {
+            self.compact_index = vec![u32::MAX; self.capacities.len()];
+        }
+        // Only the resources on busy paths take part, numbered compactly in the order first
+        // met; the queue keys on the resource's own number, so the filling (and every rate,
+        // to the bit) is what a pass over all resources would give. Paths and the flows of
+        // each resource are kept flat (offsets into one array): a recomputation runs at every
+        // change of the busy pairs, thousands of flows each time.
+        let flow_count = self.flows.len();
+        let mut touched: Vec<u32> = Vec::new();
+        let mut remaining: Vec<f64> = Vec::new();
+        let mut unfixed: Vec<u32> = Vec::new();
+        let mut rates = vec![f64::INFINITY; flow_count];
+        let mut fixed = vec![false; flow_count];
+        let mut path_starts: Vec<u32> = Vec::with_capacity(flow_count + 1);
+        let mut path_data: Vec<u32> = Vec::with_capacity(flow_count * 2);
+        for (number, flow) in self.flows.values_mut().enumerate() {
+            path_starts.push(path_data.len() as u32);
+            flow.catch_up(now_ns);
+            let (from, to) = flow.racks;
+            if from != to && (self.cut_racks.contains(&from) || self.cut_racks.contains(&to)) {
+                // Across a cut uplink: no rate, and no share taken from anything.
+                fixed[number] = true;
+                rates[number] = 0.0;
+                continue;
+            }
+            for &resource in &flow.path {
+                let slot = &mut self.compact_index[resource as usize];
+                if *slot == u32::MAX {
+                    *slot = touched.len() as u32;
+                    touched.push(resource);
+                    remaining.push(self.capacities[resource as usize]);
+                    unfixed.push(0);
                 }
-                for resource in &flow.path {
-                    unfixed[*resource as usize] += 1;
-                    flows_of[*resource as usize].push(number as u32);
-                }
+                unfixed[*slot as usize] += 1;
+                path_data.push(*slot);
             }
         }
-        let mut queue: BinaryHeap<Reverse<(OrderedShare, u32)>> = BinaryHeap::new();
-        for resource in 0..resource_count {
-            if unfixed[resource] > 0 {
-                let share = remaining[resource] / f64::from(unfixed[resource]);
-                queue.push(Reverse((OrderedShare(share), resource as u32)));
+        path_starts.push(path_data.len() as u32);
+        let path =
+            |flow: usize| &path_data[path_starts[flow] as usize..path_starts[flow + 1] as usize];
+        // The flows of each resource, in flow order.
+        let mut flows_start = vec![0u32; touched.len() + 1];
+        for &compact in &path_data {
+            flows_start[compact as usize + 1] += 1;
+        }
+        for compact in 0..touched.len() {
+            flows_start[compact + 1] += flows_start[compact];
+        }
+        let mut flows_data = vec![0u32; path_data.len()];
+        let mut filled = flows_start.clone();
+        for flow in 0..flow_count {
+            for &compact in path(flow) {
+                flows_data[filled[compact as usize] as usize] = flow as u32;
+                filled[compact as usize] += 1;
             }
         }
-        let paths: Vec<Vec<u32>> = pairs
-            .iter()
-            .map(|pair| {
-                self.flows
-                    .get(pair)
-                    .map(|flow| flow.path.clone())
-                    .unwrap_or_default()
-            })
-            .collect();
-        while let Some(Reverse((OrderedShare(share), resource))) = queue.pop() {
+        let mut queue: BinaryHeap<Reverse<(OrderedShare, u32, u32)>> =
+            BinaryHeap::with_capacity(touched.len());
+        for (compact, &resource) in touched.iter().enumerate() {
+            let share = remaining[compact] / f64::from(unfixed[compact]);
+            queue.push(Reverse((OrderedShare(share), resource, compact as u32)));
+        }
+        while let Some(Reverse((OrderedShare(share), _, resource))) = queue.pop() {
             let resource = resource as usize;
             if unfixed[resource] == 0 {
                 continue;
@@ -413,43 +458,46 @@ impl FluidNetwork {
                 continue;
             }
             let share = share.max(0.0);
-            for &flow in &flows_of[resource] {
+            let flows = flows_start[resource] as usize..flows_start[resource + 1] as usize;
+            for &flow in &flows_data[flows] {
                 let flow = flow as usize;
                 if fixed[flow] {
                     continue;
                 }
                 fixed[flow] = true;
                 rates[flow] = share;
-                for &other in &paths[flow] {
+                for &other in path(flow) {
                     let other = other as usize;
                     remaining[other] -= share;
                     unfixed[other] -= 1;
                     if other != resource && unfixed[other] > 0 {
                         let share = remaining[other] / f64::from(unfixed[other]);
-                        queue.push(Reverse((OrderedShare(share), other as u32)));
+                        queue.push(Reverse((OrderedShare(share), touched[other], other as u32)));
                     }
                 }
             }
         }
+        for resource in touched {
+            self.compact_index[resource as usize] = u32::MAX;
+        }
         // Every flow gets a new version below, so every entry in the heap goes stale: start
         // it afresh rather than let stale entries pile up (and be popped one by one).
-        let mut entries = Vec::with_capacity(pairs.len());
-        for (number, pair) in pairs.iter().enumerate() {
-            if let Some(flow) = self.flows.get_mut(pair) {
-                // A pair with no limited resource on its path (both ends unlimited, same
-                // rack) is given a very high rate rather than an infinite one.
-                flow.rate = if rates[number].is_finite() {
-                    rates[number]
-                } else {
-                    1e15
-                };
-                flow.version += 1;
-                if let Some(at) = flow.next_completion_ns() {
-                    entries.push(Reverse((at, pair.0, pair.1, flow.version)));
-                }
+        let mut entries = Vec::with_capacity(flow_count);
+        for (number, (pair, flow)) in self.flows.iter_mut().enumerate() {
+            // A pair with no limited resource on its path (both ends unlimited, same rack) is
+            // given a very high rate rather than an infinite one.
+            flow.rate = if rates[number].is_finite() {
+                rates[number]
+            } else {
+                1e15
+            };
+            flow.version += 1;
+            if let Some(at) = flow.next_completion_ns() {
+                entries.push(Reverse((at, pair.0, pair.1, flow.version)));
             }
         }
         self.completions = BinaryHeap::from(entries);
+        self.next_delivery_cached = None;
     }
 
     /// Bytes carried so far by each rack's uplink, up and down (a transfer counts when it
