@@ -523,6 +523,57 @@ async fn a_member_moves_to_the_next_tracker_when_its_tracker_goes_and_back_when_
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_first_tracker_never_answers_announces_to_the_next() {
+    // The first-ranked tracker's address is a UDP socket that reads nothing (a dead server):
+    // its handshake never completes. The member also dials the next tracker after a second,
+    // and announces there (the storm engine found that waiting out the first's timeout cost
+    // every new member seconds when a tracker died; ADR 0011).
+    let (server, swarm_image) = seed(UploadConfig::default(), 1 << 20);
+    tracking(&server);
+    let manifest = swarm_image.manifest();
+    let mut holes = Vec::new();
+    let dead = loop {
+        let hole = std::net::UdpSocket::bind("127.0.0.1:0").expect("a loopback socket");
+        let address = hole.local_addr().expect("its address");
+        holes.push(hole);
+        let order = transfer::swarm::tracker_order(&manifest, &[address, server.address()]);
+        if order[0] == address {
+            break address;
+        }
+        assert!(
+            holes.len() < 64,
+            "no address ranked ahead of the live tracker"
+        );
+    };
+    // A complete member (a booted node) announces at once; one still fetching would first
+    // wait up to 2 s for its fetch to start.
+    let booted = member(UploadConfig::default(), &swarm_image, |store| {
+        for chunk in swarm_image.chunks() {
+            let bytes = server.store.read_chunk(&chunk.hash).expect("seed chunk");
+            store.insert_chunk(chunk.hash, &bytes).expect("copy");
+        }
+        store_shelf(store)
+    });
+    let (_announcer, mut sessions) = announce(&booted, &[dead, server.address()], "r1");
+    let started = std::time::Instant::now();
+    assert_eq!(
+        sessions.recv().await,
+        Some(server.address()),
+        "the member's first session is with the live tracker"
+    );
+    eprintln!(
+        "session with the live tracker after {:.2} s (hedge after 1 s; the dead one's timeout is 3 s)",
+        started.elapsed().as_secs_f64()
+    );
+    let tracker = Arc::clone(server.node.tracker().expect("tracking"));
+    eventually("the live tracker lists the member", || {
+        tracker.members(&manifest).0 >= 1
+    })
+    .await;
+    drop(holes);
+}
+
 // ---------------------------------------------------------------------------------------
 // Processes in network namespaces: `bootmesh serve` with [swarm] and `bootmesh agent swarm`
 // members, on one bridge, with tc bandwidth caps on every veth.
