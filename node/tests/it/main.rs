@@ -19,6 +19,7 @@ mod initramfs;
 mod lab;
 mod nbd;
 mod serve;
+mod sim_cli;
 mod swarm;
 mod tftp;
 mod vm;
