@@ -24,7 +24,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use sim::storm::{Serving, StormReport, StormScenario, run_storm, storm_svg};
+use sim::storm::{Serving, StormEngine, StormReport, StormScenario, run_storm, storm_svg};
 
 /// The commit this simulator was built from (see build.rs).
 const COMMIT: &str = env!("BOOTMESH_SIM_COMMIT");
@@ -67,6 +67,10 @@ struct RunArguments {
     /// Run the seed twice and fail unless both runs have the same trace hash.
     #[arg(long)]
     reproduce: bool,
+    /// Print where the run is (virtual time, nodes still without the image) on standard
+    /// error every this many million events: for fleets that take minutes.
+    #[arg(long, value_name = "MILLION_EVENTS")]
+    progress: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -171,7 +175,23 @@ fn run(arguments: &RunArguments) -> anyhow::Result<()> {
         let mut last = None;
         for _ in 0..runs {
             let started = Instant::now();
-            let report = run_storm(variant, arguments.seed).with_context(|| {
+            let every_events = arguments
+                .progress
+                .map_or(u64::MAX, |million| million.max(1).saturating_mul(1_000_000));
+            let engine = StormEngine::new(variant.clone(), arguments.seed)
+                .with_context(|| format!("{}", path.display()))?;
+            let report = engine
+                .run_observed(every_events, |progress| {
+                    eprintln!(
+                        "{label}: virtual {:.2} s, {} events, {} of {} nodes without the image, {:.0} s of wall time",
+                        progress.virtual_seconds,
+                        progress.events,
+                        progress.nodes_without_the_image,
+                        progress.nodes,
+                        started.elapsed().as_secs_f64()
+                    );
+                })
+                .with_context(|| {
                 format!(
                     "seed {} ({label}); replay with: {}",
                     arguments.seed,

@@ -321,6 +321,19 @@ struct Tally {
     dhcp_retries: u64,
 }
 
+/// Where a run is (see [`StormEngine::run_observed`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Virtual time so far.
+    pub virtual_seconds: f64,
+    /// Events handled so far.
+    pub events: u64,
+    /// Booting nodes in all.
+    pub nodes: usize,
+    /// Of those, the ones that do not hold the image (yet, or again after a power loss).
+    pub nodes_without_the_image: usize,
+}
+
 /// One storm, being run.
 pub struct StormEngine {
     scenario: StormScenario,
@@ -652,11 +665,31 @@ impl StormEngine {
     }
 
     /// Runs the storm to its end: every node holds the image.
-    pub fn run(mut self) -> Result<StormReport, StormError> {
+    pub fn run(self) -> Result<StormReport, StormError> {
+        self.run_observed(u64::MAX, |_| {})
+    }
+
+    /// Runs the storm to its end as [`Self::run`] does, and shows `observe` where it is every
+    /// `every_events` events (a long run's progress; it changes nothing in the run).
+    pub fn run_observed(
+        mut self,
+        every_events: u64,
+        mut observe: impl FnMut(&Progress),
+    ) -> Result<StormReport, StormError> {
         let limit_ns = VIRTUAL_TIME_LIMIT.as_nanos() as u64;
+        let mut next_observation = every_events;
         loop {
             if self.incomplete_nodes == 0 {
                 break;
+            }
+            if self.tally.events >= next_observation {
+                next_observation = self.tally.events.saturating_add(every_events);
+                observe(&Progress {
+                    virtual_seconds: self.now_ns as f64 / 1e9,
+                    events: self.tally.events,
+                    nodes: self.nodes().len(),
+                    nodes_without_the_image: self.incomplete_nodes,
+                });
             }
             let next_event = self.queue.peek().map(|Reverse(scheduled)| scheduled.at_ns);
             let next_delivery = self.network.next_delivery_ns(self.now_ns);
