@@ -1090,18 +1090,20 @@ impl StormEngine {
             self.tracker_session_lost(member);
         }
         let now = self.now();
-        let racks: Vec<u32> = self.members.iter().map(|member| member.rack).collect();
         for tracker in self.tracker_order.clone() {
-            let tracker_rack = racks[tracker as usize];
+            let tracker_inside = self.members[tracker as usize].rack == rack;
+            let unheard: Vec<(Endpoint, u64)> = (0..self.members.len() as Endpoint)
+                .filter(|member| {
+                    let state = &self.members[*member as usize];
+                    *member != tracker && state.up && (state.rack == rack) != tracker_inside
+                })
+                .map(|member| (member, self.session_of(member)))
+                .collect();
             let Some(state) = self.trackers.get_mut(&tracker) else {
                 continue;
             };
-            for (number, member) in self.members.iter().enumerate() {
-                let across = (member.rack == rack) != (tracker_rack == rack);
-                if across && member.up && number as Endpoint != tracker {
-                    let session = (number as u64) << 32 | u64::from(member.incarnation);
-                    state.handle_departure(&self.manifest, address_of(number as Endpoint), session);
-                }
+            for (member, session) in unheard {
+                state.handle_departure(&self.manifest, address_of(member), session);
             }
             state.handle_timeout(now);
         }

@@ -45,33 +45,40 @@ fn one_seed_gives_one_trace_and_another_seed_another() {
     assert_ne!(first.trace_hash(), other.trace_hash());
 }
 
-/// 16 nodes on 10 Gbit/s: the whole 16 MiB image could arrive in 0.01 s.
-const FAST_RACKS: &str = r#"
-    name = "fast-racks"
-    [fleet]
-    racks = 2
-    nodes_per_rack = 8
-    servers = 2
-    [image]
-    chunks = 64
-    chunk_kib = 256
-    boot_critical_chunks = 24
-    [network]
-    node_up_mbit = 10000
-    node_down_mbit = 10000
-    server_up_mbit = 25000
-    uplink_mbit = 40000
-    latency_us = 30
-    cross_rack_latency_us = 120
-    [boot]
-    power_on_spread_ms = 2000
-"#;
+/// A fleet on 10 Gbit/s nodes, 25 Gbit/s servers and 40 Gbit/s uplinks, two servers and a
+/// 16 MiB image: the whole image could arrive in about 0.01 s.
+fn fast_fleet(racks: u32, nodes_per_rack: u32, boot_critical_chunks: u32, boot: &str) -> String {
+    format!(
+        r#"
+        name = "fast-fleet"
+        [fleet]
+        racks = {racks}
+        nodes_per_rack = {nodes_per_rack}
+        servers = 2
+        [image]
+        chunks = 64
+        chunk_kib = 256
+        boot_critical_chunks = {boot_critical_chunks}
+        [network]
+        node_up_mbit = 10000
+        node_down_mbit = 10000
+        server_up_mbit = 25000
+        uplink_mbit = 40000
+        latency_us = 30
+        cross_rack_latency_us = 120
+        [boot]
+        {boot}
+        "#
+    )
+}
 
 #[test]
 fn claim_windows_of_tenths_of_a_second_cut_the_tail_on_fast_links() {
     // ADR 0011: with claim windows of seconds (the rule before), a fetcher waits seconds for
     // chunks an idle 25 Gbit/s seed, or a neighbour, could send in microseconds.
-    let now = StormScenario::from_toml(FAST_RACKS).expect("the scenario reads");
+    // 16 nodes in two racks.
+    let now = StormScenario::from_toml(&fast_fleet(2, 8, 24, "power_on_spread_ms = 2000"))
+        .expect("the scenario reads");
     let mut before = now.clone();
     before.protocol.claim_announced_grace_ms = Some(3000);
     before.protocol.claim_sent_window_ms = Some(5000);
@@ -143,37 +150,20 @@ fn every_scenario_shipped_reads() {
     }
 }
 
-/// Four racks of ten nodes on fast links, the nodes powering on over 4 s; faults are added
-/// per test. Two servers: server 0 stands in rack 0, server 1 in rack 1.
-const SMALL_FLEET: &str = r#"
-    name = "small-fleet"
-    [fleet]
-    racks = 4
-    nodes_per_rack = 10
-    servers = 2
-    [image]
-    chunks = 64
-    chunk_kib = 256
-    boot_critical_chunks = 8
-    [network]
-    node_up_mbit = 10000
-    node_down_mbit = 10000
-    server_up_mbit = 25000
-    uplink_mbit = 40000
-    latency_us = 30
-    cross_rack_latency_us = 120
-    [boot]
-    power_on_spread_ms = 4000
-    agent_starts_after_ms = 1000
-"#;
-
 #[expect(
     clippy::expect_used,
     reason = "a test helper: a scenario that does not read fails the test"
 )]
+/// Four racks of ten nodes powering on over 4 s, with `fault`. Server 0 stands in rack 0,
+/// server 1 in rack 1.
 fn small_fleet_with(fault: &str) -> StormScenario {
-    StormScenario::from_toml(&format!("{SMALL_FLEET}\n[[fault]]\n{fault}"))
-        .expect("the scenario reads")
+    let fleet = fast_fleet(
+        4,
+        10,
+        8,
+        "power_on_spread_ms = 4000\nagent_starts_after_ms = 1000",
+    );
+    StormScenario::from_toml(&format!("{fleet}\n[[fault]]\n{fault}")).expect("the scenario reads")
 }
 
 #[test]
