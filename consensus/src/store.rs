@@ -430,8 +430,8 @@ pub struct StateMachineStore {
     state: StateHandle,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, ServerNode>,
-    observer: Option<ApplyObserver>,
-    snapshot_observer: Option<SnapshotObserver>,
+    observers: Vec<ApplyObserver>,
+    snapshot_observers: Vec<SnapshotObserver>,
 }
 
 impl Debug for StateMachineStore {
@@ -544,19 +544,21 @@ impl StateMachineStore {
             state: StateHandle(Arc::new(RwLock::new(state))),
             applied,
             membership,
-            observer: None,
-            snapshot_observer: None,
+            observers: Vec::new(),
+            snapshot_observers: Vec::new(),
         })
     }
 
-    /// Calls `observer` for every entry applied from now on (traces, metrics).
+    /// Calls `observer` for every entry applied from now on (traces, metrics), after the
+    /// observers added before it.
     pub fn observe_applies(&mut self, observer: ApplyObserver) {
-        self.observer = Some(observer);
+        self.observers.push(observer);
     }
 
-    /// Calls `observer` after every snapshot installed from the leader.
+    /// Calls `observer` after every snapshot installed from the leader, after the observers
+    /// added before it.
     pub fn observe_snapshot_installs(&mut self, observer: SnapshotObserver) {
-        self.snapshot_observer = Some(observer);
+        self.snapshot_observers.push(observer);
     }
 
     /// A handle to the state as applied, for readers outside Raft.
@@ -684,7 +686,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
                     (MeshResponse::Nothing, None)
                 }
             };
-            if let Some(observer) = &self.observer {
+            for observer in &self.observers {
                 observer(
                     &entry.log_id,
                     proposal.as_ref().map(|proposal| (proposal, &response)),
@@ -722,7 +724,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
             .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), &error))?;
         self.replace(state, meta, &data)
             .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
-        if let Some(observer) = &self.snapshot_observer {
+        for observer in &self.snapshot_observers {
             observer(meta.last_log_id.as_ref());
         }
         Ok(())

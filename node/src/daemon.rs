@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, ServerConfig};
-use crate::dhcp_service::{DhcpCounters, run_dhcp, run_dhcp_with_store};
+use crate::dhcp_service::{DhcpCounters, DhcpServiceError, run_dhcp};
 use crate::files::{DirectorySource, FileExports};
 use crate::image_source::{ExportsAndImages, FilesAndImages, ImageLibrary};
 use crate::journal::FileLeaseJournal;
@@ -228,19 +228,17 @@ pub async fn serve(
         match &member {
             // In a cluster, leases are committed through Raft and shared by every server.
             Some(member) => {
-                // An expired binding's address waits out the drift bound (ADR 0007).
-                let mut server = server;
-                server.set_reuse_grace(std::time::Duration::from_millis(
-                    consensus::state::DRIFT_BOUND_MS,
-                ));
+                let minority_journal =
+                    FileLeaseJournal::open(&config.state_dir.join("cluster").join("minority"))
+                        .map_err(DhcpServiceError::from)?;
                 let store = crate::cluster::leases::ClusterLeaseStore::new(
                     member.clone(),
                     &dynamic_ranges,
-                    &config.state_dir.join("cluster").join("minority"),
+                    minority_journal,
                     dhcp_reconfigured,
-                )?;
+                );
                 services.spawn(async move {
-                    run_dhcp_with_store(
+                    crate::cluster::leases::run_cluster_dhcp(
                         server,
                         links,
                         store,

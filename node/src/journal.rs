@@ -257,7 +257,10 @@ impl LeaseJournal for MemoryLeaseJournal {
     fn needs_compaction(&self, _live_bindings: usize) -> bool {
         false
     }
-    fn compact(&mut self, _live: &[LeaseChange]) -> Result<(), JournalError> {
+    fn compact(&mut self, live: &[LeaseChange]) -> Result<(), JournalError> {
+        if let Ok(mut records) = self.records.lock() {
+            *records = live.to_vec();
+        }
         Ok(())
     }
 }

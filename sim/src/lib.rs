@@ -6,6 +6,7 @@
 //! What this crate never does: open a real socket, read the real clock, or draw unseeded
 //! randomness.
 
+pub mod chaos;
 pub mod clients;
 pub mod cluster;
 pub mod disk;

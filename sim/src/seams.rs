@@ -78,8 +78,10 @@ impl DhcpLink for SimDhcpLink {
                 )
             })
             .unwrap_or_else(|_| "undecodable reply".into());
-        self.trace
-            .record(format!("server -> {:?}: {summary}", transmit.destination));
+        self.trace.record(format!(
+            "{} -> {:?}: {summary}",
+            self.local_address, transmit.destination
+        ));
         let port = match transmit.destination {
             Destination::Relay(address) => {
                 self.socket

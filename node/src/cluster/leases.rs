@@ -40,6 +40,8 @@ use consensus::{MeshCommand, MeshResponse};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 
+use consensus::store::StateHandle;
+
 use super::member::{AppliedLeases, ClusterMember};
 use crate::dhcp_service::{DhcpServiceError, LeaseEvent, LeaseStore};
 use crate::journal::{FileLeaseJournal, LeaseJournal};
@@ -81,10 +83,61 @@ const BLOCK_TICK: Duration = Duration::from_millis(250);
 /// Offer delay per rendezvous rank.
 pub const OFFER_STAGGER: Duration = Duration::from_millis(300);
 
+/// What the lease store needs of a cluster member: `serve` gives it a [`ClusterMember`] (Raft
+/// over QUIC), the simulator a member of its own transport around the same Raft node, store
+/// and state machine.
+pub trait LeaseCluster: Clone + Send + Sync + 'static {
+    /// This server's id.
+    fn server_id(&self) -> u64;
+    /// The ids of every member Raft knows (voters and learners), in order.
+    fn member_ids(&self) -> Vec<u64>;
+    /// The applied cluster state.
+    fn state(&self) -> &StateHandle;
+    /// Lease changes as the state machine commits them, from now on.
+    fn subscribe_leases(&self) -> broadcast::Receiver<AppliedLeases>;
+    /// Commits `command` through the leader, wherever it is.
+    fn propose_anywhere(
+        &self,
+        command: MeshCommand,
+    ) -> impl std::future::Future<Output = Result<MeshResponse, String>> + Send;
+    /// Unix milliseconds now, by the clock this member stamps its proposals with: block
+    /// leases are compared with those stamps, so they must come from the same clock.
+    fn wall_now_ms(&self) -> u64;
+}
+
+impl LeaseCluster for ClusterMember {
+    fn server_id(&self) -> u64 {
+        self.record.server_id
+    }
+    fn member_ids(&self) -> Vec<u64> {
+        ClusterMember::member_ids(self)
+    }
+    fn state(&self) -> &StateHandle {
+        &self.state
+    }
+    fn subscribe_leases(&self) -> broadcast::Receiver<AppliedLeases> {
+        ClusterMember::subscribe_leases(self)
+    }
+    async fn propose_anywhere(&self, command: MeshCommand) -> Result<MeshResponse, String> {
+        ClusterMember::propose_anywhere(self, command).await
+    }
+    fn wall_now_ms(&self) -> u64 {
+        now_ms()
+    }
+}
+
+/// Deliberate bugs, for showing that the simulator's checkers catch them. Only the simulator
+/// sets them, and only when built with the `sabotage` feature; `serve` never does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sabotage {
+    /// Report a batch committed as soon as it is handed over, before Raft commits it.
+    pub ack_before_commit: bool,
+}
+
 /// The cluster as the DHCP service's lease store.
 #[derive(Debug)]
-pub struct ClusterLeaseStore {
-    member: ClusterMember,
+pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
+    member: M,
     applied: broadcast::Receiver<AppliedLeases>,
     sender: mpsc::Sender<LeaseEvent>,
     outcomes: mpsc::Receiver<LeaseEvent>,
@@ -110,7 +163,7 @@ pub struct ClusterLeaseStore {
     /// Per subnet: addresses given out per second, smoothed.
     grant_rates: std::collections::BTreeMap<usize, f64>,
     /// Grants made while cut off, not yet in the cluster state.
-    minority: Arc<Mutex<FileLeaseJournal>>,
+    minority: Arc<Mutex<J>>,
     /// A reconciliation of `minority` is on its way.
     reconciling: Arc<std::sync::atomic::AtomicBool>,
     /// When `minority` was last read for a reconciliation: once a second is enough, and the
@@ -160,16 +213,50 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-impl ClusterLeaseStore {
+impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
     /// The store of `member`, serving the dynamic `ranges`; grants made while cut off from
-    /// the majority are journaled in `minority_directory`.
+    /// the majority are journaled in `minority_journal`.
     pub fn new(
-        member: ClusterMember,
+        member: M,
         subnet_ranges: &[Vec<AddressRange>],
-        minority_directory: &std::path::Path,
+        minority_journal: J,
         reconfigured: watch::Receiver<Option<DhcpConfig>>,
-    ) -> Result<Self, DhcpServiceError> {
-        let minority_journal = Arc::new(Mutex::new(FileLeaseJournal::open(minority_directory)?));
+    ) -> Self {
+        Self::with_sabotage(
+            member,
+            subnet_ranges,
+            minority_journal,
+            reconfigured,
+            Sabotage::default(),
+        )
+    }
+
+    /// [`new`](Self::new) with deliberate bugs: for the simulator's checker tests only.
+    #[cfg(feature = "sabotage")]
+    pub fn sabotaged(
+        member: M,
+        subnet_ranges: &[Vec<AddressRange>],
+        minority_journal: J,
+        reconfigured: watch::Receiver<Option<DhcpConfig>>,
+        sabotage: Sabotage,
+    ) -> Self {
+        Self::with_sabotage(
+            member,
+            subnet_ranges,
+            minority_journal,
+            reconfigured,
+            sabotage,
+        )
+    }
+
+    fn with_sabotage(
+        member: M,
+        subnet_ranges: &[Vec<AddressRange>],
+        minority_journal: J,
+        reconfigured: watch::Receiver<Option<DhcpConfig>>,
+        sabotage: Sabotage,
+    ) -> Self {
+        let minority_journal = Arc::new(Mutex::new(minority_journal));
         let cut_off: Arc<std::sync::atomic::AtomicBool> = Arc::default();
         let (blocks, block_subnets) = blocks_of_subnets(subnet_ranges);
         let applied = member.subscribe_leases();
@@ -182,11 +269,12 @@ impl ClusterLeaseStore {
                 sender: sender.clone(),
                 minority: Arc::clone(&minority_journal),
                 cut_off,
+                sabotage,
             },
         ));
         let mut tick = tokio::time::interval(BLOCK_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Ok(Self {
+        Self {
             member,
             applied,
             sender,
@@ -207,7 +295,7 @@ impl ClusterLeaseStore {
             reconciling: Arc::default(),
             last_reconcile: None,
             reconfigured,
-        })
+        }
     }
 
     /// Proposes the grants made while cut off, once the cluster answers again; conflicts (a
@@ -271,7 +359,7 @@ impl ClusterLeaseStore {
     /// Looks at members and blocks: tells the core of changes, renews blocks at half their
     /// lease, takes another block when free addresses run low.
     fn look_at_blocks(&mut self) {
-        let own = self.member.record.server_id;
+        let own = self.member.server_id();
         let servers = self.member.member_ids();
         if servers != self.servers {
             self.servers = servers.clone();
@@ -282,9 +370,10 @@ impl ClusterLeaseStore {
                     stagger: OFFER_STAGGER,
                 })));
         }
-        let now = now_ms();
+        let now = self.member.wall_now_ms();
         let now_secs = now / 1000;
-        let (held, renew, free, candidates) = self.member.state.read(|state| {
+        let reuse_after_ms = MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS;
+        let (held, renew, free, candidates) = self.member.state().read(|state| {
             let mut held = Vec::new();
             let mut renew = Vec::new();
             let mut free: std::collections::BTreeMap<usize, u32> = Default::default();
@@ -308,11 +397,7 @@ impl ClusterLeaseStore {
                             (u32::from(block.last) - u32::from(block.first) + 1)
                                 .saturating_sub(bound);
                     }
-                    Some(lease)
-                        if lease
-                            .until
-                            .saturating_add(MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS)
-                            > now => {}
+                    Some(lease) if lease.until.saturating_add(reuse_after_ms) > now => {}
                     _ => {
                         *unowned.entry(*subnet).or_default() += 1;
                         let subnet_candidates = candidates.entry(*subnet).or_default();
@@ -379,7 +464,9 @@ impl ClusterLeaseStore {
         let blocks_changed = Arc::clone(&self.blocks_changed);
         tokio::spawn(async move {
             for block in wanted {
-                let until = now_ms().saturating_add(BLOCK_LEASE.as_millis() as u64);
+                let until = member
+                    .wall_now_ms()
+                    .saturating_add(BLOCK_LEASE.as_millis() as u64);
                 let command = MeshCommand::LeaseBlock {
                     block: BlockId(block.first),
                     server: own,
@@ -405,37 +492,97 @@ impl ClusterLeaseStore {
     fn applied_event(&mut self, received: Result<AppliedLeases, RecvError>) -> Option<LeaseEvent> {
         match received {
             Ok(AppliedLeases::Change(change)) => Some(LeaseEvent::Remote(change)),
-            Ok(AppliedLeases::Replaced) => Some(LeaseEvent::Resync(self.member.lease_changes())),
+            Ok(AppliedLeases::Replaced) => {
+                Some(LeaseEvent::Resync(lease_changes_of(self.member.state())))
+            }
             Err(RecvError::Lagged(missed)) => {
                 tracing::warn!(missed, "lease changes missed; reloading every lease");
-                Some(LeaseEvent::Resync(self.member.lease_changes()))
+                Some(LeaseEvent::Resync(lease_changes_of(self.member.state())))
             }
             Err(RecvError::Closed) => None,
         }
     }
 }
 
-fn lock(journal: &Mutex<FileLeaseJournal>) -> std::sync::MutexGuard<'_, FileLeaseJournal> {
+fn lock<J>(journal: &Mutex<J>) -> std::sync::MutexGuard<'_, J> {
     journal.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A cluster member's DHCP service, as `serve` runs it: the core's leases go through `store`,
+/// and an expired binding's address waits out the drift bound before another client gets it
+/// (ADR 0007).
+pub async fn run_cluster_dhcp<L, M, J, C>(
+    mut server: boot_services::dhcp::DhcpServer,
+    links: Vec<Arc<L>>,
+    store: ClusterLeaseStore<M, J>,
+    clock: C,
+    receive_queue_max: usize,
+    counters: Arc<crate::dhcp_service::DhcpCounters>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), DhcpServiceError>
+where
+    L: crate::seams::DhcpLink,
+    M: LeaseCluster,
+    J: LeaseJournal,
+    C: crate::seams::Clock,
+{
+    server.set_reuse_grace(Duration::from_millis(DRIFT_BOUND_MS));
+    crate::dhcp_service::run_dhcp_with_store(
+        server,
+        links,
+        store,
+        clock,
+        receive_queue_max,
+        counters,
+        shutdown,
+    )
+    .await
+}
+
+/// The leases of the cluster state, as lease changes (for a DHCP core to restore).
+pub fn lease_changes_of(state: &StateHandle) -> Vec<LeaseChange> {
+    state.read(|state| {
+        let mut changes: Vec<LeaseChange> = state
+            .leases
+            .iter()
+            .map(|(address, lease)| LeaseChange::Bind {
+                client: boot_services::dhcp::ClientId(lease.client.clone()),
+                hardware_address: lease.hardware_address.clone(),
+                address: *address,
+                expires_at_unix_secs: lease.expires_at_unix_secs,
+                hostname: lease.hostname.clone(),
+            })
+            .collect();
+        changes.extend(
+            state
+                .quarantine
+                .iter()
+                .map(|(address, until)| LeaseChange::Decline {
+                    address: *address,
+                    until_unix_secs: *until,
+                }),
+        );
+        changes
+    })
 }
 
 /// What a server that cannot commit may still grant (ADR 0007), decided per proposal from the
 /// cluster state it last saw; new grants are journaled before they are reported.
-fn minority_grants(
-    member: &ClusterMember,
+fn minority_grants<M: LeaseCluster, J: LeaseJournal>(
+    member: &M,
     blocks: &[AddressRange],
-    journal: &Mutex<FileLeaseJournal>,
+    journal: &Mutex<J>,
     proposals: &[LeaseProposal],
     reason: &str,
 ) -> Vec<LeaseEvent> {
-    let own = member.record.server_id;
-    let now = now_ms();
+    let own = member.server_id();
+    let now = member.wall_now_ms();
     let now_secs = now / 1000;
     let drift_secs = DRIFT_BOUND_MS / 1000;
     let mut events = Vec::new();
     let mut failed = Vec::new();
     let mut grants = Vec::new();
-    member.state.read(|state| {
+    member.state().read(|state| {
         for proposal in proposals {
             let LeaseChange::Bind {
                 client,
@@ -527,19 +674,35 @@ struct QueuedBatch {
 }
 
 /// What a commit needs besides its batch.
-#[derive(Debug, Clone)]
-struct CommitContext {
-    member: ClusterMember,
+#[derive(Debug)]
+struct CommitContext<M, J> {
+    member: M,
     sender: mpsc::Sender<LeaseEvent>,
-    minority: Arc<Mutex<FileLeaseJournal>>,
+    minority: Arc<Mutex<J>>,
     /// The last batch failed to commit and none has committed since.
     cut_off: Arc<std::sync::atomic::AtomicBool>,
+    sabotage: Sabotage,
+}
+
+impl<M: Clone, J> Clone for CommitContext<M, J> {
+    fn clone(&self) -> Self {
+        Self {
+            member: self.member.clone(),
+            sender: self.sender.clone(),
+            minority: Arc::clone(&self.minority),
+            cut_off: Arc::clone(&self.cut_off),
+            sabotage: self.sabotage,
+        }
+    }
 }
 
 /// Group commit: takes queued batches, and whatever queued behind the first while it waited
 /// for a commit slot becomes one Raft entry with it. At low load an entry is one batch and
 /// waits for nothing; under load entries grow, so the log and its fsyncs keep up.
-async fn group_commits(mut queue: mpsc::Receiver<QueuedBatch>, context: CommitContext) {
+async fn group_commits<M: LeaseCluster, J: LeaseJournal>(
+    mut queue: mpsc::Receiver<QueuedBatch>,
+    context: CommitContext<M, J>,
+) {
     let slots = Arc::new(Semaphore::new(COMMITS_IN_FLIGHT_MAX));
     while let Some(first) = queue.recv().await {
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
@@ -568,14 +731,33 @@ async fn group_commits(mut queue: mpsc::Receiver<QueuedBatch>, context: CommitCo
 
 /// Commits one entry of lease changes and reports each change's outcome to the DHCP core;
 /// cut off from the majority, answers by the minority rules instead.
-async fn commit(context: CommitContext, proposals: Vec<LeaseProposal>, blocks: Vec<AddressRange>) {
+async fn commit<M: LeaseCluster, J: LeaseJournal>(
+    context: CommitContext<M, J>,
+    proposals: Vec<LeaseProposal>,
+    blocks: Vec<AddressRange>,
+) {
     let CommitContext {
         member,
         sender,
         minority: journal,
         cut_off,
+        sabotage,
     } = context;
     let ids: Vec<ProposalId> = proposals.iter().map(|proposal| proposal.id).collect();
+    if sabotage.ack_before_commit {
+        // The bug: the ACKs leave now, whatever Raft makes of the batch.
+        let _ = sender.send(LeaseEvent::Committed(ids.clone())).await;
+        let records = proposals
+            .iter()
+            .map(|proposal| {
+                let mut record = Vec::new();
+                proposal.change.encode(&mut record);
+                record
+            })
+            .collect();
+        let _ = member.propose_anywhere(MeshCommand::Leases(records)).await;
+        return;
+    }
     let records = proposals
         .iter()
         .map(|proposal| {
@@ -638,9 +820,9 @@ fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent>
     events
 }
 
-impl LeaseStore for ClusterLeaseStore {
+impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
     fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError> {
-        Ok(self.member.lease_changes())
+        Ok(lease_changes_of(self.member.state()))
     }
 
     fn submit(

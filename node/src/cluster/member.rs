@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use boot_services::dhcp::{ClientId, LeaseChange};
+use boot_services::dhcp::LeaseChange;
 
 use consensus::openraft::ChangeMembers;
 use consensus::openraft::error::{ClientWriteError, RaftError};
@@ -57,7 +57,7 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 const FORWARD_RETRY_DELAY: Duration = Duration::from_millis(500);
 
 /// The lease changes of `proposal` that the state machine committed.
-fn committed_lease_changes(proposal: &Proposal, response: &MeshResponse) -> Vec<LeaseChange> {
+pub fn committed_lease_changes(proposal: &Proposal, response: &MeshResponse) -> Vec<LeaseChange> {
     let (MeshCommand::Leases(records), MeshResponse::Leases(outcomes)) =
         (&proposal.command, response)
     else {
@@ -79,6 +79,33 @@ pub enum AppliedLeases {
     /// A snapshot from the leader replaced every lease at once (this server was too far
     /// behind for the log): whoever mirrors the leases reloads them all.
     Replaced,
+}
+
+/// Feeds every lease change `state_machine` commits, and every snapshot that replaces its
+/// leases, to the returned sender's subscribers (the DHCP service mirrors them).
+pub fn applied_lease_feed(
+    state_machine: &mut consensus::store::StateMachineStore,
+) -> broadcast::Sender<AppliedLeases> {
+    let (applied_leases, _) = broadcast::channel(APPLIED_LEASES_BUFFERED);
+    {
+        let applied_leases = applied_leases.clone();
+        state_machine.observe_applies(Arc::new(move |_, applied| {
+            if let Some((proposal, response)) = applied {
+                for change in committed_lease_changes(proposal, response) {
+                    // Nobody listening (no DHCP service) is fine.
+                    let _ = applied_leases.send(AppliedLeases::Change(change));
+                }
+            }
+        }));
+    }
+    {
+        let applied_leases = applied_leases.clone();
+        state_machine.observe_snapshot_installs(Arc::new(move |last_log_id| {
+            tracing::info!(last_log_id = ?last_log_id, "state replaced by a snapshot from the leader");
+            let _ = applied_leases.send(AppliedLeases::Replaced);
+        }));
+    }
+    applied_leases
 }
 
 /// A running member.
@@ -138,25 +165,7 @@ impl ClusterMember {
                 other => other.into(),
             })?;
         let state = state_machine.state();
-        let (applied_leases, _) = broadcast::channel(APPLIED_LEASES_BUFFERED);
-        {
-            let applied_leases = applied_leases.clone();
-            state_machine.observe_applies(Arc::new(move |_, applied| {
-                if let Some((proposal, response)) = applied {
-                    for change in committed_lease_changes(proposal, response) {
-                        // Nobody listening (no DHCP service) is fine.
-                        let _ = applied_leases.send(AppliedLeases::Change(change));
-                    }
-                }
-            }));
-        }
-        {
-            let applied_leases = applied_leases.clone();
-            state_machine.observe_snapshot_installs(Arc::new(move |last_log_id| {
-                tracing::info!(last_log_id = ?last_log_id, "state replaced by a snapshot from the leader");
-                let _ = applied_leases.send(AppliedLeases::Replaced);
-            }));
-        }
+        let applied_leases = applied_lease_feed(&mut state_machine);
         let endpoint = bind_server(loaded.record.address, &loaded.identity)?;
         let dialer = QuicDialer::new(endpoint.clone(), &loaded.identity)?;
         let config = raft_config(
@@ -488,33 +497,6 @@ impl ClusterMember {
             Ok(None) => Err(ClusterError::Transport("closed without an answer".into())),
             Err(error) => Err(ClusterError::Transport(error.to_string())),
         }
-    }
-
-    /// The leases of the cluster state, as lease changes (for a DHCP core to restore).
-    pub fn lease_changes(&self) -> Vec<LeaseChange> {
-        self.state.read(|state| {
-            let mut changes: Vec<LeaseChange> = state
-                .leases
-                .iter()
-                .map(|(address, lease)| LeaseChange::Bind {
-                    client: ClientId(lease.client.clone()),
-                    hardware_address: lease.hardware_address.clone(),
-                    address: *address,
-                    expires_at_unix_secs: lease.expires_at_unix_secs,
-                    hostname: lease.hostname.clone(),
-                })
-                .collect();
-            changes.extend(
-                state
-                    .quarantine
-                    .iter()
-                    .map(|(address, until)| LeaseChange::Decline {
-                        address: *address,
-                        until_unix_secs: *until,
-                    }),
-            );
-            changes
-        })
     }
 
     /// Commits `command`; `Err(None)` when this member is not the leader.

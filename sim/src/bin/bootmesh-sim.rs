@@ -1,5 +1,6 @@
-//! `bootmesh-sim`: rehearses a boot storm from a scenario file, in virtual time, with the real
-//! swarm cores. `bootmesh sim ...` runs it: the simulator links the whole server and would
+//! `bootmesh-sim`: rehearses a boot storm (the storm engine: the real swarm cores on a fluid
+//! network) or failures of the cluster (the chaos engine: the real servers on turmoil) from a
+//! scenario file, in virtual time. `bootmesh sim ...` runs it: the simulator links the whole server and would
 //! make `node` depend on itself, so it is its own executable beside `bootmesh`, as `git foo`
 //! runs `git-foo`.
 //!
@@ -24,21 +25,24 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use sim::chaos::{ChaosScenario, is_chaos_scenario, run_chaos};
 use sim::storm::{Serving, StormEngine, StormReport, StormScenario, run_storm, storm_svg};
 
 /// The commit this simulator was built from (see build.rs).
 const COMMIT: &str = env!("BOOTMESH_SIM_COMMIT");
 
-/// Rehearse a boot storm in virtual time: the real fetch scheduler, tracker, upload gate and
-/// send claims of every node, on a fluid model of NICs, rack uplinks and the spine, with the
-/// scenario's faults. One seed gives one run; a failing seed prints the command that replays
-/// it.
+/// Rehearse failures in virtual time. A storm scenario runs the real fetch scheduler, tracker,
+/// upload gate and send claims of every node on a fluid model of NICs, rack uplinks and the
+/// spine. A chaos scenario (`engine = "chaos"`) runs the real servers (Raft, store, lease
+/// store, DHCP) with thousands of booting nodes under crashes, partitions and loss, and checks
+/// that no address is ever held twice. One seed gives one run; a failing seed prints the
+/// command that replays it.
 #[derive(Debug, Parser)]
 #[command(
     name = "bootmesh sim",
     bin_name = "bootmesh sim",
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  bootmesh sim --scenario sim/scenarios/rack-power-on.toml --baseline --svg storm.svg\n  bootmesh sim soak --scenario sim/scenarios/rack-power-loss.toml --seeds 1..=50\n  bootmesh sim soak-summary"
+    after_help = "Examples:\n  bootmesh sim --scenario sim/scenarios/rack-power-on.toml --baseline --svg storm.svg\n  bootmesh sim --scenario sim/scenarios/leader-crash-loop.toml --seed 7 --reproduce\n  bootmesh sim soak --scenario sim/scenarios/rack-power-loss.toml --seeds 1..=50\n  bootmesh sim soak-summary"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -71,6 +75,15 @@ struct RunArguments {
     /// error every this many million events: for fleets that take minutes.
     #[arg(long, value_name = "MILLION_EVENTS")]
     progress: Option<u64>,
+    /// Chaos scenarios: run the servers with a deliberate bug, to see the checkers catch it.
+    #[arg(long, value_enum)]
+    sabotage: Option<SabotageArgument>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SabotageArgument {
+    /// The lease store reports a batch committed before Raft commits it.
+    AckBeforeCommit,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -150,11 +163,63 @@ fn serving_label(serving: Serving) -> &'static str {
     }
 }
 
+fn read_chaos_scenario(path: &Path, text: &str) -> anyhow::Result<ChaosScenario> {
+    ChaosScenario::from_toml(text).with_context(|| format!("{}", path.display()))
+}
+
+fn run_chaos_scenario(path: &Path, text: &str, arguments: &RunArguments) -> anyhow::Result<()> {
+    let scenario = read_chaos_scenario(path, text)?;
+    let mut spec = scenario.spec(arguments.seed);
+    if let Some(SabotageArgument::AckBeforeCommit) = arguments.sabotage {
+        spec.sabotage.ack_before_commit = true;
+    }
+    let runs = if arguments.reproduce { 2 } else { 1 };
+    let mut hashes = Vec::new();
+    for _ in 0..runs {
+        let started = Instant::now();
+        let report = run_chaos(&spec).with_context(|| {
+            format!(
+                "{} seed {}; replay with: {}",
+                scenario.name,
+                arguments.seed,
+                replay_command(path, arguments.seed)
+            )
+        })?;
+        println!(
+            "{}: {} servers, {} nodes on {} farms, seed {}",
+            scenario.name, scenario.servers, scenario.nodes, scenario.farms, arguments.seed
+        );
+        print!("{}", report.text());
+        println!(
+            "{:.2} s of wall time; replay with: {}",
+            started.elapsed().as_secs_f64(),
+            replay_command(path, arguments.seed)
+        );
+        hashes.push(report.trace_hash);
+    }
+    if hashes.windows(2).any(|pair| pair[0] != pair[1]) {
+        bail!("the same seed gave two different traces: {hashes:x?}");
+    }
+    if arguments.reproduce {
+        println!("reproduced: both runs have trace hash {:016x}", hashes[0]);
+    }
+    Ok(())
+}
+
 fn run(arguments: &RunArguments) -> anyhow::Result<()> {
     let Some(path) = &arguments.scenario else {
         bail!("--scenario FILE is required (see --help)");
     };
-    let mut scenario = read_scenario(path)?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if is_chaos_scenario(&text) {
+        return run_chaos_scenario(path, &text, arguments);
+    }
+    if arguments.sabotage.is_some() {
+        bail!("--sabotage is for chaos scenarios (engine = \"chaos\")");
+    }
+    let mut scenario =
+        StormScenario::from_toml(&text).with_context(|| format!("{}", path.display()))?;
     if let Some(serving) = arguments.serving {
         scenario.serving = match serving {
             ServingArgument::Swarm => Serving::Swarm,
@@ -260,22 +325,51 @@ fn utc_timestamp(since_epoch: u64) -> String {
 }
 
 fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow::Result<bool> {
-    let scenario = read_scenario(scenario_path)?;
+    let text = std::fs::read_to_string(scenario_path)
+        .with_context(|| format!("reading {}", scenario_path.display()))?;
     let started = Instant::now();
     let mut failed = Vec::new();
-    let mut slowest = 0.0f64;
-    for seed in seeds.clone() {
-        match run_storm(&scenario, seed) {
-            Ok(report) => slowest = slowest.max(report.fetch_percentiles[2]),
-            Err(error) => {
-                eprintln!(
-                    "seed {seed} failed: {error}\n  replay with: {}",
-                    replay_command(scenario_path, seed)
-                );
-                failed.push(seed);
+    let (engine, name, summary) = if is_chaos_scenario(&text) {
+        let scenario = read_chaos_scenario(scenario_path, &text)?;
+        let mut grants = 0u64;
+        for seed in seeds.clone() {
+            match run_chaos(&scenario.spec(seed)) {
+                Ok(report) => grants += report.minority_grants,
+                Err(error) => {
+                    eprintln!(
+                        "seed {seed} failed: {error}\n  replay with: {}",
+                        replay_command(scenario_path, seed)
+                    );
+                    failed.push(seed);
+                }
             }
         }
-    }
+        (
+            "chaos",
+            scenario.name,
+            format!("{grants} leases granted while cut off"),
+        )
+    } else {
+        let scenario = read_scenario(scenario_path)?;
+        let mut slowest = 0.0f64;
+        for seed in seeds.clone() {
+            match run_storm(&scenario, seed) {
+                Ok(report) => slowest = slowest.max(report.fetch_percentiles[2]),
+                Err(error) => {
+                    eprintln!(
+                        "seed {seed} failed: {error}\n  replay with: {}",
+                        replay_command(scenario_path, seed)
+                    );
+                    failed.push(seed);
+                }
+            }
+        }
+        (
+            "storm",
+            scenario.name,
+            format!("slowest fetch {slowest:.2} s"),
+        )
+    };
     let count = seeds.end() - seeds.start() + 1;
     let result = if failed.is_empty() {
         "passed".to_owned()
@@ -287,9 +381,9 @@ fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_secs());
     let line = format!(
-        "{}\t{COMMIT}\tstorm\t{}\t{}..={}\t{count}\t{result}\t{:.1}\n",
+        "{}\t{COMMIT}\t{engine}\t{}\t{}..={}\t{count}\t{result}\t{:.1}\n",
         utc_timestamp(now),
-        scenario.name,
+        name,
         seeds.start(),
         seeds.end(),
         started.elapsed().as_secs_f64()
@@ -302,8 +396,7 @@ fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow
     file.write_all(line.as_bytes())
         .with_context(|| format!("appending to {}", log.display()))?;
     println!(
-        "{count} seeds of {}: {result}; slowest fetch {slowest:.2} s; logged to {}",
-        scenario.name,
+        "{count} seeds of {name}: {result}; {summary}; logged to {}",
         log.display()
     );
     Ok(failed.is_empty())

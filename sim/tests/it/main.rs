@@ -1,5 +1,6 @@
 //! The simulator's integration tests: determinism first.
 
+mod chaos;
 mod cluster;
 mod storm;
 

@@ -1,0 +1,879 @@
+//! The chaos engine: the real boot servers under faults, with hundreds or thousands of booting
+//! nodes, on turmoil's simulated network and clock. One seed replays a whole run.
+//!
+//! Each simulated server runs what `bootmesh serve` runs for DHCP in a cluster: openraft on the
+//! redb store over a simulated disk, the state machine, the cluster lease store
+//! (`node::cluster::leases`, with its address blocks, group commit and minority rules) and the
+//! DHCP service (`run_cluster_dhcp`). Only the transport between servers differs: Raft and
+//! forwarded proposals go over simulated TCP instead of QUIC ([`member`]). The booting nodes
+//! are DHCP client state machines, hundreds to a client-farm host ([`farm`]).
+//!
+//! A run has two phases. In the safety phase the harness injects faults (crashes of servers
+//! or of the leader, partitions, loss, clock skew within the drift bound) and every ACK is
+//! checked as it arrives: its address is held by no other node, and its binding was committed
+//! or journaled before it left. In the liveness phase the faults stop, and every node must hold
+//! a lease, every server must converge on one state, and that state must hold every node's
+//! lease: no committed lease was lost.
+
+// Each simulated server is driven here as `node`'s daemon drives a real one: it spawns its
+// listeners and watchers on its simulated host's runtime.
+#![allow(clippy::disallowed_methods)]
+
+pub mod farm;
+pub mod member;
+pub mod scenario;
+
+pub use scenario::{ChaosScenario, ChaosScenarioError, is_chaos_scenario};
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use boot_services::dhcp::{
+    AddressRange, DhcpConfig, DhcpServer, Ipv4Network, LeaseChange, SubnetConfig,
+};
+use consensus::store::{StateHandle, open_backend};
+use consensus::{MeshRaft, SeededRng, ServerNode, raft_config, with_seeded_rng};
+use node::cluster::leases::{ClusterLeaseStore, Sabotage, run_cluster_dhcp};
+use node::cluster::member::{applied_lease_feed, committed_lease_changes};
+use node::dhcp_service::DhcpCounters;
+use node::journal::{JournalError, LeaseJournal, MemoryLeaseJournal};
+use node::seams::Clock;
+
+use crate::disk::SimDisk;
+use crate::{SimDhcpLink, SimError, Trace};
+use member::{RAFT_PORT, SimMember, TurmoilDialer, server_name};
+
+/// The simulation's epoch, in Unix seconds.
+const EPOCH_SECS: u64 = 1_800_000_000;
+
+/// A fault the harness injects during the safety phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChaosFault {
+    /// kill -9 of a server: what its disk had not synced is lost; it restarts `down_for` later
+    /// on the same disk.
+    Crash { server: u64, down_for: Duration },
+    /// The same, to whichever server leads at that moment.
+    CrashLeader { down_for: Duration },
+    /// A server cut off from the other servers (not from the nodes) for `for_`.
+    Partition { server: u64, for_: Duration },
+    /// Datagrams between the nodes and the servers lost at `rate` for `for_`.
+    Loss { rate_percent: u8, for_: Duration },
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct ChaosSpec {
+    /// The run's seed.
+    pub seed: u64,
+    /// Boot servers.
+    pub servers: u64,
+    /// Client-farm hosts.
+    pub farms: usize,
+    /// Booting nodes in all.
+    pub nodes: usize,
+    /// Every node starts within this window.
+    pub start_window: Duration,
+    /// Lease time the servers give.
+    pub lease: Duration,
+    /// Length of the safety phase, with faults.
+    pub safety: Duration,
+    /// Length of the liveness phase, without faults, by whose end every node must hold a lease.
+    pub liveness: Duration,
+    /// Faults, each at a virtual time within the safety phase.
+    pub faults: Vec<(Duration, ChaosFault)>,
+    /// Each server's clock runs ahead or behind by up to this much (drawn from the seed).
+    pub skew_max: Duration,
+    /// Deliberate bugs in the servers, to show the checkers catch them.
+    pub sabotage: Sabotage,
+}
+
+impl Default for ChaosSpec {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            servers: 3,
+            farms: 2,
+            nodes: 100,
+            start_window: Duration::from_secs(10),
+            lease: Duration::from_secs(120),
+            safety: Duration::from_secs(60),
+            liveness: Duration::from_secs(60),
+            faults: Vec::new(),
+            skew_max: Duration::ZERO,
+            sabotage: Sabotage::default(),
+        }
+    }
+}
+
+impl ChaosSpec {
+    /// `count` faults drawn from the seed, spread over the safety phase: crashes of a server
+    /// or of the leader, partitions of one server and bursts of loss.
+    pub fn with_random_faults(mut self, count: usize) -> Self {
+        let mut rng = self.seed ^ 0xA076_1D64_78BD_642F;
+        let safety_ms = u64::try_from(self.safety.as_millis()).unwrap_or(u64::MAX);
+        for _ in 0..count {
+            let at = Duration::from_millis(farm_random(&mut rng) % safety_ms.max(1));
+            let lasting = Duration::from_millis(2_000 + farm_random(&mut rng) % 13_000);
+            let server = 1 + farm_random(&mut rng) % self.servers.max(1);
+            let fault = match farm_random(&mut rng) % 4 {
+                0 => ChaosFault::Crash {
+                    server,
+                    down_for: lasting,
+                },
+                1 => ChaosFault::CrashLeader { down_for: lasting },
+                2 => ChaosFault::Partition {
+                    server,
+                    for_: lasting,
+                },
+                _ => ChaosFault::Loss {
+                    rate_percent: 5 + (farm_random(&mut rng) % 25) as u8,
+                    for_: lasting,
+                },
+            };
+            self.faults.push((at, fault));
+        }
+        self.faults.sort_by_key(|(at, _)| *at);
+        self
+    }
+}
+
+fn farm_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut value = *state;
+    value = (value ^ (value >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    value = (value ^ (value >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    value ^ (value >> 31)
+}
+
+/// What a chaos run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChaosReport {
+    /// Hash of the whole trace.
+    pub trace_hash: u64,
+    /// Trace events.
+    pub events: usize,
+    /// ACKs the nodes received, and NAKs.
+    pub acks: u64,
+    /// See `acks`.
+    pub naks: u64,
+    /// The faults as injected, with their virtual times.
+    pub faults: Vec<String>,
+    /// From the end of the faults until every node held a lease.
+    pub healed_after: Option<Duration>,
+    /// Leases in the converged state at the end.
+    pub leases: usize,
+    /// Leases granted by servers cut off from the majority (ADR 0007's minority rules).
+    pub minority_grants: u64,
+    /// Raft log entries every server applied by the end.
+    pub log_entries: u64,
+    /// Virtual time the run took.
+    pub elapsed: Duration,
+}
+
+/// Shared between the simulated hosts and the harness. turmoil runs every host on one thread,
+/// one at a time, so this is deterministic.
+#[derive(Debug, Default)]
+pub struct Observed {
+    epoch_secs: u64,
+    /// The run's largest clock skew, in whole seconds rounded up: a server that is behind
+    /// commits lease ends that much earlier than its nodes count them.
+    skew_tolerance_secs: u64,
+    /// Per address: the hardware addresses it was durably bound to (committed by some server,
+    /// or journaled by a server granting by the minority rules), with the latest expiry.
+    durable: BTreeMap<Ipv4Addr, BTreeMap<Vec<u8>, u64>>,
+    /// Per address: the node that holds it, by the nodes' own reckoning, and until when.
+    holdings: BTreeMap<Ipv4Addr, (usize, Duration)>,
+    /// Per node holding a lease: address, hardware address, Unix expiry.
+    bound: BTreeMap<usize, (Ipv4Addr, [u8; 6], u64)>,
+    /// Broken invariants, in order.
+    violations: Vec<String>,
+    acks: u64,
+    naks: u64,
+    minority_grants: u64,
+    /// Per server: the applied state of its latest incarnation, and its last applied index.
+    states: BTreeMap<u64, StateHandle>,
+    last_applied: BTreeMap<u64, u64>,
+    /// The leader most recently seen by any server, with its term.
+    leader: Option<(u64, u64)>,
+    /// The farms stop sending: the servers settle before they are compared.
+    quiet: bool,
+    /// The run is over: the farms return.
+    finished: bool,
+}
+
+/// The shared observations.
+pub type Shared = Arc<Mutex<Observed>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Observed> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn record_durable(shared: &Shared, change: &LeaseChange) {
+    if let LeaseChange::Bind {
+        hardware_address,
+        address,
+        expires_at_unix_secs,
+        ..
+    } = change
+    {
+        let mut observed = lock(shared);
+        let until = observed
+            .durable
+            .entry(*address)
+            .or_default()
+            .entry(hardware_address.clone())
+            .or_default();
+        *until = (*until).max(*expires_at_unix_secs);
+    }
+}
+
+/// A server's clock: the simulation's, shifted by a constant skew.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SkewedClock {
+    /// Milliseconds ahead (positive) or behind (negative).
+    pub skew_ms: i64,
+}
+
+impl Clock for SkewedClock {
+    fn wall_now(&self) -> SystemTime {
+        let now = SystemTime::UNIX_EPOCH + turmoil::since_epoch().unwrap_or_default();
+        let skew = Duration::from_millis(self.skew_ms.unsigned_abs());
+        if self.skew_ms >= 0 {
+            now + skew
+        } else {
+            now.checked_sub(skew).unwrap_or(now)
+        }
+    }
+}
+
+/// The journal of grants made while cut off (fsynced before the ACK in `serve`, so it survives
+/// a crash here too), which also tells the checker what was journaled.
+#[derive(Debug, Clone)]
+struct ObservedJournal {
+    journal: MemoryLeaseJournal,
+    shared: Shared,
+}
+
+impl LeaseJournal for ObservedJournal {
+    fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
+        self.journal.load()
+    }
+    fn append(&mut self, changes: &[LeaseChange]) -> Result<(), JournalError> {
+        self.journal.append(changes)?;
+        lock(&self.shared).minority_grants += changes.len() as u64;
+        for change in changes {
+            record_durable(&self.shared, change);
+        }
+        Ok(())
+    }
+    fn needs_compaction(&self, live_bindings: usize) -> bool {
+        self.journal.needs_compaction(live_bindings)
+    }
+    fn compact(&mut self, live: &[LeaseChange]) -> Result<(), JournalError> {
+        self.journal.compact(live)
+    }
+}
+
+/// The per-server, per-incarnation seed.
+fn server_seed(seed: u64, id: u64, incarnation: u64) -> u64 {
+    seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ incarnation.wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+}
+
+/// The address server `id` answers DHCP from (its server identifier).
+fn server_address(id: u64) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, u8::try_from(id).unwrap_or(u8::MAX))
+}
+
+fn dhcp_config(spec: &ChaosSpec) -> DhcpConfig {
+    // Four addresses for every node, so that blocks held by servers that died leave enough.
+    let wanted = u32::try_from(spec.nodes.max(64) * 4).unwrap_or(u32::MAX);
+    let first = u32::from(Ipv4Addr::new(10, 77, 1, 0));
+    DhcpConfig {
+        subnets: vec![SubnetConfig {
+            network: Ipv4Network {
+                address: Ipv4Addr::new(10, 77, 0, 0),
+                prefix_length: 16,
+            },
+            ranges: vec![AddressRange {
+                first: Ipv4Addr::from(first),
+                last: Ipv4Addr::from(first + wanted.min(60_000) - 1),
+            }],
+            routers: vec![],
+            dns_servers: vec![],
+            domain_name: None,
+            lease_time: spec.lease,
+            next_server: None,
+        }],
+        ..DhcpConfig::default()
+    }
+}
+
+struct ServerContext {
+    id: u64,
+    spec: ChaosSpec,
+    disk: SimDisk,
+    journal: MemoryLeaseJournal,
+    farms: Vec<String>,
+    skew: SkewedClock,
+    trace: Trace,
+    shared: Shared,
+}
+
+async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Error>> {
+    let ServerContext {
+        id,
+        spec,
+        disk,
+        journal,
+        farms,
+        skew,
+        trace,
+        shared,
+    } = context;
+    let (log, mut state_machine) = open_backend(disk.attach())?;
+    let applied = applied_lease_feed(&mut state_machine);
+    {
+        let trace = trace.clone();
+        let shared = Arc::clone(&shared);
+        state_machine.observe_applies(Arc::new(move |log_id, applied| {
+            lock(&shared).last_applied.insert(id, log_id.index);
+            if let Some((proposal, response)) = applied {
+                let changes = committed_lease_changes(proposal, response);
+                trace.record(format!(
+                    "{} applied {log_id}: {} lease changes",
+                    server_name(id),
+                    changes.len()
+                ));
+                for change in &changes {
+                    record_durable(&shared, change);
+                }
+            }
+        }));
+    }
+    {
+        let trace = trace.clone();
+        let shared = Arc::clone(&shared);
+        state_machine.observe_snapshot_installs(Arc::new(move |last_log_id| {
+            let index = last_log_id.map_or(0, |log_id| log_id.index);
+            trace.record(format!(
+                "{} installed a snapshot up to {index}",
+                server_name(id)
+            ));
+            lock(&shared).last_applied.insert(id, index);
+        }));
+    }
+    let state = state_machine.state();
+    lock(&shared).states.insert(id, state.clone());
+    let config = Arc::new(raft_config("chaos", 2_000, 500).validate()?);
+    let raft = MeshRaft::new(
+        id,
+        config,
+        consensus::rpc::StreamNetworkFactory::new(id, TurmoilDialer),
+        log,
+        state_machine,
+    )
+    .await?;
+    let listener = turmoil::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, RAFT_PORT)).await?;
+    {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(consensus::rpc::serve_stream(raft.clone(), stream));
+            }
+        });
+    }
+    if id == 1 && !raft.is_initialized().await? {
+        let members: BTreeMap<u64, ServerNode> = (1..=spec.servers)
+            .map(|member| {
+                (
+                    member,
+                    ServerNode {
+                        address: format!("{}:{RAFT_PORT}", server_name(member)),
+                    },
+                )
+            })
+            .collect();
+        raft.initialize(members).await?;
+        trace.record("server1 initialized the cluster");
+    }
+    {
+        let raft = raft.clone();
+        let trace = trace.clone();
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let mut metrics = raft.metrics();
+            let mut seen = None;
+            loop {
+                let (term, leader) = {
+                    let current = metrics.borrow_and_update();
+                    (current.current_term, current.current_leader)
+                };
+                if let Some(leader) = leader
+                    && seen != Some((term, leader))
+                {
+                    seen = Some((term, leader));
+                    trace.record(format!(
+                        "{} sees leader {leader} in term {term}",
+                        server_name(id)
+                    ));
+                    let mut observed = lock(&shared);
+                    if observed.leader.is_none_or(|(known, _)| known <= term) {
+                        observed.leader = Some((term, leader));
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let member = SimMember::new(id, raft, state, applied, skew);
+    tokio::spawn(member.clone().serve_forwarded());
+
+    let segment = farms
+        .iter()
+        .map(|farm| turmoil::lookup(farm.as_str()))
+        .collect();
+    let link = Arc::new(SimDhcpLink::bind(server_address(id), segment, trace.clone()).await?);
+    let dhcp_config = dhcp_config(&spec);
+    let ranges: Vec<Vec<AddressRange>> = dhcp_config
+        .subnets
+        .iter()
+        .map(|subnet| subnet.ranges.clone())
+        .collect();
+    let server = DhcpServer::new(dhcp_config)?;
+    let journal = ObservedJournal {
+        journal,
+        shared: Arc::clone(&shared),
+    };
+    let (_keep, reconfigured) = tokio::sync::watch::channel(None);
+    let store = if spec.sabotage == Sabotage::default() {
+        ClusterLeaseStore::new(member, &ranges, journal, reconfigured)
+    } else {
+        ClusterLeaseStore::sabotaged(member, &ranges, journal, reconfigured, spec.sabotage)
+    };
+    run_cluster_dhcp(
+        server,
+        vec![link],
+        store,
+        skew,
+        4096,
+        Arc::new(DhcpCounters::default()),
+        std::future::pending::<()>(),
+    )
+    .await?;
+    Ok(())
+}
+
+/// A fault in force, to be undone at `until`.
+#[derive(Debug)]
+enum Undo {
+    Restart(u64),
+    Heal(u64),
+    Lossless,
+}
+
+/// Runs `spec` and checks every invariant.
+pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
+    let trace = Trace::default();
+    let shared: Shared = Arc::new(Mutex::new(Observed {
+        epoch_secs: EPOCH_SECS,
+        skew_tolerance_secs: spec.skew_max.as_millis().div_ceil(1000) as u64,
+        ..Observed::default()
+    }));
+    let run_for = spec.safety + spec.liveness;
+    let mut simulation = turmoil::Builder::new()
+        .rng_seed(spec.seed)
+        .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
+        .min_message_latency(Duration::from_millis(1))
+        .max_message_latency(Duration::from_millis(10))
+        .simulation_duration(run_for + Duration::from_secs(120))
+        .udp_capacity(16_384)
+        .build();
+    let farms: Vec<String> = (0..spec.farms.max(1))
+        .map(|farm| format!("farm{farm}"))
+        .collect();
+    let mut skew_rng = spec.seed ^ 0x5851_F42D_4C95_7F2D;
+    let skew_max_ms = u64::try_from(spec.skew_max.as_millis()).unwrap_or(0);
+    let disks: BTreeMap<u64, SimDisk> = (1..=spec.servers).map(|id| (id, SimDisk::new())).collect();
+    for (&id, disk) in &disks {
+        let skew_ms = if skew_max_ms == 0 {
+            0
+        } else {
+            let magnitude = farm_random(&mut skew_rng) % (2 * skew_max_ms + 1);
+            i64::try_from(magnitude).unwrap_or(0) - i64::try_from(skew_max_ms).unwrap_or(0)
+        };
+        trace.record_at(
+            Duration::ZERO,
+            format!("{} skew {skew_ms} ms", server_name(id)),
+        );
+        let journal = MemoryLeaseJournal::default();
+        let incarnations = Arc::new(Mutex::new(0u64));
+        let (disk, trace, shared, spec, farms) = (
+            disk.clone(),
+            trace.clone(),
+            Arc::clone(&shared),
+            spec.clone(),
+            farms.clone(),
+        );
+        simulation.host(server_name(id).as_str(), move || {
+            let incarnation = {
+                let mut count = incarnations.lock().unwrap_or_else(PoisonError::into_inner);
+                *count += 1;
+                *count
+            };
+            let rng = SeededRng::new(server_seed(spec.seed, id, incarnation));
+            let server = run_server(ServerContext {
+                id,
+                spec: spec.clone(),
+                disk: disk.clone(),
+                journal: journal.clone(),
+                farms: farms.clone(),
+                skew: SkewedClock { skew_ms },
+                trace: trace.clone(),
+                shared: Arc::clone(&shared),
+            });
+            async move {
+                with_seeded_rng(rng, server)
+                    .await
+                    .map_err(|error| -> Box<dyn std::error::Error> { error.to_string().into() })
+            }
+        });
+    }
+    let per_farm = spec.nodes.div_ceil(farms.len());
+    let servers: Vec<(Ipv4Addr, String)> = (1..=spec.servers)
+        .map(|id| (server_address(id), server_name(id)))
+        .collect();
+    for (farm, name) in farms.iter().enumerate() {
+        let first_node = farm * per_farm;
+        let nodes = per_farm.min(spec.nodes.saturating_sub(first_node));
+        let setup = farm::FarmSetup {
+            farm,
+            first_node,
+            nodes,
+            start_window: spec.start_window,
+            servers: servers.clone(),
+            seed: spec.seed,
+        };
+        let (shared, trace) = (Arc::clone(&shared), trace.clone());
+        simulation.client(name.as_str(), farm::run_farm(setup, shared, trace));
+    }
+
+    let mut faults = spec.faults.iter().peekable();
+    let mut undo: Vec<(Duration, Undo)> = Vec::new();
+    let mut injected = Vec::new();
+    let mut all_bound_at: Option<Duration> = None;
+    let mut settled_since: Option<(Duration, Vec<u64>)> = None;
+    let mut converged: Option<usize> = None;
+    let server_names: Vec<String> = (1..=spec.servers).map(server_name).collect();
+    loop {
+        let finished = simulation
+            .step()
+            .map_err(|error| SimError::Turmoil(error.to_string()))?;
+        if finished {
+            break;
+        }
+        let now = simulation.elapsed();
+        // Faults that end now.
+        let mut index = 0;
+        while index < undo.len() {
+            if undo.get(index).is_some_and(|(until, _)| *until <= now) {
+                let (_, what) = undo.swap_remove(index);
+                match what {
+                    Undo::Restart(server) => {
+                        simulation.bounce(server_name(server).as_str());
+                        trace.record_at(now, format!("harness restarted {}", server_name(server)));
+                    }
+                    Undo::Heal(server) => {
+                        let others: Vec<&str> = server_names
+                            .iter()
+                            .filter(|name| **name != server_name(server))
+                            .map(String::as_str)
+                            .collect();
+                        for other in others {
+                            simulation.repair(server_name(server).as_str(), other);
+                        }
+                        trace.record_at(now, format!("harness healed {}", server_name(server)));
+                    }
+                    Undo::Lossless => {
+                        for farm in &farms {
+                            for server in &server_names {
+                                simulation.set_link_fail_rate(farm.as_str(), server.as_str(), 0.0);
+                            }
+                        }
+                        trace.record_at(now, "harness: loss ends");
+                    }
+                }
+            } else {
+                index += 1;
+            }
+        }
+        // Faults that start now, in the safety phase only.
+        while let Some((at, fault)) = faults.peek() {
+            if *at > now || now >= spec.safety {
+                break;
+            }
+            faults.next();
+            let until_cap = |lasting: Duration| (now + lasting).min(spec.safety);
+            let described = match fault {
+                ChaosFault::Crash { server, down_for } => {
+                    crash(&mut simulation, &disks, &mut undo, *server, until_cap(*down_for))
+                }
+                ChaosFault::CrashLeader { down_for } => {
+                    let leader = lock(&shared).leader.map(|(_, leader)| leader);
+                    match leader {
+                        Some(leader) => {
+                            crash(&mut simulation, &disks, &mut undo, leader, until_cap(*down_for))
+                        }
+                        None => None,
+                    }
+                }
+                ChaosFault::Partition { server, for_ } => {
+                    if undo.iter().any(|(_, what)| matches!(what, Undo::Restart(down) | Undo::Heal(down) if down == server)) {
+                        None
+                    } else {
+                        for other in server_names.iter().filter(|name| **name != server_name(*server)) {
+                            simulation.partition(server_name(*server).as_str(), other.as_str());
+                        }
+                        undo.push((until_cap(*for_), Undo::Heal(*server)));
+                        Some(format!("partitioned {} from the other servers", server_name(*server)))
+                    }
+                }
+                ChaosFault::Loss { rate_percent, for_ } => {
+                    for farm in &farms {
+                        for server in &server_names {
+                            simulation.set_link_fail_rate(
+                                farm.as_str(),
+                                server.as_str(),
+                                f64::from(*rate_percent) / 100.0,
+                            );
+                        }
+                    }
+                    undo.push((until_cap(*for_), Undo::Lossless));
+                    Some(format!("{rate_percent} % loss between nodes and servers"))
+                }
+            };
+            if let Some(described) = described {
+                trace.record_at(now, format!("harness: {described}"));
+                injected.push(format!("{:.3} s {described}", now.as_secs_f64()));
+            }
+        }
+        let mut observed = lock(&shared);
+        if let Some(violation) = observed.violations.first() {
+            let violation = violation.clone();
+            drop(observed);
+            return Err(SimError::Invariant(with_context(&violation, &trace)));
+        }
+        if now < spec.safety {
+            continue;
+        }
+        if all_bound_at.is_none() && observed.bound.len() == spec.nodes {
+            all_bound_at = Some(now);
+        }
+        if now < run_for {
+            continue;
+        }
+        // The liveness phase is over.
+        if all_bound_at.is_none() {
+            let missing = spec.nodes - observed.bound.len();
+            return Err(SimError::Invariant(format!(
+                "{missing} nodes held no lease {} s after the faults ended",
+                spec.liveness.as_secs()
+            )));
+        }
+        observed.quiet = true;
+        // Settled: every server applied the same index, and it stayed so for two seconds.
+        let applied: Vec<u64> = (1..=spec.servers)
+            .map(|id| observed.last_applied.get(&id).copied().unwrap_or(0))
+            .collect();
+        let same = applied.windows(2).all(|pair| pair.first() == pair.get(1));
+
+        match &settled_since {
+            Some((since, seen)) if same && *seen == applied => {
+                if now >= *since + Duration::from_secs(2) && converged.is_none() {
+                    // Compared now, while every server is at one index: the servers run on
+                    // until the farms have stopped.
+                    converged = Some(check_converged(&observed)?);
+                    observed.finished = true;
+                }
+            }
+            _ if same => settled_since = Some((now, applied.clone())),
+            _ => settled_since = None,
+        }
+        if now > run_for + Duration::from_secs(60) {
+            return Err(SimError::Invariant(format!(
+                "the servers did not converge within 60 s after the run: applied {applied:?}"
+            )));
+        }
+    }
+    let observed = lock(&shared);
+    let Some(leases) = converged else {
+        return Err(SimError::Invariant(
+            "the run ended before the servers settled".into(),
+        ));
+    };
+    Ok(ChaosReport {
+        trace_hash: trace.hash(),
+        events: trace.len(),
+        acks: observed.acks,
+        naks: observed.naks,
+        faults: injected,
+        healed_after: all_bound_at.map(|at| at.saturating_sub(spec.safety)),
+        leases,
+        minority_grants: observed.minority_grants,
+        log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
+        elapsed: simulation.elapsed(),
+    })
+}
+
+impl ChaosReport {
+    /// The report as text.
+    pub fn text(&self) -> String {
+        let mut text = String::new();
+        text.push_str(&format!(
+            "faults injected: {}\n",
+            if self.faults.is_empty() {
+                "none".to_owned()
+            } else {
+                self.faults.len().to_string()
+            }
+        ));
+        for fault in &self.faults {
+            text.push_str(&format!("  {fault}\n"));
+        }
+        text.push_str(&format!(
+            "ACKs {}, NAKs {}, granted while cut off {}; {} log entries; {} leases at the end, on every server alike\n",
+            self.acks, self.naks, self.minority_grants, self.log_entries, self.leases
+        ));
+        match self.healed_after {
+            Some(after) if after.is_zero() => {
+                text.push_str("every node held a lease when the faults ended\n");
+            }
+            Some(after) => text.push_str(&format!(
+                "every node held a lease {:.2} s after the faults ended\n",
+                after.as_secs_f64()
+            )),
+            None => {}
+        }
+        text.push_str(&format!(
+            "invariants held: no address held by two nodes, no ACK before its commit, no committed lease lost, one state on every server\n{:.1} s of virtual time, {} trace events, trace hash {:016x}\n",
+            self.elapsed.as_secs_f64(),
+            self.events,
+            self.trace_hash
+        ));
+        text
+    }
+}
+
+/// `violation`, followed by the last trace events that name what it names (nodes, addresses,
+/// servers), so that a failing seed explains itself.
+fn with_context(violation: &str, trace: &Trace) -> String {
+    let names: Vec<&str> = violation
+        .split(|character: char| character.is_whitespace() || character == ':')
+        .filter(|word| {
+            word.starts_with("node")
+                || (word.starts_with("10.77.") && !word.starts_with("10.77.0."))
+        })
+        .collect();
+    let events = trace.events();
+    let related: Vec<&String> = events
+        .iter()
+        .filter(|event| {
+            names.iter().any(|name| {
+                event
+                    .split(|character: char| character.is_whitespace() || character == ':')
+                    .any(|word| word == *name)
+            }) || event.contains("harness")
+        })
+        .collect();
+    let tail = related.len().saturating_sub(40);
+    let mut text = violation.to_owned();
+    text.push_str("\nthe last trace events about it:");
+    for event in related.iter().skip(tail) {
+        text.push_str("\n  ");
+        text.push_str(event);
+    }
+    text
+}
+
+fn crash(
+    simulation: &mut turmoil::Sim<'_>,
+    disks: &BTreeMap<u64, SimDisk>,
+    undo: &mut Vec<(Duration, Undo)>,
+    server: u64,
+    until: Duration,
+) -> Option<String> {
+    if undo
+        .iter()
+        .any(|(_, what)| matches!(what, Undo::Restart(down) if *down == server))
+    {
+        return None;
+    }
+    // The disk first: whatever the dying process writes from here is lost.
+    disks.get(&server)?.crash();
+    simulation.crash(server_name(server).as_str());
+    undo.push((until, Undo::Restart(server)));
+    Some(format!("crashed {}", server_name(server)))
+}
+
+/// At the end: every server holds one state, and it holds every node's lease.
+fn check_converged(observed: &Observed) -> Result<usize, SimError> {
+    let mut states = observed
+        .states
+        .iter()
+        .map(|(id, handle)| (*id, handle.read(Clone::clone)));
+    let Some((first_id, first)) = states.next() else {
+        return Ok(0);
+    };
+    for (id, state) in states {
+        if state != first {
+            let parts = [
+                ("leases", state.leases != first.leases),
+                ("quarantine", state.quarantine != first.quarantine),
+                ("blocks", state.blocks != first.blocks),
+                ("config", state.config != first.config),
+                ("catalog", state.catalog != first.catalog),
+                ("members", state.members != first.members),
+            ];
+            let differing: Vec<&str> = parts
+                .iter()
+                .filter(|(_, differs)| *differs)
+                .map(|(name, _)| *name)
+                .collect();
+            let leases: Vec<String> = first
+                .leases
+                .iter()
+                .filter(|(address, lease)| state.leases.get(address) != Some(lease))
+                .take(3)
+                .map(|(address, lease)| {
+                    format!("{address}: {lease:?} vs {:?}", state.leases.get(address))
+                })
+                .collect();
+            return Err(SimError::Invariant(format!(
+                "server{first_id} and server{id} ended with different states (in {differing:?}; {leases:?})"
+            )));
+        }
+    }
+    for (node, (address, mac, expires)) in &observed.bound {
+        match first.leases.get(address) {
+            Some(lease)
+                if lease.hardware_address == mac.to_vec()
+                    && lease.expires_at_unix_secs + 2 + observed.skew_tolerance_secs
+                        >= *expires => {}
+            Some(lease) => {
+                return Err(SimError::Invariant(format!(
+                    "node{node} holds {address} until {expires}, but the cluster has it bound to {:02x?} until {}",
+                    lease.hardware_address, lease.expires_at_unix_secs
+                )));
+            }
+            None => {
+                return Err(SimError::Invariant(format!(
+                    "node{node} holds {address} until {expires}, but no server has that lease: a committed lease was lost"
+                )));
+            }
+        }
+    }
+    Ok(first.leases.len())
+}

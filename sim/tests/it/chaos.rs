@@ -1,0 +1,165 @@
+//! The chaos engine: the real cluster lease path (Raft, store, lease store, DHCP service)
+//! under crashes, partitions, loss and clock skew, with every ACK checked as it arrives and
+//! the cluster's state checked once the faults stop.
+
+use std::time::Duration;
+
+use node::cluster::leases::Sabotage;
+use sim::SimError;
+use sim::chaos::{ChaosFault, ChaosScenario, ChaosSpec, is_chaos_scenario, run_chaos};
+
+fn small(seed: u64) -> ChaosSpec {
+    ChaosSpec {
+        seed,
+        nodes: 150,
+        farms: 2,
+        lease: Duration::from_secs(40),
+        safety: Duration::from_secs(90),
+        liveness: Duration::from_secs(45),
+        ..ChaosSpec::default()
+    }
+}
+
+#[expect(clippy::panic, reason = "a test helper: a failed run fails the test")]
+fn run(spec: &ChaosSpec) -> sim::chaos::ChaosReport {
+    run_chaos(spec).unwrap_or_else(|error| panic!("seed {}: {error}", spec.seed))
+}
+
+#[test]
+fn a_quiet_cluster_leases_every_node_converges_and_one_seed_replays_the_run() {
+    let first = run(&small(5));
+    eprint!("{}", first.text());
+    assert_eq!(
+        first.leases, 150,
+        "every node's lease is in the cluster state"
+    );
+    assert!(first.acks >= 150 * 3, "nodes renewed: {} ACKs", first.acks);
+    assert_eq!(first.minority_grants, 0, "nothing was cut off");
+    assert_eq!(run(&small(5)), first, "the same seed gives the same run");
+    assert_ne!(run(&small(6)).trace_hash, first.trace_hash);
+}
+
+#[test]
+fn a_leader_crash_loop_loses_no_lease_and_gives_no_address_twice() {
+    let mut spec = small(7);
+    for round in 0..5u64 {
+        spec.faults.push((
+            Duration::from_secs(5 + 15 * round),
+            ChaosFault::CrashLeader {
+                down_for: Duration::from_secs(5),
+            },
+        ));
+    }
+    let report = run(&spec);
+    eprint!("{}", report.text());
+    assert_eq!(report.faults.len(), 5, "{:?}", report.faults);
+    assert!(report.faults.iter().all(|fault| fault.contains("crashed")));
+    assert_eq!(report.leases, 150);
+    // CI runs each of its seeds twice.
+    assert_eq!(run(&spec).trace_hash, report.trace_hash);
+}
+
+#[test]
+fn a_partitioned_server_with_a_skewed_clock_grants_only_what_the_minority_rules_allow() {
+    let spec = ChaosSpec {
+        start_window: Duration::from_secs(60),
+        skew_max: Duration::from_secs(10),
+        faults: vec![(
+            Duration::from_secs(10),
+            ChaosFault::Partition {
+                server: 1,
+                for_: Duration::from_secs(70),
+            },
+        )],
+        ..small(9)
+    };
+    let report = run(&spec);
+    eprint!("{}", report.text());
+    assert!(
+        report.minority_grants > 0,
+        "the cut-off server granted leases from its own blocks"
+    );
+    assert_eq!(
+        report.leases, 150,
+        "its grants were reconciled after the heal"
+    );
+}
+
+#[test]
+fn random_faults_of_every_kind_break_no_invariant() {
+    let report = run(&small(11).with_random_faults(12));
+    eprint!("{}", report.text());
+    for kind in ["crashed", "partitioned", "loss"] {
+        assert!(
+            report.faults.iter().any(|fault| fault.contains(kind)),
+            "{kind} among {:?}",
+            report.faults
+        );
+    }
+}
+
+#[test]
+fn changing_one_fault_decision_changes_the_trace() {
+    let crash_at = |at: Duration| ChaosSpec {
+        faults: vec![(
+            at,
+            ChaosFault::Crash {
+                server: 2,
+                down_for: Duration::from_secs(5),
+            },
+        )],
+        ..small(13)
+    };
+    let first = run(&crash_at(Duration::from_millis(30_000)));
+    let later = run(&crash_at(Duration::from_millis(30_001)));
+    assert_ne!(first.trace_hash, later.trace_hash);
+}
+
+#[test]
+#[expect(clippy::panic, reason = "a missed bug fails the test")]
+fn the_checkers_catch_an_ack_that_leaves_before_its_commit() {
+    for seed in 1..=3 {
+        let spec = ChaosSpec {
+            sabotage: Sabotage {
+                ack_before_commit: true,
+            },
+            ..small(seed)
+        };
+        match run_chaos(&spec) {
+            Err(SimError::Invariant(violation)) => {
+                assert!(
+                    violation.contains("that no server had committed or journaled"),
+                    "{violation}"
+                );
+            }
+            other => panic!("seed {seed}: the broken server went unnoticed: {other:?}"),
+        }
+    }
+}
+
+#[test]
+#[expect(
+    clippy::panic,
+    reason = "a shipped scenario that does not read fails the test"
+)]
+fn the_shipped_chaos_scenarios_read_and_a_bad_one_is_refused_with_its_place() {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&directory).expect("scenarios directory") {
+        let path = entry.expect("entry").path();
+        let text = std::fs::read_to_string(&path).expect("scenario");
+        if is_chaos_scenario(&text) {
+            let scenario = ChaosScenario::from_toml(&text)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            assert!(!scenario.spec(1).faults.is_empty() || scenario.random_faults > 0);
+            read += 1;
+        }
+    }
+    assert!(read >= 3, "{read} chaos scenarios");
+    let bad = "engine = \"chaos\"\nname = \"x\"\nnodes = 10\nsafety_secs = 10\nliveness_secs = 10\n[[fault]]\nkind = \"crash\"\nserver = 4\nat_secs = 1\ndown_secs = 1\n";
+    let error = ChaosScenario::from_toml(bad).expect_err("server 4 of 3");
+    assert!(error.to_string().contains("fault 1: server 4"), "{error}");
+    let unknown = "engine = \"chaos\"\nname = \"x\"\nnodes = 10\nsafety_secs = 10\nliveness_secs = 10\nleader = 1\n";
+    let error = ChaosScenario::from_toml(unknown).expect_err("unknown key");
+    assert!(error.to_string().contains("leader"), "{error}");
+}
