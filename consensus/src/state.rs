@@ -214,6 +214,15 @@ pub struct JoinTokenRecord {
     pub used_by: Option<ServerId>,
 }
 
+/// Deliberate bugs in the state machine, for showing that the simulator's checkers catch
+/// them. Only the simulator sets them (feature `sabotage`); nothing else can.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StateSabotage {
+    /// Reassign a block as soon as its lease ran out, without waiting out the longest lease
+    /// its cut-off holder may have granted from it and the drift bound.
+    pub early_block_reassignment: bool,
+}
+
 /// The replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshState {
@@ -239,6 +248,9 @@ pub struct MeshState {
     /// Client id -> its leased address; derived from `leases` (see [`MeshState::reindex`]).
     #[serde(skip)]
     lease_by_client: BTreeMap<Vec<u8>, Ipv4Addr>,
+    /// Not replicated: the server's own (simulated) bugs.
+    #[serde(skip)]
+    pub(crate) sabotage: StateSabotage,
 }
 
 impl MeshState {
@@ -288,10 +300,13 @@ impl MeshState {
                 // cut-off holder may have granted from it, and the drift bound (ADR 0007).
                 Some(held)
                     if held.server != *server
-                        && held
-                            .until
-                            .saturating_add(MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS)
-                            > now =>
+                        && held.until.saturating_add(
+                            if self.sabotage.early_block_reassignment {
+                                0
+                            } else {
+                                MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS
+                            },
+                        ) > now =>
                 {
                     MeshResponse::Refused(format!(
                         "block {} is held by server {} until {} (reassignable {} ms later)",

@@ -432,6 +432,7 @@ pub struct StateMachineStore {
     membership: StoredMembership<u64, ServerNode>,
     observers: Vec<ApplyObserver>,
     snapshot_observers: Vec<SnapshotObserver>,
+    sabotage: crate::state::StateSabotage,
 }
 
 impl Debug for StateMachineStore {
@@ -546,6 +547,7 @@ impl StateMachineStore {
             membership,
             observers: Vec::new(),
             snapshot_observers: Vec::new(),
+            sabotage: crate::state::StateSabotage::default(),
         })
     }
 
@@ -559,6 +561,13 @@ impl StateMachineStore {
     /// added before it.
     pub fn observe_snapshot_installs(&mut self, observer: SnapshotObserver) {
         self.snapshot_observers.push(observer);
+    }
+
+    /// Switches on deliberate bugs: for the simulator's checker tests only.
+    #[cfg(feature = "sabotage")]
+    pub fn sabotage(&mut self, sabotage: crate::state::StateSabotage) {
+        self.sabotage = sabotage;
+        self.state.write().sabotage = sabotage;
     }
 
     /// A handle to the state as applied, for readers outside Raft.
@@ -649,6 +658,8 @@ impl StateMachineStore {
             stored.insert(SNAPSHOT_DATA, data)?;
         }
         transaction.commit()?;
+        let mut state = state;
+        state.sabotage = self.sabotage;
         *self.state.write() = state;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();

@@ -66,8 +66,8 @@ const CHANGES_PER_ENTRY_MAX: usize = 512;
 const EVENTS_BUFFERED: usize = 1024;
 /// Addresses in a block.
 pub const BLOCK_ADDRESSES: u32 = 64;
-/// How long a block lease lasts; it is renewed at half.
-const BLOCK_LEASE: Duration = Duration::from_secs(600);
+/// How long a block lease lasts by default; it is renewed at half.
+pub const BLOCK_LEASE: Duration = Duration::from_secs(600);
 /// A server takes another block when fewer addresses than this are free in its blocks, or
 /// fewer than it gave out in the last [`FREE_ADDRESSES_AHEAD`] at its recent rate.
 const FREE_ADDRESSES_LOW: u32 = 16;
@@ -132,6 +132,10 @@ impl LeaseCluster for ClusterMember {
 pub struct Sabotage {
     /// Report a batch committed as soon as it is handed over, before Raft commits it.
     pub ack_before_commit: bool,
+    /// Take a block as soon as its lease ran out, without waiting out the longest lease its
+    /// cut-off holder may have granted from it and the drift bound (the state machine gets
+    /// the same bug, or it would refuse the request).
+    pub early_block_reuse: bool,
 }
 
 /// The cluster as the DHCP service's lease store.
@@ -171,6 +175,9 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     last_reconcile: Option<tokio::time::Instant>,
     /// New DHCP configurations (the fleet configuration changed).
     reconfigured: watch::Receiver<Option<DhcpConfig>>,
+    sabotage: Sabotage,
+    /// How long this server's block leases last.
+    block_lease: Duration,
 }
 
 /// The blocks of every subnet's dynamic ranges, and the subnet of each.
@@ -295,7 +302,17 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             reconciling: Arc::default(),
             last_reconcile: None,
             reconfigured,
+            sabotage,
+            block_lease: BLOCK_LEASE,
         }
+    }
+
+    /// Block leases of `block_lease` instead of [`BLOCK_LEASE`]: a shorter one gives a
+    /// dead server's blocks back sooner, a longer one survives longer partitions.
+    #[must_use]
+    pub fn with_block_lease(mut self, block_lease: Duration) -> Self {
+        self.block_lease = block_lease;
+        self
     }
 
     /// Proposes the grants made while cut off, once the cluster answers again; conflicts (a
@@ -372,7 +389,11 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
         }
         let now = self.member.wall_now_ms();
         let now_secs = now / 1000;
-        let reuse_after_ms = MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS;
+        let reuse_after_ms = if self.sabotage.early_block_reuse {
+            0
+        } else {
+            MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS
+        };
         let (held, renew, free, candidates) = self.member.state().read(|state| {
             let mut held = Vec::new();
             let mut renew = Vec::new();
@@ -385,7 +406,7 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
                 match state.blocks.get(&BlockId(block.first)) {
                     Some(lease) if lease.server == own && lease.until > now => {
                         held.push(*block);
-                        if lease.until - now < BLOCK_LEASE.as_millis() as u64 / 2 {
+                        if lease.until - now < self.block_lease.as_millis() as u64 / 2 {
                             renew.push(*block);
                         }
                         let bound = state
@@ -397,6 +418,11 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
                             (u32::from(block.last) - u32::from(block.first) + 1)
                                 .saturating_sub(bound);
                     }
+                    // Its own block whose lease ran out while it could not commit (a
+                    // partition longer than the block lease): nobody else can have granted
+                    // from it, so it takes it back at once rather than leave it frozen for the
+                    // longest minority lease and the drift bound.
+                    Some(lease) if lease.server == own => renew.push(*block),
                     Some(lease) if lease.until.saturating_add(reuse_after_ms) > now => {}
                     _ => {
                         *unowned.entry(*subnet).or_default() += 1;
@@ -460,13 +486,14 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             return;
         }
         let member = self.member.clone();
+        let block_lease = self.block_lease;
         let busy = Arc::clone(&self.block_request);
         let blocks_changed = Arc::clone(&self.blocks_changed);
         tokio::spawn(async move {
             for block in wanted {
                 let until = member
                     .wall_now_ms()
-                    .saturating_add(BLOCK_LEASE.as_millis() as u64);
+                    .saturating_add(block_lease.as_millis() as u64);
                 let command = MeshCommand::LeaseBlock {
                     block: BlockId(block.first),
                     server: own,

@@ -84,6 +84,9 @@ struct RunArguments {
 enum SabotageArgument {
     /// The lease store reports a batch committed before Raft commits it.
     AckBeforeCommit,
+    /// The majority reassigns a cut-off server's block as soon as its lease ran out, without
+    /// waiting out the leases the cut-off server may still have granted from it.
+    EarlyBlockReuse,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -170,8 +173,10 @@ fn read_chaos_scenario(path: &Path, text: &str) -> anyhow::Result<ChaosScenario>
 fn run_chaos_scenario(path: &Path, text: &str, arguments: &RunArguments) -> anyhow::Result<()> {
     let scenario = read_chaos_scenario(path, text)?;
     let mut spec = scenario.spec(arguments.seed);
-    if let Some(SabotageArgument::AckBeforeCommit) = arguments.sabotage {
-        spec.sabotage.ack_before_commit = true;
+    match arguments.sabotage {
+        Some(SabotageArgument::AckBeforeCommit) => spec.sabotage.ack_before_commit = true,
+        Some(SabotageArgument::EarlyBlockReuse) => spec.sabotage.early_block_reuse = true,
+        None => {}
     }
     let runs = if arguments.reproduce { 2 } else { 1 };
     let mut hashes = Vec::new();

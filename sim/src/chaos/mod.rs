@@ -87,6 +87,10 @@ pub struct ChaosSpec {
     pub skew_max: Duration,
     /// Deliberate bugs in the servers, to show the checkers catch them.
     pub sabotage: Sabotage,
+    /// Addresses in the dynamic range; by default four for every node.
+    pub addresses: Option<u32>,
+    /// How long the servers' address blocks are leased (`serve`: ten minutes).
+    pub block_lease: Duration,
 }
 
 impl Default for ChaosSpec {
@@ -103,6 +107,8 @@ impl Default for ChaosSpec {
             faults: Vec::new(),
             skew_max: Duration::ZERO,
             sabotage: Sabotage::default(),
+            addresses: None,
+            block_lease: node::cluster::leases::BLOCK_LEASE,
         }
     }
 }
@@ -288,7 +294,10 @@ fn server_address(id: u64) -> Ipv4Addr {
 
 fn dhcp_config(spec: &ChaosSpec) -> DhcpConfig {
     // Four addresses for every node, so that blocks held by servers that died leave enough.
-    let wanted = u32::try_from(spec.nodes.max(64) * 4).unwrap_or(u32::MAX);
+    let wanted = spec
+        .addresses
+        .unwrap_or_else(|| u32::try_from(spec.nodes.max(64) * 4).unwrap_or(u32::MAX))
+        .max(1);
     let first = u32::from(Ipv4Addr::new(10, 77, 1, 0));
     DhcpConfig {
         subnets: vec![SubnetConfig {
@@ -333,6 +342,9 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
         shared,
     } = context;
     let (log, mut state_machine) = open_backend(disk.attach())?;
+    state_machine.sabotage(consensus::state::StateSabotage {
+        early_block_reassignment: spec.sabotage.early_block_reuse,
+    });
     let applied = applied_lease_feed(&mut state_machine);
     {
         let trace = trace.clone();
@@ -453,7 +465,8 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
         ClusterLeaseStore::new(member, &ranges, journal, reconfigured)
     } else {
         ClusterLeaseStore::sabotaged(member, &ranges, journal, reconfigured, spec.sabotage)
-    };
+    }
+    .with_block_lease(spec.block_lease);
     run_cluster_dhcp(
         server,
         vec![link],
@@ -677,11 +690,23 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         }
         // The liveness phase is over.
         if all_bound_at.is_none() {
-            let missing = spec.nodes - observed.bound.len();
-            return Err(SimError::Invariant(format!(
-                "{missing} nodes held no lease {} s after the faults ended",
-                spec.liveness.as_secs()
-            )));
+            let missing: Vec<String> = (0..spec.nodes)
+                .filter(|node| !observed.bound.contains_key(node))
+                .map(|node| format!("node{node}"))
+                .collect();
+            let violation = format!(
+                "{} nodes held no lease {} s after the faults ended: {}",
+                missing.len(),
+                spec.liveness.as_secs(),
+                missing
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            drop(observed);
+            return Err(SimError::Invariant(with_context(&violation, &trace)));
         }
         observed.quiet = true;
         // Settled: every server applied the same index, and it stayed so for two seconds.

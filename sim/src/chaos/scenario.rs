@@ -36,6 +36,13 @@ pub struct ChaosScenario {
     /// Each server's clock is off by up to this much, drawn from the seed.
     #[serde(default)]
     pub skew_max_ms: u64,
+    /// Addresses in the dynamic range (by default four for every node): a tight pool makes
+    /// servers take each other's expired blocks.
+    #[serde(default)]
+    pub addresses: Option<u32>,
+    /// How long the servers' address blocks are leased (by default as `serve` does).
+    #[serde(default)]
+    pub block_lease_secs: Option<u64>,
     /// Faults drawn from the seed, besides the listed ones.
     #[serde(default)]
     pub random_faults: usize,
@@ -123,6 +130,9 @@ impl ChaosScenario {
         }
         if scenario.nodes == 0 || scenario.farms == 0 {
             return invalid("nodes and farms: at least one each".into());
+        }
+        if scenario.block_lease_secs.is_some_and(|secs| secs < 20) {
+            return invalid("block_lease_secs: at least 20".into());
         }
         if scenario.lease_secs < 20 {
             return invalid(format!("lease_secs: {} is under 20", scenario.lease_secs));
@@ -234,6 +244,10 @@ impl ChaosScenario {
             faults,
             skew_max: Duration::from_millis(self.skew_max_ms),
             sabotage: Default::default(),
+            addresses: self.addresses,
+            block_lease: self
+                .block_lease_secs
+                .map_or(node::cluster::leases::BLOCK_LEASE, secs),
         }
         .with_random_faults(self.random_faults)
     }

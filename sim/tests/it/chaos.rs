@@ -122,6 +122,7 @@ fn the_checkers_catch_an_ack_that_leaves_before_its_commit() {
         let spec = ChaosSpec {
             sabotage: Sabotage {
                 ack_before_commit: true,
+                ..Sabotage::default()
             },
             ..small(seed)
         };
@@ -162,4 +163,53 @@ fn the_shipped_chaos_scenarios_read_and_a_bad_one_is_refused_with_its_place() {
     let unknown = "engine = \"chaos\"\nname = \"x\"\nnodes = 10\nsafety_secs = 10\nliveness_secs = 10\nleader = 1\n";
     let error = ChaosScenario::from_toml(unknown).expect_err("unknown key");
     assert!(error.to_string().contains("leader"), "{error}");
+}
+
+/// One server cut off for longer than its blocks' lease, nodes powering on all along, a tight
+/// address pool: the majority must take the cut-off server's blocks, and may only once the
+/// leases granted from them while cut off have run out.
+fn long_partition(seed: u64, sabotage: Sabotage) -> ChaosSpec {
+    ChaosSpec {
+        seed,
+        nodes: 150,
+        farms: 2,
+        addresses: Some(160),
+        block_lease: Duration::from_secs(60),
+        start_window: Duration::from_secs(120),
+        lease: Duration::from_secs(120),
+        safety: Duration::from_secs(360),
+        liveness: Duration::from_secs(90),
+        skew_max: Duration::from_secs(10),
+        faults: vec![(
+            Duration::from_secs(20),
+            ChaosFault::Partition {
+                server: 1,
+                for_: Duration::from_secs(300),
+            },
+        )],
+        sabotage,
+        ..ChaosSpec::default()
+    }
+}
+
+#[test]
+#[expect(clippy::panic, reason = "a missed bug fails the test")]
+fn the_checkers_catch_a_block_reassigned_before_its_cut_off_holders_leases_ran_out() {
+    let report = run(&long_partition(1, Sabotage::default()));
+    eprint!("{}", report.text());
+    assert!(report.minority_grants > 0);
+    let broken = Sabotage {
+        early_block_reuse: true,
+        ..Sabotage::default()
+    };
+    let caught = (1..=3).find_map(|seed| match run_chaos(&long_partition(seed, broken)) {
+        Err(SimError::Invariant(violation)) => Some((seed, violation)),
+        Err(other) => panic!("seed {seed}: {other}"),
+        Ok(_) => None,
+    });
+    let Some((seed, violation)) = caught else {
+        panic!("three seeds of the broken majority went unnoticed");
+    };
+    eprintln!("caught with seed {seed}: {violation}");
+    assert!(violation.contains("while node"), "{violation}");
 }
