@@ -1,4 +1,6 @@
-//! A simulated disk for redb: what was written but not synced is lost in a crash.
+//! A simulated disk for redb: what was written but not synced is lost in a crash, or torn
+//! (each unsynced write survives whole, in part or not at all, sector by sector), and a
+//! failing disk refuses to sync.
 //!
 //! The disk outlives the server process that uses it: a crashed server is restarted on the same
 //! disk and finds exactly what it had synced. Each process opens the disk through a handle of
@@ -26,7 +28,14 @@ struct Platters {
     generation: u64,
     /// Completed syncs, for reports.
     syncs: u64,
+    /// Syncs fail (the disk is dying) until this is cleared.
+    failing: bool,
+    /// Syncs refused so far.
+    failed_syncs: u64,
 }
+
+/// Sector size: a torn write keeps whole sectors.
+const SECTOR: usize = 512;
 
 /// A disk that survives its server's crashes.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +67,54 @@ impl SimDisk {
         platters.current = platters.durable.clone();
         platters.dirty.clear();
         platters.generation += 1;
+    }
+
+    /// The power fails while unsynced writes are on their way: each one survives whole, in
+    /// part (a prefix of whole sectors) or not at all, as `random` decides; then as
+    /// [`crash`](Self::crash). Drives reorder what was not synced, so any subset is possible.
+    pub fn crash_torn(&self, mut random: impl FnMut() -> u64) {
+        let mut platters = self.platters();
+        let platters = &mut *platters;
+        // The file is as long as what was synced, or as far as a surviving write reaches.
+        let mut length = platters.durable.len();
+        platters.durable.resize(platters.current.len(), 0);
+        for (start, end) in std::mem::take(&mut platters.dirty) {
+            let end = end.min(platters.current.len());
+            if start >= end {
+                continue;
+            }
+            let kept_end = match random() % 3 {
+                0 => start,
+                1 => end,
+                _ => {
+                    let sectors = (end - start).div_ceil(SECTOR) as u64;
+                    (start + (random() % (sectors + 1)) as usize * SECTOR).min(end)
+                }
+            };
+            if start < kept_end {
+                platters.durable[start..kept_end]
+                    .copy_from_slice(&platters.current[start..kept_end]);
+                length = length.max(kept_end);
+            }
+        }
+        platters.durable.truncate(length);
+        platters.current = platters.durable.clone();
+        platters.generation += 1;
+    }
+
+    /// From now on every sync fails with an I/O error, until [`repair`](Self::repair).
+    pub fn fail_syncs(&self) {
+        self.platters().failing = true;
+    }
+
+    /// Syncs work again (the disk was replaced; what it held survives).
+    pub fn repair(&self) {
+        self.platters().failing = false;
+    }
+
+    /// Syncs refused so far (the disk was failing).
+    pub fn failed_syncs(&self) -> u64 {
+        self.platters().failed_syncs
     }
 
     /// Syncs completed so far.
@@ -126,6 +183,10 @@ impl StorageBackend for SimDiskHandle {
     fn sync_data(&self) -> Result<(), BackendIoError> {
         let mut platters = self.live()?;
         let platters = &mut *platters;
+        if platters.failing {
+            platters.failed_syncs += 1;
+            return Err(io::Error::other("simulated disk: fsync failed"));
+        }
         platters.durable.resize(platters.current.len(), 0);
         for (start, end) in platters.dirty.drain(..) {
             let end = end.min(platters.current.len());
@@ -172,5 +233,27 @@ mod tests {
         let mut read = [0u8; 6];
         assert!(restarted.read(0, &mut read).is_ok());
         assert_eq!(&read, b"synced");
+    }
+
+    #[test]
+    fn a_torn_crash_keeps_whole_sectors_of_unsynced_writes_and_a_failing_disk_refuses_to_sync() {
+        let disk = SimDisk::new();
+        let handle = disk.attach();
+        assert!(handle.write(0, &[1u8; 2048]).is_ok());
+        assert!(handle.sync_data().is_ok());
+        assert!(handle.write(0, &[2u8; 2048]).is_ok());
+        // The write is torn after its second sector.
+        let mut decisions = [2u64, 2].into_iter();
+        disk.crash_torn(move || decisions.next().unwrap_or(0));
+        let restarted = disk.attach();
+        let mut read = [0u8; 2048];
+        assert!(restarted.read(0, &mut read).is_ok());
+        assert!(read[..1024].iter().all(|byte| *byte == 2));
+        assert!(read[1024..].iter().all(|byte| *byte == 1));
+        disk.fail_syncs();
+        assert!(restarted.write(0, b"x").is_ok());
+        assert!(restarted.sync_data().is_err());
+        disk.repair();
+        assert!(restarted.sync_data().is_ok());
     }
 }

@@ -60,6 +60,9 @@ pub enum ChaosFault {
     Partition { server: u64, for_: Duration },
     /// Datagrams between the nodes and the servers lost at `rate` for `for_`.
     Loss { rate_percent: u8, for_: Duration },
+    /// A server's disk fails every fsync for `for_`; then the server is restarted on it (the
+    /// operator's answer to a failed fsync: what the process wrote since cannot be trusted).
+    DiskFailure { server: u64, for_: Duration },
 }
 
 /// What to run.
@@ -123,13 +126,17 @@ impl ChaosSpec {
             let at = Duration::from_millis(farm_random(&mut rng) % safety_ms.max(1));
             let lasting = Duration::from_millis(2_000 + farm_random(&mut rng) % 13_000);
             let server = 1 + farm_random(&mut rng) % self.servers.max(1);
-            let fault = match farm_random(&mut rng) % 4 {
+            let fault = match farm_random(&mut rng) % 5 {
                 0 => ChaosFault::Crash {
                     server,
                     down_for: lasting,
                 },
                 1 => ChaosFault::CrashLeader { down_for: lasting },
                 2 => ChaosFault::Partition {
+                    server,
+                    for_: lasting,
+                },
+                3 => ChaosFault::DiskFailure {
                     server,
                     for_: lasting,
                 },
@@ -174,6 +181,10 @@ pub struct ChaosReport {
     pub minority_grants: u64,
     /// Raft log entries every server applied by the end.
     pub log_entries: u64,
+    /// fsyncs the servers' disks synced, and refused while failing.
+    pub syncs: u64,
+    /// See `syncs`.
+    pub failed_syncs: u64,
     /// Virtual time the run took.
     pub elapsed: Duration,
 }
@@ -484,6 +495,8 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
 #[derive(Debug)]
 enum Undo {
     Restart(u64),
+    /// The failing disk is replaced and the server restarted on what it holds.
+    RestartOnRepairedDisk(u64),
     Heal(u64),
     Lossless,
 }
@@ -575,6 +588,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
     }
 
     let mut faults = spec.faults.iter().peekable();
+    let mut tear_rng = spec.seed ^ 0x2545_F491_4F6C_DD1D;
     let mut undo: Vec<(Duration, Undo)> = Vec::new();
     let mut injected = Vec::new();
     let mut all_bound_at: Option<Duration> = None;
@@ -595,6 +609,20 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             if undo.get(index).is_some_and(|(until, _)| *until <= now) {
                 let (_, what) = undo.swap_remove(index);
                 match what {
+                    Undo::RestartOnRepairedDisk(server) => {
+                        if let Some(disk) = disks.get(&server) {
+                            disk.crash_torn(|| farm_random(&mut tear_rng));
+                            disk.repair();
+                        }
+                        simulation.bounce(server_name(server).as_str());
+                        trace.record_at(
+                            now,
+                            format!(
+                                "harness restarted {} on a repaired disk",
+                                server_name(server)
+                            ),
+                        );
+                    }
                     Undo::Restart(server) => {
                         simulation.bounce(server_name(server).as_str());
                         trace.record_at(now, format!("harness restarted {}", server_name(server)));
@@ -631,20 +659,43 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             faults.next();
             let until_cap = |lasting: Duration| (now + lasting).min(spec.safety);
             let described = match fault {
-                ChaosFault::Crash { server, down_for } => {
-                    crash(&mut simulation, &disks, &mut undo, *server, until_cap(*down_for))
-                }
+                ChaosFault::Crash { server, down_for } => crash(
+                    &mut simulation,
+                    &disks,
+                    &mut undo,
+                    &mut tear_rng,
+                    *server,
+                    until_cap(*down_for),
+                ),
                 ChaosFault::CrashLeader { down_for } => {
                     let leader = lock(&shared).leader.map(|(_, leader)| leader);
                     match leader {
-                        Some(leader) => {
-                            crash(&mut simulation, &disks, &mut undo, leader, until_cap(*down_for))
-                        }
+                        Some(leader) => crash(
+                            &mut simulation,
+                            &disks,
+                            &mut undo,
+                            &mut tear_rng,
+                            leader,
+                            until_cap(*down_for),
+                        ),
                         None => None,
                     }
                 }
+                ChaosFault::DiskFailure { server, for_ } => {
+                    if undo.iter().any(|(_, what)| {
+                        matches!(what, Undo::Restart(down) | Undo::RestartOnRepairedDisk(down) if down == server)
+                    }) {
+                        None
+                    } else {
+                        disks.get(server).map(|disk| {
+                            disk.fail_syncs();
+                            undo.push((until_cap(*for_), Undo::RestartOnRepairedDisk(*server)));
+                            format!("{}'s disk fails every fsync", server_name(*server))
+                        })
+                    }
+                }
                 ChaosFault::Partition { server, for_ } => {
-                    if undo.iter().any(|(_, what)| matches!(what, Undo::Restart(down) | Undo::Heal(down) if down == server)) {
+                    if undo.iter().any(|(_, what)| matches!(what, Undo::Restart(down) | Undo::RestartOnRepairedDisk(down) | Undo::Heal(down) if down == server)) {
                         None
                     } else {
                         for other in server_names.iter().filter(|name| **name != server_name(*server)) {
@@ -749,6 +800,8 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         leases,
         minority_grants: observed.minority_grants,
         log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
+        syncs: disks.values().map(SimDisk::syncs).sum(),
+        failed_syncs: disks.values().map(SimDisk::failed_syncs).sum(),
         elapsed: simulation.elapsed(),
     })
 }
@@ -769,8 +822,14 @@ impl ChaosReport {
             text.push_str(&format!("  {fault}\n"));
         }
         text.push_str(&format!(
-            "ACKs {}, NAKs {}, granted while cut off {}; {} log entries; {} leases at the end, on every server alike\n",
-            self.acks, self.naks, self.minority_grants, self.log_entries, self.leases
+            "ACKs {}, NAKs {}, granted while cut off {}; {} log entries, {} fsyncs ({} refused by failing disks); {} leases at the end, on every server alike\n",
+            self.acks,
+            self.naks,
+            self.minority_grants,
+            self.log_entries,
+            self.syncs,
+            self.failed_syncs,
+            self.leases
         ));
         match self.healed_after {
             Some(after) if after.is_zero() => {
@@ -827,17 +886,18 @@ fn crash(
     simulation: &mut turmoil::Sim<'_>,
     disks: &BTreeMap<u64, SimDisk>,
     undo: &mut Vec<(Duration, Undo)>,
+    tear_rng: &mut u64,
     server: u64,
     until: Duration,
 ) -> Option<String> {
-    if undo
-        .iter()
-        .any(|(_, what)| matches!(what, Undo::Restart(down) if *down == server))
-    {
+    if undo.iter().any(|(_, what)| {
+        matches!(what, Undo::Restart(down) | Undo::RestartOnRepairedDisk(down) if *down == server)
+    }) {
         return None;
     }
-    // The disk first: whatever the dying process writes from here is lost.
-    disks.get(&server)?.crash();
+    // The disk first: whatever the dying process writes from here is lost, and what it had
+    // written but not synced survives torn.
+    disks.get(&server)?.crash_torn(|| farm_random(tear_rng));
     simulation.crash(server_name(server).as_str());
     undo.push((until, Undo::Restart(server)));
     Some(format!("crashed {}", server_name(server)))

@@ -90,6 +90,12 @@ pub enum ChaosFaultEntry {
         at_secs: u64,
         for_secs: u64,
     },
+    /// A server's disk fails every fsync; then the server is restarted on it.
+    DiskFailure {
+        server: u64,
+        at_secs: u64,
+        for_secs: u64,
+    },
     /// Datagrams between nodes and servers lost.
     Loss {
         percent: u8,
@@ -215,6 +221,17 @@ impl ChaosScenario {
                 } => faults.push((
                     secs(at_secs),
                     ChaosFault::Partition {
+                        server,
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::DiskFailure {
+                    server,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::DiskFailure {
                         server,
                         for_: secs(for_secs),
                     },

@@ -89,13 +89,40 @@ fn a_partitioned_server_with_a_skewed_clock_grants_only_what_the_minority_rules_
 fn random_faults_of_every_kind_break_no_invariant() {
     let report = run(&small(11).with_random_faults(12));
     eprint!("{}", report.text());
-    for kind in ["crashed", "partitioned", "loss"] {
+    for kind in ["crashed", "partitioned", "loss", "fsync"] {
         assert!(
             report.faults.iter().any(|fault| fault.contains(kind)),
             "{kind} among {:?}",
             report.faults
         );
     }
+}
+
+#[test]
+fn a_disk_that_fails_fsync_stops_its_server_and_no_acked_lease_is_lost() {
+    let spec = ChaosSpec {
+        faults: vec![
+            (
+                Duration::from_secs(5),
+                ChaosFault::DiskFailure {
+                    server: 1,
+                    for_: Duration::from_secs(30),
+                },
+            ),
+            (
+                Duration::from_secs(50),
+                ChaosFault::DiskFailure {
+                    server: 2,
+                    for_: Duration::from_secs(20),
+                },
+            ),
+        ],
+        ..small(17)
+    };
+    let report = run(&spec);
+    eprint!("{}", report.text());
+    assert!(report.failed_syncs > 0, "the failing disks refused fsyncs");
+    assert_eq!(report.leases, 150);
 }
 
 #[test]
