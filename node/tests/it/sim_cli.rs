@@ -107,3 +107,48 @@ fn bootmesh_sim_refuses_a_bad_scenario_naming_the_file_and_the_key() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bootmesh_sim_runs_a_chaos_scenario_replays_it_and_a_sabotaged_server_fails_with_the_replay_command()
+ {
+    let scratch = tempfile::tempdir().expect("a scratch directory");
+    let scenario = scratch.path().join("small-crash-loop.toml");
+    std::fs::write(
+        &scenario,
+        "engine = \"chaos\"\nname = \"small-crash-loop\"\nfarms = 2\nnodes = 60\nstart_window_secs = 5\nlease_secs = 30\nsafety_secs = 40\nliveness_secs = 30\n\n[[fault]]\nkind = \"leader_crash_loop\"\nfrom_secs = 5\nevery_secs = 10\ndown_secs = 4\nuntil_secs = 35\n",
+    )
+    .expect("write the scenario");
+    let output = bootmesh_sim(&[
+        "--scenario".as_ref(),
+        scenario.as_os_str(),
+        "--seed".as_ref(),
+        "4".as_ref(),
+        "--reproduce".as_ref(),
+    ]);
+    let stdout = text(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        text(&output.stderr)
+    );
+    assert!(stdout.contains("crashed server"), "{stdout}");
+    assert!(stdout.contains("invariants held"), "{stdout}");
+    assert!(
+        stdout.contains("reproduced: both runs have trace hash"),
+        "{stdout}"
+    );
+
+    let sabotaged = bootmesh_sim(&[
+        "--scenario".as_ref(),
+        scenario.as_os_str(),
+        "--sabotage".as_ref(),
+        "ack-before-commit".as_ref(),
+    ]);
+    let stderr = text(&sabotaged.stderr);
+    assert!(!sabotaged.status.success(), "{stderr}");
+    assert!(stderr.contains("no server had committed"), "{stderr}");
+    assert!(
+        stderr.contains("replay with: bootmesh sim --scenario"),
+        "{stderr}"
+    );
+}
