@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use crate::seams::monotonic_now;
+
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty, Limited};
@@ -291,7 +293,7 @@ impl SourceHealth {
         let Ok(states) = self.states.lock() else {
             return Vec::new();
         };
-        let now = Instant::now();
+        let now = monotonic_now();
         let count = states.len();
         let rotation = (0..count).map(|offset| (first + offset) % count);
         let mut usable: Vec<usize> = rotation
@@ -313,7 +315,7 @@ impl SourceHealth {
             && let Some(state) = states.get_mut(source)
             && *state != SourceState::Banned
         {
-            *state = SourceState::DownUntil(Instant::now() + SOURCE_BACKOFF);
+            *state = SourceState::DownUntil(monotonic_now() + SOURCE_BACKOFF);
         }
     }
 
@@ -335,6 +337,15 @@ impl SourceHealth {
     }
 }
 
+/// Whether chunks are checked against the manifest: always, but for the simulator's
+/// sabotage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verification {
+    Always,
+    #[cfg_attr(not(feature = "sabotage"), allow(dead_code))]
+    Never,
+}
+
 /// One chunk, from whichever source gives the right bytes first.
 async fn fetch_chunk_verified<T: ChunkTransport>(
     transport: &T,
@@ -342,6 +353,7 @@ async fn fetch_chunk_verified<T: ChunkTransport>(
     first_source: usize,
     health: &SourceHealth,
     summary: &std::sync::Mutex<FetchSummary>,
+    verification: Verification,
 ) -> Result<Vec<u8>, FetchError> {
     let mut last = String::from("no servers");
     // Two passes: a transient failure (a restart) gets a second chance before the boot round
@@ -349,6 +361,7 @@ async fn fetch_chunk_verified<T: ChunkTransport>(
     for _ in 0..2 {
         for source in health.order(first_source) {
             match transport.fetch_chunk(source, &chunk.hash).await {
+                Ok(bytes) if verification == Verification::Never => return Ok(bytes),
                 Ok(bytes) => match verify_chunk(chunk, &bytes) {
                     Ok(()) => {
                         health.mark_good(source);
@@ -386,13 +399,47 @@ async fn fetch_chunk_verified<T: ChunkTransport>(
     })
 }
 
-/// Fetches every chunk of `part` into `file` at its offset, verified; nothing unverified is
+/// Where verified chunks go: the root image in RAM (a memfd), or the simulator's check.
+pub trait ChunkSink {
+    /// Writes a chunk's bytes at `offset`.
+    fn write_chunk(&self, bytes: &[u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl ChunkSink for File {
+    fn write_chunk(&self, bytes: &[u8], offset: u64) -> std::io::Result<()> {
+        self.write_all_at(bytes, offset)
+    }
+}
+
+/// Fetches every chunk of `part` into `sink` at its offset, verified; nothing unverified is
 /// ever written. Chunks are spread over the sources so that no single server carries a boot.
-pub async fn fetch_part_into<T: ChunkTransport + Sync>(
+pub async fn fetch_part_into<T: ChunkTransport + Sync, S: ChunkSink>(
     transport: &T,
     part: &Part,
-    file: &File,
+    sink: &S,
+    progress: impl FnMut(&FetchSummary),
+) -> Result<FetchSummary, FetchError> {
+    fetch_part(transport, part, sink, progress, Verification::Always).await
+}
+
+/// [`fetch_part_into`] without checking the chunks: the simulator's sabotage, to show its
+/// checker catches a node that keeps bytes the manifest does not vouch for.
+#[cfg(feature = "sabotage")]
+pub async fn fetch_part_unverified<T: ChunkTransport + Sync, S: ChunkSink>(
+    transport: &T,
+    part: &Part,
+    sink: &S,
+    progress: impl FnMut(&FetchSummary),
+) -> Result<FetchSummary, FetchError> {
+    fetch_part(transport, part, sink, progress, Verification::Never).await
+}
+
+async fn fetch_part<T: ChunkTransport + Sync, S: ChunkSink>(
+    transport: &T,
+    part: &Part,
+    sink: &S,
     mut progress: impl FnMut(&FetchSummary),
+    verification: Verification,
 ) -> Result<FetchSummary, FetchError> {
     let summary = std::sync::Mutex::new(FetchSummary::default());
     let sources = transport.source_count().max(1);
@@ -407,15 +454,21 @@ pub async fn fetch_part_into<T: ChunkTransport + Sync>(
     let summary_ref = &summary;
     let mut fetches = futures_util::stream::iter(placed)
         .map(|(index, chunk, offset)| async move {
-            let bytes =
-                fetch_chunk_verified(transport, &chunk, index % sources, health_ref, summary_ref)
-                    .await?;
+            let bytes = fetch_chunk_verified(
+                transport,
+                &chunk,
+                index % sources,
+                health_ref,
+                summary_ref,
+                verification,
+            )
+            .await?;
             Ok::<_, FetchError>((bytes, offset))
         })
         .buffer_unordered(CHUNKS_IN_FLIGHT);
     while let Some(result) = fetches.next().await {
         let (bytes, offset) = result?;
-        file.write_all_at(&bytes, offset)
+        sink.write_chunk(&bytes, offset)
             .map_err(FetchError::Write)?;
         let snapshot = {
             let mut summary = summary

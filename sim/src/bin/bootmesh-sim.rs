@@ -87,6 +87,8 @@ enum SabotageArgument {
     /// The majority reassigns a cut-off server's block as soon as its lease ran out, without
     /// waiting out the leases the cut-off server may still have granted from it.
     EarlyBlockReuse,
+    /// The nodes keep image chunks without checking them against the manifest.
+    SkipChunkVerification,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -176,6 +178,7 @@ fn run_chaos_scenario(path: &Path, text: &str, arguments: &RunArguments) -> anyh
     match arguments.sabotage {
         Some(SabotageArgument::AckBeforeCommit) => spec.sabotage.ack_before_commit = true,
         Some(SabotageArgument::EarlyBlockReuse) => spec.sabotage.early_block_reuse = true,
+        Some(SabotageArgument::SkipChunkVerification) => spec.skip_chunk_verification = true,
         None => {}
     }
     let runs = if arguments.reproduce { 2 } else { 1 };

@@ -84,6 +84,8 @@ pub struct FarmSetup {
     pub servers: Vec<(Ipv4Addr, String)>,
     /// The run's seed.
     pub seed: u64,
+    /// Deliberate bug: keep chunks without checking them.
+    pub skip_chunk_verification: bool,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -137,6 +139,9 @@ struct Farm {
     shared: Shared,
     trace: Trace,
     server_hosts: BTreeMap<Ipv4Addr, IpAddr>,
+    /// Nodes whose image fetch has started (it runs until it has the image).
+    booting: std::collections::BTreeSet<usize>,
+    image: super::image::ChaosImage,
 }
 
 /// Runs a farm until the harness says the run is over.
@@ -181,6 +186,8 @@ pub async fn run_farm(
         shared,
         trace,
         server_hosts,
+        booting: std::collections::BTreeSet::new(),
+        image: super::image::ChaosImage::new(),
     };
     farm.run().await
 }
@@ -527,5 +534,74 @@ impl Farm {
             client.attempts = 0;
         }
         self.schedule(offset, held.renew_at.min(held.expires_at));
+        // With an address, the node fetches its image (once; the fetch retries on its own).
+        if self.booting.insert(index) {
+            tokio::spawn(boot(
+                index,
+                super::image::TurmoilChunkTransport {
+                    servers: self
+                        .setup
+                        .servers
+                        .iter()
+                        .map(|(_, name)| name.clone())
+                        .collect(),
+                },
+                self.image.clone(),
+                self.setup.skip_chunk_verification,
+                self.shared.clone(),
+                self.trace.clone(),
+            ));
+        }
+    }
+}
+
+/// Pause between boot rounds of a node whose fetch failed everywhere.
+const BOOT_RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// A node fetches its image with the agent's fetch, into a sink that checks every chunk,
+/// round after round until it has it.
+async fn boot(
+    node: usize,
+    transport: super::image::TurmoilChunkTransport,
+    image: super::image::ChaosImage,
+    skip_chunk_verification: bool,
+    shared: Shared,
+    trace: Trace,
+) {
+    let first_source = node % transport.servers.len().max(1);
+    // Nodes start their fetch from different servers, as the agent spreads chunks by index.
+    let mut transport = transport;
+    transport.servers.rotate_left(first_source);
+    loop {
+        if lock(&shared).finished {
+            return;
+        }
+        let sink = super::image::CheckedSink {
+            node,
+            image: image.clone(),
+            shared: shared.clone(),
+            trace: trace.clone(),
+        };
+        let result = if skip_chunk_verification {
+            node::agent::fetch::fetch_part_unverified(&transport, &image.part, &sink, |_| {}).await
+        } else {
+            node::agent::fetch::fetch_part_into(&transport, &image.part, &sink, |_| {}).await
+        };
+        match result {
+            Ok(summary) => {
+                trace.record(format!(
+                    "node{node} booted: {} chunks, {} refused",
+                    summary.chunks, summary.chunks_rejected
+                ));
+                let mut observed = lock(&shared);
+                observed.booted.insert(node);
+                observed.chunks_rejected += summary.chunks_rejected as u64;
+                return;
+            }
+            Err(error) => {
+                trace.record(format!("node{node} boot round failed: {error}"));
+                tokio::time::sleep(BOOT_RETRY_AFTER).await;
+            }
+        }
     }
 }

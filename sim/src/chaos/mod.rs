@@ -20,6 +20,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod farm;
+pub mod image;
 pub mod member;
 pub mod scenario;
 
@@ -60,6 +61,8 @@ pub enum ChaosFault {
     Partition { server: u64, for_: Duration },
     /// Datagrams between the nodes and the servers lost at `rate` for `for_`.
     Loss { rate_percent: u8, for_: Duration },
+    /// A server serves every image chunk with a flipped byte for `for_` (a rotting disk).
+    CorruptChunks { server: u64, for_: Duration },
     /// A server's disk fails every fsync for `for_`; then the server is restarted on it (the
     /// operator's answer to a failed fsync: what the process wrote since cannot be trusted).
     DiskFailure { server: u64, for_: Duration },
@@ -94,6 +97,8 @@ pub struct ChaosSpec {
     pub addresses: Option<u32>,
     /// How long the servers' address blocks are leased (`serve`: ten minutes).
     pub block_lease: Duration,
+    /// Deliberate bug in the nodes: keep chunks without checking them against the manifest.
+    pub skip_chunk_verification: bool,
 }
 
 impl Default for ChaosSpec {
@@ -112,6 +117,7 @@ impl Default for ChaosSpec {
             sabotage: Sabotage::default(),
             addresses: None,
             block_lease: node::cluster::leases::BLOCK_LEASE,
+            skip_chunk_verification: false,
         }
     }
 }
@@ -126,7 +132,7 @@ impl ChaosSpec {
             let at = Duration::from_millis(farm_random(&mut rng) % safety_ms.max(1));
             let lasting = Duration::from_millis(2_000 + farm_random(&mut rng) % 13_000);
             let server = 1 + farm_random(&mut rng) % self.servers.max(1);
-            let fault = match farm_random(&mut rng) % 5 {
+            let fault = match farm_random(&mut rng) % 6 {
                 0 => ChaosFault::Crash {
                     server,
                     down_for: lasting,
@@ -137,6 +143,10 @@ impl ChaosSpec {
                     for_: lasting,
                 },
                 3 => ChaosFault::DiskFailure {
+                    server,
+                    for_: lasting,
+                },
+                4 => ChaosFault::CorruptChunks {
                     server,
                     for_: lasting,
                 },
@@ -173,8 +183,12 @@ pub struct ChaosReport {
     pub naks: u64,
     /// The faults as injected, with their virtual times.
     pub faults: Vec<String>,
-    /// From the end of the faults until every node held a lease.
+    /// From the end of the faults until every node held a lease and its image.
     pub healed_after: Option<Duration>,
+    /// Nodes that fetched their whole image, every chunk checked.
+    pub booted: usize,
+    /// Chunks the nodes refused because their bytes did not match the manifest.
+    pub chunks_rejected: u64,
     /// Leases in the converged state at the end.
     pub leases: usize,
     /// Leases granted by servers cut off from the majority (ADR 0007's minority rules).
@@ -209,6 +223,11 @@ pub struct Observed {
     acks: u64,
     naks: u64,
     minority_grants: u64,
+    /// Nodes that hold their whole image.
+    booted: std::collections::BTreeSet<usize>,
+    chunks_rejected: u64,
+    /// Servers that serve corrupted chunks now.
+    corrupt_servers: std::collections::BTreeSet<u64>,
     /// Per server: the applied state of its latest incarnation, and its last applied index.
     states: BTreeMap<u64, StateHandle>,
     last_applied: BTreeMap<u64, u64>,
@@ -454,6 +473,11 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
     }
     let member = SimMember::new(id, raft, state, applied, skew);
     tokio::spawn(member.clone().serve_forwarded());
+    tokio::spawn(image::serve_chunks(
+        id,
+        image::ChaosImage::new(),
+        Arc::clone(&shared),
+    ));
 
     let segment = farms
         .iter()
@@ -497,6 +521,8 @@ enum Undo {
     Restart(u64),
     /// The failing disk is replaced and the server restarted on what it holds.
     RestartOnRepairedDisk(u64),
+    /// The server serves sound chunks again.
+    Uncorrupt(u64),
     Heal(u64),
     Lossless,
 }
@@ -517,6 +543,9 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         .max_message_latency(Duration::from_millis(10))
         .simulation_duration(run_for + Duration::from_secs(120))
         .udp_capacity(16_384)
+        // turmoil panics when a listener's backlog overflows (a kernel would drop the SYN);
+        // a thousand nodes fetching chunks at once need a deep one.
+        .tcp_capacity(65_536)
         .build();
     let farms: Vec<String> = (0..spec.farms.max(1))
         .map(|farm| format!("farm{farm}"))
@@ -582,6 +611,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             start_window: spec.start_window,
             servers: servers.clone(),
             seed: spec.seed,
+            skip_chunk_verification: spec.skip_chunk_verification,
         };
         let (shared, trace) = (Arc::clone(&shared), trace.clone());
         simulation.client(name.as_str(), farm::run_farm(setup, shared, trace));
@@ -609,6 +639,13 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             if undo.get(index).is_some_and(|(until, _)| *until <= now) {
                 let (_, what) = undo.swap_remove(index);
                 match what {
+                    Undo::Uncorrupt(server) => {
+                        lock(&shared).corrupt_servers.remove(&server);
+                        trace.record_at(
+                            now,
+                            format!("harness: {} serves sound chunks", server_name(server)),
+                        );
+                    }
                     Undo::RestartOnRepairedDisk(server) => {
                         if let Some(disk) = disks.get(&server) {
                             disk.crash_torn(|| farm_random(&mut tear_rng));
@@ -681,6 +718,14 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                         None => None,
                     }
                 }
+                ChaosFault::CorruptChunks { server, for_ } => {
+                    if lock(&shared).corrupt_servers.insert(*server) {
+                        undo.push((until_cap(*for_), Undo::Uncorrupt(*server)));
+                        Some(format!("{} serves corrupted chunks", server_name(*server)))
+                    } else {
+                        None
+                    }
+                }
                 ChaosFault::DiskFailure { server, for_ } => {
                     if undo.iter().any(|(_, what)| {
                         matches!(what, Undo::Restart(down) | Undo::RestartOnRepairedDisk(down) if down == server)
@@ -733,7 +778,10 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         if now < spec.safety {
             continue;
         }
-        if all_bound_at.is_none() && observed.bound.len() == spec.nodes {
+        if all_bound_at.is_none()
+            && observed.bound.len() == spec.nodes
+            && observed.booted.len() == spec.nodes
+        {
             all_bound_at = Some(now);
         }
         if now < run_for {
@@ -742,11 +790,13 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         // The liveness phase is over.
         if all_bound_at.is_none() {
             let missing: Vec<String> = (0..spec.nodes)
-                .filter(|node| !observed.bound.contains_key(node))
+                .filter(|node| {
+                    !observed.bound.contains_key(node) || !observed.booted.contains(node)
+                })
                 .map(|node| format!("node{node}"))
                 .collect();
             let violation = format!(
-                "{} nodes held no lease {} s after the faults ended: {}",
+                "{} nodes held no lease or no image {} s after the faults ended: {}",
                 missing.len(),
                 spec.liveness.as_secs(),
                 missing
@@ -797,6 +847,8 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         naks: observed.naks,
         faults: injected,
         healed_after: all_bound_at.map(|at| at.saturating_sub(spec.safety)),
+        booted: observed.booted.len(),
+        chunks_rejected: observed.chunks_rejected,
         leases,
         minority_grants: observed.minority_grants,
         log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
@@ -833,16 +885,18 @@ impl ChaosReport {
         ));
         match self.healed_after {
             Some(after) if after.is_zero() => {
-                text.push_str("every node held a lease when the faults ended\n");
+                text.push_str("every node held a lease and its image when the faults ended\n");
             }
             Some(after) => text.push_str(&format!(
-                "every node held a lease {:.2} s after the faults ended\n",
+                "every node held a lease and its image {:.2} s after the faults ended\n",
                 after.as_secs_f64()
             )),
             None => {}
         }
         text.push_str(&format!(
-            "invariants held: no address held by two nodes, no ACK before its commit, no committed lease lost, one state on every server\n{:.1} s of virtual time, {} trace events, trace hash {:016x}\n",
+            "{} nodes booted their image, {} chunks refused for wrong bytes\ninvariants held: no address held by two nodes, no ACK before its commit, no committed lease lost, no chunk kept with wrong bytes, one state on every server\n{:.1} s of virtual time, {} trace events, trace hash {:016x}\n",
+            self.booted,
+            self.chunks_rejected,
             self.elapsed.as_secs_f64(),
             self.events,
             self.trace_hash

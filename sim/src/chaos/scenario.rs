@@ -90,6 +90,12 @@ pub enum ChaosFaultEntry {
         at_secs: u64,
         for_secs: u64,
     },
+    /// A server serves every chunk with a flipped byte.
+    CorruptChunks {
+        server: u64,
+        at_secs: u64,
+        for_secs: u64,
+    },
     /// A server's disk fails every fsync; then the server is restarted on it.
     DiskFailure {
         server: u64,
@@ -225,6 +231,17 @@ impl ChaosScenario {
                         for_: secs(for_secs),
                     },
                 )),
+                ChaosFaultEntry::CorruptChunks {
+                    server,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::CorruptChunks {
+                        server,
+                        for_: secs(for_secs),
+                    },
+                )),
                 ChaosFaultEntry::DiskFailure {
                     server,
                     at_secs,
@@ -265,6 +282,7 @@ impl ChaosScenario {
             block_lease: self
                 .block_lease_secs
                 .map_or(node::cluster::leases::BLOCK_LEASE, secs),
+            skip_chunk_verification: false,
         }
         .with_random_faults(self.random_faults)
     }

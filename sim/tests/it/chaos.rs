@@ -89,7 +89,7 @@ fn a_partitioned_server_with_a_skewed_clock_grants_only_what_the_minority_rules_
 fn random_faults_of_every_kind_break_no_invariant() {
     let report = run(&small(11).with_random_faults(12));
     eprint!("{}", report.text());
-    for kind in ["crashed", "partitioned", "loss", "fsync"] {
+    for kind in ["crashed", "partitioned", "loss", "fsync", "corrupted"] {
         assert!(
             report.faults.iter().any(|fault| fault.contains(kind)),
             "{kind} among {:?}",
@@ -123,6 +123,45 @@ fn a_disk_that_fails_fsync_stops_its_server_and_no_acked_lease_is_lost() {
     eprint!("{}", report.text());
     assert!(report.failed_syncs > 0, "the failing disks refused fsyncs");
     assert_eq!(report.leases, 150);
+}
+
+fn corrupting_server(seed: u64, skip_chunk_verification: bool) -> ChaosSpec {
+    ChaosSpec {
+        faults: vec![(
+            Duration::ZERO,
+            ChaosFault::CorruptChunks {
+                server: 2,
+                for_: Duration::from_secs(60),
+            },
+        )],
+        skip_chunk_verification,
+        ..small(seed)
+    }
+}
+
+#[test]
+fn nodes_refuse_the_chunks_of_a_server_whose_disk_rots_and_boot_from_the_others() {
+    let report = run(&corrupting_server(19, false));
+    eprint!("{}", report.text());
+    assert_eq!(report.booted, 150, "every node has its whole image");
+    assert!(
+        report.chunks_rejected > 0,
+        "the rotten server's chunks were refused"
+    );
+}
+
+#[test]
+#[expect(clippy::panic, reason = "a missed bug fails the test")]
+fn the_checkers_catch_a_node_that_keeps_chunks_without_checking_them() {
+    match run_chaos(&corrupting_server(19, true)) {
+        Err(SimError::Invariant(violation)) => {
+            assert!(
+                violation.contains("with bytes that do not hash to the manifest's"),
+                "{violation}"
+            );
+        }
+        other => panic!("the unchecked chunks went unnoticed: {other:?}"),
+    }
 }
 
 #[test]
