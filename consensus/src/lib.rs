@@ -8,6 +8,7 @@
 //! - [`rpc`]: Raft's messages over any byte stream (QUIC between servers, simulated TCP in the
 //!   simulator).
 
+pub mod clock;
 pub mod rpc;
 pub mod runtime;
 pub mod state;

@@ -233,8 +233,26 @@ pub fn run_cluster(state_dir: &Path, command: ClusterCommand) -> anyhow::Result<
             if json {
                 return print(&format!("{}\n", serde_json::to_string_pretty(&status)?));
             }
+            let clock = status
+                .clock_offset_to_leader_ms
+                .map(|offset| {
+                    let bound = consensus::state::DRIFT_BOUND_MS;
+                    format!(
+                        "clock   the leader's is {:+.3} s from this member's{}\n",
+                        offset as f64 / 1000.0,
+                        if offset.unsigned_abs() > bound {
+                            format!(
+                                " (BEYOND the {} s drift bound: fix the time service)",
+                                bound / 1000
+                            )
+                        } else {
+                            String::new()
+                        }
+                    )
+                })
+                .unwrap_or_default();
             let mut text = format!(
-                "cluster {}\nmember  {} ({})\nterm    {}\nleader  {}\nlog     last {} applied {}\n\n",
+                "cluster {}\nmember  {} ({})\nterm    {}\nleader  {}\nlog     last {} applied {}\n{clock}\n",
                 status.cluster_name,
                 status.server_id,
                 status.role,

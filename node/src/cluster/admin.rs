@@ -50,6 +50,8 @@ pub enum AdminRequest {
         /// The new fleet configuration (TOML).
         document: String,
     },
+    /// The answering member's clock (members measure their offset to the leader with it).
+    Time,
 }
 
 /// A lease as `lease list` shows it.
@@ -100,6 +102,11 @@ pub enum AdminReply {
         /// The leader's address.
         leader: Option<SocketAddr>,
     },
+    /// The member's clock when it answered, Unix milliseconds.
+    Time {
+        /// The clock.
+        unix_ms: u64,
+    },
     /// The request failed.
     Failed(String),
 }
@@ -123,6 +130,10 @@ pub struct ClusterStatus {
     pub last_applied: Option<u64>,
     /// Every member, voters and learners.
     pub members: Vec<MemberStatus>,
+    /// How far the leader's clock was from this member's at the last check, in milliseconds
+    /// (positive: the leader's is ahead); none on the leader or before the first check.
+    #[serde(default)]
+    pub clock_offset_to_leader_ms: Option<i64>,
 }
 
 /// One member in a [`ClusterStatus`].

@@ -849,7 +849,14 @@ fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent>
 
 impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
     fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError> {
-        Ok(lease_changes_of(self.member.state()))
+        let mut changes = lease_changes_of(self.member.state());
+        // Grants this server made while cut off and has not reconciled yet are promises to
+        // clients as binding as the committed ones: a server restarted before it could
+        // reconcile must not offer those addresses to others. (Found by the chaos engine: a
+        // server whose disk failed granted by the minority rules, was restarted, and gave the
+        // same address to the next client before the grant reached the cluster.)
+        changes.extend(lock(&self.minority).load()?);
+        Ok(changes)
     }
 
     fn submit(

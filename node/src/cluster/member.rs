@@ -55,6 +55,8 @@ const FORWARD_ATTEMPTS_MAX: usize = 5;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Pause between those attempts (an election takes a second or two).
 const FORWARD_RETRY_DELAY: Duration = Duration::from_millis(500);
+/// How often a member measures its clock against the leader's.
+pub const CLOCK_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// The lease changes of `proposal` that the state machine committed.
 pub fn committed_lease_changes(proposal: &Proposal, response: &MeshResponse) -> Vec<LeaseChange> {
@@ -127,6 +129,8 @@ pub struct ClusterMember {
     /// The swarm member that serves image chunks on this endpoint, once the daemon has
     /// started it; until then chunk connections are refused.
     swarm: Arc<std::sync::OnceLock<Arc<crate::swarm::SwarmNode>>>,
+    /// The last measurement of the leader's clock against this member's.
+    clock_to_leader: Arc<Mutex<Option<consensus::clock::ClockReading>>>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -195,6 +199,7 @@ impl ClusterMember {
             admin_config,
             admin_connections: Arc::default(),
             swarm: Arc::default(),
+            clock_to_leader: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -240,6 +245,7 @@ impl ClusterMember {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(self.clone().accept_connections());
         tasks.spawn(self.clone().leader_duties());
+        tasks.spawn(self.clone().watch_clock());
         shutdown.await;
         tasks.abort_all();
         self.endpoint.close(0u32.into(), b"shutting down");
@@ -401,6 +407,54 @@ impl ClusterMember {
             .and_then(|(_, node)| node.address.parse().ok())
     }
 
+    /// Measures this member's clock against the leader's every [`CLOCK_CHECK_EVERY`]. Address
+    /// uniqueness across servers holds only while clocks are within the drift bound (ADR
+    /// 0007): a clock certainly beyond it is reported as an error, and in `cluster status`.
+    async fn watch_clock(self) {
+        let mut interval = tokio::time::interval(CLOCK_CHECK_EVERY);
+        let mut beyond = false;
+        loop {
+            interval.tick().await;
+            let leader = self.raft.metrics().borrow().current_leader;
+            let Some(address) = self
+                .leader_address()
+                .filter(|_| leader.is_some_and(|leader| leader != self.record.server_id))
+            else {
+                continue;
+            };
+            let sent_ms = now_ms();
+            let answer =
+                tokio::time::timeout(FORWARD_TIMEOUT, self.forward(address, &AdminRequest::Time))
+                    .await;
+            let received_ms = now_ms();
+            let Ok(Ok(AdminReply::Time { unix_ms })) = answer else {
+                continue;
+            };
+            let reading =
+                consensus::clock::ClockReading::from_exchange(sent_ms, unix_ms, received_ms);
+            *self
+                .clock_to_leader
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(reading);
+            let now_beyond = reading.certainly_beyond(consensus::state::DRIFT_BOUND_MS);
+            if now_beyond {
+                tracing::error!(
+                    offset_ms = reading.offset_ms,
+                    uncertainty_ms = reading.uncertainty_ms,
+                    bound_ms = consensus::state::DRIFT_BOUND_MS,
+                    "this server's clock and the leader's are further apart than the drift \
+                     bound: two clients may be given one address; fix the time service"
+                );
+            } else if beyond {
+                tracing::info!(
+                    offset_ms = reading.offset_ms,
+                    "this server's clock is within the drift bound of the leader's again"
+                );
+            }
+            beyond = now_beyond;
+        }
+    }
+
     /// The ids of every member Raft knows (voters and learners), in order.
     pub fn member_ids(&self) -> Vec<u64> {
         let metrics = self.raft.metrics();
@@ -516,13 +570,17 @@ impl ClusterMember {
         // Forwarded lease batches arrive hundreds of times a second in a boot storm, and
         // status is polled: those are debug; what an operator did is info.
         match &request {
-            AdminRequest::Propose(_) | AdminRequest::Status | AdminRequest::Leases => {
+            AdminRequest::Propose(_)
+            | AdminRequest::Status
+            | AdminRequest::Leases
+            | AdminRequest::Time => {
                 tracing::debug!(?request, "admin request");
             }
             _ => tracing::info!(?request, "admin request"),
         }
         match request {
             AdminRequest::Status => AdminReply::Status(self.status()),
+            AdminRequest::Time => AdminReply::Time { unix_ms: now_ms() },
             AdminRequest::Leases => AdminReply::Leases(self.lease_views()),
             AdminRequest::ConfigShow => {
                 let config = self.state.read(|state| state.config.clone());
@@ -691,6 +749,14 @@ impl ClusterMember {
             last_log_index: metrics.last_log_index,
             last_applied: metrics.last_applied.map(|log_id| log_id.index),
             members,
+            clock_offset_to_leader_ms: (metrics.current_leader != Some(self.record.server_id))
+                .then(|| {
+                    self.clock_to_leader
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .map(|reading| reading.offset_ms)
+                })
+                .flatten(),
         }
     }
 

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use consensus::clock::ClockReading;
 use consensus::openraft::error::{ClientWriteError, RaftError};
 use consensus::rpc::{Dialer, read_frame, write_frame};
 use consensus::store::StateHandle;
@@ -48,10 +49,19 @@ pub fn server_name(id: u64) -> String {
     format!("server{id}")
 }
 
-/// A leader's answer to a forwarded proposal.
+/// What a server asks the leader.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum ForwardRequest {
+    /// Commit this.
+    Propose(MeshCommand),
+}
+
+/// A leader's answer. A commit carries the leader's clock when it answered: the forwarding
+/// server measures its clock against the leader's with every forwarded proposal (in `serve`,
+/// a member asks the leader's time every `CLOCK_CHECK_EVERY` instead).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 enum ForwardReply {
-    Proposed(MeshResponse),
+    Proposed(MeshResponse, u64),
     NotLeader,
     Failed(String),
 }
@@ -64,7 +74,11 @@ pub struct SimMember {
     state: StateHandle,
     applied: broadcast::Sender<AppliedLeases>,
     clock: SkewedClock,
+    clock_observer: Option<ClockObserver>,
 }
+
+/// Told of every measurement of this server's clock against the leader's.
+pub type ClockObserver = std::sync::Arc<dyn Fn(ClockReading) + Send + Sync>;
 
 impl std::fmt::Debug for SimMember {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -83,6 +97,7 @@ impl SimMember {
         state: StateHandle,
         applied: broadcast::Sender<AppliedLeases>,
         clock: SkewedClock,
+        clock_observer: Option<ClockObserver>,
     ) -> Self {
         Self {
             id,
@@ -90,6 +105,7 @@ impl SimMember {
             state,
             applied,
             clock,
+            clock_observer,
         }
     }
 
@@ -102,11 +118,13 @@ impl SimMember {
             let (mut stream, _) = listener.accept().await?;
             let member = self.clone();
             tokio::spawn(async move {
-                while let Ok(Some(command)) = read_frame::<_, MeshCommand>(&mut stream).await {
-                    let reply = match member.propose(command).await {
-                        Ok(response) => ForwardReply::Proposed(response),
-                        Err(None) => ForwardReply::NotLeader,
-                        Err(Some(error)) => ForwardReply::Failed(error),
+                while let Ok(Some(request)) = read_frame::<_, ForwardRequest>(&mut stream).await {
+                    let reply = match request {
+                        ForwardRequest::Propose(command) => match member.propose(command).await {
+                            Ok(response) => ForwardReply::Proposed(response, member.wall_now_ms()),
+                            Err(None) => ForwardReply::NotLeader,
+                            Err(Some(error)) => ForwardReply::Failed(error),
+                        },
                     };
                     if write_frame(&mut stream, &reply).await.is_err() {
                         return;
@@ -129,12 +147,12 @@ impl SimMember {
         }
     }
 
-    async fn forward(&self, leader: u64, command: &MeshCommand) -> Result<ForwardReply, String> {
+    async fn forward(&self, leader: u64, request: &ForwardRequest) -> Result<ForwardReply, String> {
         let address = format!("{}:{FORWARD_PORT}", server_name(leader));
         let mut stream = turmoil::net::TcpStream::connect(address.as_str())
             .await
             .map_err(|error| error.to_string())?;
-        write_frame(&mut stream, command)
+        write_frame(&mut stream, request)
             .await
             .map_err(|error| error.to_string())?;
         match read_frame(&mut stream).await {
@@ -185,8 +203,19 @@ impl LeaseCluster for SimMember {
             if leader == self.id {
                 continue;
             }
-            match tokio::time::timeout(FORWARD_TIMEOUT, self.forward(leader, &command)).await {
-                Ok(Ok(ForwardReply::Proposed(response))) => return Ok(response),
+            let request = ForwardRequest::Propose(command.clone());
+            let sent_ms = self.wall_now_ms();
+            match tokio::time::timeout(FORWARD_TIMEOUT, self.forward(leader, &request)).await {
+                Ok(Ok(ForwardReply::Proposed(response, leader_ms))) => {
+                    if let Some(observe) = &self.clock_observer {
+                        observe(ClockReading::from_exchange(
+                            sent_ms,
+                            leader_ms,
+                            self.wall_now_ms(),
+                        ));
+                    }
+                    return Ok(response);
+                }
                 Ok(Ok(ForwardReply::NotLeader)) => last_error = "leadership moved".into(),
                 Ok(Ok(ForwardReply::Failed(error))) => return Err(error),
                 Ok(Err(error)) => last_error = error,

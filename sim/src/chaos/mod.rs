@@ -89,7 +89,8 @@ pub struct ChaosSpec {
     pub liveness: Duration,
     /// Faults, each at a virtual time within the safety phase.
     pub faults: Vec<(Duration, ChaosFault)>,
-    /// Each server's clock runs ahead or behind by up to this much (drawn from the seed).
+    /// Any two servers' clocks are up to this far apart (each is within half of it of true
+    /// time, drawn from the seed). Beyond the drift bound the servers must notice.
     pub skew_max: Duration,
     /// Deliberate bugs in the servers, to show the checkers catch them.
     pub sabotage: Sabotage,
@@ -189,6 +190,9 @@ pub struct ChaosReport {
     pub booted: usize,
     /// Chunks the nodes refused because their bytes did not match the manifest.
     pub chunks_rejected: u64,
+    /// The servers' reports of a clock beyond the drift bound from the leader's (the first
+    /// of each server's, and how many there were in all).
+    pub clock_alarms: Vec<String>,
     /// Leases in the converged state at the end.
     pub leases: usize,
     /// Leases granted by servers cut off from the majority (ADR 0007's minority rules).
@@ -228,6 +232,8 @@ pub struct Observed {
     chunks_rejected: u64,
     /// Servers that serve corrupted chunks now.
     corrupt_servers: std::collections::BTreeSet<u64>,
+    /// Clock readings certainly beyond the drift bound, as the servers reported them.
+    clock_alarms: Vec<String>,
     /// Per server: the applied state of its latest incarnation, and its last applied index.
     states: BTreeMap<u64, StateHandle>,
     last_applied: BTreeMap<u64, u64>,
@@ -471,7 +477,22 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
             }
         });
     }
-    let member = SimMember::new(id, raft, state, applied, skew);
+    let clock_observer: member::ClockObserver = {
+        let (shared, trace) = (Arc::clone(&shared), trace.clone());
+        Arc::new(move |reading: consensus::clock::ClockReading| {
+            if reading.certainly_beyond(consensus::state::DRIFT_BOUND_MS) {
+                let alarm = format!(
+                    "{} sees the leader's clock {:+} ms (± {} ms) from its own",
+                    server_name(id),
+                    reading.offset_ms,
+                    reading.uncertainty_ms
+                );
+                trace.record(format!("{alarm}: beyond the drift bound"));
+                lock(&shared).clock_alarms.push(alarm);
+            }
+        })
+    };
+    let member = SimMember::new(id, raft, state, applied, skew, Some(clock_observer));
     tokio::spawn(member.clone().serve_forwarded());
     tokio::spawn(image::serve_chunks(
         id,
@@ -554,11 +575,13 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
     let skew_max_ms = u64::try_from(spec.skew_max.as_millis()).unwrap_or(0);
     let disks: BTreeMap<u64, SimDisk> = (1..=spec.servers).map(|id| (id, SimDisk::new())).collect();
     for (&id, disk) in &disks {
+        // Within ±skew_max/2 of true time: any two servers are at most skew_max apart, which
+        // is what the drift bound bounds (ADR 0007).
         let skew_ms = if skew_max_ms == 0 {
             0
         } else {
-            let magnitude = farm_random(&mut skew_rng) % (2 * skew_max_ms + 1);
-            i64::try_from(magnitude).unwrap_or(0) - i64::try_from(skew_max_ms).unwrap_or(0)
+            let magnitude = farm_random(&mut skew_rng) % (skew_max_ms + 1);
+            i64::try_from(magnitude).unwrap_or(0) - i64::try_from(skew_max_ms / 2).unwrap_or(0)
         };
         trace.record_at(
             Duration::ZERO,
@@ -849,6 +872,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         healed_after: all_bound_at.map(|at| at.saturating_sub(spec.safety)),
         booted: observed.booted.len(),
         chunks_rejected: observed.chunks_rejected,
+        clock_alarms: observed.clock_alarms.clone(),
         leases,
         minority_grants: observed.minority_grants,
         log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
@@ -892,6 +916,15 @@ impl ChaosReport {
                 after.as_secs_f64()
             )),
             None => {}
+        }
+        if self.clock_alarms.is_empty() {
+            text.push_str("no server saw its clock beyond the drift bound from the leader's\n");
+        } else {
+            text.push_str(&format!(
+                "{} times a server saw its clock beyond the drift bound from the leader's, first: {}\n",
+                self.clock_alarms.len(),
+                self.clock_alarms.first().map_or("", String::as_str)
+            ));
         }
         text.push_str(&format!(
             "{} nodes booted their image, {} chunks refused for wrong bytes\ninvariants held: no address held by two nodes, no ACK before its commit, no committed lease lost, no chunk kept with wrong bytes, one state on every server\n{:.1} s of virtual time, {} trace events, trace hash {:016x}\n",
