@@ -178,6 +178,13 @@ pub enum LeaseOutcome {
         /// Unix seconds.
         until_unix_secs: u64,
     },
+    /// The same client already holds the address for longer (a late commit of an older
+    /// exchange, or a grant made while cut off and reconciled after a renewal elsewhere): the
+    /// longer binding stays. The proposer may ACK its shorter lease; nothing changed.
+    Superseded {
+        /// When the binding that stays ends, Unix seconds.
+        until_unix_secs: u64,
+    },
     /// The record could not be decoded.
     Malformed(String),
 }
@@ -481,6 +488,19 @@ impl MeshState {
                         until_unix_secs: held.expires_at_unix_secs,
                     };
                 }
+                // A bind never shortens the same client's binding of the same address: a
+                // grant made while cut off, reconciled after the heal, may be older than the
+                // renewals the majority committed meanwhile, and the client holds the longer
+                // one. (Found by the chaos engine: the reconciled grant cut a renewed lease
+                // short, and the server gave the address to another node.)
+                if let Some(held) = self.leases.get(address)
+                    && held.client == client.0
+                    && held.expires_at_unix_secs > *expires_at_unix_secs
+                {
+                    return LeaseOutcome::Superseded {
+                        until_unix_secs: held.expires_at_unix_secs,
+                    };
+                }
                 // A bind elsewhere does not end the client's earlier binding: commits of one
                 // client's exchanges can arrive out of order (an exchange it gave up on, a grant
                 // reconciled after a partition), and the client may hold the other address. It
@@ -552,6 +572,38 @@ mod tests {
             at: at_secs * 1000,
             command: MeshCommand::Leases(records),
         }
+    }
+
+    #[test]
+    fn an_older_bind_of_the_same_client_never_shortens_its_binding() {
+        let mut state = MeshState::default();
+        let address = Ipv4Addr::new(10, 0, 0, 7);
+        state.apply(&leases(100, vec![bind(1, [10, 0, 0, 7], 900)]));
+        // A grant made while cut off, reconciled late, ends earlier than the renewal.
+        let (response, changed) = state.apply(&leases(150, vec![bind(1, [10, 0, 0, 7], 600)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::Superseded {
+                until_unix_secs: 900
+            }])
+        );
+        assert!(changed.is_empty());
+        assert_eq!(state.leases[&address].expires_at_unix_secs, 900);
+        // Another client still waits for the longer binding.
+        let (response, _) = state.apply(&leases(700, vec![bind(2, [10, 0, 0, 7], 1000)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::AddressHeld {
+                until_unix_secs: 900
+            }])
+        );
+        // A renewal that ends later is committed as before.
+        let (response, _) = state.apply(&leases(800, vec![bind(1, [10, 0, 0, 7], 1200)]));
+        assert_eq!(
+            response,
+            MeshResponse::Leases(vec![LeaseOutcome::Committed])
+        );
+        assert_eq!(state.leases[&address].expires_at_unix_secs, 1200);
     }
 
     #[test]

@@ -345,7 +345,10 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             .await;
             if let Ok(Ok(MeshResponse::Leases(outcomes))) = result {
                 for (change, outcome) in pending.iter().zip(&outcomes) {
-                    if *outcome != LeaseOutcome::Committed {
+                    if !matches!(
+                        outcome,
+                        LeaseOutcome::Committed | LeaseOutcome::Superseded { .. }
+                    ) {
                         tracing::error!(
                             ?change,
                             ?outcome,
@@ -835,7 +838,8 @@ fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent>
     let mut events = Vec::new();
     for (id, outcome) in ids.iter().zip(outcomes) {
         match outcome {
-            LeaseOutcome::Committed => committed.push(*id),
+            // The client holds the address at least as long as this proposal says.
+            LeaseOutcome::Committed | LeaseOutcome::Superseded { .. } => committed.push(*id),
             LeaseOutcome::AddressHeld { until_unix_secs } => events.push(LeaseEvent::Refused(
                 *id,
                 format!("the address is held by another client until {until_unix_secs}"),
