@@ -10,6 +10,7 @@
 
 pub mod dhcp;
 pub mod ipxe;
+pub mod ltsp;
 pub mod nbd;
 pub mod source;
 pub mod tftp;

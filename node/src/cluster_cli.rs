@@ -114,6 +114,37 @@ pub enum ConfigCommand {
         #[arg(long)]
         server: Option<SocketAddr>,
     },
+    /// Converts an LTSP site's ISC dhcpd.conf and lts.conf into a fleet configuration.
+    ///
+    /// Subnets, ranges, routers, DNS servers, domain name, lease time and host blocks
+    /// (hardware ethernet, fixed-address, host-name) come from dhcpd.conf; lts.conf's
+    /// [default] becomes a group, MAC sections become hosts (or groups of their own when they
+    /// switch some of [default]'s entries off), PREINIT_*, FSTAB_*, RCFILE_* and
+    /// KEEP_SYSTEM_SERVICES become the group's lists, LTSP_NBD_TO_RAM its root mode, and every
+    /// other variable is kept for the node's /etc/lts.conf. Each line that is not converted or
+    /// that behaves differently is printed on standard error with its line number and the
+    /// reason, and listed at the end of the result. Read those before `config apply`.
+    ImportLtsp {
+        /// The ISC DHCP server's configuration.
+        #[arg(long, value_name = "FILE")]
+        dhcpd_conf: Option<std::path::PathBuf>,
+        /// LTSP's lts.conf.
+        #[arg(long, value_name = "FILE")]
+        lts_conf: Option<std::path::PathBuf>,
+        /// Where to write the fleet configuration (standard output if not given).
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<std::path::PathBuf>,
+        /// The group lts.conf's [default] becomes (the group of nodes no host entry names).
+        #[arg(long, default_value = "ltsp")]
+        group: String,
+        /// Serve dhcpd.conf's `filename`s and honour its `next-server`, instead of chaining
+        /// nodes into bootmesh's iPXE and boot script.
+        #[arg(long)]
+        keep_boot_files: bool,
+        /// Fail (exit status 3, nothing written) when any line is not converted.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Shows what applying `file` would change, as a unified diff.
     Diff {
         /// The fleet configuration (TOML).
@@ -395,9 +426,79 @@ fn current_config(state_dir: &Path, server: Option<SocketAddr>) -> anyhow::Resul
     }
 }
 
+/// `config import-ltsp`: converts, reports on standard error, writes the result.
+fn import_ltsp(
+    dhcpd_conf: Option<&Path>,
+    lts_conf: Option<&Path>,
+    output: Option<&Path>,
+    options: &crate::ltsp_import::ImportOptions,
+    strict: bool,
+) -> anyhow::Result<()> {
+    if dhcpd_conf.is_none() && lts_conf.is_none() {
+        anyhow::bail!("give --dhcpd-conf FILE, --lts-conf FILE, or both");
+    }
+    let read = |path: Option<&Path>| -> anyhow::Result<String> {
+        path.map_or(Ok(String::new()), |path| {
+            std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+        })
+    };
+    let import = crate::ltsp_import::import_ltsp(&read(dhcpd_conf)?, &read(lts_conf)?, options)?;
+    let name = |file: &str| {
+        let path = if file == "dhcpd.conf" {
+            dhcpd_conf
+        } else {
+            lts_conf
+        };
+        path.map_or(file.to_owned(), |path| path.display().to_string())
+    };
+    for finding in &import.findings {
+        eprintln!(
+            "{}:{}: {}",
+            name(finding.file),
+            finding.line,
+            finding
+                .to_string()
+                .split_once(": ")
+                .map_or("", |(_, rest)| rest)
+        );
+    }
+    eprintln!("{}", import.summary());
+    let not_converted = import
+        .findings
+        .iter()
+        .filter(|finding| finding.outcome == crate::ltsp_import::Outcome::NotConverted)
+        .count();
+    if strict && not_converted > 0 {
+        eprintln!("--strict: {not_converted} line(s) not converted; nothing written");
+        std::process::exit(3);
+    }
+    match output {
+        Some(path) => std::fs::write(path, &import.fleet_toml)
+            .with_context(|| format!("write {}", path.display())),
+        None => print(&import.fleet_toml),
+    }
+}
+
 /// Runs a `config` command.
 pub fn run_config(state_dir: &Path, command: ConfigCommand) -> anyhow::Result<()> {
     match command {
+        ConfigCommand::ImportLtsp {
+            dhcpd_conf,
+            lts_conf,
+            output,
+            group,
+            keep_boot_files,
+            strict,
+        } => import_ltsp(
+            dhcpd_conf.as_deref(),
+            lts_conf.as_deref(),
+            output.as_deref(),
+            &crate::ltsp_import::ImportOptions {
+                group,
+                keep_boot_files,
+            },
+            strict,
+        ),
         ConfigCommand::Apply { file, server } => {
             let document = std::fs::read_to_string(&file)
                 .with_context(|| format!("read {}", file.display()))?;

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::plan::{
     NodeEntry, NodePlan, NodePlans, NodeSecrets, RootMode, SETTINGS_PER_LIST_MAX, Secret,
-    is_valid_secret_name, is_valid_setting_line, is_valid_unit_name,
+    is_valid_lts_variable_name, is_valid_secret_name, is_valid_setting_line, is_valid_unit_name,
 };
 
 /// `[boot] token_ttl_secs` when not set: long enough for a slow firmware, kernel and initramfs
@@ -224,6 +224,10 @@ pub struct GroupSection {
     /// (lts.conf `KEEP_SYSTEM_SERVICES`).
     #[serde(default)]
     pub keep_system_services: Vec<String>,
+    /// Other lts.conf variables, kept for the image's own scripts: written to each node's
+    /// `/etc/lts.conf` and to the lts.conf served over TFTP. bootmesh does not act on them.
+    #[serde(default)]
+    pub lts_conf: BTreeMap<String, String>,
     /// Secrets by name, handed to each node of the group once per boot token.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
@@ -356,6 +360,9 @@ pub struct HostSection {
     /// Appended to the group's `keep_system_services`.
     #[serde(default)]
     pub keep_system_services: Vec<String>,
+    /// lts.conf variables; a name the group also has takes this value.
+    #[serde(default)]
+    pub lts_conf: BTreeMap<String, String>,
     /// Secrets by name; a name the group also has takes this value.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
@@ -516,15 +523,21 @@ impl FleetConfig {
             path: path.to_owned(),
             message: parse_error_message(text, &error),
         })?;
-        // A server that serves DHCP on some interface, to run the same checks as on a file.
+        // A server that serves DHCP, HTTP and NBD, to run the same checks as on a file: which
+        // services a server runs is its own file's business, not the fleet's, so a fleet
+        // with `[boot]` or an `nbd` group is not refused for lack of them here.
         let probe_dhcp = toml::from_str::<DhcpSection>("interfaces = [\"probe\"]")
             .map_err(|error| invalid("dhcp", format!("default section: {error}")))?;
+        let probe_http = toml::from_str::<HttpSection>("listen = \"127.0.0.1:80\"\nroot = \"/\"")
+            .map_err(|error| invalid("http", format!("default section: {error}")))?;
+        let probe_nbd = toml::from_str::<NbdSection>("listen = \"127.0.0.1:10809\"")
+            .map_err(|error| invalid("nbd", format!("default section: {error}")))?;
         let probe = ServerConfig {
             state_dir: PathBuf::from("/"),
             dhcp: Some(probe_dhcp),
             tftp: None,
-            http: None,
-            nbd: None,
+            http: Some(probe_http),
+            nbd: Some(probe_nbd),
             boot: None,
             groups: Vec::new(),
             images: ImagesSection::default(),
@@ -845,6 +858,12 @@ impl ServerConfig {
             fstab: joined(|settings| settings.fstab),
             rcfile: joined(|settings| settings.rcfile),
             keep_system_services: joined(|settings| settings.keep_system_services),
+            lts_conf: group_settings
+                .iter()
+                .chain(&host_settings)
+                .flat_map(|settings| settings.lts_conf.iter())
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
         };
         let mut secrets = BTreeMap::new();
         for settings in group_settings.iter().chain(&host_settings) {
@@ -995,6 +1014,7 @@ struct NodeSettings<'a> {
     fstab: &'a [String],
     rcfile: &'a [String],
     keep_system_services: &'a [String],
+    lts_conf: &'a BTreeMap<String, String>,
     secrets: &'a BTreeMap<String, Secret>,
 }
 
@@ -1017,6 +1037,7 @@ impl GroupSection {
             fstab: &self.fstab,
             rcfile: &self.rcfile,
             keep_system_services: &self.keep_system_services,
+            lts_conf: &self.lts_conf,
             secrets: &self.secrets,
         }
     }
@@ -1029,6 +1050,7 @@ impl HostSection {
             fstab: &self.fstab,
             rcfile: &self.rcfile,
             keep_system_services: &self.keep_system_services,
+            lts_conf: &self.lts_conf,
             secrets: &self.secrets,
         }
     }
@@ -1061,6 +1083,22 @@ fn check_node_settings(key: &str, settings: &NodeSettings<'_>) -> Result<(), Con
             if !valid {
                 return Err(invalid(format!("{key}.{list_name}[{index}]"), reason));
             }
+        }
+    }
+    for (name, value) in settings.lts_conf {
+        if !is_valid_lts_variable_name(name) {
+            return Err(invalid(
+                format!("{key}.lts_conf.{name:?}"),
+                "must be a shell variable name (A-Z a-z 0-9 _, not starting with a digit), and \
+                 not HOSTNAME, KEEP_SYSTEM_SERVICES, LIKE or PREINIT_/FSTAB_/RCFILE_*, which \
+                 have keys of their own",
+            ));
+        }
+        if !is_valid_setting_line(value) {
+            return Err(invalid(
+                format!("{key}.lts_conf.{name}"),
+                "must be one line: no newline, NUL or other control character",
+            ));
         }
     }
     for (name, value) in settings.secrets {
@@ -1264,6 +1302,7 @@ path = "/srv/root.squashfs"
              root_mode = \"ram\"\n\
              preinit = [\"echo host\"]\n\
              keep_system_services = [\"nvidia-persistenced\"]\n\
+             lts_conf = { SCREEN_07 = \"host\" }\n\
              secrets = { kubeadm-join = \"host-value\", ca = \"host-ca\" }\n",
         ) + "\n\
              [boot]\n\
@@ -1281,6 +1320,7 @@ path = "/srv/root.squashfs"
              fstab = [\"server:/home /home nfs defaults 0 0\"]\n\
              rcfile = [\"modprobe nvidia\"]\n\
              keep_system_services = [\"ssh\"]\n\
+             lts_conf = { SCREEN_07 = \"group\", SERVER = \"10.0.0.2\" }\n\
              secrets = { kubeadm-join = \"gpus-value\", registry = \"gpus-registry\" }\n"
     }
 
@@ -1306,6 +1346,10 @@ path = "/srv/root.squashfs"
                 fstab: vec!["server:/home /home nfs defaults 0 0".into()],
                 rcfile: vec!["modprobe nvidia".into()],
                 keep_system_services: vec!["ssh".into(), "nvidia-persistenced".into()],
+                lts_conf: BTreeMap::from([
+                    ("SCREEN_07".into(), "host".into()),
+                    ("SERVER".into(), "10.0.0.2".into()),
+                ]),
             }
         );
         let secret_values: Vec<(&str, &str)> = host
@@ -1407,7 +1451,7 @@ path = "/srv/root.squashfs"
     #[test]
     fn syntax_errors_do_not_quote_lines_that_may_hold_secrets() {
         let inline = with_node_settings().replace("\"host-ca\"", "\"host-ca");
-        check_error(&inline, &["line 20", "not shown"]);
+        check_error(&inline, &["line 21", "not shown"]);
         assert!(!parse(&inline).unwrap_err().to_string().contains("host-ca"));
         let table = format!(
             "{}\n[group.secrets]\nregistry = \"in-a-table\" junk\n",

@@ -18,6 +18,7 @@ pub mod image_source;
 pub mod initramfs;
 pub mod initramfs_builder;
 pub mod journal;
+pub mod ltsp_import;
 pub mod modules;
 pub mod nbd_service;
 pub mod net;

@@ -61,6 +61,11 @@ pub struct NodePlan {
     /// (lts.conf `KEEP_SYSTEM_SERVICES`).
     #[serde(default)]
     pub keep_system_services: Vec<String>,
+    /// Other lts.conf variables (`SERVER`, `LDM_*`, ...) that bootmesh does not act on, kept
+    /// for the image's own scripts: the agent writes them, with the settings above, to the new
+    /// root's `/etc/lts.conf`.
+    #[serde(default)]
+    pub lts_conf: BTreeMap<String, String>,
 }
 
 /// Units masked on diskless nodes unless `keep_system_services` names them: each either needs
@@ -144,6 +149,28 @@ pub fn is_valid_setting_line(line: &str) -> bool {
     !line
         .chars()
         .any(|character| character.is_control() && character != '\t')
+}
+
+/// Whether `name` may be an `lts_conf` variable's name: a shell variable name (LTSP turns
+/// lts.conf into assignments), and none of the keys bootmesh writes from the settings itself.
+pub fn is_valid_lts_variable_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    let starts_well = bytes
+        .next()
+        .is_some_and(|first| first.is_ascii_alphabetic() || first == b'_');
+    starts_well
+        && name.len() <= 64
+        && bytes.all(|byte| byte.is_ascii_alphanumeric() || byte == b'_')
+        && !is_lts_setting_key(name)
+}
+
+/// Whether lts.conf `key` is one bootmesh writes from a plan's own fields.
+pub fn is_lts_setting_key(key: &str) -> bool {
+    let upper = key.to_ascii_uppercase();
+    ["PREINIT_", "FSTAB_", "RCFILE_"]
+        .iter()
+        .any(|prefix| upper.starts_with(prefix))
+        || matches!(upper.as_str(), "HOSTNAME" | "KEEP_SYSTEM_SERVICES" | "LIKE")
 }
 
 /// Whether `name` may be a `keep_system_services` entry: a unit name, which lts.conf's
@@ -253,7 +280,18 @@ fn lts_settings(plan: &NodePlan) -> Vec<(String, String)> {
             plan.keep_system_services.join(" "),
         ));
     }
+    for (name, value) in &plan.lts_conf {
+        settings.push((name.clone(), value.clone()));
+    }
     settings
+}
+
+/// The lts.conf a booted node finds at `/etc/lts.conf`: its own settings, as one `[default]`
+/// section, for the image's scripts that read it the way LTSP's did.
+pub fn node_lts_conf(plan: &NodePlan) -> String {
+    let mut text = String::from("# Written by bootmesh at boot from this node's plan.\n");
+    write_lts_section(&mut text, "default", plan, &lts_settings(plan));
+    text
 }
 
 fn write_lts_section(

@@ -298,6 +298,17 @@ impl BootLab {
     /// Makes namespace `<prefix>` with bridge `<prefix>-br` holding `10.<subnet>.0.1/24` and
     /// `fd00:<subnet>::1/64`, and starts router advertisements on it.
     pub fn new(prefix: &str, subnet: u8, directory: PathBuf) -> Result<Self, LabError> {
+        Self::with_prefix_length(prefix, subnet, 24, directory)
+    }
+
+    /// As `new`, with the bridge's IPv4 network `10.<subnet>.0.1/<prefix_length>`: a lab for
+    /// configurations written for a wider network (an LTSP site's `10.9.0.0/16`).
+    pub fn with_prefix_length(
+        prefix: &str,
+        subnet: u8,
+        prefix_length: u8,
+        directory: PathBuf,
+    ) -> Result<Self, LabError> {
         std::fs::create_dir_all(&directory).map_err(io("lab directory"))?;
         let namespace = prefix.to_owned();
         let bridge = format!("{prefix}-br");
@@ -326,7 +337,7 @@ impl BootLab {
                 &ns,
                 "addr",
                 "add",
-                &format!("{}/24", lab.server_address),
+                &format!("{}/{prefix_length}", lab.server_address),
                 "dev",
                 &bridge,
             ],

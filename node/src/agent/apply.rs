@@ -2,11 +2,12 @@
 //! hostname, fstab lines, the RCFILE unit, masked services, secrets, and a record of the boot
 //! for the booted system.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::Path;
 
-use crate::plan::{MASKED_BY_DEFAULT, NodePlan, NodeSecrets, is_valid_secret_name};
+use crate::plan::{MASKED_BY_DEFAULT, NodePlan, NodeSecrets, is_valid_secret_name, node_lts_conf};
 
 /// Why the plan could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,31 @@ fn rcfile_unit() -> String {
     )
 }
 
+/// The RCFILE script, run by `sh -e`: like LTSP's rc.local it stops at the first command that
+/// fails, and its exit trap says which one that was, on the console (`/dev/kmsg`, at error
+/// level) and in the unit's journal, so a failed `kubeadm join` is seen, not guessed at. The
+/// boot goes on either way: the unit is wanted, not required, by multi-user.target.
+fn rcfile_script(commands: &[String]) -> String {
+    let mut script = String::from(
+        "# bootmesh: RCFILE commands of this node's group and host\n\
+         bootmesh_rcfile_step=0\n\
+         trap 'bootmesh_rcfile_status=$?\n\
+         if [ \"$bootmesh_rcfile_status\" -ne 0 ]; then\n\
+         \x20 bootmesh_rcfile_report=\"bootmesh: RCFILE_$(printf %02d \"$bootmesh_rcfile_step\") failed \
+         with exit status $bootmesh_rcfile_status; the RCFILE commands after it did not run\"\n\
+         \x20 echo \"<3>$bootmesh_rcfile_report\" > /dev/kmsg 2>/dev/null || true\n\
+         \x20 echo \"$bootmesh_rcfile_report\" >&2\n\
+         fi' EXIT\n",
+    );
+    for (index, command) in commands.iter().enumerate() {
+        // Writing to a String cannot fail.
+        let _ = writeln!(script, "bootmesh_rcfile_step={}", index + 1);
+        script.push_str(command);
+        script.push('\n');
+    }
+    script
+}
+
 /// Writes the plan into `root`. `hostname` is the plan's or the DHCP lease's.
 pub fn apply_plan(root: &Path, plan: &NodePlan, hostname: Option<&str>) -> Result<(), ApplyError> {
     if let Some(hostname) = hostname {
@@ -99,14 +125,9 @@ pub fn apply_plan(root: &Path, plan: &NodePlan, hostname: Option<&str>) -> Resul
         write_file(root, "/etc/fstab", &fstab, 0o644)?;
     }
     let systemd = root.join("etc/systemd/system");
+    write_file(root, "/etc/lts.conf", &node_lts_conf(plan), 0o644)?;
     if !plan.rcfile.is_empty() {
-        let mut script =
-            String::from("# bootmesh: RCFILE commands of this node's group and host\n");
-        for command in &plan.rcfile {
-            script.push_str(command);
-            script.push('\n');
-        }
-        write_file(root, RCFILE_SCRIPT, &script, 0o755)?;
+        write_file(root, RCFILE_SCRIPT, &rcfile_script(&plan.rcfile), 0o755)?;
         write_file(
             root,
             &format!("/etc/systemd/system/{RCFILE_UNIT}"),
@@ -171,6 +192,7 @@ mod tests {
             fstab: vec!["tmpfs /scratch tmpfs size=1G 0 0".into()],
             rcfile: vec!["echo rc > /run/rc".into()],
             keep_system_services: vec!["fstrim.timer".into()],
+            lts_conf: BTreeMap::from([("SERVER".into(), "10.9.0.15".into())]),
             ..NodePlan::default()
         };
         apply_plan(root.path(), &plan, None).unwrap();
@@ -192,6 +214,42 @@ mod tests {
         );
         let script = std::fs::read_to_string(root.path().join("etc/bootmesh/rcfile.sh")).unwrap();
         assert!(script.contains("echo rc > /run/rc"));
+        let lts_conf = std::fs::read_to_string(root.path().join("etc/lts.conf")).unwrap();
+        assert!(lts_conf.contains("[default]\nFSTAB_01=\"tmpfs /scratch tmpfs size=1G 0 0\""));
+        assert!(lts_conf.contains("SERVER=\"10.9.0.15\""), "{lts_conf}");
+    }
+
+    /// The script stops at the first failing command, as `sh -e` does, and names it; the
+    /// commands before it ran. Run with the system's `sh`, as the unit runs it.
+    #[test]
+    fn the_rcfile_script_stops_at_the_first_failure_and_names_it() {
+        let directory = tempfile::tempdir().unwrap();
+        let proof = directory.path().join("proof");
+        let script = rcfile_script(&[
+            format!("echo first > {}", proof.display()),
+            "cd /; export LTSP_STYLE=yes".into(),
+            "[ \"$LTSP_STYLE\" = yes ] && false".into(),
+            format!("echo never >> {}", proof.display()),
+        ]);
+        let output = std::process::Command::new("sh")
+            .arg("-e")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("bootmesh: RCFILE_03 failed with exit status 1"),
+            "{stderr}"
+        );
+        assert_eq!(std::fs::read_to_string(&proof).unwrap(), "first\n");
+        let fine = rcfile_script(&["true".into()]);
+        let output = std::process::Command::new("sh")
+            .args(["-e", "-c", &fine])
+            .output()
+            .unwrap();
+        assert!(output.status.success() && output.stderr.is_empty());
     }
 
     #[test]

@@ -172,7 +172,23 @@ pub fn assemble_root(verified_device: &Path, overlay_size: &str) -> Result<(), S
             upper.display(),
             work.display()
         )),
-    )
+    )?;
+    show_image_at_rofs(&lower);
+    Ok(())
+}
+
+/// LTSP showed the read-only image at `/rofs`, and sites' commands rely on it (the LTSP
+/// write-up mounts a disk over `/etc/ssh`, then copies the image's `/rofs/etc/ssh/*_config`
+/// into it). The same squashfs, bound there: read-only, as its superblock is. A node boots
+/// without it, so a failure is only reported.
+fn show_image_at_rofs(lower: &Path) {
+    let rofs = Path::new(NEW_ROOT).join("rofs");
+    let bound = std::fs::create_dir_all(&rofs)
+        .map_err(|error| error.to_string())
+        .and_then(|()| rustix::mount::mount_bind(lower, &rofs).map_err(|error| error.to_string()));
+    if let Err(error) = bound {
+        tracing::warn!(%error, "the image is not shown at /rofs");
+    }
 }
 
 /// Removes the initramfs's files (they are RAM the booted node would never get back), without

@@ -17,6 +17,7 @@ mod image_serving;
 mod images;
 mod initramfs;
 mod lab;
+mod ltsp_cli;
 mod nbd;
 mod serve;
 mod sim_cli;

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use node::vmlab::{self, BootLab, DebianKernel, Firmware, Vm, VmSpec};
 
@@ -759,7 +759,7 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
 /// unit, the FSTAB line) with this run's nonce, then powers the VM off.
 const DEBIAN_MARKER_SCRIPT: &str = r#"#!/bin/sh
 nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
-echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) secret=$(cat /run/bootmesh/secrets/join-token 2>/dev/null) secret-mode=$(stat -c %a /run/bootmesh/secrets/join-token 2>/dev/null) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
+echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) ltsconf-rcfile=$(grep -c '^RCFILE_' /etc/lts.conf) rofs=$(if [ -d /rofs/etc ] && ! touch /rofs/etc/bootmesh-write 2>/dev/null; then echo read-only; fi) secret=$(cat /run/bootmesh/secrets/join-token 2>/dev/null) secret-mode=$(stat -c %a /run/bootmesh/secrets/join-token 2>/dev/null) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
 systemctl poweroff --no-block
 "#;
 
@@ -833,11 +833,18 @@ fn debian_systemd_tree(tree: &Path) {
     vmlab::add_kernel_to_tree(&kernel, tree).expect("kernel");
 }
 
-/// Test 1: BIOS PXE into a Debian systemd root in RAM through dm-verity, with the node's
-/// host and group settings applied (hostname, PREINIT before PID 1, FSTAB, RCFILE unit,
-/// masked and kept units).
+/// Test 1: the LTSP site of the LTSP-for-Kubernetes write-up (its dhcpd.conf and lts.conf,
+/// `examples/ltsp/`) converted by `config import-ltsp`, applied with `config apply` to a
+/// one-server cluster whose lab owns the site's 10.9.0.0/16, and booted: BIOS PXE into a
+/// Debian systemd root in RAM through dm-verity, with the site's group settings and the
+/// node's own host settings applied (hostname, PREINIT before PID 1, FSTAB, the RCFILE unit,
+/// masked and kept units, a secret, /etc/lts.conf). The site's RCFILE commands stop at the
+/// first that fails, as LTSP's `sh -e` rc.local did: here RCFILE_01, since the lab image has
+/// no OpenSSH to copy from `/rofs/etc/ssh` (RCFILE_03's netconsole would need the author's
+/// `vmbr0`, and the `kubeadm join` a Kubernetes cluster, neither of which this lab has). The
+/// failure is reported on the console, and the boot goes on.
 #[test]
-fn a_debian_systemd_root_boots_in_ram_with_its_node_settings() {
+fn an_imported_ltsp_site_boots_a_debian_systemd_root_in_ram_with_its_node_settings() {
     let Some(agent) = vm_tests_enabled() else {
         return;
     };
@@ -847,35 +854,121 @@ fn a_debian_systemd_root_boots_in_ram_with_its_node_settings() {
     let tree = work.path().join("tree");
     debian_systemd_tree(&tree);
     let hash = import(&state, "debian:v1", &tree, &agent);
-    promote(&state, "lab", "debian:v1");
+    promote(&state, "ltsp", "debian:v1");
     let files = files_directory(work.path());
-    let mut lab = BootLab::new("bmvm-deb", 65, work.path().join("lab")).expect("lab");
-    // A stand-in for a `kubeadm join` token: it must reach the node and no log.
+
+    // Convert the site, as an operator would, and read the report.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/ltsp");
+    let fleet_path = work.path().join("fleet.toml");
+    let converted = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
+        .args(["config", "import-ltsp", "--dhcpd-conf"])
+        .arg(examples.join("dhcpd.conf"))
+        .arg("--lts-conf")
+        .arg(examples.join("lts.conf"))
+        .arg("--output")
+        .arg(&fleet_path)
+        .output()
+        .expect("import-ltsp");
+    let report = String::from_utf8_lossy(&converted.stderr);
+    assert!(converted.status.success(), "import-ltsp: {report}");
+    eprintln!("import-ltsp report:\n{report}");
+    for line in [
+        "dhcpd.conf:9: changed: `next-server ltsp-1;`",
+        "dhcpd.conf:11: changed: `filename \"/ltsp/amd64/grub/x86_64-efi/core.efi\";`",
+        "dhcpd.conf:13: changed: `filename \"/ltsp/amd64/grub/i386-pc/core.0\";`",
+        "converted 1 subnet(s), 0 host(s), 1 group(s)",
+    ] {
+        assert!(report.contains(line), "{line} in {report}");
+    }
+    // The operator's own additions: a command line for the group, and one known node.
     let secret = format!("join-{}", nonce());
     let nonce = nonce();
-    let config = server_config(
-        &lab,
-        &ServerSetup {
-            state: &state,
-            files: &files,
-            group_settings: &format!(
-                "cmdline = \"lab.nonce={nonce}\"
-preinit = [\"echo preinit-ran-before-init > /etc/bootmesh-preinit-proof\"]
-fstab = [\"tmpfs /mnt/bootmesh-scratch tmpfs size=16m 0 0\"]
-rcfile = [\"echo rcfile-ran > /run/rcfile-proof\"]
-keep_system_services = [\"fstrim.timer\"]
-secrets = {{ join-token = \"{secret}\" }}"
-            ),
-            hosts: "[[dhcp.host]]\nmac = \"52:54:00:65:00:01\"\nhostname = \"debian-node-1\"",
-            extra: "",
-        },
+    let fleet = std::fs::read_to_string(&fleet_path).expect("fleet.toml");
+    let fleet = fleet.replacen(
+        "name = \"ltsp\"\n",
+        &format!("name = \"ltsp\"\ncmdline = \"lab.nonce={nonce}\"\n"),
+        1,
+    ) + &format!(
+        "\n[[dhcp.host]]\nmac = \"52:54:00:09:00:01\"\nhostname = \"debian-node-1\"\n\
+         preinit = [\"echo preinit-ran-before-init > /etc/bootmesh-preinit-proof\"]\n\
+         fstab = [\"tmpfs /mnt/bootmesh-scratch tmpfs size=16m 0 0\"]\n\
+         rcfile = [\"echo rcfile-ran > /run/rcfile-proof\"]\n\
+         keep_system_services = [\"fstrim.timer\"]\n\
+         secrets = {{ join-token = \"{secret}\" }}\n"
+    );
+    std::fs::write(&fleet_path, &fleet).expect("fleet.toml");
+
+    let mut lab =
+        BootLab::with_prefix_length("bmvm-ltsp", 9, 16, work.path().join("lab")).expect("lab");
+    let namespace = lab.namespace.clone();
+    let in_lab = |args: &[&str]| {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", &namespace, env!("CARGO_BIN_EXE_bootmesh")])
+            .args(args)
+            .args(["--state-dir", &state.display().to_string()])
+            .output()
+            .expect("bootmesh in the lab");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, output) = in_lab(&[
+        "cluster",
+        "init",
+        "--address",
+        "127.0.0.1:7100",
+        "--rack",
+        "r1",
+    ]);
+    assert!(ok, "cluster init: {output}");
+    let config = format!(
+        r#"state_dir = "{state}"
+[cluster]
+[dhcp]
+interfaces = ["{bridge}"]
+[tftp]
+listen = "0.0.0.0:69"
+root = "{files}"
+[http]
+listen = "0.0.0.0:8080"
+root = "{files}"
+[nbd]
+listen = "0.0.0.0:10809"
+"#,
+        state = state.display(),
+        bridge = lab.bridge,
+        files = files.display(),
     );
     lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
         .expect("server");
+    let fleet_text = fleet_path.display().to_string();
+    let mut applied = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let (ok, output) = in_lab(&["config", "apply", &fleet_text]);
+        applied = output;
+        if ok {
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        applied.contains("applied"),
+        "config apply: {applied}\nserver:\n{}",
+        lab.log("server")
+    );
+    // The server serves the applied version within a second of its commit.
+    let served = lab::wait_for(Duration::from_secs(30), || {
+        lab.log("server").contains("fleet configuration applied")
+    });
+    assert!(served.is_some(), "server:\n{}", lab.log("server"));
+
     let (mut vm, elapsed, line) = boot_to_marker(
         &mut lab,
         "debian",
-        [0x52, 0x54, 0, 0x65, 0, 1],
+        [0x52, 0x54, 0, 0x09, 0, 1],
         1024,
         &nonce,
     );
@@ -888,28 +981,39 @@ secrets = {{ join-token = \"{secret}\" }}"
     };
     expect("host", "debian-node-1");
     expect("preinit", "preinit-ran-before-init");
-    expect("rcfile", "active");
-    expect("rcfile-ran", "rcfile-ran");
+    // The site's RCFILE_01 failed, so nothing after it ran, the node's own command included.
+    expect("rcfile", "failed");
+    assert_eq!(field(&line, "rcfile-ran"), Some(""), "{line}");
+    expect("ltsconf-rcfile", "8");
+    expect("rofs", "read-only");
     expect("apt-daily.timer", "masked");
     expect("fstab", "1");
     expect("scratch", "tmpfs");
     expect("secret", &secret);
     expect("secret-mode", "600");
+    expect("init", "systemd");
+    assert_ne!(field(&line, "fstrim.timer"), Some("masked"), "kept: {line}");
+    let serial = vm.serial();
+    assert!(
+        serial.contains("bootmesh: RCFILE_01 failed with exit status 1"),
+        "the failed RCFILE command is reported on the console"
+    );
+    assert!(
+        serial.contains("PREINIT failed; booting on"),
+        "the site's PREINIT for docker.service fails in this image, and is reported"
+    );
     let server_log = lab.log("server");
     assert!(
         !server_log.contains(&secret),
         "the secret never appears in the server's log"
     );
     assert!(
-        vm.serial()
+        serial
             .lines()
             .filter(|console_line| console_line.contains("bootmesh:"))
             .all(|console_line| !console_line.contains(&secret)),
         "the agent never logs the secret"
     );
-    expect("init", "systemd");
-    assert_ne!(field(&line, "fstrim.timer"), Some("masked"), "kept: {line}");
-    let serial = vm.serial();
     assert!(
         serial.contains(&format!("bootmesh.image={hash}")),
         "booted the promoted image"
@@ -917,6 +1021,12 @@ secrets = {{ join-token = \"{secret}\" }}"
     assert!(
         serial.contains("dm-verity over the root image"),
         "root through dm-verity"
+    );
+    let (ok, leases) = in_lab(&["lease", "list"]);
+    assert!(ok, "lease list: {leases}");
+    assert!(
+        leases.contains("52:54:00:09:00:01") && leases.contains("10.9.2"),
+        "the node's lease comes from the site's range: {leases}"
     );
     assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
 }
