@@ -36,8 +36,9 @@ pub enum ClusterCommand {
         /// The token.
         #[arg(long)]
         token: String,
-        /// Any member's cluster address.
-        #[arg(long)]
+        /// Any member's cluster address: `IP:PORT`, or `NAME:PORT` (resolved once, here; a
+        /// StatefulSet's first pod, say).
+        #[arg(long, value_parser = resolve_address)]
         server: SocketAddr,
         /// This server's cluster address: its own IP and a UDP port.
         #[arg(long)]
@@ -167,6 +168,17 @@ pub enum TokenCommand {
         #[arg(long)]
         server: Option<SocketAddr>,
     },
+}
+
+/// `IP:PORT` as it is, or the first address `NAME:PORT` resolves to.
+fn resolve_address(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(text)
+        .map_err(|error| format!("{text}: {error}"))?
+        .next()
+        .ok_or_else(|| format!("{text} resolves to no address"))
 }
 
 fn print(text: &str) -> anyhow::Result<()> {

@@ -136,6 +136,7 @@ pub async fn serve(
     let scripts_handle =
         crate::http_service::BootScriptsHandle::new(boot_scripts(&config, &images, &node_plans));
     let lts_conf = crate::image_source::LtsConfHandle::new(node_plans.lts_conf());
+    let readiness = crate::http_service::Readiness::starting();
     if let Some(member) = &member {
         let watcher = FleetWatcher {
             local: local_config.clone(),
@@ -145,6 +146,7 @@ pub async fn serve(
             dhcp: dhcp_reconfigure,
             scripts: scripts_handle.clone(),
             lts_conf: lts_conf.clone(),
+            readiness: readiness.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
@@ -307,11 +309,19 @@ pub async fn serve(
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
         let scripts = scripts_handle.clone();
+        let readiness = readiness.clone();
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
-            crate::http_service::run_http(listener, source, scripts, http.connections_max, shutdown)
-                .await
-                .map_err(io_error("http"))
+            crate::http_service::run_http(
+                listener,
+                source,
+                scripts,
+                readiness,
+                http.connections_max,
+                shutdown,
+            )
+            .await
+            .map_err(io_error("http"))
         });
     }
 
@@ -351,6 +361,10 @@ pub async fn serve(
     }
 
     tracing::info!(services = services.len(), "bootmesh serving");
+    if member.is_none() {
+        // A cluster member is ready once it knows a leader (its fleet watcher says so).
+        readiness.set_ready();
+    }
     tokio::pin!(shutdown);
     let first_failure = tokio::select! {
         () = &mut shutdown => None,
@@ -442,6 +456,7 @@ struct FleetWatcher {
     dhcp: watch::Sender<Option<boot_services::dhcp::DhcpConfig>>,
     scripts: crate::http_service::BootScriptsHandle,
     lts_conf: crate::image_source::LtsConfHandle,
+    readiness: crate::http_service::Readiness,
 }
 
 impl FleetWatcher {
@@ -452,6 +467,13 @@ impl FleetWatcher {
             tokio::select! {
                 () = &mut shutdown => return,
                 _ = interval.tick() => {}
+            }
+            let leader = self.member.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(_) => self.readiness.set_ready(),
+                None => self
+                    .readiness
+                    .set_not_ready("no cluster leader known: new leases cannot be committed"),
             }
             let version = self.member.state.read(|state| state.config.version);
             if version == self.version {

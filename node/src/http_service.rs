@@ -696,17 +696,88 @@ fn percent_decode(path: &str) -> Option<String> {
     String::from_utf8(decoded).ok()
 }
 
+/// Whether the server is ready to serve nodes, for `/readyz` (a Kubernetes readiness probe, a
+/// load balancer's health check): not while it starts, nor while its cluster has no leader
+/// (no new lease could be committed).
+#[derive(Debug, Clone)]
+pub struct Readiness(Arc<std::sync::RwLock<Option<String>>>);
+
+impl Readiness {
+    /// Not ready yet: starting.
+    pub fn starting() -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Some(
+            "starting".to_owned(),
+        ))))
+    }
+
+    /// Ready.
+    pub fn set_ready(&self) {
+        self.set(None);
+    }
+
+    /// Not ready, and why.
+    pub fn set_not_ready(&self, reason: impl Into<String>) {
+        self.set(Some(reason.into()));
+    }
+
+    fn set(&self, reason: Option<String>) {
+        let mut current = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *current != reason {
+            match &reason {
+                None => tracing::info!("ready"),
+                Some(why) => tracing::warn!(reason = %why, "not ready"),
+            }
+            *current = reason;
+        }
+    }
+
+    /// Why the server is not ready, if it is not.
+    pub fn not_ready_because(&self) -> Option<String> {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// `/healthz` (the process answers: a liveness probe) and `/readyz` (see [`Readiness`]).
+async fn serve_health(
+    State(readiness): State<Readiness>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match request.uri().path() {
+        "/healthz" => (StatusCode::OK, "ok\n").into_response(),
+        "/readyz" => match readiness.not_ready_because() {
+            None => (StatusCode::OK, "ready\n").into_response(),
+            Some(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            )
+                .into_response(),
+        },
+        _ => next.run(request).await,
+    }
+}
+
 /// Serves HTTP on `listener` until `shutdown` resolves.
 pub async fn run_http(
     listener: TcpListener,
     source: DirectorySource,
     scripts: BootScriptsHandle,
+    readiness: Readiness,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?address, "http listening");
-    axum::serve(listener, router(source, scripts, requests_in_flight_max))
+    // Probes answer before the load-shedding layers: a busy server is alive, not dead.
+    let router = router(source, scripts, requests_in_flight_max)
+        .layer(middleware::from_fn_with_state(readiness, serve_health));
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -766,6 +837,41 @@ mod tests {
             .await
             .unwrap();
         (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn probes_say_alive_and_whether_ready() {
+        let readiness = Readiness::starting();
+        let probe = |path: &'static str| {
+            let app = Router::new()
+                .fallback(|| async { StatusCode::NOT_FOUND })
+                .layer(middleware::from_fn_with_state(
+                    readiness.clone(),
+                    serve_health,
+                ));
+            async move {
+                let request = Request::builder().uri(path).body(Body::empty()).unwrap();
+                let response = app.oneshot(request).await.unwrap();
+                let status = response.status();
+                let body = axum::body::to_bytes(response.into_body(), 1024)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        assert_eq!(probe("/healthz").await, (StatusCode::OK, "ok\n".into()));
+        assert_eq!(
+            probe("/readyz").await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: starting\n".into()
+            )
+        );
+        readiness.set_ready();
+        assert_eq!(probe("/readyz").await, (StatusCode::OK, "ready\n".into()));
+        readiness.set_not_ready("no cluster leader known");
+        assert_eq!(probe("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(probe("/other").await.0, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

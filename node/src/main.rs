@@ -101,6 +101,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         arguments: Vec<std::ffi::OsString>,
     },
+    /// Print a shell completion script: `bootmesh completions bash > /etc/bash_completion.d/bootmesh`
+    /// (zsh: into a directory of `$fpath` as `_bootmesh`; fish: `~/.config/fish/completions/`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -260,6 +266,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "bootmesh", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Cluster { state_dir, command } => {
             node::cluster_cli::run_cluster(&state_dir, command)
         }

@@ -687,14 +687,9 @@ pub fn add_kernel_to_tree(kernel: &DebianKernel, tree: &Path) -> Result<(), LabE
     Ok(())
 }
 
-/// A busybox image (from the `busybox-static` package) with `kernel` and `init_script` as
-/// `/sbin/init`, built at `tree`.
-pub fn busybox_image_tree(
-    cache: &Path,
-    kernel: &DebianKernel,
-    tree: &Path,
-    init_script: &str,
-) -> Result<(), LabError> {
+/// The static busybox of Debian's `busybox-static` package, downloaded and unpacked into
+/// `cache` once.
+pub fn static_busybox(cache: &Path) -> Result<PathBuf, LabError> {
     let deb = download_package(cache, "busybox-static")?;
     let unpacked = cache.join("busybox-static");
     if !unpacked.join("bin/busybox").is_file() {
@@ -708,14 +703,25 @@ pub fn busybox_image_tree(
             ],
         )?;
     }
+    Ok(unpacked.join("bin/busybox"))
+}
+
+/// A busybox image (from the `busybox-static` package) with `kernel` and `init_script` as
+/// `/sbin/init`, built at `tree`.
+pub fn busybox_image_tree(
+    cache: &Path,
+    kernel: &DebianKernel,
+    tree: &Path,
+    init_script: &str,
+) -> Result<(), LabError> {
+    let busybox = static_busybox(cache)?;
     let _ = std::fs::remove_dir_all(tree);
     for directory in [
         "bin", "sbin", "etc", "proc", "sys", "dev", "run", "tmp", "root",
     ] {
         std::fs::create_dir_all(tree.join(directory)).map_err(io("mkdir image tree"))?;
     }
-    std::fs::copy(unpacked.join("bin/busybox"), tree.join("bin/busybox"))
-        .map_err(io("copy busybox"))?;
+    std::fs::copy(&busybox, tree.join("bin/busybox")).map_err(io("copy busybox"))?;
     for applet in [
         "sh",
         "mount",

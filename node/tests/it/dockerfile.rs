@@ -328,3 +328,93 @@ fn the_example_node_image_builds_and_imports_with_its_kernel_and_initrd() {
         );
     }
 }
+
+/// bootmesh's own container image (`deploy/container/Dockerfile`, what the Kubernetes
+/// manifests run) built by buildah from the static binary, a static busybox and iPXE; the
+/// image runs `bootmesh`, has the shell its bootstrap script needs, and the iPXE files.
+#[test]
+fn the_bootmesh_container_image_builds_and_runs() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("buildah");
+    let Some(agent) = std::env::var_os("BOOTMESH_AGENT").map(std::path::PathBuf::from) else {
+        eprintln!("skipping: BOOTMESH_AGENT names no static bootmesh (.ci/run builds one)");
+        return;
+    };
+    let work = tempfile::tempdir().expect("work dir");
+    let directory = work.path();
+    let context = directory.join("context");
+    std::fs::create_dir_all(context.join("ipxe")).expect("context");
+    std::fs::copy(&agent, context.join("bootmesh")).expect("static bootmesh");
+    let cache = std::env::var_os("BOOTMESH_TEST_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/tmp/bootmesh-test-cache"));
+    std::fs::create_dir_all(&cache).expect("cache");
+    let busybox = node::vmlab::static_busybox(&cache).expect("static busybox");
+    std::fs::copy(busybox, context.join("busybox")).expect("busybox");
+    for name in ["undionly.kpxe", "ipxe.efi", "snponly.efi"] {
+        std::fs::copy(
+            Path::new("/usr/lib/ipxe").join(name),
+            context.join("ipxe").join(name),
+        )
+        .expect("ipxe");
+    }
+    let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/Dockerfile");
+    let storage_root = directory.join("storage");
+    let run_root = directory.join("run");
+    let buildah = |args: &[&str]| -> String {
+        let mut all = vec![
+            "--root",
+            storage_root.to_str().expect("utf-8"),
+            "--runroot",
+            run_root.to_str().expect("utf-8"),
+            "--storage-driver",
+            "vfs",
+        ];
+        all.extend_from_slice(args);
+        String::from_utf8_lossy(&run("buildah", &all, directory).stdout).into_owned()
+    };
+    buildah(&[
+        "bud",
+        "--isolation",
+        "chroot",
+        "-f",
+        dockerfile.to_str().expect("utf-8"),
+        "-t",
+        "bootmesh:test",
+        context.to_str().expect("utf-8"),
+    ]);
+    let entrypoint = buildah(&[
+        "inspect",
+        "--format",
+        "{{.OCIv1.Config.Entrypoint}}",
+        "bootmesh:test",
+    ]);
+    assert_eq!(entrypoint.trim(), "[/usr/bin/bootmesh]");
+    let container = buildah(&["from", "bootmesh:test"]);
+    let container = container.trim();
+    let version = buildah(&[
+        "run",
+        "--isolation",
+        "chroot",
+        container,
+        "--",
+        "/usr/bin/bootmesh",
+        "--version",
+    ]);
+    assert!(version.starts_with("bootmesh "), "{version}");
+    let listing = buildah(&[
+        "run",
+        "--isolation",
+        "chroot",
+        container,
+        "--",
+        "/bin/sh",
+        "-c",
+        "ls /usr/lib/bootmesh/ipxe && test -d /var/lib/bootmesh && echo state-dir",
+    ]);
+    for expected in ["undionly.kpxe", "ipxe.efi", "snponly.efi", "state-dir"] {
+        assert!(listing.contains(expected), "{expected} in {listing}");
+    }
+}

@@ -10,6 +10,7 @@
 mod architecture;
 mod bad_input;
 mod cluster;
+mod deploy;
 mod dhcp;
 mod dockerfile;
 mod http;
