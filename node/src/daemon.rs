@@ -155,8 +155,10 @@ pub async fn serve(
         });
     }
 
+    let mut swarm_node = None;
     if let Some(section) = &config.swarm {
         let swarm = start_swarm(section, member.as_ref())?;
+        swarm_node = Some(Arc::clone(&swarm));
         swarm.enable_tracker(crate::swarm::TrackerService::new(
             transfer::swarm::TrackerConfig::default(),
             config.rack_map(),
@@ -196,6 +198,7 @@ pub async fn serve(
         });
     }
 
+    let mut dhcp_counters = None;
     if let Some(dhcp_config) = config.dhcp_config()? {
         let Some(section) = config.dhcp.clone() else {
             return Err(ServeError::Task("dhcp config without section".into()));
@@ -227,6 +230,7 @@ pub async fn serve(
         let shutdown = shutdown_signal(stop_receiver.clone());
         let queue_max = section.receive_queue_max;
         let counters = Arc::new(DhcpCounters::default());
+        dhcp_counters = Some(Arc::clone(&counters));
         match &member {
             // In a cluster, leases are committed through Raft and shared by every server.
             Some(member) => {
@@ -309,14 +313,25 @@ pub async fn serve(
             .await
             .map_err(io_error(format!("http on {}", http.listen)))?;
         let scripts = scripts_handle.clone();
-        let readiness = readiness.clone();
+        let http_counters = Arc::new(crate::metrics::HttpCounters::default());
+        let probes = crate::http_service::Probes {
+            readiness: readiness.clone(),
+            metrics: Arc::new(crate::metrics::registry(crate::metrics::MetricsSources {
+                readiness: readiness.clone(),
+                http: Arc::clone(&http_counters),
+                dhcp: dhcp_counters.clone(),
+                swarm: swarm_node.clone(),
+                member: member.clone(),
+            })),
+            http: http_counters,
+        };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
             crate::http_service::run_http(
                 listener,
                 source,
                 scripts,
-                readiness,
+                probes,
                 http.connections_max,
                 shutdown,
             )

@@ -37,6 +37,24 @@ pub struct DhcpCounters {
     pub sent: AtomicU64,
     /// Lease changes committed.
     pub committed: AtomicU64,
+    /// Replies sent, by type: OFFER, ACK, NAK, anything else (proxyDHCP, INFORM answers).
+    pub sent_by_type: [AtomicU64; 4],
+}
+
+impl DhcpCounters {
+    /// The reply types `sent_by_type` counts, in its order.
+    pub const REPLY_TYPES: [&'static str; 4] = ["offer", "ack", "nak", "other"];
+
+    fn count_sent(&self, message_type: dhcproto::v4::MessageType) {
+        let index = match message_type {
+            dhcproto::v4::MessageType::Offer => 0,
+            dhcproto::v4::MessageType::Ack => 1,
+            dhcproto::v4::MessageType::Nak => 2,
+            _ => 3,
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        self.sent_by_type[index].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Why the DHCP service stopped.
@@ -283,7 +301,7 @@ where
             let Some(link) = link else { continue };
             match link.send(&transmit).await {
                 Ok(()) => {
-                    counters.sent.fetch_add(1, Ordering::Relaxed);
+                    counters.count_sent(transmit.message_type);
                     tracing::debug!(destination = ?transmit.destination, "sent");
                 }
                 Err(error) => {

@@ -743,15 +743,24 @@ impl Readiness {
     }
 }
 
-/// `/healthz` (the process answers: a liveness probe) and `/readyz` (see [`Readiness`]).
-async fn serve_health(
-    State(readiness): State<Readiness>,
-    request: Request,
-    next: Next,
-) -> Response {
+/// What the operator's tools ask a server: `/healthz`, `/readyz`, `/metrics`; and the HTTP
+/// counters every other response is counted in.
+#[derive(Debug, Clone)]
+pub struct Probes {
+    /// For `/readyz`.
+    pub readiness: Readiness,
+    /// For `/metrics`.
+    pub metrics: Arc<prometheus_client::registry::Registry>,
+    /// Responses served.
+    pub http: Arc<crate::metrics::HttpCounters>,
+}
+
+/// `/healthz` (the process answers: a liveness probe), `/readyz` (see [`Readiness`]) and
+/// `/metrics` (Prometheus); every other request goes on, and its response is counted.
+async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next) -> Response {
     match request.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n").into_response(),
-        "/readyz" => match readiness.not_ready_because() {
+        "/readyz" => match probes.readiness.not_ready_because() {
             None => (StatusCode::OK, "ready\n").into_response(),
             Some(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -759,7 +768,27 @@ async fn serve_health(
             )
                 .into_response(),
         },
-        _ => next.run(request).await,
+        "/metrics" => match crate::metrics::render(&probes.metrics) {
+            Ok(text) => (
+                [(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                text,
+            )
+                .into_response(),
+            Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+        },
+        _ => {
+            let response = next.run(request).await;
+            let length = response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse().ok());
+            probes.http.count(response.status().as_u16(), length);
+            response
+        }
     }
 }
 
@@ -768,7 +797,7 @@ pub async fn run_http(
     listener: TcpListener,
     source: DirectorySource,
     scripts: BootScriptsHandle,
-    readiness: Readiness,
+    probes: Probes,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -776,7 +805,7 @@ pub async fn run_http(
     tracing::info!(?address, "http listening");
     // Probes answer before the load-shedding layers: a busy server is alive, not dead.
     let router = router(source, scripts, requests_in_flight_max)
-        .layer(middleware::from_fn_with_state(readiness, serve_health));
+        .layer(middleware::from_fn_with_state(probes, serve_probes));
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
@@ -840,20 +869,29 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn probes_say_alive_and_whether_ready() {
+    async fn probes_say_alive_and_whether_ready_and_count_what_is_served() {
         let readiness = Readiness::starting();
+        let http = Arc::new(crate::metrics::HttpCounters::default());
+        let probes = Probes {
+            readiness: readiness.clone(),
+            metrics: Arc::new(crate::metrics::registry(crate::metrics::MetricsSources {
+                readiness: readiness.clone(),
+                http: Arc::clone(&http),
+                dhcp: None,
+                swarm: None,
+                member: None,
+            })),
+            http: Arc::clone(&http),
+        };
         let probe = |path: &'static str| {
             let app = Router::new()
                 .fallback(|| async { StatusCode::NOT_FOUND })
-                .layer(middleware::from_fn_with_state(
-                    readiness.clone(),
-                    serve_health,
-                ));
+                .layer(middleware::from_fn_with_state(probes.clone(), serve_probes));
             async move {
                 let request = Request::builder().uri(path).body(Body::empty()).unwrap();
                 let response = app.oneshot(request).await.unwrap();
                 let status = response.status();
-                let body = axum::body::to_bytes(response.into_body(), 1024)
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
                     .await
                     .unwrap();
                 (status, String::from_utf8(body.to_vec()).unwrap())
@@ -867,11 +905,18 @@ mod tests {
                 "not ready: starting\n".into()
             )
         );
+        assert!(probe("/metrics").await.1.contains("bootmesh_ready 0"));
         readiness.set_ready();
         assert_eq!(probe("/readyz").await, (StatusCode::OK, "ready\n".into()));
         readiness.set_not_ready("no cluster leader known");
         assert_eq!(probe("/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(probe("/other").await.0, StatusCode::NOT_FOUND);
+        let (status, metrics) = probe("/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            metrics.contains("bootmesh_http_responses_total{class=\"4xx\"} 1"),
+            "the 404 was counted, the probes were not:\n{metrics}"
+        );
     }
 
     #[tokio::test]

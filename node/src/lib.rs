@@ -19,6 +19,7 @@ pub mod initramfs;
 pub mod initramfs_builder;
 pub mod journal;
 pub mod ltsp_import;
+pub mod metrics;
 pub mod modules;
 pub mod nbd_service;
 pub mod net;

@@ -263,9 +263,9 @@ fn udhcpc_obtains_renews_and_releases() {
     lab::require_program("busybox");
     let DhcpLab {
         mut lab,
+        server_namespace,
         client_namespace,
         client_interface,
-        ..
     } = dhcp_lab(3600, false, "");
     let events = lab.path("udhcpc-events");
     let script = write_script(
@@ -347,6 +347,25 @@ case "$1" in bound|renew) ip addr replace "$ip/16" dev "$interface";; esac"#,
             .filter(|line| line.starts_with("renew"))
             .all(|line| line.contains(&address))
     );
+
+    // What /metrics says of it: one offer, an ACK for the binding and one for the renewal.
+    let scraped = lab.run(
+        &server_namespace,
+        Duration::from_secs(10),
+        "curl",
+        &["-s", "http://127.0.0.1:8080/metrics"],
+    );
+    let metrics = String::from_utf8_lossy(&scraped.stdout);
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+    };
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"offer\"} ") >= 1);
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"} ") >= 2);
+    assert!(value("bootmesh_dhcp_datagrams_received_total ") >= 3);
+    assert_eq!(value("bootmesh_ready "), 1);
 
     lab.signal("udhcpc", libc::SIGTERM);
     assert_released(&lab, &address, "udhcpc");

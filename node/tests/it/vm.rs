@@ -1028,6 +1028,31 @@ listen = "0.0.0.0:10809"
         leases.contains("52:54:00:09:00:01") && leases.contains("10.9.2"),
         "the node's lease comes from the site's range: {leases}"
     );
+    // The server's /metrics tells the same story: it leads its one-server cluster, holds the
+    // node's lease (and the agent's, which is the same MAC), has ACKed, served HTTP.
+    let scraped = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &namespace,
+            "curl",
+            "-s",
+            "http://10.9.0.1:8080/metrics",
+        ])
+        .output()
+        .expect("curl /metrics");
+    let metrics = String::from_utf8_lossy(&scraped.stdout);
+    let value = |series: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+    };
+    assert_eq!(value("bootmesh_raft_leader "), 1);
+    assert_eq!(value("bootmesh_ready "), 1);
+    assert!(value("bootmesh_leases ") >= 1);
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"} ") >= 1);
+    assert!(value("bootmesh_http_responses_total{class=\"2xx\"} ") >= 3);
     assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
 }
 
