@@ -63,8 +63,8 @@ pub struct NodePlan {
     pub keep_system_services: Vec<String>,
     /// Other lts.conf variables (`SERVER`, `LDM_*`, ...) that bootmesh does not act on, kept
     /// for the image's own scripts: the agent writes them, with the settings above, to the new
-    /// root's `/etc/lts.conf`.
-    #[serde(default)]
+    /// root's `/etc/lts.conf`. Left out of the plan when empty, as most fleets have none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lts_conf: BTreeMap<String, String>,
 }
 
