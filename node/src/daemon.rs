@@ -58,6 +58,15 @@ async fn shutdown_signal(mut signal: watch::Receiver<bool>) {
 }
 
 /// The swarm member of this server: on an endpoint of its own, or on the cluster's.
+/// The name a server outside a cluster gives its boot records: its host name.
+fn local_server_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
 fn start_swarm(
     section: &crate::config::SwarmSection,
     member: Option<&crate::cluster::member::ClusterMember>,
@@ -155,6 +164,16 @@ pub async fn serve(
         });
     }
 
+    // What this server sees of each boot; in a cluster, named by its cluster address, which
+    // every member and `cluster status` know it by.
+    let boots = Arc::new(crate::boots::BootRecorder::new(match &member {
+        Some(member) => member.record.address.to_string(),
+        None => local_server_name(),
+    }));
+    if let Some(member) = &member {
+        member.attach_boots(Arc::clone(&boots));
+    }
+
     let mut swarm_node = None;
     if let Some(section) = &config.swarm {
         let swarm = start_swarm(section, member.as_ref())?;
@@ -199,6 +218,9 @@ pub async fn serve(
     }
 
     let mut dhcp_counters = None;
+    // Made before their services, since /metrics (HTTP) starts between them.
+    let tftp_counters = Arc::new(crate::metrics::SessionCounters::default());
+    let nbd_counters = Arc::new(crate::metrics::SessionCounters::default());
     if let Some(dhcp_config) = config.dhcp_config()? {
         let Some(section) = config.dhcp.clone() else {
             return Err(ServeError::Task("dhcp config without section".into()));
@@ -229,7 +251,10 @@ pub async fn serve(
         }
         let shutdown = shutdown_signal(stop_receiver.clone());
         let queue_max = section.receive_queue_max;
-        let counters = Arc::new(DhcpCounters::default());
+        let counters = Arc::new(DhcpCounters {
+            boots: Some(Arc::clone(&boots)),
+            ..DhcpCounters::default()
+        });
         dhcp_counters = Some(Arc::clone(&counters));
         match &member {
             // In a cluster, leases are committed through Raft and shared by every server.
@@ -299,10 +324,18 @@ pub async fn serve(
         std::net::UdpSocket::bind(tftp.listen)
             .map_err(io_error(format!("tftp on {}", tftp.listen)))?;
         let shutdown = shutdown_signal(stop_receiver.clone());
+        let counters = Arc::clone(&tftp_counters);
         services.spawn(async move {
-            crate::tftp_service::run_tftp(TokioNetwork, tftp.listen, source, tftp_config, shutdown)
-                .await
-                .map_err(io_error("tftp"))
+            crate::tftp_service::run_tftp(
+                TokioNetwork,
+                tftp.listen,
+                source,
+                tftp_config,
+                counters,
+                shutdown,
+            )
+            .await
+            .map_err(io_error("tftp"))
         });
     }
 
@@ -320,10 +353,15 @@ pub async fn serve(
                 readiness: readiness.clone(),
                 http: Arc::clone(&http_counters),
                 dhcp: dhcp_counters.clone(),
+                tftp: config.tftp.is_some().then(|| Arc::clone(&tftp_counters)),
+                nbd: config.nbd.is_some().then(|| Arc::clone(&nbd_counters)),
                 swarm: swarm_node.clone(),
                 member: member.clone(),
+                boots: Arc::clone(&boots),
             })),
             http: http_counters,
+            boots: Arc::clone(&boots),
+            member: member.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
@@ -362,12 +400,14 @@ pub async fn serve(
             .await
             .map_err(io_error(format!("nbd on {}", nbd.listen)))?;
         let shutdown = shutdown_signal(stop_receiver.clone());
+        let counters = Arc::clone(&nbd_counters);
         services.spawn(async move {
             crate::nbd_service::run_nbd(
                 listener,
                 exports,
                 NbdConfig::default(),
                 nbd.connections_max,
+                counters,
                 shutdown,
             )
             .await

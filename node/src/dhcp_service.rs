@@ -39,6 +39,8 @@ pub struct DhcpCounters {
     pub committed: AtomicU64,
     /// Replies sent, by type: OFFER, ACK, NAK, anything else (proxyDHCP, INFORM answers).
     pub sent_by_type: [AtomicU64; 4],
+    /// Where ACKs of new bindings are recorded as the first stage of a node's boot.
+    pub boots: Option<Arc<crate::boots::BootRecorder>>,
 }
 
 impl DhcpCounters {
@@ -303,6 +305,9 @@ where
                 Ok(()) => {
                     counters.count_sent(transmit.message_type);
                     tracing::debug!(destination = ?transmit.destination, "sent");
+                    if let Some(boots) = &counters.boots {
+                        record_new_binding(boots, clock.wall_now(), &transmit);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(%error, destination = ?transmit.destination, "dhcp send failed")
@@ -312,6 +317,38 @@ where
     }
     readers.abort_all();
     Ok(())
+}
+
+/// Records an ACK that binds a client anew (the firmware's, iPXE's or the agent's exchange;
+/// not a renewal, whose ACK echoes the client's address in `ciaddr`) as a boot stage. The
+/// reply is decoded again rather than widening the core's `Transmit` for one observer: it is
+/// our own encoding, a few hundred bytes, once per ACK.
+fn record_new_binding(
+    boots: &crate::boots::BootRecorder,
+    now: std::time::SystemTime,
+    transmit: &boot_services::dhcp::Transmit,
+) {
+    use dhcproto::Decodable as _;
+    if transmit.message_type != dhcproto::v4::MessageType::Ack {
+        return;
+    }
+    let Ok(reply) = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&transmit.bytes))
+    else {
+        return;
+    };
+    let Ok(mac) = <[u8; 6]>::try_from(reply.chaddr()) else {
+        return;
+    };
+    if !reply.ciaddr().is_unspecified() || reply.yiaddr().is_unspecified() {
+        return;
+    }
+    boots.observe(
+        now,
+        &mac,
+        crate::timeline::Observation::DhcpAck {
+            address: reply.yiaddr(),
+        },
+    );
 }
 
 /// Sleeps for `delay`, or forever when there is none.

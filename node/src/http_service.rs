@@ -26,11 +26,13 @@ use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::services::ServeDir;
 
+use crate::boots::BootRecorder;
 use crate::config::{BOOT_TOKEN_TTL_SECS_DEFAULT, parse_mac};
 use crate::files::DirectorySource;
 use crate::image_source::{ImageLibrary, image_path};
 use crate::plan::NodePlans;
-use crate::seams::{monotonic_now, os_random_bytes};
+use crate::seams::{Clock as _, SystemClock, monotonic_now, os_random_bytes};
+use crate::timeline::{AgentReport, Observation};
 use boot_tokens::{BootToken, BootTokens, TokenRefusal};
 
 /// How long a request may take before it is cut off; a stalled client must not hold a slot.
@@ -143,6 +145,7 @@ impl BootScripts {
 struct BootState {
     scripts: BootScriptsHandle,
     tokens: Mutex<BootTokens>,
+    boots: Arc<BootRecorder>,
 }
 
 /// The boot scripts being served, replaceable while serving (a cluster's fleet configuration
@@ -168,6 +171,11 @@ impl BootScriptsHandle {
 }
 
 impl BootState {
+    /// Records a boot stage of node `mac`, now.
+    fn observe(&self, mac: &[u8; 6], observation: Observation) {
+        self.boots.observe(SystemClock.wall_now(), mac, observation);
+    }
+
     fn tokens(&self) -> std::sync::MutexGuard<'_, BootTokens> {
         // The table stays consistent between calls, so a panic elsewhere leaves it usable.
         self.tokens.lock().unwrap_or_else(PoisonError::into_inner)
@@ -179,11 +187,13 @@ impl BootState {
 pub fn router(
     source: DirectorySource,
     scripts: BootScriptsHandle,
+    boots: Arc<BootRecorder>,
     requests_in_flight_max: usize,
 ) -> Router {
     let state = Arc::new(BootState {
         tokens: Mutex::new(BootTokens::new(scripts.current().token_time_to_live)),
         scripts,
+        boots,
     });
     router_with_state(source, state, requests_in_flight_max)
 }
@@ -264,6 +274,7 @@ async fn serve_boot_script(
         return match render_script(&plan) {
             Ok(script) => {
                 tracing::info!("boot script served");
+                state.observe(&mac, Observation::BootScript);
                 script_response(script)
             }
             Err(error) => script_refused(&error),
@@ -273,7 +284,7 @@ async fn serve_boot_script(
     // token that buys its secrets once.
     push_argument(
         &mut plan.cmdline,
-        &format!("bootmesh.mac={}", colon_mac(&mac)),
+        &format!("bootmesh.mac={}", crate::timeline::colon_mac(&mac)),
     );
     let servers = boot_servers(host, &scripts.servers);
     if !servers.is_empty() {
@@ -329,6 +340,7 @@ async fn serve_boot_script(
     };
     state.tokens().issue(monotonic_now(), mac, token);
     tracing::info!("boot script served with a fresh boot token");
+    state.observe(&mac, Observation::BootScript);
     script_response(script)
 }
 
@@ -354,13 +366,6 @@ fn push_argument(cmdline: &mut String, argument: &str) {
 }
 
 /// `52:54:00:12:34:56`: the form the agent and `parse_mac` read.
-fn colon_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// `bootmesh.servers`: the address the node reached us on, then the other servers, each once.
 /// IP literals only, because the agent has no resolver: a Host header naming us by DNS name
 /// leaves only the configured servers.
@@ -393,10 +398,15 @@ fn host_address(host: &str) -> Option<SocketAddr> {
 enum NodeDocument {
     Plan,
     Secrets,
+    Report,
 }
 
-/// `GET /nodes/<mac>/plan` and `GET /nodes/<mac>/secrets?token=<hex>`; every other path
-/// passes on. The MAC may take any form `parse_mac` reads.
+/// Bytes of an agent's report; it names at most a few peers.
+const REPORT_BYTES_MAX: usize = 4096;
+
+/// `GET /nodes/<mac>/plan`, `GET /nodes/<mac>/secrets?token=<hex>` and
+/// `POST /nodes/<mac>/report` (an agent's boot stage); every other path passes on. The MAC may
+/// take any form `parse_mac` reads.
 async fn serve_node_documents(
     State(state): State<Arc<BootState>>,
     request: Request,
@@ -419,6 +429,7 @@ async fn serve_node_documents(
     let document = match document {
         "plan" => NodeDocument::Plan,
         "secrets" => NodeDocument::Secrets,
+        "report" => NodeDocument::Report,
         _ => return not_found(),
     };
     // The span names the node and the document, never the query (which holds the token).
@@ -429,11 +440,15 @@ async fn serve_node_documents(
     );
     let _entered = span.enter();
     // Not even HEAD: a HEAD of the secrets would spend the token and deliver nothing.
-    if request.method() != Method::GET {
+    let allowed = match document {
+        NodeDocument::Plan | NodeDocument::Secrets => Method::GET,
+        NodeDocument::Report => Method::POST,
+    };
+    if request.method() != allowed {
         return (
             StatusCode::METHOD_NOT_ALLOWED,
-            [(header::ALLOW, "GET")],
-            "only GET\n",
+            [(header::ALLOW, allowed.as_str())],
+            format!("only {allowed}\n"),
         )
             .into_response();
     }
@@ -445,7 +460,41 @@ async fn serve_node_documents(
                 group = plan.group.as_deref().unwrap_or("-"),
                 "node plan served"
             );
+            state.observe(
+                &mac,
+                Observation::Plan {
+                    hostname: plan.hostname.clone(),
+                },
+            );
             json_response(plan)
+        }
+        NodeDocument::Report => {
+            let report = match axum::body::to_bytes(request.into_body(), REPORT_BYTES_MAX)
+                .await
+                .map_err(|error| error.to_string())
+                .and_then(|body| {
+                    serde_json::from_slice::<AgentReport>(&body).map_err(|error| error.to_string())
+                })
+                .and_then(|report| {
+                    report
+                        .validate()
+                        .map(|()| report)
+                        .map_err(|error| error.to_string())
+                }) {
+                Ok(report) => report,
+                Err(reason) => {
+                    state.boots.count_refused_report();
+                    tracing::info!(%reason, "agent report refused");
+                    return (
+                        StatusCode::BAD_REQUEST,
+                        format!("report refused: {reason}\n"),
+                    )
+                        .into_response();
+                }
+            };
+            tracing::info!(stage = report.stage.as_str(), "agent report");
+            state.observe(&mac, Observation::Report(report));
+            (StatusCode::NO_CONTENT, "").into_response()
         }
         NodeDocument::Secrets => {
             let Some(presented) = request.uri().query().and_then(token_parameter) else {
@@ -753,6 +802,10 @@ pub struct Probes {
     pub metrics: Arc<prometheus_client::registry::Registry>,
     /// Responses served.
     pub http: Arc<crate::metrics::HttpCounters>,
+    /// The boots this server took part in (`/api/v1/nodes`).
+    pub boots: Arc<BootRecorder>,
+    /// The cluster member, whose peers `/api/v1/nodes` asks for their part of each boot.
+    pub member: Option<crate::cluster::member::ClusterMember>,
 }
 
 /// `/healthz` (the process answers: a liveness probe), `/readyz` (see [`Readiness`]) and
@@ -768,6 +821,7 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
             )
                 .into_response(),
         },
+        "/api/v1/nodes" => nodes_response(&probes).await,
         "/metrics" => match crate::metrics::render(&probes.metrics) {
             Ok(text) => (
                 [(
@@ -792,6 +846,56 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
     }
 }
 
+/// What `/api/v1/nodes` answers: every node's latest boot as the servers saw it together,
+/// and which servers answered.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodesView {
+    /// The servers asked, and what became of asking each.
+    pub servers: Vec<ServerAsked>,
+    /// One merged timeline per node, by MAC.
+    pub nodes: Vec<crate::timeline::NodeTimeline>,
+}
+
+/// A server `/api/v1/nodes` asked.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ServerAsked {
+    /// Its cluster address, or the host name of a server outside a cluster.
+    pub server: String,
+    /// Why it did not answer; `None` when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `/api/v1/nodes`: this server's timelines merged with every other member's (asked over the
+/// admin channel, each within a few seconds; one that does not answer is named, not waited
+/// for).
+async fn nodes_response(probes: &Probes) -> Response {
+    let mut views = vec![probes.boots.snapshot()];
+    let mut servers = vec![ServerAsked {
+        server: probes.boots.server_name(),
+        error: None,
+    }];
+    if let Some(member) = &probes.member {
+        for (address, answer) in member.boot_timelines_of_other_members().await {
+            let error = match answer {
+                Ok(timelines) => {
+                    views.push(timelines);
+                    None
+                }
+                Err(error) => Some(error),
+            };
+            servers.push(ServerAsked {
+                server: address.to_string(),
+                error,
+            });
+        }
+    }
+    json_response(&NodesView {
+        servers,
+        nodes: crate::timeline::merge(views),
+    })
+}
+
 /// Serves HTTP on `listener` until `shutdown` resolves.
 pub async fn run_http(
     listener: TcpListener,
@@ -804,8 +908,13 @@ pub async fn run_http(
     let address: Option<SocketAddr> = listener.local_addr().ok();
     tracing::info!(?address, "http listening");
     // Probes answer before the load-shedding layers: a busy server is alive, not dead.
-    let router = router(source, scripts, requests_in_flight_max)
-        .layer(middleware::from_fn_with_state(probes, serve_probes));
+    let router = router(
+        source,
+        scripts,
+        Arc::clone(&probes.boots),
+        requests_in_flight_max,
+    )
+    .layer(middleware::from_fn_with_state(probes, serve_probes));
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
@@ -845,17 +954,28 @@ mod tests {
         Arc::new(BootState {
             tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
             scripts: BootScriptsHandle::new(scripts),
+            boots: Arc::new(BootRecorder::new("s1")),
         })
     }
 
     /// Sends one request; returns the status and the body.
     async fn send(state: &Arc<BootState>, method: Method, uri: &str) -> (StatusCode, String) {
+        send_body(state, method, uri, "").await
+    }
+
+    /// Sends one request with `body`; returns the status and the body.
+    async fn send_body(
+        state: &Arc<BootState>,
+        method: Method,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, String) {
         let root = tempfile::tempdir().unwrap();
         let source = DirectorySource::new(root.path()).unwrap();
         let request = Request::builder()
             .method(method)
             .uri(uri)
-            .body(Body::empty())
+            .body(Body::from(body.to_owned()))
             .unwrap();
         let response = router_with_state(source, Arc::clone(state), 4)
             .oneshot(request)
@@ -872,16 +992,27 @@ mod tests {
     async fn probes_say_alive_and_whether_ready_and_count_what_is_served() {
         let readiness = Readiness::starting();
         let http = Arc::new(crate::metrics::HttpCounters::default());
+        let boots = Arc::new(BootRecorder::new("s1"));
+        boots.observe(
+            std::time::SystemTime::UNIX_EPOCH,
+            &KNOWN_MAC,
+            Observation::BootScript,
+        );
         let probes = Probes {
             readiness: readiness.clone(),
             metrics: Arc::new(crate::metrics::registry(crate::metrics::MetricsSources {
                 readiness: readiness.clone(),
                 http: Arc::clone(&http),
                 dhcp: None,
+                tftp: None,
+                nbd: None,
                 swarm: None,
                 member: None,
+                boots: Arc::clone(&boots),
             })),
             http: Arc::clone(&http),
+            boots: Arc::clone(&boots),
+            member: None,
         };
         let probe = |path: &'static str| {
             let app = Router::new()
@@ -916,6 +1047,59 @@ mod tests {
         assert!(
             metrics.contains("bootmesh_http_responses_total{class=\"4xx\"} 1"),
             "the 404 was counted, the probes were not:\n{metrics}"
+        );
+        let (status, nodes) = probe("/api/v1/nodes").await;
+        assert_eq!(status, StatusCode::OK);
+        let nodes: NodesView = serde_json::from_str(&nodes).unwrap();
+        assert_eq!(nodes.servers.len(), 1);
+        assert_eq!(nodes.servers[0].server, "s1");
+        assert_eq!(nodes.nodes.len(), 1);
+        assert_eq!(nodes.nodes[0].mac, "52:54:00:00:00:01");
+    }
+
+    #[tokio::test]
+    async fn plans_and_agent_reports_become_the_node_timeline() {
+        let state = state();
+        let (status, _) = send(&state, Method::GET, "/nodes/52:54:00:00:00:01/plan").await;
+        assert_eq!(status, StatusCode::OK);
+        let report = r#"{"stage":"image","sources":{"server_bytes":100,"peer_bytes":900,"peers":["10.9.0.21:7800"]}}"#;
+        let uri = "/nodes/52-54-00-00-00-01/report";
+        assert_eq!(
+            send_body(&state, Method::POST, uri, report).await.0,
+            StatusCode::NO_CONTENT
+        );
+        // Refused, and nothing recorded: a stage servers see, a field no agent sends, not JSON,
+        // too long, and a GET.
+        for (method, body) in [
+            (Method::POST, r#"{"stage":"dhcp"}"#.to_owned()),
+            (Method::POST, r#"{"stage":"booted","by":"me"}"#.to_owned()),
+            (Method::POST, "booted".to_owned()),
+            (
+                Method::POST,
+                format!(r#"{{"stage":"booted","x":"{}"}}"#, "a".repeat(5000)),
+            ),
+        ] {
+            let (status, text) = send_body(&state, method, uri, &body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:.60}");
+            assert!(text.starts_with("report refused: "), "{text}");
+        }
+        assert_eq!(
+            send(&state, Method::GET, uri).await.0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        let timelines = state.boots.snapshot();
+        assert_eq!(timelines.len(), 1);
+        let timeline = &timelines[0];
+        assert_eq!(timeline.hostname.as_deref(), Some("worker-1"));
+        let stages: Vec<&str> = timeline
+            .stages
+            .iter()
+            .map(|seen| seen.stage.as_str())
+            .collect();
+        assert_eq!(stages, vec!["plan", "image"]);
+        assert_eq!(
+            timeline.sources.as_ref().map(|sources| sources.peer_bytes),
+            Some(900)
         );
     }
 

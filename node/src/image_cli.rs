@@ -54,7 +54,11 @@ pub(crate) enum ImageCommand {
         modules: Vec<String>,
     },
     /// List tagged images.
-    List,
+    List {
+        /// JSON for scripts (the full manifest hash).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image's manifest (by `name:tag` or hash).
     Show {
         /// `name:tag` or manifest hash.
@@ -231,7 +235,22 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
                     .unwrap_or_default(),
             ))
         }
-        ImageCommand::List => {
+        ImageCommand::List { json: true } => {
+            let listings: Vec<serde_json::Value> = image::list(&store)?
+                .into_iter()
+                .map(|listing| {
+                    serde_json::json!({
+                        "image": listing.reference,
+                        "hash": listing.manifest_hash.to_hex(),
+                        "root_bytes": listing.root_bytes,
+                        "created_unix_secs": listing.created_unix_secs,
+                        "groups": listing.groups,
+                    })
+                })
+                .collect();
+            print(&format!("{}\n", serde_json::to_string_pretty(&listings)?))
+        }
+        ImageCommand::List { json: false } => {
             let mut text = format!(
                 "{:<40} {:<16} {:>12} {:>12}  GROUPS\n",
                 "IMAGE", "HASH", "ROOT", "CREATED"

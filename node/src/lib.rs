@@ -6,6 +6,7 @@
 //! [`journal`], so the simulator in `sim` runs it unchanged with simulated ones.
 
 pub mod agent;
+pub mod boots;
 pub mod cluster;
 pub mod cluster_cli;
 pub mod config;
@@ -23,8 +24,10 @@ pub mod metrics;
 pub mod modules;
 pub mod nbd_service;
 pub mod net;
+pub mod nodes_cli;
 pub mod plan;
 pub mod seams;
 pub mod swarm;
 pub mod tftp_service;
+pub use boot_services::timeline;
 pub mod vmlab;

@@ -107,6 +107,21 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Every node's latest boot, as the servers saw it: DHCP, kernel (iPXE fetched its boot
+    /// script), plan, image (in memory or attached), root (assembled), booted
+    /// (multi-user.target reached), with each stage's time after the boot's first DHCP ACK and
+    /// the peers the image came from. Any server answers for the whole cluster.
+    ///
+    /// Example: `bootmesh nodes --server 10.0.0.1:80`, `bootmesh nodes --server boot1:80 --json`
+    Nodes {
+        /// A boot server's HTTP listener, HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// Print the servers' answer as JSON (`servers`: who was asked and who did not answer;
+        /// `nodes`: one timeline per node) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -266,6 +281,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Nodes { server, json } => print_nodes(&server, json),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "bootmesh", &mut std::io::stdout());
@@ -419,6 +435,29 @@ fn print_leases(state_dir: &std::path::Path) -> anyhow::Result<()> {
         ));
     }
     use std::io::Write;
+    std::io::stdout().write_all(output.as_bytes())?;
+    Ok(())
+}
+
+fn print_nodes(server: &str, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::net::ToSocketAddrs;
+    let address = server
+        .to_socket_addrs()
+        .with_context(|| format!("--server {server}: expected HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--server {server}: the name has no address"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let view = runtime.block_on(node::nodes_cli::fetch_nodes(address))?;
+    let output = if json {
+        let mut text = serde_json::to_string_pretty(&view)?;
+        text.push('\n');
+        text
+    } else {
+        node::nodes_cli::render_table(&view)
+    };
     std::io::stdout().write_all(output.as_bytes())?;
     Ok(())
 }

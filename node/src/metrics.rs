@@ -34,6 +34,49 @@ impl HttpCounters {
     }
 }
 
+/// A service of sessions (TFTP transfers, NBD connections): how many started, are running,
+/// failed or were refused, and the bytes sent.
+#[derive(Debug, Default)]
+pub struct SessionCounters {
+    /// Sessions started.
+    pub started: AtomicU64,
+    /// Sessions running now.
+    pub active: AtomicU64,
+    /// Sessions that ended early (timeouts, client errors, broken connections).
+    pub failed: AtomicU64,
+    /// Requests refused (a bound reached, a file not found).
+    pub refused: AtomicU64,
+    /// Bytes sent: whole files for TFTP, everything written for NBD.
+    pub bytes_sent: AtomicU64,
+}
+
+impl SessionCounters {
+    /// Counts a session as started and running until the guard drops (also when its task is
+    /// aborted).
+    pub fn start(self: &Arc<Self>) -> ActiveSession {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        ActiveSession(Arc::clone(self))
+    }
+}
+
+/// A running session; see [`SessionCounters::start`].
+#[derive(Debug)]
+pub struct ActiveSession(Arc<SessionCounters>);
+
+impl ActiveSession {
+    /// The counters it belongs to.
+    pub fn counters(&self) -> &SessionCounters {
+        &self.0
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Where the numbers come from; what a server does not run is `None`.
 pub struct MetricsSources {
     /// Ready or not (`/readyz`).
@@ -42,10 +85,16 @@ pub struct MetricsSources {
     pub http: Arc<HttpCounters>,
     /// The DHCP service.
     pub dhcp: Option<Arc<DhcpCounters>>,
+    /// The TFTP service.
+    pub tftp: Option<Arc<SessionCounters>>,
+    /// The NBD service.
+    pub nbd: Option<Arc<SessionCounters>>,
     /// The swarm member.
     pub swarm: Option<Arc<crate::swarm::SwarmNode>>,
     /// The cluster member.
     pub member: Option<crate::cluster::member::ClusterMember>,
+    /// The boots this server took part in.
+    pub boots: Arc<crate::boots::BootRecorder>,
 }
 
 impl std::fmt::Debug for MetricsSources {
@@ -185,6 +234,45 @@ impl Collector for MetricsSources {
                 load(&dhcp.committed),
             )?;
         }
+        for (service, unit, counters) in [
+            ("tftp", "transfers", &self.tftp),
+            ("nbd", "connections", &self.nbd),
+        ] {
+            let Some(counters) = counters else {
+                continue;
+            };
+            let upper = service.to_ascii_uppercase();
+            counter(
+                &mut encoder,
+                &format!("{service}_{unit}_started"),
+                &format!("{upper} {unit} started"),
+                load(&counters.started),
+            )?;
+            gauge(
+                &mut encoder,
+                &format!("{service}_{unit}_active"),
+                &format!("{upper} {unit} running now"),
+                as_gauge(load(&counters.active)),
+            )?;
+            counter(
+                &mut encoder,
+                &format!("{service}_{unit}_failed"),
+                &format!("{upper} {unit} that ended early"),
+                load(&counters.failed),
+            )?;
+            counter(
+                &mut encoder,
+                &format!("{service}_requests_refused"),
+                &format!("{upper} requests refused (a bound reached, nothing to serve)"),
+                load(&counters.refused),
+            )?;
+            counter(
+                &mut encoder,
+                &format!("{service}_bytes_sent"),
+                &format!("Bytes {upper} sent"),
+                load(&counters.bytes_sent),
+            )?;
+        }
         if let Some(swarm) = &self.swarm {
             let stats = swarm.stats();
             labelled_counter(
@@ -210,6 +298,7 @@ impl Collector for MetricsSources {
                 load(&stats.requests_refused_busy),
             )?;
         }
+        self.boots.encode_metrics(&mut encoder)?;
         if let Some(member) = &self.member {
             let metrics = member.raft.metrics().borrow().clone();
             let last_log = metrics.last_log_index.unwrap_or(0);
@@ -282,14 +371,54 @@ mod tests {
         let http = Arc::new(HttpCounters::default());
         http.count(200, Some(1500));
         http.count(404, None);
+        let tftp = Arc::new(SessionCounters::default());
+        let finished = tftp.start();
+        finished
+            .counters()
+            .bytes_sent
+            .fetch_add(4096, Ordering::Relaxed);
+        drop(finished);
+        let _running = tftp.start();
+        let boots = Arc::new(crate::boots::BootRecorder::new("s1"));
+        let mac = [0x52, 0x54, 0, 0, 0, 1];
+        let at =
+            |seconds| std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(seconds);
+        boots.observe(
+            at(100),
+            &mac,
+            crate::timeline::Observation::DhcpAck {
+                address: std::net::Ipv4Addr::new(10, 9, 0, 20),
+            },
+        );
+        for (seconds, stage, peer_bytes) in [
+            (130, crate::timeline::BootStage::Image, Some(900)),
+            (142, crate::timeline::BootStage::Booted, None),
+        ] {
+            boots.observe(
+                at(seconds),
+                &mac,
+                crate::timeline::Observation::Report(crate::timeline::AgentReport {
+                    stage,
+                    sources: peer_bytes.map(|peer_bytes| crate::timeline::ImageSources {
+                        server_bytes: 100,
+                        peer_bytes,
+                        peers: Vec::new(),
+                    }),
+                    uptime_ms: Some(25_000),
+                }),
+            );
+        }
         let readiness = Readiness::starting();
         readiness.set_ready();
         let registry = registry(MetricsSources {
             readiness,
             http,
             dhcp: Some(dhcp),
+            tftp: Some(Arc::clone(&tftp)),
+            nbd: None,
             swarm: None,
             member: None,
+            boots: Arc::clone(&boots),
         });
         let text = render(&registry).unwrap();
         for line in [
@@ -300,10 +429,21 @@ mod tests {
             "bootmesh_dhcp_datagrams_received_total 10",
             "bootmesh_dhcp_replies_sent_total{type=\"ack\"} 4",
             "bootmesh_dhcp_replies_sent_total{type=\"nak\"} 0",
+            "bootmesh_tftp_transfers_started_total 2",
+            "bootmesh_tftp_transfers_active 1",
+            "bootmesh_tftp_bytes_sent_total 4096",
+            "bootmesh_boot_duration_seconds_bucket{le=\"45.0\"} 1",
+            "bootmesh_boot_duration_seconds_bucket{le=\"30.0\"} 0",
+            "bootmesh_boot_duration_seconds_sum 42.0",
+            "bootmesh_boot_kernel_to_booted_seconds_count 1",
+            "bootmesh_node_image_bytes_total{source=\"peer\"} 900",
+            "bootmesh_node_image_bytes_total{source=\"server\"} 100",
+            "bootmesh_nodes_seen 1",
             "# EOF",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
         assert!(!text.contains("raft"), "no cluster, no Raft metrics");
+        assert!(!text.contains("nbd"), "no NBD service, no NBD metrics");
     }
 }

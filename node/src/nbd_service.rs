@@ -22,6 +22,7 @@ pub async fn run_nbd<S>(
     source: S,
     config: NbdConfig,
     connections_max: usize,
+    counters: Arc<crate::metrics::SessionCounters>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -46,17 +47,27 @@ where
             },
         };
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            counters
+                .refused
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, "nbd connection refused: connections_max reached");
             continue;
         };
         let connection = NbdConnection::new(source.clone(), config);
         let span = tracing::info_span!("nbd", %peer);
+        let active = counters.start();
         connections.spawn(
             async move {
                 let _permit = permit;
-                match serve_connection(stream, connection).await {
+                match serve_connection(stream, connection, active.counters()).await {
                     Ok(export) => tracing::info!(?export, "nbd connection closed"),
-                    Err(error) => tracing::info!(%error, "nbd connection ended"),
+                    Err(error) => {
+                        active
+                            .counters()
+                            .failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(%error, "nbd connection ended");
+                    }
                 }
             }
             .instrument(span),
@@ -69,6 +80,7 @@ where
 async fn serve_connection<S: BlockSource>(
     mut stream: TcpStream,
     mut connection: NbdConnection<S>,
+    counters: &crate::metrics::SessionCounters,
 ) -> Result<Option<String>, String> {
     stream
         .set_nodelay(true)
@@ -83,6 +95,10 @@ async fn serve_connection<S: BlockSource>(
             if written == 0 {
                 return Err("peer stopped reading".into());
             }
+            counters.bytes_sent.fetch_add(
+                u64::try_from(written).unwrap_or(u64::MAX),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             connection.consume_output(written);
         }
         if connection.is_closed() {

@@ -24,6 +24,7 @@ pub async fn run_tftp<N, S>(
     listen: SocketAddr,
     source: S,
     config: TftpConfig,
+    counters: Arc<crate::metrics::SessionCounters>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()>
 where
@@ -63,9 +64,13 @@ where
                 let span = tracing::info_span!("tftp", %peer, file = %session.filename());
                 let network = network.clone();
                 let local = SocketAddr::new(listen.ip(), 0);
-                sessions.spawn(run_session(network, local, session).instrument(span));
+                let active = counters.start();
+                sessions.spawn(run_session(network, local, session, active).instrument(span));
             }
             RequestOutcome::Reply(reply) => {
+                counters
+                    .refused
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(%peer, "tftp request refused");
                 if let Err(error) = socket.send_to(&reply, peer).await {
                     tracing::debug!(%error, %peer, "tftp error reply failed");
@@ -84,17 +89,22 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
     network: N,
     local: SocketAddr,
     mut session: TftpSession<F>,
+    active: crate::metrics::ActiveSession,
 ) {
+    use std::sync::atomic::Ordering;
+    let counters = active.counters();
     let socket = match network.bind(local).await {
         Ok(socket) => socket,
         Err(error) => {
             tracing::warn!(%error, "tftp session socket bind failed");
+            counters.failed.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };
     let peer = session.peer();
     if let Err(error) = socket.connect(peer).await {
         tracing::warn!(%error, "tftp session socket connect failed");
+        counters.failed.fetch_add(1, Ordering::Relaxed);
         return;
     }
     let mut buffer = vec![0u8; REQUEST_BYTES_MAX];
@@ -110,13 +120,20 @@ async fn run_session<N: Network, F: boot_services::source::ReadAt>(
         }
         if let Some(outcome) = session.outcome() {
             match outcome {
-                SessionOutcome::Completed { .. } => tracing::info!(?outcome, "tftp transfer done"),
-                _ => tracing::warn!(?outcome, "tftp transfer ended early"),
+                SessionOutcome::Completed { bytes } => {
+                    counters.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+                    tracing::info!(?outcome, "tftp transfer done");
+                }
+                _ => {
+                    counters.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(?outcome, "tftp transfer ended early");
+                }
             }
             return;
         }
         let Some(deadline) = session.poll_timeout() else {
             tracing::warn!("tftp session has neither a timer nor an outcome; ending it");
+            counters.failed.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let deadline = tokio::time::Instant::from_std(deadline);

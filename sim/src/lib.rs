@@ -113,6 +113,7 @@ pub fn run_boot_path(seed: u64, client_count: usize) -> Result<BootRunReport, Si
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, 69)),
                 files,
                 TftpConfig::default(),
+                Arc::default(),
                 std::future::pending::<()>(),
             );
             let dhcp = run_dhcp(

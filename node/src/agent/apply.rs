@@ -62,6 +62,41 @@ pub fn units_to_mask(plan: &NodePlan) -> Vec<&'static str> {
         .collect()
 }
 
+/// The unit that tells the agent's companion the system is up: once multi-user.target is
+/// reached (after the RCFILE unit, which the target orders before itself), it leaves a marker
+/// in `/run/bootmesh`, and the companion reports the boot complete.
+pub const BOOTED_UNIT: &str = "bootmesh-booted.service";
+
+fn booted_unit() -> String {
+    format!(
+        "[Unit]\n\
+         Description=bootmesh: tell the boot servers this node has booted\n\
+         After=multi-user.target\n\n\
+         [Service]\n\
+         Type=oneshot\n\
+         ExecStart=/bin/sh -c ': > {}/{}'\n\n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        super::system::AGENT_RUN_DIR,
+        super::report::BOOTED_MARKER,
+    )
+}
+
+/// Writes `unit` into the root's /etc/systemd/system and makes multi-user.target want it.
+fn enable_unit(root: &Path, unit: &str, contents: &str) -> Result<(), ApplyError> {
+    write_file(
+        root,
+        &format!("/etc/systemd/system/{unit}"),
+        contents,
+        0o644,
+    )?;
+    let wants = root.join("etc/systemd/system/multi-user.target.wants");
+    std::fs::create_dir_all(&wants).map_err(io("mkdir multi-user.target.wants"))?;
+    let link = wants.join(unit);
+    let _ = std::fs::remove_file(&link);
+    symlink(format!("/etc/systemd/system/{unit}"), &link).map_err(io(format!("enable {unit}")))
+}
+
 /// The RCFILE unit: runs after the system is up, once per boot.
 fn rcfile_unit() -> String {
     format!(
@@ -128,19 +163,9 @@ pub fn apply_plan(root: &Path, plan: &NodePlan, hostname: Option<&str>) -> Resul
     write_file(root, "/etc/lts.conf", &node_lts_conf(plan), 0o644)?;
     if !plan.rcfile.is_empty() {
         write_file(root, RCFILE_SCRIPT, &rcfile_script(&plan.rcfile), 0o755)?;
-        write_file(
-            root,
-            &format!("/etc/systemd/system/{RCFILE_UNIT}"),
-            &rcfile_unit(),
-            0o644,
-        )?;
-        let wants = systemd.join("multi-user.target.wants");
-        std::fs::create_dir_all(&wants).map_err(io("mkdir multi-user.target.wants"))?;
-        let link = wants.join(RCFILE_UNIT);
-        let _ = std::fs::remove_file(&link);
-        symlink(format!("/etc/systemd/system/{RCFILE_UNIT}"), &link)
-            .map_err(io("enable the RCFILE unit"))?;
+        enable_unit(root, RCFILE_UNIT, &rcfile_unit())?;
     }
+    enable_unit(root, BOOTED_UNIT, &booted_unit())?;
     std::fs::create_dir_all(&systemd).map_err(io("mkdir /etc/systemd/system"))?;
     for unit in units_to_mask(plan) {
         let link = systemd.join(unit);
@@ -210,6 +235,16 @@ mod tests {
         );
         assert!(
             std::fs::symlink_metadata(systemd.join("multi-user.target.wants").join(RCFILE_UNIT))
+                .is_ok()
+        );
+        let booted = std::fs::read_to_string(systemd.join(BOOTED_UNIT)).unwrap();
+        assert!(booted.contains("After=multi-user.target"), "{booted}");
+        assert!(
+            booted.contains("ExecStart=/bin/sh -c ': > /run/bootmesh/booted'"),
+            "{booted}"
+        );
+        assert!(
+            std::fs::symlink_metadata(systemd.join("multi-user.target.wants").join(BOOTED_UNIT))
                 .is_ok()
         );
         let script = std::fs::read_to_string(root.path().join("etc/bootmesh/rcfile.sh")).unwrap();

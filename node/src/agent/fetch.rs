@@ -11,7 +11,7 @@ use crate::seams::monotonic_now;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -76,7 +76,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 #[derive(Debug, Clone)]
 pub struct HttpTransport {
     servers: Vec<SocketAddr>,
-    client: Client<HttpConnector, Empty<Bytes>>,
+    client: Client<HttpConnector, Full<Bytes>>,
     timeout: Duration,
 }
 
@@ -144,6 +144,50 @@ impl HttpTransport {
             Err(_) => Err(HttpFetchError::Timeout {
                 url: redact(&url),
                 timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// POSTs `body` (JSON) to `path` on server `source`, within `timeout`; any 2xx answer is
+    /// success.
+    pub async fn post_json(
+        &self,
+        source: usize,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<(), HttpFetchError> {
+        let url = match self.servers.get(source) {
+            Some(server) => format!("http://{server}/{}", path.trim_start_matches('/')),
+            None => format!("(no server {source})/{path}"),
+        };
+        let request_error = |reason: String| HttpFetchError::Request {
+            url: url.clone(),
+            reason,
+        };
+        let request = hyper::Request::post(url.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|error| request_error(format!("{error}")))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|error| request_error(format!("{error}")))?;
+            if !response.status().is_success() {
+                return Err(HttpFetchError::Status {
+                    url: url.clone(),
+                    status: response.status().as_u16(),
+                });
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(HttpFetchError::Timeout {
+                url: url.clone(),
+                timeout,
             }),
         }
     }

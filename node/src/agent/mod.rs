@@ -24,6 +24,7 @@ pub mod fetch;
 pub mod nbd;
 pub mod netlink;
 pub mod network;
+pub mod report;
 pub mod system;
 
 use std::fs::File;
@@ -35,6 +36,7 @@ use boot_services::dhcp::client::DhcpLease;
 use transfer::{ChunkTransport, Manifest};
 
 use crate::plan::{NodePlan, NodeSecrets, RootMode};
+use crate::timeline::{BootStage, ImageSources, PEERS_REPORTED_MAX};
 use cmdline::AgentCmdline;
 use fetch::{FetchError, HttpTransport};
 use network::Interface;
@@ -339,7 +341,9 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         swarm_image,
         secrets,
         plan_source,
+        image_sources,
     } = fetched;
+    let reporter = report::Reporter::new(transport.clone(), plan_source, &mac_text);
     if token.is_some() {
         progress.token_spent = true;
         progress.secrets = secrets;
@@ -359,6 +363,7 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
     tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");
+    let _ = reporter.report(BootStage::Image, image_sources);
     let verity_name = format!("bootmesh-root-{round}");
     let verified = devices::create_verity_device(&verity_name, &backing, &manifest.root.verity)?;
     drop(loop_handle);
@@ -404,6 +409,7 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         peak_rss_kib = peak_rss_kib().unwrap_or(0),
         "switching to the image"
     );
+    let _ = reporter.report(BootStage::Root, None);
     show_agent_lines_on_console(false);
     let device_name = verity_name.clone();
     let image = manifest.reference();
@@ -416,7 +422,7 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         address: SocketAddr::new(lease.address.into(), 0),
     });
     Err(system::switch_root(&cmdline.init, move || {
-        run_companion(&device_name, &image, keeper, serving)
+        run_companion(&device_name, &image, keeper, serving, reporter)
     })
     .into())
 }
@@ -488,7 +494,14 @@ fn run_companion(
     image: &str,
     keeper: Option<network::LeaseKeeper>,
     serving: Option<BootedSwarm>,
+    reporter: report::Reporter,
 ) {
+    let booted = std::thread::Builder::new()
+        .name("booted".into())
+        .spawn(move || reporter.report_booted_when_reached());
+    if let Err(error) = booted {
+        tracing::warn!(%error, "booted not reported: thread not started");
+    }
     if let Some(serving) = serving {
         let server = std::thread::Builder::new()
             .name("swarm".into())
@@ -555,6 +568,8 @@ struct FetchedBoot {
     swarm_image: Option<std::sync::Arc<crate::swarm::SharedImage>>,
     secrets: Option<NodeSecrets>,
     plan_source: usize,
+    /// Where the root image's bytes came from (none for an NBD root).
+    image_sources: Option<ImageSources>,
 }
 
 async fn fetch_everything(
@@ -583,6 +598,7 @@ async fn fetch_everything(
     );
     let root_mode = cmdline.root_mode.unwrap_or(plan.root_mode);
     let mut swarm_image = None;
+    let mut image_sources = None;
     let root_memory = match root_mode {
         RootMode::Ram => {
             let from_swarm = if cmdline.trackers.is_empty() {
@@ -594,8 +610,9 @@ async fn fetch_everything(
                         .unwrap_or([0; 8]),
                 );
                 match fetch_root_from_swarm(cmdline, &manifest, swarm_address, tie_break).await {
-                    Ok((memory, image)) => {
+                    Ok((memory, image, sources)) => {
                         swarm_image = Some(image);
+                        image_sources = Some(sources);
                         Some(memory)
                     }
                     Err(error) => {
@@ -606,7 +623,14 @@ async fn fetch_everything(
             };
             match from_swarm {
                 Some(memory) => Some(memory),
-                None => Some(fetch_root_into_memory(transport, &manifest).await?),
+                None => {
+                    let (memory, bytes) = fetch_root_into_memory(transport, &manifest).await?;
+                    image_sources = Some(ImageSources {
+                        server_bytes: bytes,
+                        ..ImageSources::default()
+                    });
+                    Some(memory)
+                }
             }
         }
         RootMode::Nbd => None,
@@ -632,6 +656,7 @@ async fn fetch_everything(
         swarm_image,
         secrets,
         plan_source,
+        image_sources,
     })
 }
 
@@ -646,7 +671,14 @@ async fn fetch_root_from_swarm(
     manifest: &Manifest,
     address: SocketAddr,
     tie_break: u64,
-) -> Result<(File, std::sync::Arc<crate::swarm::SharedImage>), AgentError> {
+) -> Result<
+    (
+        File,
+        std::sync::Arc<crate::swarm::SharedImage>,
+        ImageSources,
+    ),
+    AgentError,
+> {
     use std::sync::Arc;
 
     use crate::swarm::{
@@ -732,7 +764,26 @@ async fn fetch_root_from_swarm(
         "root image in memory from the swarm, every chunk verified"
     );
     seal_root(&root)?;
-    Ok((root, shared))
+    // Servers are the trackers' hosts; every other source is a node that was booting or
+    // booted at the same time.
+    let mut peers: Vec<String> = report
+        .sources
+        .iter()
+        .filter(|(source, _)| {
+            !cmdline
+                .trackers
+                .iter()
+                .any(|tracker| tracker.ip() == source.ip())
+        })
+        .map(|(source, _)| source.to_string())
+        .collect();
+    peers.truncate(PEERS_REPORTED_MAX);
+    let sources = ImageSources {
+        server_bytes: from_servers,
+        peer_bytes: report.bytes - from_servers,
+        peers,
+    };
+    Ok((root, shared, sources))
 }
 
 /// Seals the root image's memory: nothing, not even this process, can change it under the
@@ -752,7 +803,7 @@ fn seal_root(memory: &File) -> Result<(), AgentError> {
 async fn fetch_root_into_memory(
     transport: &HttpTransport,
     manifest: &Manifest,
-) -> Result<File, AgentError> {
+) -> Result<(File, u64), AgentError> {
     use rustix::fs::MemfdFlags;
     let part = &manifest.root.part;
     let memory = rustix::fs::memfd_create(
@@ -791,7 +842,7 @@ async fn fetch_root_into_memory(
         "root image in memory, every chunk verified"
     );
     seal_root(&memory)?;
-    Ok(memory)
+    Ok((memory, summary.bytes))
 }
 
 fn attach_nbd(

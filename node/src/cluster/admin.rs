@@ -53,6 +53,8 @@ pub enum AdminRequest {
     },
     /// The answering member's clock (members measure their offset to the leader with it).
     Time,
+    /// The boots the answering member took part in, as it saw them (not merged).
+    BootTimelines,
 }
 
 impl std::fmt::Debug for AdminRequest {
@@ -81,6 +83,7 @@ impl std::fmt::Debug for AdminRequest {
                 .field("document_bytes", &document.len())
                 .finish_non_exhaustive(),
             AdminRequest::Time => formatter.write_str("Time"),
+            AdminRequest::BootTimelines => formatter.write_str("BootTimelines"),
         }
     }
 }
@@ -138,6 +141,8 @@ pub enum AdminReply {
         /// The clock.
         unix_ms: u64,
     },
+    /// To `BootTimelines`.
+    BootTimelines(Vec<crate::timeline::NodeTimeline>),
     /// The request failed.
     Failed(String),
 }

@@ -131,6 +131,9 @@ pub struct ClusterMember {
     swarm: Arc<std::sync::OnceLock<Arc<crate::swarm::SwarmNode>>>,
     /// The last measurement of the leader's clock against this member's.
     clock_to_leader: Arc<Mutex<Option<consensus::clock::ClockReading>>>,
+    /// The boots this server took part in, once the daemon has started its services; until
+    /// then other members hear of none.
+    boots: Arc<std::sync::OnceLock<Arc<crate::boots::BootRecorder>>>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -200,6 +203,7 @@ impl ClusterMember {
             admin_connections: Arc::default(),
             swarm: Arc::default(),
             clock_to_leader: Arc::default(),
+            boots: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -238,6 +242,53 @@ impl ClusterMember {
     /// first call counts.
     pub fn attach_swarm(&self, swarm: Arc<crate::swarm::SwarmNode>) {
         let _attached_before = self.swarm.set(swarm);
+    }
+
+    /// Answers other members' questions about boots from `boots`.
+    pub fn attach_boots(&self, boots: Arc<crate::boots::BootRecorder>) {
+        let _attached_before = self.boots.set(boots);
+    }
+
+    /// Every other member's part of the boots it took part in, asked at once; a member that
+    /// does not answer within [`FORWARD_TIMEOUT`] is reported, not waited for.
+    pub async fn boot_timelines_of_other_members(
+        &self,
+    ) -> Vec<(
+        SocketAddr,
+        Result<Vec<crate::timeline::NodeTimeline>, String>,
+    )> {
+        let others: Vec<SocketAddr> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics
+                .membership_config
+                .nodes()
+                .filter(|(id, _)| **id != self.record.server_id)
+                .filter_map(|(_, node)| node.address.parse().ok())
+                .collect()
+        };
+        let asks = others.into_iter().map(|address| async move {
+            let answer = match tokio::time::timeout(
+                FORWARD_TIMEOUT,
+                self.forward(address, &AdminRequest::BootTimelines),
+            )
+            .await
+            {
+                Ok(Ok(AdminReply::BootTimelines(timelines))) => Ok(timelines),
+                Ok(Ok(other)) => Err(format!("unexpected answer: {other:?}")),
+                Ok(Err(error)) => Err(error.to_string()),
+                Err(_) => {
+                    // Dial afresh next time rather than wait on a dead member's connection.
+                    self.admin_connections
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&address);
+                    Err(format!("no answer within {} s", FORWARD_TIMEOUT.as_secs()))
+                }
+            };
+            (address, answer)
+        });
+        futures_util::future::join_all(asks).await
     }
 
     /// Serves until `shutdown` resolves, then stops Raft and closes the endpoint.
@@ -573,6 +624,7 @@ impl ClusterMember {
             AdminRequest::Propose(_)
             | AdminRequest::Status
             | AdminRequest::Leases
+            | AdminRequest::BootTimelines
             | AdminRequest::Time => {
                 tracing::debug!(?request, "admin request");
             }
@@ -581,6 +633,12 @@ impl ClusterMember {
         match request {
             AdminRequest::Status => AdminReply::Status(self.status()),
             AdminRequest::Time => AdminReply::Time { unix_ms: now_ms() },
+            AdminRequest::BootTimelines => AdminReply::BootTimelines(
+                self.boots
+                    .get()
+                    .map(|boots| boots.snapshot())
+                    .unwrap_or_default(),
+            ),
             AdminRequest::Leases => AdminReply::Leases(self.lease_views()),
             AdminRequest::ConfigShow => {
                 let config = self.state.read(|state| state.config.clone());

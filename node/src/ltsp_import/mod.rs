@@ -850,28 +850,18 @@ impl Importer {
             let target = self.host_for_section(section);
             match target {
                 Some(host_index) => {
-                    let host = &mut self.hosts[host_index];
                     if hostname.is_some() {
-                        host.hostname = hostname;
+                        self.hosts[host_index].hostname = hostname;
                     }
                     match settings.addition_to_reach(&node_settings) {
-                        Some(addition) => host.settings = addition,
+                        Some(addition) => self.hosts[host_index].settings = addition,
                         None => {
-                            let name = group_name_for(&section.name);
-                            host.group = Some(name.clone());
-                            self.groups.push(Group {
-                                name,
-                                origin: format!("lts.conf:{}", section.line),
-                                settings: node_settings,
-                            });
-                            self.report(
-                                "lts.conf",
-                                section.line,
-                                Outcome::Changed,
-                                format!("[{}]", section.name),
+                            let name = self.section_group(section, node_settings, |_| {
                                 "replaces or removes some of [default]'s numbered entries, so \
-                                 this node gets a group of its own with its whole settings",
-                            );
+                                 this node gets a group of its own with its whole settings"
+                                    .to_owned()
+                            });
+                            self.hosts[host_index].group = Some(name);
                         }
                     }
                 }
@@ -879,25 +869,40 @@ impl Importer {
                 None if referenced.contains(&lower) || section.name.parse::<Ipv4Addr>().is_ok() => {
                 }
                 None => {
-                    let name = group_name_for(&section.name);
-                    self.groups.push(Group {
-                        name: name.clone(),
-                        origin: format!("lts.conf:{}", section.line),
-                        settings: node_settings,
-                    });
-                    self.report(
-                        "lts.conf",
-                        section.line,
-                        Outcome::Changed,
-                        format!("[{}]", section.name),
+                    self.section_group(section, node_settings, |name| {
                         format!(
                             "matches no host of dhcpd.conf (by MAC, fixed address or name): \
                              kept as group {name:?}, which no host names yet"
-                        ),
-                    );
+                        )
+                    });
                 }
             }
         }
+    }
+
+    /// A group of its own for lts.conf `section`, holding `settings`, reported as a change
+    /// with `reason(name)`; returns the group's name.
+    fn section_group(
+        &mut self,
+        section: &lts::Section,
+        settings: Settings,
+        reason: impl FnOnce(&str) -> String,
+    ) -> String {
+        let name = group_name_for(&section.name);
+        self.groups.push(Group {
+            name: name.clone(),
+            origin: format!("lts.conf:{}", section.line),
+            settings,
+        });
+        let reason = reason(&name);
+        self.report(
+            "lts.conf",
+            section.line,
+            Outcome::Changed,
+            format!("[{}]", section.name),
+            reason,
+        );
+        name
     }
 
     /// The host a section applies to: by MAC (a new host when dhcpd.conf has none), by fixed

@@ -357,15 +357,12 @@ case "$1" in bound|renew) ip addr replace "$ip/16" dev "$interface";; esac"#,
     );
     let metrics = String::from_utf8_lossy(&scraped.stdout);
     let value = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+        lab::metric_value(&metrics, series).unwrap_or_else(|| panic!("{series} in\n{metrics}"))
     };
-    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"offer\"} ") >= 1);
-    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"} ") >= 2);
-    assert!(value("bootmesh_dhcp_datagrams_received_total ") >= 3);
-    assert_eq!(value("bootmesh_ready "), 1);
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"offer\"}") >= 1);
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"}") >= 2);
+    assert!(value("bootmesh_dhcp_datagrams_received_total") >= 3);
+    assert_eq!(value("bootmesh_ready"), 1);
 
     lab.signal("udhcpc", libc::SIGTERM);
     assert_released(&lab, &address, "udhcpc");

@@ -22,6 +22,20 @@ fn run(program: &str, args: &[&str], directory: &Path) -> Output {
     output
 }
 
+/// buildah's global options that keep its storage in the test's `directory`, not in
+/// /var/lib/containers.
+fn buildah_storage(directory: &Path) -> Vec<String> {
+    let path = |name: &str| directory.join(name).to_str().expect("utf-8").to_owned();
+    vec![
+        "--root".to_owned(),
+        path("storage"),
+        "--runroot".to_owned(),
+        path("run"),
+        "--storage-driver".to_owned(),
+        "vfs".to_owned(),
+    ]
+}
+
 /// A busybox rootfs with the shared libraries busybox needs (ldd tells which), as a tar.
 fn busybox_rootfs_tar(directory: &Path) -> std::path::PathBuf {
     let rootfs = directory.join("rootfs");
@@ -113,22 +127,12 @@ fn a_dockerfile_built_by_buildah_imports_from_docker_and_oci_archives() {
          RUN rm /bin/cat && ln -s busybox /bin/true\n",
     )
     .expect("Dockerfile");
-    // buildah's own storage lives in the test's directory, not in /var/lib/containers.
-    let storage_root = directory.join("storage");
-    let run_root = directory.join("run");
-    let storage = [
-        "--root",
-        storage_root.to_str().expect("utf-8"),
-        "--runroot",
-        run_root.to_str().expect("utf-8"),
-        "--storage-driver",
-        "vfs",
-    ];
+    let storage = buildah_storage(directory);
     let with_storage = |args: &[&str]| -> Vec<String> {
         storage
             .iter()
-            .chain(args)
-            .map(|arg| (*arg).to_owned())
+            .cloned()
+            .chain(args.iter().map(|arg| (*arg).to_owned()))
             .collect()
     };
     let call = |args: Vec<String>| {
@@ -361,17 +365,9 @@ fn the_bootmesh_container_image_builds_and_runs() {
         .expect("ipxe");
     }
     let dockerfile = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/Dockerfile");
-    let storage_root = directory.join("storage");
-    let run_root = directory.join("run");
+    let storage = buildah_storage(directory);
     let buildah = |args: &[&str]| -> String {
-        let mut all = vec![
-            "--root",
-            storage_root.to_str().expect("utf-8"),
-            "--runroot",
-            run_root.to_str().expect("utf-8"),
-            "--storage-driver",
-            "vfs",
-        ];
+        let mut all: Vec<&str> = storage.iter().map(String::as_str).collect();
         all.extend_from_slice(args);
         String::from_utf8_lossy(&run("buildah", &all, directory).stdout).into_owned()
     };

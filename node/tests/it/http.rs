@@ -302,26 +302,23 @@ impl NodeLab {
 
     /// GETs `path`; returns the status and the body.
     fn get(&self, path: &str) -> (String, String) {
+        self.curl(path, &[])
+    }
+
+    /// `curl` on `path` with `options` before the URL; returns the status and the body.
+    fn curl(&self, path: &str, options: &[&str]) -> (String, String) {
         let body_path = self.lab.path("body");
         let _ = std::fs::remove_file(&body_path);
         let url = format!("http://{}:{PORT}/{path}", self.pair.server_address);
-        let output = self.lab.run(
-            &self.pair.client,
-            CLIENT_LIMIT,
-            "curl",
-            &[
-                "--silent",
-                "--show-error",
-                "--output",
-                &body_path.to_string_lossy(),
-                "--write-out",
-                "%{http_code}",
-                &url,
-            ],
-        );
+        let body_text = body_path.to_string_lossy();
+        let mut args = vec!["--silent", "--show-error", "--output", body_text.as_ref()];
+        args.extend_from_slice(&["--write-out", "%{http_code}"]);
+        args.extend_from_slice(options);
+        args.push(&url);
+        let output = self.lab.run(&self.pair.client, CLIENT_LIMIT, "curl", &args);
         assert!(
             output.status.success(),
-            "curl {path}: {}",
+            "curl {options:?} {path}: {}",
             lab::describe(&output)
         );
         (
@@ -349,6 +346,40 @@ impl NodeLab {
 
     fn secrets(&self, mac: &str, token: &str) -> (String, String) {
         self.get(&format!("nodes/{mac}/secrets?token={token}"))
+    }
+
+    /// POSTs `json` to `path`, as the agent reports its stages; returns the status and body.
+    fn post(&self, path: &str, json: &str) -> (String, String) {
+        self.curl(
+            path,
+            &[
+                "--header",
+                "content-type: application/json",
+                "--data-binary",
+                json,
+            ],
+        )
+    }
+
+    /// `bootmesh nodes` run from the client's namespace against this server.
+    fn bootmesh_nodes(&self, json: bool) -> String {
+        let server = format!("{}:{PORT}", self.pair.server_address);
+        let mut args = vec!["nodes", "--server", server.as_str()];
+        if json {
+            args.push("--json");
+        }
+        let output = self.lab.run(
+            &self.pair.client,
+            CLIENT_LIMIT,
+            env!("CARGO_BIN_EXE_bootmesh"),
+            &args,
+        );
+        assert!(
+            output.status.success(),
+            "bootmesh nodes: {}",
+            lab::describe(&output)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
     }
 }
 
@@ -498,6 +529,102 @@ fn plans_follow_the_mac_and_secrets_are_served_once_per_token_and_never_logged()
     ] {
         assert!(!log.contains(value), "the server logged {what}:\n{log}");
     }
+}
+
+/// What the server serves a booting node (its boot script, its plan) and what the node's agent
+/// reports (image with its sources, root, booted) make the node's timeline, which
+/// `bootmesh nodes` shows as JSON and as a table; a report claiming a stage only a server can
+/// see, or that is not a report, is refused and counted, and changes nothing.
+#[test]
+fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
+    if !lab::enabled() {
+        return;
+    }
+    for program in ["curl", "mksquashfs"] {
+        lab::require_program(program);
+    }
+    let nodes = NodeLab::start("hr", "10.79.4", 300, true);
+    let report_path = format!("nodes/{}/report", WORKER_MAC.replace(':', "-"));
+    nodes.boot_script(WORKER_MAC);
+    assert_eq!(nodes.get(&format!("nodes/{WORKER_MAC}/plan")).0, "200");
+    for report in [
+        r#"{"stage":"image","sources":{"server_bytes":1048576,"peer_bytes":3145728,"peers":["10.79.4.21:7800","10.79.4.22:7800"]},"uptime_ms":9000}"#,
+        r#"{"stage":"root","uptime_ms":9500}"#,
+        r#"{"stage":"booted","uptime_ms":31000}"#,
+    ] {
+        let (code, body) = nodes.post(&report_path, report);
+        assert_eq!(code, "204", "{report}: {body}");
+    }
+    for (refused, reason) in [
+        (
+            r#"{"stage":"dhcp"}"#,
+            "report refused: an agent reports image, root or booted, not dhcp",
+        ),
+        (r#"{"stage":"booted","extra":1}"#, "report refused: "),
+        ("not json", "report refused: "),
+    ] {
+        let (code, body) = nodes.post(&report_path, refused);
+        assert_eq!(code, "400", "{refused}: {body}");
+        assert!(body.starts_with(reason), "{refused}: {body}");
+    }
+    let (code, _) = nodes.post("nodes/not-a-mac/report", r#"{"stage":"root"}"#);
+    assert_eq!(code, "404");
+
+    let view: serde_json::Value =
+        serde_json::from_str(&nodes.bootmesh_nodes(true)).expect("nodes --json");
+    assert_eq!(
+        view["servers"][0]["error"],
+        serde_json::Value::Null,
+        "{view:#}"
+    );
+    let node = view["nodes"]
+        .as_array()
+        .and_then(|all| all.iter().find(|node| node["mac"] == WORKER_MAC))
+        .unwrap_or_else(|| panic!("{WORKER_MAC} in {view:#}"));
+    let stages = lab::timeline_stages(node);
+    // No DHCP client ran here: the timeline starts at the boot script.
+    assert_eq!(
+        stages,
+        ["kernel", "plan", "image", "root", "booted"],
+        "{node:#}"
+    );
+    assert_eq!(node["hostname"], "worker-2");
+    assert_eq!(node["kernel_to_booted_ms"], 31000);
+    assert_eq!(
+        node["sources"]["peers"],
+        serde_json::json!(["10.79.4.21:7800", "10.79.4.22:7800"])
+    );
+    let table = nodes.bootmesh_nodes(false);
+    let row = table
+        .lines()
+        .find(|line| line.starts_with(WORKER_MAC))
+        .unwrap_or_else(|| panic!("{WORKER_MAC} in\n{table}"));
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(columns[1..4], ["worker-2", "-", "booted"], "{table}");
+    assert!(row.ends_with("server 1.0MiB, peers 3.0MiB (2)"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "{WORKER_MAC} fetched from 10.79.4.21:7800 10.79.4.22:7800"
+        )),
+        "{table}"
+    );
+
+    let (code, metrics) = nodes.get("metrics");
+    assert_eq!(code, "200");
+    let value = |series: &str| {
+        lab::metric_value(&metrics, series).unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("bootmesh_node_image_bytes_total{source=\"peer\"}"),
+        3 << 20
+    );
+    assert_eq!(
+        value("bootmesh_node_image_bytes_total{source=\"server\"}"),
+        1 << 20
+    );
+    assert_eq!(value("bootmesh_node_reports_refused_total"), 3);
+    assert_eq!(value("bootmesh_boot_kernel_to_booted_seconds_count"), 1);
+    assert!(value("bootmesh_nodes_seen") >= 1);
 }
 
 #[test]

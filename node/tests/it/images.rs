@@ -1444,9 +1444,9 @@ fn every_malformed_source_is_explained_in_one_printable_line() {
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
-/// `list`'s rows as (reference, groups).
+/// `list`'s rows as (reference, groups); `list --json` says the same.
 fn listed(state: &Path) -> Vec<(String, String)> {
-    bootmesh_ok(state, &["list"])
+    let rows: Vec<(String, String)> = bootmesh_ok(state, &["list"])
         .lines()
         .skip(1)
         .map(|line| {
@@ -1456,7 +1456,28 @@ fn listed(state: &Path) -> Vec<(String, String)> {
                 words.last().expect("groups").to_string(),
             )
         })
-        .collect()
+        .collect();
+    let json: Vec<serde_json::Value> =
+        serde_json::from_str(&bootmesh_ok(state, &["list", "--json"])).expect("list --json");
+    let from_json: Vec<(String, String)> = json
+        .iter()
+        .map(|listing| {
+            let groups: Vec<&str> = listing["groups"]
+                .as_array()
+                .expect("groups")
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            let groups = if groups.is_empty() {
+                "-".to_owned()
+            } else {
+                groups.join(",")
+            };
+            (listing["image"].as_str().expect("image").to_owned(), groups)
+        })
+        .collect();
+    assert_eq!(rows, from_json, "list and list --json agree");
+    rows
 }
 
 fn row(reference: &str, groups: &str) -> (String, String) {

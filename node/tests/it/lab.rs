@@ -417,6 +417,38 @@ pub fn assert_file_bytes(path: &Path, expected: &[u8]) {
 }
 
 /// Output of a finished client, for assertion messages.
+/// The server's `/metrics` at `address` (`ip:port`), fetched with curl from `namespace`.
+pub fn scrape_metrics(lab: &Lab, namespace: &str, address: &str) -> String {
+    let output = lab.run(
+        namespace,
+        Duration::from_secs(10),
+        "curl",
+        &["-s", &format!("http://{address}/metrics")],
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The stage names of a node's timeline in `bootmesh nodes --json`, in order.
+pub fn timeline_stages(node: &serde_json::Value) -> Vec<&str> {
+    node["stages"]
+        .as_array()
+        .map(|stages| {
+            stages
+                .iter()
+                .filter_map(|seen| seen["stage"].as_str())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The value of `series` (name and labels, as the exposition writes them) in `metrics`.
+pub fn metric_value(metrics: &str, series: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
 pub fn describe(output: &Output) -> String {
     format!(
         "{}\nstdout:\n{}\nstderr:\n{}",

@@ -33,6 +33,9 @@ impl NbdLab {
         std::fs::create_dir_all(lab.path("state")).expect("state dir");
         let config = format!(
             "state_dir = \"{state}\"\n\
+             [http]\n\
+             listen = \"{address}:8080\"\n\
+             root = \"{state}\"\n\
              [nbd]\n\
              listen = \"{address}:{NBD_PORT}\"\n\
              [[nbd.export]]\n\
@@ -200,6 +203,18 @@ fn nbdcopy_and_qemu_img_copy_exports_byte_identically() {
         lab::describe(&output)
     );
     lab::assert_file_bytes(&local, &nbd.root);
+    // /metrics: three connections, and at least every byte the clients copied.
+    let address = format!("{}:8080", nbd.pair.server_address);
+    let metrics = || lab::scrape_metrics(&nbd.lab, &nbd.pair.client, &address);
+    let settled = lab::wait_for(Duration::from_secs(10), || {
+        lab::metric_value(&metrics(), "bootmesh_nbd_connections_active") == Some(0)
+    });
+    let scraped = metrics();
+    assert!(settled.is_some(), "{scraped}");
+    assert!(lab::metric_value(&scraped, "bootmesh_nbd_connections_started_total") >= Some(3));
+    let copied = (2 * nbd.root.len() + nbd.small.len()) as u64;
+    let sent = lab::metric_value(&scraped, "bootmesh_nbd_bytes_sent_total").unwrap_or(0);
+    assert!(sent >= copied, "{sent} bytes sent for {copied} copied");
 }
 
 #[test]

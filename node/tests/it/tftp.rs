@@ -48,6 +48,9 @@ impl TftpLab {
             "state_dir = \"{state}\"\n\
              [tftp]\n\
              listen = \"{address}:69\"\n\
+             root = \"{root}\"\n\
+             [http]\n\
+             listen = \"{address}:8080\"\n\
              root = \"{root}\"\n",
             state = lab.path("state").display(),
             address = pair.server_address,
@@ -111,6 +114,25 @@ fn tftp_hpa_downloads_byte_identical_files() {
         );
         lab::assert_file_bytes(&local, content);
     }
+    // /metrics counts each transfer and its bytes once the server has seen the last ACK.
+    let address = format!("{}:8080", tftp.host());
+    let total_bytes: usize = tftp.files.iter().map(|(_, content)| content.len()).sum();
+    let metrics = || lab::scrape_metrics(&tftp.lab, &tftp.pair.client, &address);
+    let settled = lab::wait_for(Duration::from_secs(10), || {
+        lab::metric_value(&metrics(), "bootmesh_tftp_transfers_active") == Some(0)
+    });
+    let scraped = metrics();
+    assert!(settled.is_some(), "{scraped}");
+    let value = |series| lab::metric_value(&scraped, series);
+    assert_eq!(
+        value("bootmesh_tftp_transfers_started_total"),
+        Some(tftp.files.len() as u64)
+    );
+    assert_eq!(value("bootmesh_tftp_transfers_failed_total"), Some(0));
+    assert_eq!(
+        value("bootmesh_tftp_bytes_sent_total"),
+        Some(total_bytes as u64)
+    );
 }
 
 #[test]

@@ -194,6 +194,15 @@ struct ServerSetup<'a> {
     extra: &'a str,
 }
 
+/// The lab server's TFTP, HTTP and NBD listeners, serving `files`.
+fn lab_listeners(files: &Path) -> String {
+    format!(
+        "[tftp]\nlisten = \"0.0.0.0:69\"\nroot = \"{files}\"\n[http]\nlisten = \"0.0.0.0:8080\"\n\
+         root = \"{files}\"\n[nbd]\nlisten = \"0.0.0.0:10809\"",
+        files = files.display()
+    )
+}
+
 fn server_config(lab: &BootLab, setup: &ServerSetup<'_>) -> String {
     let subnet = lab.server_address.octets()[1];
     format!(
@@ -206,14 +215,7 @@ ranges = ["10.{subnet}.0.100-10.{subnet}.0.199"]
 routers = ["10.{subnet}.0.1"]
 lease_secs = 600
 {hosts}
-[tftp]
-listen = "0.0.0.0:69"
-root = "{files}"
-[http]
-listen = "0.0.0.0:8080"
-root = "{files}"
-[nbd]
-listen = "0.0.0.0:10809"
+{listeners}
 {extra}
 [boot]
 default_group = "lab"
@@ -223,8 +225,8 @@ name = "lab"
 "#,
         state = setup.state.display(),
         bridge = lab.bridge,
-        files = setup.files.display(),
         hosts = setup.hosts,
+        listeners = lab_listeners(setup.files),
         extra = setup.extra,
         group_settings = setup.group_settings,
     )
@@ -271,6 +273,16 @@ fn boot_to_marker(
         .wait_for_line(&format!("BOOTMESH-MARKER lab.nonce={nonce}"), BOOT_LIMIT)
         .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
     (vm, elapsed, line)
+}
+
+/// The `/metrics` of the HTTP listener at `address`, scraped from inside `namespace`.
+fn lab_metrics(namespace: &str, address: &str) -> String {
+    let scraped = std::process::Command::new("ip")
+        .args(["netns", "exec", namespace, "curl", "-s"])
+        .arg(format!("http://{address}/metrics"))
+        .output()
+        .expect("curl /metrics");
+    String::from_utf8_lossy(&scraped.stdout).into_owned()
 }
 
 /// Whether the server's tracker log shows the member at `ip` announcing itself complete.
@@ -760,6 +772,8 @@ fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
 const DEBIAN_MARKER_SCRIPT: &str = r#"#!/bin/sh
 nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
 echo "BOOTMESH-MARKER ${nonce} host=$(hostname) preinit=$(cat /etc/bootmesh-preinit-proof 2>/dev/null) rcfile=$(systemctl is-active bootmesh-rcfile.service) rcfile-ran=$(cat /run/rcfile-proof 2>/dev/null) apt-daily.timer=$(systemctl is-enabled apt-daily.timer 2>/dev/null) fstrim.timer=$(systemctl is-enabled fstrim.timer 2>/dev/null) fstab=$(grep -c bootmesh-scratch /etc/fstab) ltsconf-rcfile=$(grep -c '^RCFILE_' /etc/lts.conf) rofs=$(if [ -d /rofs/etc ] && ! touch /rofs/etc/bootmesh-write 2>/dev/null; then echo read-only; fi) secret=$(cat /run/bootmesh/secrets/join-token 2>/dev/null) secret-mode=$(stat -c %a /run/bootmesh/secrets/join-token 2>/dev/null) scratch=$(findmnt -n -o FSTYPE /mnt/bootmesh-scratch) init=$(cat /proc/1/comm)" > /dev/kmsg
+# Power off once the agent's companion has told the servers the node booted (at most 30 s).
+for attempt in $(seq 30); do [ -e /run/bootmesh/booted-reported ] && break; sleep 1; done
 systemctl poweroff --no-block
 "#;
 
@@ -928,18 +942,11 @@ fn an_imported_ltsp_site_boots_a_debian_systemd_root_in_ram_with_its_node_settin
 [cluster]
 [dhcp]
 interfaces = ["{bridge}"]
-[tftp]
-listen = "0.0.0.0:69"
-root = "{files}"
-[http]
-listen = "0.0.0.0:8080"
-root = "{files}"
-[nbd]
-listen = "0.0.0.0:10809"
+{listeners}
 "#,
         state = state.display(),
         bridge = lab.bridge,
-        files = files.display(),
+        listeners = lab_listeners(&files),
     );
     lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
         .expect("server");
@@ -1030,30 +1037,80 @@ listen = "0.0.0.0:10809"
     );
     // The server's /metrics tells the same story: it leads its one-server cluster, holds the
     // node's lease (and the agent's, which is the same MAC), has ACKed, served HTTP.
-    let scraped = std::process::Command::new("ip")
-        .args([
+    let metrics = lab_metrics(&namespace, "10.9.0.1:8080");
+    let value = |series: &str| -> u64 {
+        lab::metric_value(&metrics, series).unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+    };
+    assert_eq!(value("bootmesh_raft_leader"), 1);
+    assert_eq!(value("bootmesh_ready"), 1);
+    assert!(value("bootmesh_leases") >= 1);
+    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"}") >= 1);
+    assert!(value("bootmesh_http_responses_total{class=\"2xx\"}") >= 3);
+    assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
+
+    // The node's timeline: every stage from its first DHCP ACK to multi-user.target, in
+    // order, the image's bytes all from the server (no other node was up), and the boot in
+    // the duration histogram.
+    let nodes = |json: bool| {
+        let mut args = vec![
             "netns",
             "exec",
             &namespace,
-            "curl",
-            "-s",
-            "http://10.9.0.1:8080/metrics",
-        ])
-        .output()
-        .expect("curl /metrics");
-    let metrics = String::from_utf8_lossy(&scraped.stdout);
-    let value = |series: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{series} in\n{metrics}"))
+            env!("CARGO_BIN_EXE_bootmesh"),
+            "nodes",
+            "--server",
+            "10.9.0.1:8080",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let output = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .expect("bootmesh nodes");
+        assert!(output.status.success(), "nodes: {}", lab::describe(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
     };
-    assert_eq!(value("bootmesh_raft_leader "), 1);
-    assert_eq!(value("bootmesh_ready "), 1);
-    assert!(value("bootmesh_leases ") >= 1);
-    assert!(value("bootmesh_dhcp_replies_sent_total{type=\"ack\"} ") >= 1);
-    assert!(value("bootmesh_http_responses_total{class=\"2xx\"} ") >= 3);
-    assert!(vm.wait_exit(Duration::from_secs(60)), "the VM powers off");
+    let view: serde_json::Value = serde_json::from_str(&nodes(true)).expect("nodes --json");
+    let node = view["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|node| node["mac"] == "52:54:00:09:00:01"))
+        .unwrap_or_else(|| panic!("the node in {view:#}"));
+    let stages = lab::timeline_stages(node);
+    assert_eq!(
+        stages,
+        ["dhcp", "kernel", "plan", "image", "root", "booted"],
+        "{node:#}"
+    );
+    let times: Vec<u64> = node["stages"]
+        .as_array()
+        .map(|stages| {
+            stages
+                .iter()
+                .filter_map(|seen| seen["at_unix_ms"].as_u64())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(times.windows(2).all(|pair| pair[0] <= pair[1]), "{node:#}");
+    assert_eq!(node["hostname"], "debian-node-1", "{node:#}");
+    assert!(
+        node["sources"]["server_bytes"].as_u64().unwrap_or(0) > 0
+            && node["sources"]["peer_bytes"].as_u64().unwrap_or(1) == 0,
+        "{node:#}"
+    );
+    let table = nodes(false);
+    eprintln!("bootmesh nodes:\n{table}");
+    assert!(
+        table
+            .lines()
+            .any(|line| line.starts_with("52:54:00:09:00:01") && line.contains(" booted ")),
+        "{table}"
+    );
+    let metrics = lab_metrics(&namespace, "10.9.0.1:8080");
+    assert!(
+        lab::metric_value(&metrics, "bootmesh_boot_duration_seconds_count").unwrap_or(0) >= 1,
+        "{metrics}"
+    );
 }
 
 /// LTSP compatibility (slow set): bootmesh's NBD export boots an unmodified Debian initramfs

@@ -1,0 +1,42 @@
+//! Agents' boot reports (`POST /nodes/<mac>/report`, unauthenticated): any body either decodes
+//! to a report or is refused, a refused report changes nothing, and any sequence of accepted
+//! reports and server sightings keeps every timeline in stage order, never panics, and merges.
+#![no_main]
+
+use boot_services::timeline::{AgentReport, BootTimelines, Observation, merge};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut timelines = BootTimelines::new("fuzz", 4);
+    let mut now = 1_700_000_000_000u64;
+    for (index, line) in data.split(|byte| *byte == b'\n').enumerate() {
+        let mac = [0x52, 0x54, 0, 0, 0, (index % 6) as u8];
+        now += u64::from(line.first().copied().unwrap_or(0)) * 1000;
+        let observation = match line.first() {
+            Some(b'A') => Observation::DhcpAck {
+                address: std::net::Ipv4Addr::new(10, 0, 0, index as u8),
+            },
+            Some(b'K') => Observation::BootScript,
+            Some(b'P') => Observation::Plan {
+                hostname: std::str::from_utf8(&line[1..]).ok().map(str::to_owned),
+            },
+            _ => {
+                let Ok(report) = serde_json::from_slice::<AgentReport>(line) else {
+                    continue;
+                };
+                if report.validate().is_err() {
+                    continue;
+                }
+                Observation::Report(report)
+            }
+        };
+        timelines.observe(now, &mac, observation);
+    }
+    let snapshot = timelines.snapshot();
+    assert!(snapshot.len() <= 4);
+    for node in &snapshot {
+        assert!(node.stages.windows(2).all(|pair| pair[0].stage < pair[1].stage));
+    }
+    let merged = merge([snapshot.clone(), snapshot]);
+    assert!(merged.len() <= 4);
+});
