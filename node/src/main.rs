@@ -45,7 +45,7 @@ enum Command {
     /// Manage the images in a server's store.
     Image {
         /// The server's `state_dir` (the store is its `images/`).
-        #[arg(long, global = true, default_value = image_cli::STATE_DIR_DEFAULT)]
+        #[arg(long, global = true, env = "BOOTMESH_STATE_DIR", default_value = image_cli::STATE_DIR_DEFAULT)]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: image_cli::ImageCommand,
@@ -63,7 +63,12 @@ enum Command {
     /// Found, join, inspect and change the cluster of boot servers.
     Cluster {
         /// The server's `state_dir` (its cluster identity is in `cluster/`).
-        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        #[arg(
+            long,
+            global = true,
+            env = "BOOTMESH_STATE_DIR",
+            default_value = "/var/lib/bootmesh"
+        )]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: node::cluster_cli::ClusterCommand,
@@ -71,7 +76,12 @@ enum Command {
     /// The fleet configuration the cluster holds: apply, show, diff.
     Config {
         /// The server's `state_dir`.
-        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        #[arg(
+            long,
+            global = true,
+            env = "BOOTMESH_STATE_DIR",
+            default_value = "/var/lib/bootmesh"
+        )]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: node::cluster_cli::ConfigCommand,
@@ -79,7 +89,12 @@ enum Command {
     /// The leases the cluster holds.
     Lease {
         /// The server's `state_dir`.
-        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        #[arg(
+            long,
+            global = true,
+            env = "BOOTMESH_STATE_DIR",
+            default_value = "/var/lib/bootmesh"
+        )]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: node::cluster_cli::LeaseCommand,
@@ -87,7 +102,12 @@ enum Command {
     /// One-time join tokens for new servers.
     Token {
         /// The server's `state_dir`.
-        #[arg(long, global = true, default_value = "/var/lib/bootmesh")]
+        #[arg(
+            long,
+            global = true,
+            env = "BOOTMESH_STATE_DIR",
+            default_value = "/var/lib/bootmesh"
+        )]
         state_dir: PathBuf,
         #[command(subcommand)]
         command: node::cluster_cli::TokenCommand,

@@ -13,6 +13,7 @@ mod cluster;
 mod deploy;
 mod dhcp;
 mod dockerfile;
+mod docs;
 mod http;
 mod image_serving;
 mod images;

@@ -1,0 +1,148 @@
+//! The documentation's commands run as they are written: every block of `docs/*.md` fenced as
+//! ```` ```sh tested ```` is run, the blocks of one page in order in one shell (`bash -e`, so
+//! the first command that fails fails the test), in a scratch directory, with the `bootmesh`
+//! under test first on PATH and `BOOTMESH_STATE_DIR` pointing into the scratch directory. A page
+//! may need inputs an operator would have (an image archive); they are made here before its
+//! blocks run, and the page says so.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::lab;
+
+fn docs_directory() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs")
+}
+
+/// The `sh tested` blocks of a Markdown page, in order.
+fn tested_blocks(page: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in page.lines() {
+        match current.as_mut() {
+            None if line.trim_end() == "```sh tested" => current = Some(String::new()),
+            None => {}
+            Some(_) if line.trim_end() == "```" => blocks.extend(current.take()),
+            Some(block) => {
+                block.push_str(line);
+                block.push('\n');
+            }
+        }
+    }
+    assert!(current.is_none(), "an unclosed ```sh tested block");
+    blocks
+}
+
+/// A root tarball such as `docker build` + export would give: a kernel and an initrd in
+/// `/boot`, and a version file that differs between versions.
+fn write_root_tarball(scratch: &Path, version: &str) {
+    let root = scratch.join(format!("root-{version}"));
+    std::fs::create_dir_all(root.join("boot")).expect("boot");
+    std::fs::create_dir_all(root.join("etc")).expect("etc");
+    std::fs::write(
+        root.join("boot/vmlinuz-6.1.0-1-amd64"),
+        format!("kernel of {version}\n").repeat(4096),
+    )
+    .expect("kernel");
+    std::fs::write(
+        root.join("boot/initrd.img-6.1.0-1-amd64"),
+        format!("initrd of {version}\n").repeat(4096),
+    )
+    .expect("initrd");
+    std::fs::write(root.join("etc/node-version"), format!("{version}\n")).expect("version");
+    let status = Command::new("tar")
+        .arg("-cf")
+        .arg(scratch.join(format!("node-{version}.tar")))
+        .arg("-C")
+        .arg(&root)
+        .arg(".")
+        .status()
+        .expect("tar");
+    assert!(status.success(), "tar of {version}");
+}
+
+/// What a page needs before its blocks run.
+fn prepare(page_name: &str, scratch: &Path) {
+    // Pages quote the checkout's examples by their path in it.
+    std::os::unix::fs::symlink(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples"),
+        scratch.join("examples"),
+    )
+    .expect("examples in the scratch directory");
+    if page_name == "image-rollout.md" {
+        lab::require_program("mksquashfs");
+        write_root_tarball(scratch, "v1");
+        write_root_tarball(scratch, "v2");
+    }
+}
+
+#[test]
+fn every_tested_block_of_the_docs_runs_as_written() {
+    let binary = Path::new(env!("CARGO_BIN_EXE_bootmesh"));
+    let binaries = binary.parent().expect("the binary's directory");
+    let path = format!(
+        "{}:{}",
+        binaries.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut pages_run = Vec::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(docs_directory())
+        .expect("docs/")
+        .map(|entry| entry.expect("a docs entry").path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "md"))
+        .collect();
+    entries.sort();
+    for page_path in entries {
+        let page = std::fs::read_to_string(&page_path).expect("a page");
+        let blocks = tested_blocks(&page);
+        if blocks.is_empty() {
+            continue;
+        }
+        let page_name = page_path
+            .file_name()
+            .and_then(|name| name.to_str())
+            .expect("a page name")
+            .to_owned();
+        let scratch = tempfile::tempdir().expect("scratch");
+        prepare(&page_name, scratch.path());
+        let script = blocks.join("");
+        let output = Command::new("timeout")
+            .args(["--signal=KILL", "300", "bash", "-euo", "pipefail", "-c"])
+            .arg(&script)
+            .current_dir(scratch.path())
+            .env("PATH", &path)
+            .env("BOOTMESH_STATE_DIR", scratch.path().join("state"))
+            .output()
+            .expect("bash");
+        assert!(
+            output.status.success(),
+            "docs/{page_name}: its commands failed\n{script}\n{}",
+            lab::describe(&output)
+        );
+        eprintln!(
+            "docs/{page_name}: {} tested blocks ran\n{}",
+            blocks.len(),
+            String::from_utf8_lossy(&output.stdout)
+        );
+        pages_run.push(page_name);
+    }
+    // The pages whose commands are known to be runnable here; a page that loses its tested
+    // blocks by an editing slip fails here instead of passing silently.
+    for expected in [
+        "failure-drills.md",
+        "image-rollout.md",
+        "migrating-from-ltsp.md",
+    ] {
+        assert!(
+            pages_run.iter().any(|page| page == expected),
+            "docs/{expected} has no tested blocks (ran: {pages_run:?})"
+        );
+    }
+}
+
+#[test]
+fn tested_blocks_are_found_in_order_and_untested_ones_left_alone() {
+    let page =
+        "text\n```sh\nnot run\n```\n```sh tested\none\ntwo\n```\nmore\n```sh tested\nthree\n```\n";
+    assert_eq!(tested_blocks(page), ["one\ntwo\n", "three\n"]);
+}
