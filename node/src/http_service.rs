@@ -7,6 +7,7 @@
 //! command line, a script or a response body.
 
 pub mod boot_tokens;
+pub mod dashboard;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -808,8 +809,9 @@ pub struct Probes {
     pub member: Option<crate::cluster::member::ClusterMember>,
 }
 
-/// `/healthz` (the process answers: a liveness probe), `/readyz` (see [`Readiness`]) and
-/// `/metrics` (Prometheus); every other request goes on, and its response is counted.
+/// `/healthz` (the process answers: a liveness probe), `/readyz` (see [`Readiness`]),
+/// `/metrics` (Prometheus), `/api/v1/nodes`, `/api/v1/cluster` and the dashboard
+/// (`/dashboard`); every other request goes on, and its response is counted.
 async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next) -> Response {
     match request.uri().path() {
         "/healthz" => (StatusCode::OK, "ok\n").into_response(),
@@ -822,6 +824,19 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
                 .into_response(),
         },
         "/api/v1/nodes" => nodes_response(&probes).await,
+        "/api/v1/cluster" => {
+            let not_ready_because = probes.readiness.not_ready_because();
+            json_response(&dashboard::ClusterView {
+                server: probes.boots.server_name(),
+                ready: not_ready_because.is_none(),
+                not_ready_because,
+                cluster: probes.member.as_ref().map(|member| member.status()),
+            })
+        }
+        path if path.starts_with("/dashboard") => match dashboard::asset(path) {
+            Some(response) => response,
+            None => (StatusCode::NOT_FOUND, "not found\n").into_response(),
+        },
         "/metrics" => match crate::metrics::render(&probes.metrics) {
             Ok(text) => (
                 [(
@@ -1055,6 +1070,19 @@ mod tests {
         assert_eq!(nodes.servers[0].server, "s1");
         assert_eq!(nodes.nodes.len(), 1);
         assert_eq!(nodes.nodes[0].mac, "52:54:00:00:00:01");
+        let (status, cluster) = probe("/api/v1/cluster").await;
+        assert_eq!(status, StatusCode::OK);
+        let cluster: dashboard::ClusterView = serde_json::from_str(&cluster).unwrap();
+        assert!(!cluster.ready && cluster.cluster.is_none());
+        assert_eq!(
+            cluster.not_ready_because.as_deref(),
+            Some("no cluster leader known")
+        );
+        let (status, page) = probe("/dashboard").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(page.contains("/dashboard/app.js"), "{page}");
+        assert!(probe("/dashboard/app.js").await.1.contains("/api/v1/nodes"));
+        assert_eq!(probe("/dashboard/other").await.0, StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]

@@ -772,7 +772,8 @@ impl ClusterMember {
         })
     }
 
-    fn status(&self) -> ClusterStatus {
+    /// This member's view of the cluster: role, term, leader, log, members with their racks.
+    pub fn status(&self) -> ClusterStatus {
         let metrics = self.raft.metrics().borrow().clone();
         let membership = metrics.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();

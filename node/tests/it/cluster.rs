@@ -824,7 +824,14 @@ fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
     if !lab::enabled() {
         return;
     }
+    lab::require_program("chromium");
     let mut cluster = ClusterLab::new(5).with_dhcp(600);
+    let www = cluster.lab.path("www");
+    std::fs::create_dir_all(&www).expect("www");
+    cluster.extra_config += &format!(
+        "\n[http]\nlisten = \"0.0.0.0:8080\"\nroot = \"{}\"\n",
+        www.display()
+    );
     form(&mut cluster, 5);
     let done = Arc::new(AtomicUsize::new(0));
     let log = in_namespace(&cluster.client_namespace, move || {
@@ -855,6 +862,7 @@ fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
         });
         check_lease_table(&cluster, server, &log.acked);
     }
+    nodes_and_dashboard_show_every_servers_part(&cluster, &log);
     // A lease released on one server has ended on another.
     let address = log.acked[&0].0.to_string();
     let (ok, stdout, stderr) = cluster.bootmesh(2, &["lease", "release", address.as_str()]);
@@ -877,6 +885,81 @@ fn five_servers_form_and_serve_dhcp_with_one_lease_table() {
             })
     })
     .unwrap_or_else(|| panic!("the release did not reach s4:\n{}", cluster.logs()));
+}
+
+/// Any server's `/api/v1/nodes` holds every client's boot, whichever server ACKed it (each
+/// asks the other members), and its dashboard, in headless Chromium, shows the cluster's five
+/// members in their racks and the booting nodes.
+fn nodes_and_dashboard_show_every_servers_part(cluster: &ClusterLab, log: &FarmLog) {
+    let bootmesh_nodes = cluster.lab.run(
+        &cluster.client_namespace,
+        Duration::from_secs(30),
+        env!("CARGO_BIN_EXE_bootmesh"),
+        &["nodes", "--server", "10.70.0.3:8080", "--json"],
+    );
+    assert!(
+        bootmesh_nodes.status.success(),
+        "bootmesh nodes: {}",
+        lab::describe(&bootmesh_nodes)
+    );
+    let view: serde_json::Value =
+        serde_json::from_slice(&bootmesh_nodes.stdout).expect("nodes --json");
+    let servers = view["servers"].as_array().expect("servers");
+    assert_eq!(servers.len(), 5, "{view:#}");
+    assert!(
+        servers.iter().all(|server| server["error"].is_null()),
+        "every member answered: {servers:#?}"
+    );
+    let nodes = view["nodes"].as_array().expect("nodes");
+    for (client, (address, _)) in &log.acked {
+        let mac = client_mac(*client)
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let node = nodes
+            .iter()
+            .find(|node| node["mac"] == serde_json::json!(mac))
+            .unwrap_or_else(|| panic!("client {client} ({mac}) in {view:#}"));
+        assert_eq!(lab::timeline_stages(node), ["dhcp"], "{node:#}");
+        assert_eq!(node["address"], serde_json::json!(address.to_string()));
+    }
+
+    let url = "http://10.70.0.3:8080/dashboard";
+    let profile = format!("--user-data-dir={}", cluster.lab.path("chromium").display());
+    let chromium = cluster.lab.run(
+        &cluster.client_namespace,
+        Duration::from_secs(180),
+        "chromium",
+        &[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &profile,
+            "--virtual-time-budget=8000",
+            "--dump-dom",
+            url,
+        ],
+    );
+    assert!(
+        chromium.status.success(),
+        "chromium: {}",
+        lab::describe(&chromium)
+    );
+    let dom = String::from_utf8_lossy(&chromium.stdout);
+    let acked = log.acked.len();
+    for shown in [
+        r#"<span id="health" class="badge ok">ready</span>"#.to_owned(),
+        "5 members".to_owned(),
+        "<h3>rack rack0</h3>".to_owned(),
+        "<h3>rack rack1</h3>".to_owned(),
+        r#"<div class="member leader">server "#.to_owned(),
+        format!(r#"<div class="stage" data-stage="dhcp"><b>{acked}</b>dhcp</div>"#),
+    ] {
+        assert!(dom.contains(&shown), "{shown} in\n{dom}");
+    }
 }
 
 /// The lease time an ACK gives, seconds.

@@ -627,6 +627,97 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
     assert!(value("bootmesh_nodes_seen") >= 1);
 }
 
+/// The dashboard, loaded by headless Chromium from the client's namespace, shows the server's
+/// health, how far boots have got and a node's timeline, from the same reports `bootmesh nodes`
+/// reads. The screenshot is kept as a test artefact (`target/tmp/dashboard/dashboard.png`).
+#[test]
+fn the_dashboard_shows_health_and_node_timelines_in_headless_chromium() {
+    if !lab::enabled() {
+        return;
+    }
+    for program in ["curl", "mksquashfs", "chromium"] {
+        lab::require_program(program);
+    }
+    let nodes = NodeLab::start("hd", "10.79.5", 300, true);
+    let report_path = format!("nodes/{}/report", WORKER_MAC.replace(':', "-"));
+    nodes.boot_script(WORKER_MAC);
+    assert_eq!(nodes.get(&format!("nodes/{WORKER_MAC}/plan")).0, "200");
+    for report in [
+        r#"{"stage":"image","sources":{"server_bytes":1048576,"peer_bytes":3145728,"peers":["10.79.5.21:7800"]}}"#,
+        r#"{"stage":"root"}"#,
+        r#"{"stage":"booted","uptime_ms":31000}"#,
+    ] {
+        assert_eq!(nodes.post(&report_path, report).0, "204", "{report}");
+    }
+    // A second node whose boot is still going: only its plan was served.
+    assert_eq!(nodes.get(&format!("nodes/{UNKNOWN_MAC}/plan")).0, "200");
+
+    let url = format!("http://{}:{PORT}/dashboard", nodes.pair.server_address);
+    let profile = nodes.lab.path("chromium-profile");
+    let profile_option = format!("--user-data-dir={}", profile.display());
+    let chromium = |options: &[&str]| {
+        let mut args = vec![
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            profile_option.as_str(),
+            // Virtual time runs the page's scripts and its first polls to completion before
+            // the DOM is dumped or the screenshot taken.
+            "--virtual-time-budget=6000",
+        ];
+        args.extend_from_slice(options);
+        args.push(&url);
+        let output = nodes.lab.run(
+            &nodes.pair.client,
+            Duration::from_secs(180),
+            "chromium",
+            &args,
+        );
+        assert!(
+            output.status.success(),
+            "chromium: {}",
+            lab::describe(&output)
+        );
+        output
+    };
+    let dom = String::from_utf8_lossy(&chromium(&["--dump-dom"]).stdout).into_owned();
+    for shown in [
+        r#"<span id="health" class="badge ok">ready</span>"#,
+        "a single server, not in a cluster",
+        &format!(r#"<tr data-mac="{WORKER_MAC}">"#),
+        "<td>worker-2</td>",
+        r#"<td class="stage">booted</td>"#,
+        "servers 1.0 MiB, peers 3.0 MiB (10.79.5.21:7800)",
+        &format!(r#"<tr data-mac="{UNKNOWN_MAC}">"#),
+        r#"<td class="stage">plan</td>"#,
+        r#"<div class="stage" data-stage="booted"><b>1</b>booted</div>"#,
+        r#"<div class="stage" data-stage="plan"><b>1</b>plan</div>"#,
+        "(75 % from peers)",
+    ] {
+        assert!(dom.contains(shown), "{shown} in\n{dom}");
+    }
+
+    let artefacts = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard");
+    std::fs::create_dir_all(&artefacts).expect("artefact directory");
+    let screenshot = artefacts.join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let screenshot_option = format!("--screenshot={}", screenshot.display());
+    chromium(&[
+        &screenshot_option,
+        "--window-size=1280,900",
+        "--hide-scrollbars",
+    ]);
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "a screenshot of {} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", screenshot.display());
+}
+
 #[test]
 fn an_expired_token_is_refused() {
     if !lab::enabled() {

@@ -1,0 +1,175 @@
+// The bootmesh dashboard: polls this server's /api/v1/cluster and /api/v1/nodes (which asks
+// the other members) every few seconds and redraws. Data is written with textContent only, so
+// nothing a node reports can inject markup.
+"use strict";
+
+const REFRESH_MS = 2000;
+const STAGES = ["dhcp", "kernel", "plan", "image", "root", "booted"];
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function seconds(ms) {
+  return (ms / 1000).toFixed(1);
+}
+
+function mebibytes(bytes) {
+  return (bytes / 1048576).toFixed(1) + " MiB";
+}
+
+function drawCluster(view) {
+  document.getElementById("server").textContent = "server " + view.server;
+  const health = document.getElementById("health");
+  health.textContent = view.ready ? "ready" : "not ready: " + (view.not_ready_because || "?");
+  health.className = "badge " + (view.ready ? "ok" : "bad");
+  const summary = document.getElementById("cluster-summary");
+  const racks = document.getElementById("racks");
+  racks.replaceChildren();
+  const cluster = view.cluster;
+  if (!cluster) {
+    summary.textContent = "a single server, not in a cluster";
+    return;
+  }
+  summary.textContent =
+    "cluster " + cluster.cluster_name + ": this is server " + cluster.server_id + " (" +
+    cluster.role + "), term " + cluster.term + ", leader " +
+    (cluster.leader === null || cluster.leader === undefined ? "unknown" : cluster.leader) +
+    ", log " + (cluster.last_log_index ?? "-") + ", applied " + (cluster.last_applied ?? "-") +
+    ", " + cluster.members.length + " members";
+  const byRack = new Map();
+  for (const member of cluster.members) {
+    const rack = member.rack || "(no rack)";
+    if (!byRack.has(rack)) byRack.set(rack, []);
+    byRack.get(rack).push(member);
+  }
+  for (const [rack, members] of [...byRack.entries()].sort()) {
+    const box = element("div", "rack");
+    box.appendChild(element("h3", null, "rack " + rack));
+    for (const member of members) {
+      const line = element(
+        "div",
+        "member" + (member.server_id === cluster.leader ? " leader" : ""),
+        "server " + member.server_id + " " + member.address + (member.voter ? "" : " (learner)"),
+      );
+      box.appendChild(line);
+    }
+    racks.appendChild(box);
+  }
+}
+
+function latestStage(node) {
+  let latest = null;
+  for (const seen of node.stages) {
+    if (latest === null || STAGES.indexOf(seen.stage) > STAGES.indexOf(latest)) latest = seen.stage;
+  }
+  return latest;
+}
+
+function drawTimeline(node) {
+  const cell = element("td");
+  if (node.stages.length === 0) return cell;
+  // Without the DHCP ACK (a server that did not answer saw it), times count from the first
+  // stage seen.
+  const dhcpSeen = node.started_unix_ms !== undefined && node.started_unix_ms !== null;
+  const start = dhcpSeen ? node.started_unix_ms : Math.min(...node.stages.map((seen) => seen.at_unix_ms));
+  const last = Math.max(...node.stages.map((seen) => seen.at_unix_ms));
+  const span = Math.max(last - start, 1);
+  const bar = element("div", "timeline");
+  const stages = [...node.stages].sort((a, b) => a.at_unix_ms - b.at_unix_ms);
+  stages.forEach((seen, index) => {
+    const next = index + 1 < stages.length ? stages[index + 1].at_unix_ms : seen.at_unix_ms;
+    const segment = element("div", "segment " + seen.stage);
+    segment.style.left = (100 * (seen.at_unix_ms - start) / span) + "%";
+    segment.style.width = Math.max(100 * (next - seen.at_unix_ms) / span, 0.5) + "%";
+    segment.title = seen.stage + " at " + seconds(seen.at_unix_ms - start) + " s (" + seen.server + ")";
+    bar.appendChild(segment);
+  });
+  cell.appendChild(bar);
+  cell.appendChild(element("span", "timeline-text",
+    stages.map((seen) => seen.stage + " " + seconds(seen.at_unix_ms - start)).join(" · ") +
+    (dhcpSeen ? "" : " (DHCP not seen: from the first stage seen)")));
+  return cell;
+}
+
+function imageFrom(node) {
+  const sources = node.sources;
+  if (!sources) return "-";
+  let text = "servers " + mebibytes(sources.server_bytes);
+  if (sources.peer_bytes > 0) {
+    text += ", peers " + mebibytes(sources.peer_bytes) + " (" + sources.peers.join(" ") + ")";
+  }
+  return text;
+}
+
+function drawNodes(view) {
+  const counts = new Map(STAGES.map((stage) => [stage, 0]));
+  let serverBytes = 0;
+  let peerBytes = 0;
+  const body = document.querySelector("#nodes tbody");
+  body.replaceChildren();
+  for (const node of view.nodes) {
+    const stage = latestStage(node);
+    if (stage) counts.set(stage, counts.get(stage) + 1);
+    if (node.sources) {
+      serverBytes += node.sources.server_bytes;
+      peerBytes += node.sources.peer_bytes;
+    }
+    const row = element("tr");
+    row.dataset.mac = node.mac;
+    row.appendChild(element("td", "mac", node.mac));
+    row.appendChild(element("td", null, node.hostname || "-"));
+    row.appendChild(element("td", "address", node.address || "-"));
+    row.appendChild(element("td", "stage", stage || "-"));
+    row.appendChild(drawTimeline(node));
+    row.appendChild(element("td", "sources", imageFrom(node)));
+    body.appendChild(row);
+  }
+  document.getElementById("nodes-empty").hidden = view.nodes.length > 0;
+  const stages = document.getElementById("stages");
+  stages.replaceChildren();
+  for (const stage of STAGES) {
+    const box = element("div", "stage");
+    box.dataset.stage = stage;
+    box.appendChild(element("b", null, String(counts.get(stage))));
+    box.appendChild(document.createTextNode(stage));
+    stages.appendChild(box);
+  }
+  const total = serverBytes + peerBytes;
+  document.getElementById("image-sources").textContent = total === 0
+    ? "no image bytes reported yet"
+    : "image bytes: " + mebibytes(serverBytes) + " from servers, " + mebibytes(peerBytes) +
+      " from peers (" + Math.round(100 * peerBytes / total) + " % from peers)";
+  const missing = view.servers.filter((server) => server.error);
+  document.getElementById("servers-missing").textContent = missing.length === 0 ? "" :
+    "not answering: " + missing.map((server) => server.server + " (" + server.error + ")").join(", ");
+}
+
+async function fetchJson(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  if (!response.ok) throw new Error(path + ": HTTP " + response.status);
+  return response.json();
+}
+
+async function refresh() {
+  try {
+    const [cluster, nodes] = await Promise.all([
+      fetchJson("/api/v1/cluster"),
+      fetchJson("/api/v1/nodes"),
+    ]);
+    drawCluster(cluster);
+    drawNodes(nodes);
+    document.getElementById("updated").textContent =
+      "updated " + new Date().toLocaleTimeString();
+  } catch (error) {
+    const health = document.getElementById("health");
+    health.textContent = "no answer: " + error.message;
+    health.className = "badge bad";
+  }
+}
+
+refresh();
+setInterval(refresh, REFRESH_MS);
