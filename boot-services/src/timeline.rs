@@ -19,6 +19,35 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+/// `2026-12-01T23:50:11Z`: a UTC date and time (RFC 3339) from seconds since the Unix epoch,
+/// as operators read them in tables and logs (the civil calendar from a day
+/// count, in 400-year eras of the proleptic Gregorian calendar).
+pub fn utc_timestamp(since_epoch: u64) -> String {
+    let days = since_epoch / 86_400;
+    let seconds_of_day = since_epoch % 86_400;
+    // Days since 0000-03-01: leap days then fall at the end of a year.
+    let shifted = days + 719_468;
+    let era = shifted / 146_097;
+    let day_of_era = shifted % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        seconds_of_day / 3600,
+        seconds_of_day / 60 % 60,
+        seconds_of_day % 60
+    )
+}
+
 /// `52:54:00:12:34:56`: a MAC as operators read it (and as `ip link` and dhcpd write it).
 pub fn colon_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -487,6 +516,15 @@ mod tests {
             .iter()
             .map(|seen| (seen.stage, seen.at_unix_ms))
             .collect()
+    }
+
+    #[test]
+    fn timestamps_are_civil_utc() {
+        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc_timestamp(1_796_083_200), "2026-12-01T00:00:00Z");
+        assert_eq!(utc_timestamp(1_796_169_011), "2026-12-01T23:50:11Z");
+        assert_eq!(utc_timestamp(4_102_444_799), "2099-12-31T23:59:59Z");
     }
 
     #[test]

@@ -156,33 +156,6 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// `2026-12-01 23:50:11Z`: seconds since the Unix epoch as an operator reads them (UTC, the
-/// proleptic Gregorian calendar; days to civil date as in Hinnant's `civil_from_days`).
-fn utc_text(unix_secs: u64) -> String {
-    let days = (unix_secs / 86_400) as i64;
-    let second_of_day = unix_secs % 86_400;
-    let shifted = days + 719_468;
-    let era = shifted.div_euclid(146_097);
-    let day_of_era = shifted.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}Z",
-        second_of_day / 3600,
-        second_of_day % 3600 / 60,
-        second_of_day % 60
-    )
-}
-
 fn print(text: &str) -> anyhow::Result<()> {
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
@@ -288,7 +261,7 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
                     listing.reference,
                     &listing.manifest_hash.to_hex()[..16],
                     mib(listing.root_bytes),
-                    utc_text(listing.created_unix_secs),
+                    boot_services::timeline::utc_timestamp(listing.created_unix_secs),
                     if listing.groups.is_empty() {
                         "-".to_owned()
                     } else {
@@ -422,18 +395,5 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
             let reference = image::rollback(&store, &group)?;
             print(&format!("group {group} now boots {reference} again\n"))
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::utc_text;
-
-    #[test]
-    fn unix_seconds_read_as_utc_dates() {
-        assert_eq!(utc_text(0), "1970-01-01 00:00:00Z");
-        assert_eq!(utc_text(951_782_400), "2000-02-29 00:00:00Z");
-        assert_eq!(utc_text(1_796_169_011), "2026-12-01 23:50:11Z");
-        assert_eq!(utc_text(4_102_444_799), "2099-12-31 23:59:59Z");
     }
 }

@@ -338,34 +338,6 @@ fn run(arguments: &RunArguments) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A UTC date and time from seconds since the Unix epoch (the civil calendar from a day
-/// count, in 400-year eras of the proleptic Gregorian calendar).
-fn utc_timestamp(since_epoch: u64) -> String {
-    let days = since_epoch / 86_400;
-    let seconds_of_day = since_epoch % 86_400;
-    // Days since 0000-03-01: leap days then fall at the end of a year.
-    let shifted = days + 719_468;
-    let era = shifted / 146_097;
-    let day_of_era = shifted % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds_of_day / 3600,
-        seconds_of_day / 60 % 60,
-        seconds_of_day % 60
-    )
-}
-
 fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(scenario_path)
         .with_context(|| format!("reading {}", scenario_path.display()))?;
@@ -424,7 +396,7 @@ fn soak(scenario_path: &Path, seeds: &RangeInclusive<u64>, log: &Path) -> anyhow
         .map_or(0, |since| since.as_secs());
     let line = format!(
         "{}\t{COMMIT}\t{engine}\t{}\t{}..={}\t{count}\t{result}\t{:.1}\n",
-        utc_timestamp(now),
+        boot_services::timeline::utc_timestamp(now),
         name,
         seeds.start(),
         seeds.end(),
@@ -524,13 +496,6 @@ mod tests {
         assert!(parse_seed_range("5..=4").is_err());
         assert!(parse_seed_range("0..0").is_err());
         assert!(parse_seed_range("a..=4").is_err());
-    }
-
-    #[test]
-    fn timestamps_are_civil_utc() {
-        assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_timestamp(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_timestamp(1_796_083_200), "2026-12-01T00:00:00Z");
     }
 
     #[test]
