@@ -48,6 +48,32 @@ pub fn utc_timestamp(since_epoch: u64) -> String {
     )
 }
 
+/// The client and address of a DHCP ACK that binds a client anew, read from the reply's fixed
+/// BOOTP header (RFC 2131 section 2): `ciaddr` unset (a renewal echoes the client's address
+/// there), `yiaddr` set, an Ethernet `chaddr`. The caller passes replies it encoded itself and
+/// knows to be ACKs; reading four fields at fixed offsets costs no decode on the reply path.
+pub fn new_binding_of_ack(reply: &[u8]) -> Option<([u8; 6], Ipv4Addr)> {
+    const HTYPE_ETHERNET: u8 = 1;
+    const BOOTP_HEADER_BYTES: usize = 236;
+    if reply.len() < BOOTP_HEADER_BYTES || reply[1] != HTYPE_ETHERNET || reply[2] != 6 {
+        return None;
+    }
+    let address = |offset: usize| {
+        Ipv4Addr::new(
+            reply[offset],
+            reply[offset + 1],
+            reply[offset + 2],
+            reply[offset + 3],
+        )
+    };
+    let (ciaddr, yiaddr) = (address(12), address(16));
+    if !ciaddr.is_unspecified() || yiaddr.is_unspecified() {
+        return None;
+    }
+    let mac = <[u8; 6]>::try_from(&reply[28..34]).ok()?;
+    Some((mac, yiaddr))
+}
+
 /// `52:54:00:12:34:56`: a MAC as operators read it (and as `ip link` and dhcpd write it).
 pub fn colon_mac(mac: &[u8; 6]) -> String {
     mac.iter()
@@ -516,6 +542,27 @@ mod tests {
             .iter()
             .map(|seen| (seen.stage, seen.at_unix_ms))
             .collect()
+    }
+
+    #[test]
+    fn an_ack_binds_anew_only_without_ciaddr_and_with_yiaddr() {
+        let mut reply = vec![0u8; 300];
+        reply[0] = 2;
+        reply[1] = 1;
+        reply[2] = 6;
+        reply[16..20].copy_from_slice(&[10, 9, 0, 20]);
+        reply[28..34].copy_from_slice(&MAC);
+        assert_eq!(new_binding_of_ack(&reply), Some((MAC, ADDRESS)));
+        let mut renewal = reply.clone();
+        renewal[12..16].copy_from_slice(&[10, 9, 0, 20]);
+        assert_eq!(new_binding_of_ack(&renewal), None);
+        let mut inform = reply.clone();
+        inform[16..20].copy_from_slice(&[0; 4]);
+        assert_eq!(new_binding_of_ack(&inform), None);
+        let mut not_ethernet = reply.clone();
+        not_ethernet[2] = 16;
+        assert_eq!(new_binding_of_ack(&not_ethernet), None);
+        assert_eq!(new_binding_of_ack(&reply[..200]), None);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! Agents' boot reports (`POST /nodes/<mac>/report`, unauthenticated): any body either decodes
 //! to a report or is refused, a refused report changes nothing, and any sequence of accepted
-//! reports and server sightings keeps every timeline in stage order, never panics, and merges.
+//! reports and server sightings keeps every timeline in stage order, never panics, and merges;
+//! and the fixed-header read of an ACK takes any bytes.
 #![no_main]
 
 use boot_services::timeline::{AgentReport, BootTimelines, Observation, merge};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // The fixed-header read of a DHCP ACK that the reply path uses: any bytes, no panic.
+    let _ = boot_services::timeline::new_binding_of_ack(data);
     let mut timelines = BootTimelines::new("fuzz", 4);
     let mut now = 1_700_000_000_000u64;
     for (index, line) in data.split(|byte| *byte == b'\n').enumerate() {

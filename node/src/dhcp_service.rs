@@ -320,35 +320,19 @@ where
 }
 
 /// Records an ACK that binds a client anew (the firmware's, iPXE's or the agent's exchange;
-/// not a renewal, whose ACK echoes the client's address in `ciaddr`) as a boot stage. The
-/// reply is decoded again rather than widening the core's `Transmit` for one observer: it is
-/// our own encoding, a few hundred bytes, once per ACK.
+/// not a renewal) as a boot stage. Read from the reply's fixed header, not decoded: this runs
+/// once per ACK on the reply path.
 fn record_new_binding(
     boots: &crate::boots::BootRecorder,
     now: std::time::SystemTime,
     transmit: &boot_services::dhcp::Transmit,
 ) {
-    use dhcproto::Decodable as _;
     if transmit.message_type != dhcproto::v4::MessageType::Ack {
         return;
     }
-    let Ok(reply) = dhcproto::v4::Message::decode(&mut dhcproto::Decoder::new(&transmit.bytes))
-    else {
-        return;
-    };
-    let Ok(mac) = <[u8; 6]>::try_from(reply.chaddr()) else {
-        return;
-    };
-    if !reply.ciaddr().is_unspecified() || reply.yiaddr().is_unspecified() {
-        return;
+    if let Some((mac, address)) = crate::timeline::new_binding_of_ack(&transmit.bytes) {
+        boots.observe(now, &mac, crate::timeline::Observation::DhcpAck { address });
     }
-    boots.observe(
-        now,
-        &mac,
-        crate::timeline::Observation::DhcpAck {
-            address: reply.yiaddr(),
-        },
-    );
 }
 
 /// Sleeps for `delay`, or forever when there is none.
