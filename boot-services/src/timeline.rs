@@ -207,6 +207,10 @@ pub struct NodeTimeline {
     /// Its host name from the fleet configuration, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// The rack its address is in, by the subnets of the fleet configuration of the server
+    /// that answers (servers record none: where an address is can change with the fleet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rack: Option<String>,
     /// When this boot began: its first DHCP ACK, if a server saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_unix_ms: Option<u64>,
@@ -228,6 +232,7 @@ impl NodeTimeline {
             mac: colon_mac(mac),
             address: None,
             hostname: None,
+            rack: None,
             started_unix_ms: None,
             stages: Vec::new(),
             sources: None,
@@ -478,6 +483,7 @@ pub fn merge(views: impl IntoIterator<Item = Vec<NodeTimeline>>) -> Vec<NodeTime
                 mac: timelines[0].mac.clone(),
                 address: None,
                 hostname: None,
+                rack: None,
                 started_unix_ms: started,
                 stages: Vec::new(),
                 sources: None,

@@ -378,6 +378,51 @@ fn hex_bytes(text: &str) -> anyhow::Result<Vec<u8>> {
         .collect()
 }
 
+/// The time left on a lease is shown against this machine's clock.
+pub fn unix_now_secs() -> u64 {
+    use crate::seams::Clock as _;
+    crate::seams::SystemClock
+        .wall_now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
+/// How long until `end`, as an operator reads it: `59m12s`, `3h05m`, `2d04h`; `ended` once
+/// past (a released or expired lease stays listed until its address is given again).
+fn time_left(end_unix_secs: u64, now_unix_secs: u64) -> String {
+    let Some(left) = end_unix_secs
+        .checked_sub(now_unix_secs)
+        .filter(|left| *left > 0)
+    else {
+        return "ended".into();
+    };
+    match left {
+        0..3_600 => format!("{}m{:02}s", left / 60, left % 60),
+        3_600..86_400 => format!("{}h{:02}m", left / 3_600, left / 60 % 60),
+        _ => format!("{}d{:02}h", left / 86_400, left / 3_600 % 24),
+    }
+}
+
+/// The table `bootmesh lease list` and `bootmesh leases` print: each lease with its end in
+/// UTC and the time it has left.
+pub fn render_lease_table(leases: &[LeaseView], now_unix_secs: u64) -> String {
+    let mut table = format!(
+        "{:<16} {:<18} {:<21} {:<8} HOSTNAME\n",
+        "ADDRESS", "HARDWARE", "EXPIRES (UTC)", "LEFT"
+    );
+    for lease in leases {
+        table.push_str(&format!(
+            "{:<16} {:<18} {:<21} {:<8} {}\n",
+            lease.address.to_string(),
+            lease.hardware_address,
+            crate::timeline::utc_timestamp(lease.expires_at_unix_secs),
+            time_left(lease.expires_at_unix_secs, now_unix_secs),
+            lease.hostname.as_deref().unwrap_or("-")
+        ));
+    }
+    table
+}
+
 /// Runs a `lease` command.
 pub fn run_lease(state_dir: &Path, command: LeaseCommand) -> anyhow::Result<()> {
     match command {
@@ -386,18 +431,7 @@ pub fn run_lease(state_dir: &Path, command: LeaseCommand) -> anyhow::Result<()> 
             if json {
                 return print(&format!("{}\n", serde_json::to_string_pretty(&leases)?));
             }
-            let mut table =
-                String::from("ADDRESS          HARDWARE           EXPIRES(UNIX)  HOSTNAME\n");
-            for lease in &leases {
-                table.push_str(&format!(
-                    "{:<16} {:<18} {:<14} {}\n",
-                    lease.address.to_string(),
-                    lease.hardware_address,
-                    lease.expires_at_unix_secs,
-                    lease.hostname.as_deref().unwrap_or("-")
-                ));
-            }
-            print(&table)
+            print(&render_lease_table(&leases, unix_now_secs()))
         }
         LeaseCommand::Release { address, server } => {
             let lease = leases(state_dir, server)?
@@ -556,5 +590,55 @@ pub fn run_config(state_dir: &Path, command: ConfigCommand) -> anyhow::Result<()
             }
             print(&text)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_table_shows_each_end_in_utc_and_the_time_left() {
+        let now = 1_796_186_000; // 2026-12-02T04:33:20Z
+        let lease =
+            |address: [u8; 4], expires_at_unix_secs: u64, hostname: Option<&str>| LeaseView {
+                address: address.into(),
+                hardware_address: "52:54:00:00:02:01".into(),
+                client: "0152540000020a".into(),
+                expires_at_unix_secs,
+                hostname: hostname.map(str::to_owned),
+            };
+        let table = render_lease_table(
+            &[
+                lease([10, 98, 2, 100], now + 3_552, Some("worker-1")),
+                lease([10, 98, 2, 101], now + 2 * 86_400 + 4 * 3_600, None),
+                lease([10, 98, 2, 102], now + 5 * 3_600 + 7 * 60, None),
+                lease([10, 98, 2, 103], now - 1, None),
+            ],
+            now,
+        );
+        let rows: Vec<Vec<&str>> = table
+            .lines()
+            .map(|line| line.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            [
+                "ADDRESS", "HARDWARE", "EXPIRES", "(UTC)", "LEFT", "HOSTNAME"
+            ]
+        );
+        assert_eq!(
+            rows[1],
+            [
+                "10.98.2.100",
+                "52:54:00:00:02:01",
+                "2026-12-02T05:32:32Z",
+                "59m12s",
+                "worker-1"
+            ]
+        );
+        assert_eq!(rows[2][3], "2d04h");
+        assert_eq!(rows[3][3], "5h07m");
+        assert_eq!(rows[4][3..], ["ended", "-"]);
     }
 }

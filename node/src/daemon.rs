@@ -146,6 +146,8 @@ pub async fn serve(
         crate::http_service::BootScriptsHandle::new(boot_scripts(&config, &images, &node_plans));
     let lts_conf = crate::image_source::LtsConfHandle::new(node_plans.lts_conf());
     let readiness = crate::http_service::Readiness::starting();
+    // Where each node is, by the subnets that name a rack; followed as the fleet changes.
+    let racks = crate::racks::RackMap::new(config.rack_map());
     if let Some(member) = &member {
         let watcher = FleetWatcher {
             local: local_config.clone(),
@@ -156,6 +158,7 @@ pub async fn serve(
             scripts: scripts_handle.clone(),
             lts_conf: lts_conf.clone(),
             readiness: readiness.clone(),
+            racks: racks.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
@@ -180,7 +183,7 @@ pub async fn serve(
         swarm_node = Some(Arc::clone(&swarm));
         swarm.enable_tracker(crate::swarm::TrackerService::new(
             transfer::swarm::TrackerConfig::default(),
-            config.rack_map(),
+            racks.clone(),
         ));
         // With a list, this server announces its images to each image's tracker; without
         // one it is the tracker of its own images, and names itself to those who ask.
@@ -362,6 +365,7 @@ pub async fn serve(
             http: http_counters,
             boots: Arc::clone(&boots),
             member: member.clone(),
+            racks: racks.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {
@@ -512,6 +516,7 @@ struct FleetWatcher {
     scripts: crate::http_service::BootScriptsHandle,
     lts_conf: crate::image_source::LtsConfHandle,
     readiness: crate::http_service::Readiness,
+    racks: crate::racks::RackMap,
 }
 
 impl FleetWatcher {
@@ -543,6 +548,7 @@ impl FleetWatcher {
                     self.scripts
                         .replace(boot_scripts(&config, &self.images, &plans));
                     self.lts_conf.replace(plans.lts_conf());
+                    self.racks.replace(config.rack_map());
                     if let Some(dhcp) = dhcp {
                         let _ = self.dhcp.send(Some(dhcp));
                     }

@@ -807,6 +807,8 @@ pub struct Probes {
     pub boots: Arc<BootRecorder>,
     /// The cluster member, whose peers `/api/v1/nodes` asks for their part of each boot.
     pub member: Option<crate::cluster::member::ClusterMember>,
+    /// The rack of each node's address, for `/api/v1/nodes`.
+    pub racks: crate::racks::RackMap,
 }
 
 /// `/healthz` (the process answers: a liveness probe), `/readyz` (see [`Readiness`]),
@@ -905,10 +907,13 @@ async fn nodes_response(probes: &Probes) -> Response {
             });
         }
     }
-    json_response(&NodesView {
-        servers,
-        nodes: crate::timeline::merge(views),
-    })
+    let mut nodes = crate::timeline::merge(views);
+    for node in &mut nodes {
+        node.rack = node
+            .address
+            .and_then(|address| probes.racks.rack_of(address));
+    }
+    json_response(&NodesView { servers, nodes })
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves.
@@ -1028,6 +1033,7 @@ mod tests {
             http: Arc::clone(&http),
             boots: Arc::clone(&boots),
             member: None,
+            racks: crate::racks::RackMap::default(),
         };
         let probe = |path: &'static str| {
             let app = Router::new()

@@ -26,6 +26,7 @@ pub mod nbd_service;
 pub mod net;
 pub mod nodes_cli;
 pub mod plan;
+pub mod racks;
 pub mod seams;
 pub mod swarm;
 pub mod tftp_service;

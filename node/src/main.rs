@@ -147,6 +147,9 @@ enum Command {
         /// The server's `state_dir`.
         #[arg(long)]
         state_dir: PathBuf,
+        /// JSON for scripts (`expires_at_unix_secs` is the lease's end), instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -300,7 +303,7 @@ fn main() -> anyhow::Result<()> {
             eprintln!("{}: ok", config.display());
             Ok(())
         }
-        Command::Leases { state_dir } => print_leases(&state_dir),
+        Command::Leases { state_dir, json } => print_leases(&state_dir, json),
         Command::Nodes { server, json } => print_nodes(&server, json),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -432,28 +435,35 @@ async fn termination() {
     }
 }
 
-fn print_leases(state_dir: &std::path::Path) -> anyhow::Result<()> {
+fn print_leases(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     use boot_services::dhcp::{DhcpConfig, DhcpServer};
     let mut server = DhcpServer::new(DhcpConfig::default()).context("empty lease table")?;
     for change in node::journal::read_journal(state_dir)? {
         server.restore(&change);
     }
-    let mut output = String::from("ADDRESS          HARDWARE           EXPIRES(UNIX)  HOSTNAME\n");
-    for (address, binding) in server.lease_table().bindings() {
-        let hardware = binding
-            .hardware_address
+    let hex = |bytes: &[u8], separator: &str| {
+        bytes
             .iter()
             .map(|byte| format!("{byte:02x}"))
             .collect::<Vec<_>>()
-            .join(":");
-        output.push_str(&format!(
-            "{:<16} {:<18} {:<14} {}\n",
-            address.to_string(),
-            hardware,
-            binding.expires_at_unix_secs,
-            binding.hostname.as_deref().unwrap_or("-")
-        ));
-    }
+            .join(separator)
+    };
+    let leases: Vec<node::cluster::admin::LeaseView> = server
+        .lease_table()
+        .bindings()
+        .map(|(address, binding)| node::cluster::admin::LeaseView {
+            address,
+            hardware_address: hex(&binding.hardware_address, ":"),
+            client: hex(&binding.client.0, ""),
+            expires_at_unix_secs: binding.expires_at_unix_secs,
+            hostname: binding.hostname.clone(),
+        })
+        .collect();
+    let output = if json {
+        format!("{}\n", serde_json::to_string_pretty(&leases)?)
+    } else {
+        node::cluster_cli::render_lease_table(&leases, node::cluster_cli::unix_now_secs())
+    };
     use std::io::Write;
     std::io::stdout().write_all(output.as_bytes())?;
     Ok(())

@@ -78,6 +78,7 @@ pub fn render_table(view: &NodesView) -> String {
         "MAC".to_owned(),
         "HOSTNAME".to_owned(),
         "ADDRESS".to_owned(),
+        "RACK".to_owned(),
         "STAGE".to_owned(),
         "KERNEL".to_owned(),
         "PLAN".to_owned(),
@@ -96,6 +97,7 @@ pub fn render_table(view: &NodesView) -> String {
             node.hostname.clone().unwrap_or_else(|| "-".into()),
             node.address
                 .map_or_else(|| "-".into(), |address| address.to_string()),
+            node.rack.clone().unwrap_or_else(|| "-".into()),
             node.latest_stage()
                 .map_or("-", BootStage::as_str)
                 .to_owned(),
@@ -187,6 +189,7 @@ mod tests {
                     mac: "52:54:00:00:00:01".into(),
                     address: Some("10.9.0.20".parse().unwrap()),
                     hostname: Some("worker-1".into()),
+                    rack: Some("r2".into()),
                     started_unix_ms: Some(started),
                     stages: vec![
                         seen(BootStage::Dhcp, started),
@@ -208,6 +211,7 @@ mod tests {
                     mac: "52:54:00:00:00:02".into(),
                     address: None,
                     hostname: None,
+                    rack: None,
                     started_unix_ms: None,
                     stages: vec![seen(BootStage::Plan, started)],
                     sources: None,
@@ -226,6 +230,7 @@ mod tests {
                 "52:54:00:00:00:01",
                 "worker-1",
                 "10.9.0.20",
+                "r2",
                 "booted",
                 "1.2",
                 "9.0",
@@ -247,6 +252,7 @@ mod tests {
             columns,
             [
                 "52:54:00:00:00:02",
+                "-",
                 "-",
                 "-",
                 "plan",

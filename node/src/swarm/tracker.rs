@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use boot_services::dhcp::Ipv4Network;
 use futures_util::StreamExt as _;
 use futures_util::stream::FuturesUnordered;
 use quinn::{Connection, SendStream};
@@ -31,6 +30,7 @@ use transfer::swarm::{Announce, Message, Tracker, TrackerConfig, tracker_order};
 use super::fetch::FetchEvent;
 use super::peering::{FrameReader, SharedImage, SwarmNode, write_message};
 use super::{CLOSE_BUSY, CLOSE_DONE, CLOSE_PROTOCOL, SwarmError};
+use crate::racks::RackMap;
 
 /// Images one session may announce (a member announces the one it boots; a server each it
 /// offers, on a session per image).
@@ -51,14 +51,15 @@ const FETCH_START_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct TrackerService {
     tracker: Mutex<Tracker>,
-    racks: Vec<(Ipv4Network, String)>,
+    racks: RackMap,
     next_session: AtomicU64,
 }
 
 impl TrackerService {
     /// A tracker that places members in racks by `racks` (the DHCP subnets that name their
-    /// rack), and by what a member says where no subnet matches.
-    pub fn new(config: TrackerConfig, racks: Vec<(Ipv4Network, String)>) -> Arc<Self> {
+    /// rack, as the fleet configuration has them now), and by what a member says where no
+    /// subnet matches.
+    pub fn new(config: TrackerConfig, racks: RackMap) -> Arc<Self> {
         Arc::new(Self {
             tracker: Mutex::new(Tracker::new(config)),
             racks,
@@ -69,12 +70,7 @@ impl TrackerService {
     /// The rack of a member at `ip` that says it is in `claimed` (empty: it does not know).
     pub fn rack_of(&self, ip: IpAddr, claimed: &str) -> Option<String> {
         let mapped = match ip {
-            IpAddr::V4(ip) => self
-                .racks
-                .iter()
-                .filter(|(network, _)| network.contains(ip))
-                .max_by_key(|(network, _)| network.prefix_length)
-                .map(|(_, rack)| rack.clone()),
+            IpAddr::V4(ip) => self.racks.rack_of(ip),
             IpAddr::V6(_) => None,
         };
         mapped.or_else(|| (!claimed.is_empty()).then(|| claimed.to_owned()))
@@ -428,6 +424,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use boot_services::dhcp::Ipv4Network;
 
     #[test]
     fn a_member_is_in_the_rack_of_the_most_specific_subnet_else_where_it_says() {
@@ -437,10 +434,10 @@ mod tests {
         };
         let service = TrackerService::new(
             TrackerConfig::default(),
-            vec![
+            RackMap::new(vec![
                 (network([10, 0, 0, 0], 16), "row".into()),
                 (network([10, 0, 2, 0], 24), "r2".into()),
-            ],
+            ]),
         );
         let ip = |text: &str| text.parse::<IpAddr>().expect("an address");
         assert_eq!(service.rack_of(ip("10.0.2.9"), "r7").as_deref(), Some("r2"));

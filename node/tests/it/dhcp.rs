@@ -111,6 +111,7 @@ fn leases_listing(lab: &Lab) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_bootmesh"))
         .args([
             "leases",
+            "--json",
             "--state-dir",
             &lab.path("state").to_string_lossy(),
         ])
@@ -125,11 +126,12 @@ fn leases_listing(lab: &Lab) -> String {
 }
 
 fn lease_expiry(listing: &str, address: &str) -> Option<u64> {
-    listing
-        .lines()
-        .find(|line| line.split_whitespace().next() == Some(address))
-        .and_then(|line| line.split_whitespace().nth(2))
-        .and_then(|expiry| expiry.parse().ok())
+    let leases: serde_json::Value = serde_json::from_str(listing).expect("leases --json");
+    leases
+        .as_array()?
+        .iter()
+        .find(|lease| lease["address"] == address)
+        .and_then(|lease| lease["expires_at_unix_secs"].as_u64())
 }
 
 /// Waits until the journal shows `address` released (its lease ended now, not later).
@@ -1032,8 +1034,10 @@ fn proxy_dhcp_adds_boot_information_beside_a_site_dnsmasq() {
     });
     assert_eq!(acknowledgement.opts().msg_type(), Some(MessageType::Ack));
     assert_eq!(boot_file(&acknowledgement), "undionly.kpxe");
+    let listing = leases_listing(&lab);
+    let leases: Vec<serde_json::Value> = serde_json::from_str(&listing).expect("leases --json");
     assert!(
-        leases_listing(&lab).lines().count() <= 1,
-        "proxy mode must record no lease"
+        leases.is_empty(),
+        "proxy mode must record no lease: {listing}"
     );
 }

@@ -61,8 +61,25 @@ fn write_root_tarball(scratch: &Path, version: &str) {
     assert!(status.success(), "tar of {version}");
 }
 
-/// Pages whose blocks add addresses and run servers: they run in a namespace of their own.
-const PAGES_IN_A_NAMESPACE: &[&str] = &["first-cluster.md"];
+/// Where a page that adds addresses and runs servers runs.
+#[derive(Clone, Copy)]
+enum PageNetwork {
+    /// In a network namespace made for it.
+    OwnNamespace,
+    /// In the namespaces its blocks make (a page that shows a network of several machines),
+    /// named here so that they are removed afterwards with whatever the page left running,
+    /// and beforehand if an interrupted run left them behind.
+    NamespacesItMakes(&'static [&'static str]),
+}
+
+/// The pages that need the network lab (`BOOTMESH_NETNS_TESTS=1`).
+const PAGES_IN_THE_LAB: &[(&str, PageNetwork)] = &[
+    ("first-cluster.md", PageNetwork::OwnNamespace),
+    (
+        "adding-a-rack.md",
+        PageNetwork::NamespacesItMakes(&["bm-server", "bm-r2-router", "bm-r2-node"]),
+    ),
+];
 
 /// Kills what is left running in `namespace`, then removes it.
 fn remove_namespace(namespace: &str) {
@@ -76,6 +93,7 @@ fn remove_namespace(namespace: &str) {
     }
     let _ = Command::new("ip")
         .args(["netns", "delete", namespace])
+        .stderr(std::process::Stdio::null())
         .status();
 }
 
@@ -87,6 +105,11 @@ fn prepare(page_name: &str, scratch: &Path) {
         scratch.join("examples"),
     )
     .expect("examples in the scratch directory");
+    if page_name == "adding-a-rack.md" {
+        for program in ["dhcrelay", "udhcpc", "curl"] {
+            lab::require_program(program);
+        }
+    }
     if page_name == "image-rollout.md" {
         lab::require_program("mksquashfs");
         write_root_tarball(scratch, "v1");
@@ -121,34 +144,57 @@ fn every_tested_block_of_the_docs_runs_as_written() {
             .and_then(|name| name.to_str())
             .expect("a page name")
             .to_owned();
-        // Pages that set up addresses and run servers run in a network namespace of their
-        // own, removed afterwards with whatever they left running.
-        let namespace = PAGES_IN_A_NAMESPACE
-            .contains(&page_name.as_str())
-            .then(|| format!("bmdocs{}", std::process::id()));
-        if namespace.is_some() && !lab::enabled() {
+        // Pages that set up addresses and run servers run in network namespaces, removed
+        // afterwards with whatever they left running.
+        let network = PAGES_IN_THE_LAB
+            .iter()
+            .find(|(name, _)| *name == page_name)
+            .map(|(_, network)| *network);
+        if network.is_some() && !lab::enabled() {
             continue;
+        }
+        let namespaces: Vec<String> = match network {
+            None => Vec::new(),
+            Some(PageNetwork::OwnNamespace) => vec![format!("bmdocs{}", std::process::id())],
+            Some(PageNetwork::NamespacesItMakes(names)) => {
+                names.iter().map(|name| (*name).to_owned()).collect()
+            }
+        };
+        for namespace in &namespaces {
+            remove_namespace(namespace);
         }
         let scratch = tempfile::tempdir().expect("scratch");
         prepare(&page_name, scratch.path());
         let script = blocks.join("");
         let mut command = Command::new("timeout");
         command.args(["--signal=KILL", "300"]);
-        if let Some(namespace) = &namespace {
-            lab::run_checked("ip", &["netns", "add", namespace]);
-            command.args(["ip", "netns", "exec", namespace]);
+        if let Some(PageNetwork::OwnNamespace) = network {
+            lab::run_checked("ip", &["netns", "add", &namespaces[0]]);
+            command.args(["ip", "netns", "exec", &namespaces[0]]);
         }
-        let output = command
+        // Output goes to files, not pipes: a server that a failing page left running in the
+        // background would hold a pipe open, and waiting for its end would wait for ever.
+        let stdout_path = scratch.path().join("page.stdout");
+        let stderr_path = scratch.path().join("page.stderr");
+        let status = command
             .args(["bash", "-euo", "pipefail", "-c"])
             .arg(&script)
             .current_dir(scratch.path())
             .env("PATH", &path)
             .env("BOOTMESH_STATE_DIR", scratch.path().join("state"))
-            .output()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+            .status()
             .expect("bash");
-        if let Some(namespace) = &namespace {
+        for namespace in &namespaces {
             remove_namespace(namespace);
         }
+        let output = std::process::Output {
+            status,
+            stdout: std::fs::read(&stdout_path).unwrap_or_default(),
+            stderr: std::fs::read(&stderr_path).unwrap_or_default(),
+        };
         assert!(
             output.status.success(),
             "docs/{page_name}: its commands failed\n{script}\n{}",
@@ -170,7 +216,7 @@ fn every_tested_block_of_the_docs_runs_as_written() {
         "migrating-from-ltsp.md",
     ];
     if lab::enabled() {
-        expected.extend_from_slice(PAGES_IN_A_NAMESPACE);
+        expected.extend(PAGES_IN_THE_LAB.iter().map(|(name, _)| *name));
     }
     for expected in expected {
         assert!(

@@ -600,7 +600,8 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
         .find(|line| line.starts_with(WORKER_MAC))
         .unwrap_or_else(|| panic!("{WORKER_MAC} in\n{table}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
-    assert_eq!(columns[1..4], ["worker-2", "-", "booted"], "{table}");
+    // No DHCP here: no address, so no rack either.
+    assert_eq!(columns[1..5], ["worker-2", "-", "-", "booted"], "{table}");
     assert!(row.ends_with("server 1.0MiB, peers 3.0MiB (2)"), "{table}");
     assert!(
         table.contains(&format!(
@@ -695,6 +696,8 @@ fn the_dashboard_shows_health_and_node_timelines_in_headless_chromium() {
         r#"<div class="stage" data-stage="booted"><b>1</b>booted</div>"#,
         r#"<div class="stage" data-stage="plan"><b>1</b>plan</div>"#,
         "(75 % from peers)",
+        r#"<td class="rack">-</td>"#,
+        "nodes by rack: (no rack) 2 (1 booted)",
     ] {
         assert!(dom.contains(shown), "{shown} in\n{dom}");
     }

@@ -341,7 +341,7 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
 fn tracking(member: &Member) {
     member.node.enable_tracker(TrackerService::new(
         transfer::swarm::TrackerConfig::default(),
-        Vec::new(),
+        node::racks::RackMap::default(),
     ));
 }
 
@@ -505,7 +505,7 @@ async fn a_member_moves_to_the_next_tracker_when_its_tracker_goes_and_back_when_
     let returned = returned.expect("bound");
     returned.enable_tracker(TrackerService::new(
         transfer::swarm::TrackerConfig::default(),
-        Vec::new(),
+        node::racks::RackMap::default(),
     ));
     assert_eq!(
         sessions.recv().await,

@@ -107,6 +107,7 @@ function imageFrom(node) {
 
 function drawNodes(view) {
   const counts = new Map(STAGES.map((stage) => [stage, 0]));
+  const byRack = new Map();
   let serverBytes = 0;
   let peerBytes = 0;
   const body = document.querySelector("#nodes tbody");
@@ -114,6 +115,11 @@ function drawNodes(view) {
   for (const node of view.nodes) {
     const stage = latestStage(node);
     if (stage) counts.set(stage, counts.get(stage) + 1);
+    const rack = node.rack || "(no rack)";
+    const inRack = byRack.get(rack) || { nodes: 0, booted: 0 };
+    inRack.nodes += 1;
+    if (stage === "booted") inRack.booted += 1;
+    byRack.set(rack, inRack);
     if (node.sources) {
       serverBytes += node.sources.server_bytes;
       peerBytes += node.sources.peer_bytes;
@@ -123,6 +129,7 @@ function drawNodes(view) {
     row.appendChild(element("td", "mac", node.mac));
     row.appendChild(element("td", null, node.hostname || "-"));
     row.appendChild(element("td", "address", node.address || "-"));
+    row.appendChild(element("td", "rack", node.rack || "-"));
     row.appendChild(element("td", "stage", stage || "-"));
     row.appendChild(drawTimeline(node));
     row.appendChild(element("td", "sources", imageFrom(node)));
@@ -138,6 +145,10 @@ function drawNodes(view) {
     box.appendChild(document.createTextNode(stage));
     stages.appendChild(box);
   }
+  document.getElementById("nodes-by-rack").textContent = byRack.size === 0 ? "" :
+    "nodes by rack: " + [...byRack.entries()].sort()
+      .map(([rack, seen]) => rack + " " + seen.nodes + " (" + seen.booted + " booted)")
+      .join(", ");
   const total = serverBytes + peerBytes;
   document.getElementById("image-sources").textContent = total === 0
     ? "no image bytes reported yet"
