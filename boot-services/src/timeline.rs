@@ -211,6 +211,9 @@ pub struct NodeTimeline {
     /// that answers (servers record none: where an address is can change with the fleet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rack: Option<String>,
+    /// The catalog image this boot boots (`node:v2`), from its boot script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
     /// When this boot began: its first DHCP ACK, if a server saw it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_unix_ms: Option<u64>,
@@ -233,6 +236,7 @@ impl NodeTimeline {
             address: None,
             hostname: None,
             rack: None,
+            image: None,
             started_unix_ms: None,
             stages: Vec::new(),
             sources: None,
@@ -279,6 +283,7 @@ impl NodeTimeline {
     fn begin_boot(&mut self, at_unix_ms: u64) {
         self.stages.clear();
         self.sources = None;
+        self.image = None;
         self.kernel_to_booted_ms = None;
         self.started_unix_ms = Some(at_unix_ms);
         self.boots_seen += 1;
@@ -294,7 +299,10 @@ pub enum Observation {
         address: Ipv4Addr,
     },
     /// This server served the node's iPXE boot script.
-    BootScript,
+    BootScript {
+        /// The catalog image it boots (`node:v2`), when its group boots one.
+        image: Option<String>,
+    },
     /// This server served the node's plan.
     Plan {
         /// The host name the plan gives, if any.
@@ -396,7 +404,13 @@ impl BootTimelines {
                 timeline.address = Some(address);
                 (BootStage::Dhcp, address.to_string())
             }
-            Observation::BootScript => (BootStage::Kernel, String::new()),
+            Observation::BootScript { image } => {
+                let detail = image.clone().unwrap_or_default();
+                if image.is_some() {
+                    timeline.image = image;
+                }
+                (BootStage::Kernel, detail)
+            }
             Observation::Plan { hostname } => {
                 if hostname.is_some() {
                     timeline.hostname = hostname;
@@ -484,6 +498,7 @@ pub fn merge(views: impl IntoIterator<Item = Vec<NodeTimeline>>) -> Vec<NodeTime
                 address: None,
                 hostname: None,
                 rack: None,
+                image: None,
                 started_unix_ms: started,
                 stages: Vec::new(),
                 sources: None,
@@ -506,6 +521,12 @@ pub fn merge(views: impl IntoIterator<Item = Vec<NodeTimeline>>) -> Vec<NodeTime
                     if in_this_boot(seen.at_unix_ms) {
                         merged.record(seen.clone());
                     }
+                }
+                if timeline
+                    .reached(BootStage::Kernel)
+                    .is_some_and(in_this_boot)
+                {
+                    merged.image = merged.image.take().or(timeline.image.clone());
                 }
                 if timeline.reached(BootStage::Image).is_some_and(in_this_boot) {
                     merged.sources = merged.sources.take().or(timeline.sources.clone());
@@ -571,6 +592,12 @@ mod tests {
         assert_eq!(new_binding_of_ack(&reply[..200]), None);
     }
 
+    fn script() -> Observation {
+        Observation::BootScript {
+            image: Some("node:v2".into()),
+        }
+    }
+
     #[test]
     fn timestamps_are_civil_utc() {
         assert_eq!(utc_timestamp(0), "1970-01-01T00:00:00Z");
@@ -586,7 +613,7 @@ mod tests {
         // Firmware, then iPXE, then the agent: three ACKs, one boot.
         timelines.observe(1_000, &MAC, ack());
         timelines.observe(3_000, &MAC, ack());
-        timelines.observe(3_100, &MAC, Observation::BootScript);
+        timelines.observe(3_100, &MAC, script());
         timelines.observe(8_000, &MAC, ack());
         timelines.observe(
             8_100,
@@ -622,6 +649,8 @@ mod tests {
         let timeline = &snapshot[0];
         assert_eq!(timeline.mac, "52:54:00:12:34:56");
         assert_eq!(timeline.hostname.as_deref(), Some("worker-1"));
+        assert_eq!(timeline.image.as_deref(), Some("node:v2"));
+        assert_eq!(timeline.stages[1].detail, "node:v2");
         assert_eq!(timeline.boots_seen, 1);
         assert_eq!(
             stages(timeline),
@@ -648,11 +677,13 @@ mod tests {
         assert_eq!(stages(timeline), vec![(BootStage::Dhcp, 100_000)]);
 
         // Stuck at the boot script, then powered on again much later.
-        timelines.observe(101_000, &MAC, Observation::BootScript);
+        timelines.observe(101_000, &MAC, script());
         timelines.observe(101_000 + BOOT_STALE_MS + 1, &MAC, ack());
         let timeline = &timelines.snapshot()[0];
         assert_eq!(timeline.boots_seen, 3);
         assert_eq!(timeline.latest_stage(), Some(BootStage::Dhcp));
+        // Which image the next boot boots, its own boot script will say.
+        assert_eq!(timeline.image, None);
     }
 
     #[test]
@@ -662,7 +693,7 @@ mod tests {
         let third = [0x52, 0x54, 0, 0, 0, 3];
         timelines.observe(1, &MAC, ack());
         timelines.observe(2, &other, ack());
-        timelines.observe(3, &MAC, Observation::BootScript);
+        timelines.observe(3, &MAC, script());
         timelines.observe(4, &third, ack());
         let macs: Vec<String> = timelines.snapshot().into_iter().map(|t| t.mac).collect();
         assert_eq!(macs, vec!["52:54:00:00:00:03", "52:54:00:12:34:56"]);
@@ -697,9 +728,15 @@ mod tests {
         let mut s2 = BootTimelines::new("s2", 10);
         let mut s3 = BootTimelines::new("s3", 10);
         s3.observe(1_000, &MAC, ack());
-        s3.observe(2_000, &MAC, Observation::BootScript);
+        s3.observe(
+            2_000,
+            &MAC,
+            Observation::BootScript {
+                image: Some("node:v1".into()),
+            },
+        );
         s1.observe(500_000, &MAC, ack());
-        s1.observe(501_000, &MAC, Observation::BootScript);
+        s1.observe(501_000, &MAC, script());
         s2.observe(505_000, &MAC, Observation::Plan { hostname: None });
         s2.observe(530_000, &MAC, report(BootStage::Booted));
         let merged = merge([s1.snapshot(), s2.snapshot(), s3.snapshot()]);
@@ -717,6 +754,11 @@ mod tests {
         );
         let servers: Vec<&str> = timeline.stages.iter().map(|s| s.server.as_str()).collect();
         assert_eq!(servers, vec!["s1", "s1", "s2", "s2"]);
+        assert_eq!(
+            timeline.image.as_deref(),
+            Some("node:v2"),
+            "not the last boot's"
+        );
         assert_eq!(timeline.boot_duration_ms(), Some(30_000));
         assert_eq!(timeline.kernel_to_booted_ms, Some(9_000));
         assert_eq!(timeline.address, Some(ADDRESS));

@@ -97,6 +97,8 @@ struct PlannedFiles {
     cmdline: String,
     /// Whether these are a group's image, which the agent boots (and so needs its identity).
     from_group_image: bool,
+    /// The group image's catalog reference (`node:v2`), for the node's timeline.
+    image: Option<String>,
 }
 
 impl BootScripts {
@@ -126,6 +128,7 @@ impl BootScripts {
                             .map(|_| format!("images/{hash}/initrd")),
                         cmdline: cmdline.join(" "),
                         from_group_image: true,
+                        image: Some(reference.to_string()),
                     }));
                 }
                 Ok(None) => {}
@@ -137,6 +140,7 @@ impl BootScripts {
             initrd: self.initrd.clone(),
             cmdline: self.cmdline.clone(),
             from_group_image: false,
+            image: None,
         }))
     }
 }
@@ -275,7 +279,7 @@ async fn serve_boot_script(
         return match render_script(&plan) {
             Ok(script) => {
                 tracing::info!("boot script served");
-                state.observe(&mac, Observation::BootScript);
+                state.observe(&mac, Observation::BootScript { image: None });
                 script_response(script)
             }
             Err(error) => script_refused(&error),
@@ -341,7 +345,7 @@ async fn serve_boot_script(
     };
     state.tokens().issue(monotonic_now(), mac, token);
     tracing::info!("boot script served with a fresh boot token");
-    state.observe(&mac, Observation::BootScript);
+    state.observe(&mac, Observation::BootScript { image: files.image });
     script_response(script)
 }
 
@@ -1016,7 +1020,7 @@ mod tests {
         boots.observe(
             std::time::SystemTime::UNIX_EPOCH,
             &KNOWN_MAC,
-            Observation::BootScript,
+            Observation::BootScript { image: None },
         );
         let probes = Probes {
             readiness: readiness.clone(),

@@ -70,15 +70,17 @@ fn image_from(node: &NodeTimeline) -> String {
     }
 }
 
-/// The table `bootmesh nodes` prints: per node its furthest stage, each stage's time after
-/// the boot's first DHCP ACK, the whole boot, and where its image came from; then the peers
-/// each node fetched from, and the servers that did not answer.
+/// The table `bootmesh nodes` prints: per node its rack, the image it boots, its furthest
+/// stage, each stage's time after the boot's first DHCP ACK, the whole boot, and where its
+/// image came from; then the peers each node fetched from, and the servers that did not
+/// answer.
 pub fn render_table(view: &NodesView) -> String {
     let mut rows = vec![vec![
         "MAC".to_owned(),
         "HOSTNAME".to_owned(),
         "ADDRESS".to_owned(),
         "RACK".to_owned(),
+        "BOOTS".to_owned(),
         "STAGE".to_owned(),
         "KERNEL".to_owned(),
         "PLAN".to_owned(),
@@ -98,6 +100,7 @@ pub fn render_table(view: &NodesView) -> String {
             node.address
                 .map_or_else(|| "-".into(), |address| address.to_string()),
             node.rack.clone().unwrap_or_else(|| "-".into()),
+            node.image.clone().unwrap_or_else(|| "-".into()),
             node.latest_stage()
                 .map_or("-", BootStage::as_str)
                 .to_owned(),
@@ -190,6 +193,7 @@ mod tests {
                     address: Some("10.9.0.20".parse().unwrap()),
                     hostname: Some("worker-1".into()),
                     rack: Some("r2".into()),
+                    image: Some("node:v2".into()),
                     started_unix_ms: Some(started),
                     stages: vec![
                         seen(BootStage::Dhcp, started),
@@ -212,6 +216,7 @@ mod tests {
                     address: None,
                     hostname: None,
                     rack: None,
+                    image: None,
                     started_unix_ms: None,
                     stages: vec![seen(BootStage::Plan, started)],
                     sources: None,
@@ -231,6 +236,7 @@ mod tests {
                 "worker-1",
                 "10.9.0.20",
                 "r2",
+                "node:v2",
                 "booted",
                 "1.2",
                 "9.0",
@@ -252,6 +258,7 @@ mod tests {
             columns,
             [
                 "52:54:00:00:00:02",
+                "-",
                 "-",
                 "-",
                 "-",

@@ -589,6 +589,7 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
         "{node:#}"
     );
     assert_eq!(node["hostname"], "worker-2");
+    assert_eq!(node["image"], "node:v1");
     assert_eq!(node["kernel_to_booted_ms"], 31000);
     assert_eq!(
         node["sources"]["peers"],
@@ -600,8 +601,12 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
         .find(|line| line.starts_with(WORKER_MAC))
         .unwrap_or_else(|| panic!("{WORKER_MAC} in\n{table}"));
     let columns: Vec<&str> = row.split_whitespace().collect();
-    // No DHCP here: no address, so no rack either.
-    assert_eq!(columns[1..5], ["worker-2", "-", "-", "booted"], "{table}");
+    // No DHCP here: no address, so no rack either; the image is the group's.
+    assert_eq!(
+        columns[1..6],
+        ["worker-2", "-", "-", "node:v1", "booted"],
+        "{table}"
+    );
     assert!(row.ends_with("server 1.0MiB, peers 3.0MiB (2)"), "{table}");
     assert!(
         table.contains(&format!(
@@ -698,6 +703,12 @@ fn the_dashboard_shows_health_and_node_timelines_in_headless_chromium() {
         "(75 % from peers)",
         r#"<td class="rack">-</td>"#,
         "nodes by rack: (no rack) 2 (1 booted)",
+        r#"<td class="image">node:v1</td>"#,
+        concat!(
+            r#"<tr data-image="node:v1"><td class="name">node:v1</td><td class="nodes">1</td>"#,
+            r#"<td class="booting">0</td><td class="holding">0</td><td class="booted">1</td>"#,
+        ),
+        r#"<td class="peers">75 %</td>"#,
     ] {
         assert!(dom.contains(shown), "{shown} in\n{dom}");
     }

@@ -108,6 +108,7 @@ function imageFrom(node) {
 function drawNodes(view) {
   const counts = new Map(STAGES.map((stage) => [stage, 0]));
   const byRack = new Map();
+  const byImage = new Map();
   let serverBytes = 0;
   let peerBytes = 0;
   const body = document.querySelector("#nodes tbody");
@@ -120,6 +121,20 @@ function drawNodes(view) {
     inRack.nodes += 1;
     if (stage === "booted") inRack.booted += 1;
     byRack.set(rack, inRack);
+    if (node.image) {
+      const image = byImage.get(node.image) ||
+        { nodes: 0, booting: 0, holding: 0, booted: 0, serverBytes: 0, peerBytes: 0 };
+      image.nodes += 1;
+      const reached = STAGES.indexOf(stage);
+      if (stage === "booted") image.booted += 1;
+      else if (reached >= STAGES.indexOf("image")) image.holding += 1;
+      else image.booting += 1;
+      if (node.sources) {
+        image.serverBytes += node.sources.server_bytes;
+        image.peerBytes += node.sources.peer_bytes;
+      }
+      byImage.set(node.image, image);
+    }
     if (node.sources) {
       serverBytes += node.sources.server_bytes;
       peerBytes += node.sources.peer_bytes;
@@ -130,6 +145,7 @@ function drawNodes(view) {
     row.appendChild(element("td", null, node.hostname || "-"));
     row.appendChild(element("td", "address", node.address || "-"));
     row.appendChild(element("td", "rack", node.rack || "-"));
+    row.appendChild(element("td", "image", node.image || "-"));
     row.appendChild(element("td", "stage", stage || "-"));
     row.appendChild(drawTimeline(node));
     row.appendChild(element("td", "sources", imageFrom(node)));
@@ -145,6 +161,7 @@ function drawNodes(view) {
     box.appendChild(document.createTextNode(stage));
     stages.appendChild(box);
   }
+  drawImages(byImage);
   document.getElementById("nodes-by-rack").textContent = byRack.size === 0 ? "" :
     "nodes by rack: " + [...byRack.entries()].sort()
       .map(([rack, seen]) => rack + " " + seen.nodes + " (" + seen.booted + " booted)")
@@ -157,6 +174,35 @@ function drawNodes(view) {
   const missing = view.servers.filter((server) => server.error);
   document.getElementById("servers-missing").textContent = missing.length === 0 ? "" :
     "not answering: " + missing.map((server) => server.server + " (" + server.error + ")").join(", ");
+}
+
+// Each image's distribution: of the nodes whose boot script named it, how many are still on
+// their way to it, hold it (verified), and run it; and how much of it came from peers.
+function drawImages(byImage) {
+  const body = document.querySelector("#images tbody");
+  body.replaceChildren();
+  for (const [name, image] of [...byImage.entries()].sort()) {
+    const row = element("tr");
+    row.dataset.image = name;
+    row.appendChild(element("td", "name", name));
+    row.appendChild(element("td", "nodes", String(image.nodes)));
+    row.appendChild(element("td", "booting", String(image.booting)));
+    row.appendChild(element("td", "holding", String(image.holding)));
+    row.appendChild(element("td", "booted", String(image.booted)));
+    const done = element("td", "progress");
+    const bar = element("progress");
+    bar.max = image.nodes;
+    bar.value = image.holding + image.booted;
+    done.appendChild(bar);
+    done.appendChild(document.createTextNode(
+      " " + Math.round(100 * (image.holding + image.booted) / image.nodes) + " %"));
+    row.appendChild(done);
+    const total = image.serverBytes + image.peerBytes;
+    row.appendChild(element("td", "peers",
+      total === 0 ? "-" : Math.round(100 * image.peerBytes / total) + " %"));
+    body.appendChild(row);
+  }
+  document.getElementById("images-empty").hidden = byImage.size > 0;
 }
 
 async function fetchJson(path) {
