@@ -829,7 +829,7 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
             )
                 .into_response(),
         },
-        "/api/v1/nodes" => nodes_response(&probes).await,
+        "/api/v1/nodes" => nodes_response(&probes, request.uri().query()).await,
         "/api/v1/cluster" => {
             let not_ready_because = probes.readiness.not_ready_because();
             json_response(&dashboard::ClusterView {
@@ -873,7 +873,10 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
 pub struct NodesView {
     /// The servers asked, and what became of asking each.
     pub servers: Vec<ServerAsked>,
-    /// One merged timeline per node, by MAC.
+    /// How many nodes the servers know, before any filter.
+    #[serde(default)]
+    pub nodes_known: usize,
+    /// One merged timeline per node that passed the filter, by MAC.
     pub nodes: Vec<crate::timeline::NodeTimeline>,
 }
 
@@ -889,8 +892,12 @@ pub struct ServerAsked {
 
 /// `/api/v1/nodes`: this server's timelines merged with every other member's (asked over the
 /// admin channel, each within a few seconds; one that does not answer is named, not waited
-/// for).
-async fn nodes_response(probes: &Probes) -> Response {
+/// for), filtered by `?stage=&rack=&image=` (an unknown filter is a 400 that says why).
+async fn nodes_response(probes: &Probes, query: Option<&str>) -> Response {
+    let filter = match crate::nodes_cli::NodesFilter::from_query(query.unwrap_or_default()) {
+        Ok(filter) => filter,
+        Err(reason) => return (StatusCode::BAD_REQUEST, format!("{reason}\n")).into_response(),
+    };
     let mut views = vec![probes.boots.snapshot()];
     let mut servers = vec![ServerAsked {
         server: probes.boots.server_name(),
@@ -912,12 +919,18 @@ async fn nodes_response(probes: &Probes) -> Response {
         }
     }
     let mut nodes = crate::timeline::merge(views);
+    let nodes_known = nodes.len();
     for node in &mut nodes {
         node.rack = node
             .address
             .and_then(|address| probes.racks.rack_of(address));
     }
-    json_response(&NodesView { servers, nodes })
+    nodes.retain(|node| filter.matches(node));
+    json_response(&NodesView {
+        servers,
+        nodes_known,
+        nodes,
+    })
 }
 
 /// Serves HTTP on `listener` until `shutdown` resolves.

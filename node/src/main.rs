@@ -132,11 +132,23 @@ enum Command {
     /// (multi-user.target reached), with each stage's time after the boot's first DHCP ACK and
     /// the peers the image came from. Any server answers for the whole cluster.
     ///
-    /// Example: `bootmesh nodes --server 10.0.0.1:80`, `bootmesh nodes --server boot1:80 --json`
+    /// Example: `bootmesh nodes --server 10.0.0.1:80`, `bootmesh nodes --server boot1:80 --json`,
+    /// the nodes of rack r7 that got an address and no further:
+    /// `bootmesh nodes --server boot1:80 --rack r7 --stage dhcp`
     Nodes {
         /// A boot server's HTTP listener, HOST:PORT.
         #[arg(long)]
         server: String,
+        /// Only nodes whose latest boot got this far and no further: dhcp, kernel, plan, image,
+        /// root or booted.
+        #[arg(long, value_parser = node::nodes_cli::parse_stage)]
+        stage: Option<node::timeline::BootStage>,
+        /// Only nodes in this rack (the rack of the subnet that holds the node's address).
+        #[arg(long)]
+        rack: Option<String>,
+        /// Only nodes whose latest boot boots this catalog image, `name:tag`.
+        #[arg(long)]
+        image: Option<String>,
         /// Print the servers' answer as JSON (`servers`: who was asked and who did not answer;
         /// `nodes`: one timeline per node) instead of a table.
         #[arg(long)]
@@ -304,7 +316,17 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir, json } => print_leases(&state_dir, json),
-        Command::Nodes { server, json } => print_nodes(&server, json),
+        Command::Nodes {
+            server,
+            stage,
+            rack,
+            image,
+            json,
+        } => print_nodes(
+            &server,
+            &node::nodes_cli::NodesFilter { stage, rack, image },
+            json,
+        ),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "bootmesh", &mut std::io::stdout());
@@ -469,7 +491,11 @@ fn print_leases(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_nodes(server: &str, json: bool) -> anyhow::Result<()> {
+fn print_nodes(
+    server: &str,
+    filter: &node::nodes_cli::NodesFilter,
+    json: bool,
+) -> anyhow::Result<()> {
     use std::io::Write;
     use std::net::ToSocketAddrs;
     let address = server
@@ -480,7 +506,7 @@ fn print_nodes(server: &str, json: bool) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let view = runtime.block_on(node::nodes_cli::fetch_nodes(address))?;
+    let view = runtime.block_on(node::nodes_cli::fetch_nodes(address, filter))?;
     let output = if json {
         let mut text = serde_json::to_string_pretty(&view)?;
         text.push('\n');

@@ -363,11 +363,17 @@ impl NodeLab {
 
     /// `bootmesh nodes` run from the client's namespace against this server.
     fn bootmesh_nodes(&self, json: bool) -> String {
+        self.bootmesh_nodes_filtered(json, &[])
+    }
+
+    /// `bootmesh nodes` with `filters` (`--stage booted`, ...).
+    fn bootmesh_nodes_filtered(&self, json: bool, filters: &[&str]) -> String {
         let server = format!("{}:{PORT}", self.pair.server_address);
         let mut args = vec!["nodes", "--server", server.as_str()];
         if json {
             args.push("--json");
         }
+        args.extend_from_slice(filters);
         let output = self.lab.run(
             &self.pair.client,
             CLIENT_LIMIT,
@@ -595,6 +601,38 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
         node["sources"]["peers"],
         serde_json::json!(["10.79.4.21:7800", "10.79.4.22:7800"])
     );
+    // A second node that only fetched its plan: the filters tell the two apart on the server.
+    assert_eq!(nodes.get(&format!("nodes/{UNKNOWN_MAC}/plan")).0, "200");
+    let macs_of = |filters: &[&str]| -> (Vec<String>, u64) {
+        let view: serde_json::Value =
+            serde_json::from_str(&nodes.bootmesh_nodes_filtered(true, filters)).expect("json");
+        let macs = view["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|node| node["mac"].as_str().expect("mac").to_owned())
+            .collect();
+        (macs, view["nodes_known"].as_u64().expect("nodes_known"))
+    };
+    assert_eq!(
+        macs_of(&["--stage", "booted"]),
+        (vec![WORKER_MAC.to_owned()], 2)
+    );
+    assert_eq!(
+        macs_of(&["--stage", "plan"]),
+        (vec![UNKNOWN_MAC.to_owned()], 2)
+    );
+    assert_eq!(
+        macs_of(&["--image", "node:v1"]),
+        (vec![WORKER_MAC.to_owned()], 2)
+    );
+    assert_eq!(macs_of(&["--rack", "r1", "--stage", "booted"]), (vec![], 2));
+    let filtered = nodes.bootmesh_nodes_filtered(false, &["--stage", "dhcp"]);
+    assert!(filtered.contains("0 of 2 nodes;"), "{filtered}");
+    let (code, body) = nodes.get("api/v1/nodes?stage=warm");
+    assert_eq!(code, "400", "{body}");
+    assert!(body.starts_with("unknown stage \"warm\""), "{body}");
+
     let table = nodes.bootmesh_nodes(false);
     let row = table
         .lines()
