@@ -220,6 +220,21 @@ pub async fn serve(
         });
     }
 
+    // In a cluster, the groups boot what the cluster's catalog names, on every server.
+    if let Some(member) = &member {
+        member.attach_images(Arc::clone(images.store()));
+        let follower = crate::cluster::catalog::CatalogFollower {
+            member: member.clone(),
+            store: Arc::clone(images.store()),
+            swarm: swarm_node.clone(),
+        };
+        let shutdown = shutdown_signal(stop_receiver.clone());
+        services.spawn(async move {
+            follower.run(shutdown).await;
+            Ok(())
+        });
+    }
+
     let mut dhcp_counters = None;
     // Made before their services, since /metrics (HTTP) starts between them.
     let tftp_counters = Arc::new(crate::metrics::SessionCounters::default());

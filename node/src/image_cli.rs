@@ -87,7 +87,9 @@ pub(crate) enum ImageCommand {
     },
     /// Remove manifests no tag names and chunks no manifest names.
     Gc,
-    /// Make a group of nodes boot an image.
+    /// Make a group of nodes boot an image. On a server in a cluster, every server follows:
+    /// the promotion is committed to the cluster, and a server whose store lacks the image
+    /// fetches it from the others before it boots the group from it.
     Promote {
         /// `name:tag`.
         reference: String,
@@ -95,7 +97,8 @@ pub(crate) enum ImageCommand {
         #[arg(long)]
         group: String,
     },
-    /// Return a group to the image it booted before the last promote.
+    /// Return a group to the image it booted before the last promote (in a cluster: on every
+    /// server, as with promote).
     Rollback {
         /// The group.
         #[arg(long)]
@@ -164,6 +167,53 @@ fn print(text: &str) -> anyhow::Result<()> {
 #[allow(clippy::disallowed_methods)] // The CLI edge: elapsed time for the summary.
 fn now() -> std::time::Instant {
     std::time::Instant::now()
+}
+
+/// In a cluster, a promotion (or a rollback) is the cluster's: the tag and the group's image
+/// are committed through Raft, and every server follows them, fetching the image from the
+/// others if its own store lacks it (ADR 0014). Outside a cluster, nothing to do.
+fn promote_in_cluster(
+    state_dir: &std::path::Path,
+    store: &transfer::ChunkStore,
+    reference: &str,
+    group: &str,
+) -> anyhow::Result<()> {
+    use node::cluster::admin::{AdminReply, AdminRequest, admin_call};
+    if !node::cluster::files::ClusterFiles::new(state_dir).exists() {
+        return Ok(());
+    }
+    let (hash, manifest) = image::resolve(store, reference)?;
+    let commands = [
+        consensus::MeshCommand::TagImage {
+            reference: reference.to_owned(),
+            manifest: hash.to_hex(),
+            size_bytes: manifest.root.part.size_bytes,
+        },
+        consensus::MeshCommand::Promote {
+            group: group.to_owned(),
+            reference: reference.to_owned(),
+        },
+    ];
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for command in commands {
+        let reply = runtime
+            .block_on(admin_call(state_dir, None, &AdminRequest::Propose(command)))
+            .context("committing the promotion to the cluster (it holds here only, for now)")?;
+        match reply {
+            AdminReply::Proposed(consensus::MeshResponse::Applied) => {}
+            AdminReply::Proposed(consensus::MeshResponse::Refused(reason))
+            | AdminReply::Failed(reason) => {
+                anyhow::bail!("the cluster refused the promotion: {reason}")
+            }
+            other => anyhow::bail!("the cluster answered the promotion with {other:?}"),
+        }
+    }
+    print(&format!(
+        "the cluster: every server boots group {group} from {reference} once its own store \
+         holds the image (a server without it fetches it from the others)\n"
+    ))
 }
 
 pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow::Result<()> {
@@ -389,11 +439,13 @@ pub(crate) fn run(state_dir: &std::path::Path, command: ImageCommand) -> anyhow:
         }
         ImageCommand::Promote { reference, group } => {
             let hash = image::promote(&store, &reference, &group)?;
-            print(&format!("group {group} now boots {reference} ({hash})\n"))
+            print(&format!("group {group} now boots {reference} ({hash})\n"))?;
+            promote_in_cluster(state_dir, &store, &reference, &group)
         }
         ImageCommand::Rollback { group } => {
             let reference = image::rollback(&store, &group)?;
-            print(&format!("group {group} now boots {reference} again\n"))
+            print(&format!("group {group} now boots {reference} again\n"))?;
+            promote_in_cluster(state_dir, &store, &reference, &group)
         }
     }
 }

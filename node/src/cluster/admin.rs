@@ -55,6 +55,12 @@ pub enum AdminRequest {
     Time,
     /// The boots the answering member took part in, as it saw them (not merged).
     BootTimelines,
+    /// An image manifest from the answering member's store, by its hash (hex): how a server
+    /// that follows the cluster's catalog gets the manifest of an image imported elsewhere.
+    Manifest {
+        /// The manifest's hash, hex.
+        hash: String,
+    },
 }
 
 impl std::fmt::Debug for AdminRequest {
@@ -84,6 +90,10 @@ impl std::fmt::Debug for AdminRequest {
                 .finish_non_exhaustive(),
             AdminRequest::Time => formatter.write_str("Time"),
             AdminRequest::BootTimelines => formatter.write_str("BootTimelines"),
+            AdminRequest::Manifest { hash } => formatter
+                .debug_struct("Manifest")
+                .field("hash", hash)
+                .finish(),
         }
     }
 }
@@ -143,6 +153,8 @@ pub enum AdminReply {
     },
     /// To `BootTimelines`.
     BootTimelines(Vec<crate::timeline::NodeTimeline>),
+    /// To `Manifest`: the manifest's bytes as stored (the asker checks them against the hash).
+    Manifest(Vec<u8>),
     /// The request failed.
     Failed(String),
 }

@@ -134,6 +134,8 @@ pub struct ClusterMember {
     /// The boots this server took part in, once the daemon has started its services; until
     /// then other members hear of none.
     boots: Arc<std::sync::OnceLock<Arc<crate::boots::BootRecorder>>>,
+    /// This server's image store, whose manifests other members may ask for.
+    images: Arc<std::sync::OnceLock<Arc<transfer::ChunkStore>>>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -204,6 +206,7 @@ impl ClusterMember {
             swarm: Arc::default(),
             clock_to_leader: Arc::default(),
             boots: Arc::default(),
+            images: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -249,6 +252,68 @@ impl ClusterMember {
         let _attached_before = self.boots.set(boots);
     }
 
+    /// Lets other members ask for the manifests in `store`.
+    pub fn attach_images(&self, store: Arc<transfer::ChunkStore>) {
+        let _attached_before = self.images.set(store);
+    }
+
+    /// The cluster addresses of every other member Raft knows, voters and learners.
+    pub fn other_member_addresses(&self) -> Vec<SocketAddr> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics
+            .membership_config
+            .nodes()
+            .filter(|(id, _)| **id != self.record.server_id)
+            .filter_map(|(_, node)| node.address.parse().ok())
+            .collect()
+    }
+
+    /// The manifest `hash` from the first other member whose store holds it; the bytes are
+    /// checked against the hash, so a member cannot hand over another image.
+    pub async fn manifest_from_other_members(
+        &self,
+        hash: transfer::ContentHash,
+    ) -> Result<transfer::Manifest, String> {
+        let mut reasons = Vec::new();
+        for address in self.other_member_addresses() {
+            let request = AdminRequest::Manifest {
+                hash: hash.to_hex(),
+            };
+            let answer =
+                tokio::time::timeout(FORWARD_TIMEOUT, self.forward(address, &request)).await;
+            let reason = match answer {
+                Ok(Ok(AdminReply::Manifest(bytes))) => {
+                    match transfer::Manifest::decode_expecting(&bytes, hash) {
+                        Ok(manifest) => return Ok(manifest),
+                        Err(error) => format!("{address}: a manifest that fails its hash: {error}"),
+                    }
+                }
+                Ok(Ok(AdminReply::Failed(reason))) => format!("{address}: {reason}"),
+                Ok(Ok(other)) => format!("{address}: unexpected answer {other:?}"),
+                Ok(Err(error)) => format!("{address}: {error}"),
+                Err(_) => {
+                    self.admin_connections
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&address);
+                    format!(
+                        "{address}: no answer within {} s",
+                        FORWARD_TIMEOUT.as_secs()
+                    )
+                }
+            };
+            reasons.push(reason);
+        }
+        if reasons.is_empty() {
+            reasons.push("no other member".into());
+        }
+        Err(format!(
+            "no member handed over manifest {hash}: {}",
+            reasons.join("; ")
+        ))
+    }
+
     /// Every other member's part of the boots it took part in, asked at once; a member that
     /// does not answer within [`FORWARD_TIMEOUT`] is reported, not waited for.
     pub async fn boot_timelines_of_other_members(
@@ -257,16 +322,7 @@ impl ClusterMember {
         SocketAddr,
         Result<Vec<crate::timeline::NodeTimeline>, String>,
     )> {
-        let others: Vec<SocketAddr> = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            metrics
-                .membership_config
-                .nodes()
-                .filter(|(id, _)| **id != self.record.server_id)
-                .filter_map(|(_, node)| node.address.parse().ok())
-                .collect()
-        };
+        let others = self.other_member_addresses();
         let asks = others.into_iter().map(|address| async move {
             let answer = match tokio::time::timeout(
                 FORWARD_TIMEOUT,
@@ -625,6 +681,7 @@ impl ClusterMember {
             | AdminRequest::Status
             | AdminRequest::Leases
             | AdminRequest::BootTimelines
+            | AdminRequest::Manifest { .. }
             | AdminRequest::Time => {
                 tracing::debug!(?request, "admin request");
             }
@@ -640,6 +697,19 @@ impl ClusterMember {
                     .unwrap_or_default(),
             ),
             AdminRequest::Leases => AdminReply::Leases(self.lease_views()),
+            AdminRequest::Manifest { hash } => {
+                let Some(store) = self.images.get().cloned() else {
+                    return AdminReply::Failed("this server has no image store".into());
+                };
+                let Ok(hash) = hash.parse::<transfer::ContentHash>() else {
+                    return AdminReply::Failed(format!("{hash:?} is not a manifest hash"));
+                };
+                match tokio::task::spawn_blocking(move || store.manifest_bytes(&hash)).await {
+                    Ok(Ok(bytes)) => AdminReply::Manifest(bytes),
+                    Ok(Err(error)) => AdminReply::Failed(error.to_string()),
+                    Err(error) => AdminReply::Failed(error.to_string()),
+                }
+            }
             AdminRequest::ConfigShow => {
                 let config = self.state.read(|state| state.config.clone());
                 AdminReply::Config {

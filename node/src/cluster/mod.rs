@@ -4,6 +4,7 @@
 //! ([`member`]), and DHCP leases committed through it ([`leases`]).
 
 pub mod admin;
+pub mod catalog;
 pub mod files;
 pub mod leases;
 pub mod member;

@@ -242,15 +242,28 @@ impl SwarmNode {
             if last_progress.elapsed() >= config.stall_timeout {
                 return Err(stalled(scheduler.held(), last_error));
             }
-            // With nobody to ask, the given peers are dialled again, less and less often,
-            // until one answers or the fetch stalls (a server may be restarting).
-            if known.is_empty() && dials.is_empty() {
+            // The given peers not peered with are dialled again, less and less often, until
+            // they answer or the fetch stalls: a server may be restarting, or not offering
+            // the image yet (it was imported a moment ago), while a peer that holds nothing
+            // yet (another fetcher) keeps `known` from being empty.
+            let unpeered: Vec<SocketAddr> = if dials.is_empty() {
+                let peered: std::collections::HashSet<SocketAddr> =
+                    known.values().map(|peer| peer.address).collect();
+                peers
+                    .iter()
+                    .copied()
+                    .filter(|address| !peered.contains(address) && !dialling.contains(address))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if !unpeered.is_empty() {
                 let now = Instant::now();
                 match redial_at {
                     Some(at) if at <= now => {
                         redial_at = None;
-                        dialling.extend(peers.iter().copied());
-                        self.dial_all(&mut dials, &peers, &image, &events_sender);
+                        dialling.extend(unpeered.iter().copied());
+                        self.dial_all(&mut dials, &unpeered, &image, &events_sender);
                         redial_after = (redial_after * 2).min(REDIAL_MAX);
                     }
                     Some(_) => {}

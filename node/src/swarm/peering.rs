@@ -324,6 +324,20 @@ impl SwarmNode {
             .insert(image.image().manifest(), image);
     }
 
+    /// Offers `image` unless its manifest is offered already (a fetch in progress offers its
+    /// own, whose holdings grow as chunks arrive; a store scan must not replace it). Returns
+    /// whether it was offered.
+    pub fn offer_unless_offered(&self, image: Arc<SharedImage>) -> bool {
+        let mut images = self.images.lock().unwrap_or_else(PoisonError::into_inner);
+        match images.entry(image.image().manifest()) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                vacant.insert(image);
+                true
+            }
+        }
+    }
+
     /// Stops offering the image whose manifest is `manifest` (peerings about it end as their
     /// peers go).
     pub fn withdraw(&self, manifest: &ContentHash) {

@@ -36,8 +36,10 @@ pub async fn offer_store_images(
             Ok(Ok((new, gone))) => {
                 for image in new {
                     let manifest = image.image().manifest();
+                    if !swarm.offer_unless_offered(Arc::clone(&image)) {
+                        continue;
+                    }
                     tracing::info!(%manifest, chunks = image.image().chunk_count(), "offering an image to the swarm");
-                    swarm.offer(Arc::clone(&image));
                     if let Some(options) = &announce {
                         let announcer = announcers.spawn(Arc::clone(swarm).announce(
                             image,

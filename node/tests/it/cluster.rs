@@ -1692,3 +1692,153 @@ fn a_cluster_member_serves_image_chunks_on_its_cluster_endpoint() {
     let status = cluster.status(1).expect("s1 answers");
     assert_eq!(status["leader"], serde_json::json!(1), "{status}");
 }
+
+/// A root tree with a kernel, an initrd and `data_bytes` of data, all drawn from `seed`.
+fn write_image_tree(cluster: &ClusterLab, name: &str, seed: u64, data_bytes: usize) -> String {
+    let tree = cluster.lab.path(name);
+    std::fs::create_dir_all(tree.join("boot")).expect("boot dir");
+    std::fs::write(
+        tree.join("boot/vmlinuz-6.1.0-1-amd64"),
+        lab::deterministic_bytes(seed, 1 << 20),
+    )
+    .expect("kernel");
+    std::fs::write(
+        tree.join("boot/initrd.img-6.1.0-1-amd64"),
+        lab::deterministic_bytes(seed + 1, 1 << 20),
+    )
+    .expect("initrd");
+    std::fs::write(
+        tree.join("data"),
+        lab::deterministic_bytes(seed + 2, data_bytes),
+    )
+    .expect("data");
+    tree.to_string_lossy().into_owned()
+}
+
+/// What server `index`'s own catalog says group `group` boots: (tag, manifest hash).
+fn local_group_image(cluster: &ClusterLab, index: usize, group: &str) -> Option<(String, String)> {
+    let (ok, stdout, _) = cluster.bootmesh(index, &["image", "list", "--json"]);
+    if !ok {
+        return None;
+    }
+    let listings: serde_json::Value = serde_json::from_str(&stdout).ok()?;
+    listings.as_array()?.iter().find_map(|listing| {
+        let groups = listing["groups"].as_array()?;
+        groups.iter().any(|name| name == group).then(|| {
+            (
+                listing["image"].as_str().unwrap_or_default().to_owned(),
+                listing["hash"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    })
+}
+
+/// The cluster's catalog is every server's: an image imported on one server and promoted
+/// there is fetched by the others from it (manifest over the admin channel, chunks over the
+/// swarm on the cluster endpoint) and booted by the group everywhere; a promotion from another
+/// server and a rollback from a third travel the same way.
+#[test]
+fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image() {
+    if !lab::enabled() {
+        return;
+    }
+    lab::require_program("mksquashfs");
+    let mut cluster = ClusterLab::new(3);
+    cluster.extra_config = "[swarm]\n".into();
+    let started = std::time::Instant::now();
+    form(&mut cluster, 3);
+    eprintln!(
+        "3 servers formed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let promote_and_wait = |promoter: usize, tag: &str, expected: &str| {
+        let started = std::time::Instant::now();
+        let (ok, stdout, stderr) = cluster.bootmesh(
+            promoter,
+            &if tag == "rollback" {
+                vec!["image", "rollback", "--group", "workers"]
+            } else {
+                vec!["image", "promote", tag, "--group", "workers"]
+            },
+        );
+        assert!(ok, "{tag} on s{promoter}: {stderr}");
+        assert!(
+            stdout.contains("the cluster: every server boots group workers"),
+            "{stdout}"
+        );
+        let wanted = local_group_image(&cluster, promoter, "workers").expect("the promoter's");
+        assert_eq!(wanted.0, expected);
+        for index in 1..=3 {
+            wait_for(Duration::from_secs(120), || {
+                local_group_image(&cluster, index, "workers").as_ref() == Some(&wanted)
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "s{index} does not boot {expected} after {tag}:\n{}",
+                    cluster.logs()
+                )
+            });
+            // Every chunk is in the follower's store, and re-hashes to its name.
+            eprintln!(
+                "{tag} on s{promoter}: s{index} boots {expected} after {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            let (ok, stdout, stderr) = cluster.bootmesh(index, &["image", "verify", expected]);
+            assert!(ok, "verify {expected} on s{index}: {stdout}{stderr}");
+        }
+    };
+
+    let v1 = write_image_tree(&cluster, "root-v1", 21, 6 << 20);
+    let (ok, _, stderr) = cluster.bootmesh(
+        1,
+        &[
+            "image",
+            "import",
+            "node:v1",
+            "--from",
+            &v1,
+            "--created",
+            "1",
+        ],
+    );
+    assert!(ok, "import v1 on s1: {stderr}");
+    promote_and_wait(1, "node:v1", "node:v1");
+    for line in cluster
+        .log(2)
+        .lines()
+        .filter(|line| line.contains("catalog") || line.contains("swarm") || line.contains("fetch"))
+    {
+        eprintln!("DEBUG {line}");
+    }
+    for index in [2, 3] {
+        assert!(
+            cluster
+                .log(index)
+                .contains("fetching the image from the other servers"),
+            "s{index} fetched node:v1:\n{}",
+            cluster.log(index)
+        );
+    }
+
+    // A newer image imported on another server, promoted there.
+    let v2 = write_image_tree(&cluster, "root-v2", 31, 6 << 20);
+    let (ok, _, stderr) = cluster.bootmesh(
+        2,
+        &[
+            "image",
+            "import",
+            "node:v2",
+            "--from",
+            &v2,
+            "--created",
+            "2",
+        ],
+    );
+    assert!(ok, "import v2 on s2: {stderr}");
+    promote_and_wait(2, "node:v2", "node:v2");
+
+    // Rolled back from a third server, whose history came from following.
+    promote_and_wait(3, "rollback", "node:v1");
+    assert!(cluster.status(1).is_some(), "s1 still answers");
+}
