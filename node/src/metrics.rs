@@ -354,6 +354,12 @@ impl Collector for MetricsSources {
                 "Servers in the cluster",
                 i64::try_from(members).unwrap_or(i64::MAX),
             )?;
+            gauge(
+                &mut encoder,
+                "catalog_groups_behind",
+                "Groups whose image the cluster promoted and this server does not boot yet (it is fetching the image, or cannot)",
+                as_gauge(member.catalog_groups_behind()),
+            )?;
         }
         Ok(())
     }

@@ -75,7 +75,10 @@ impl CatalogFollower {
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(LOOK_EVERY) => {}
             }
-            for promotion in self.promotions_not_followed().await {
+            let behind = self.promotions_not_followed().await;
+            self.member
+                .set_catalog_groups_behind(u64::try_from(behind.len()).unwrap_or(u64::MAX));
+            for promotion in behind {
                 if failed_at
                     .get(&promotion.manifest)
                     .is_some_and(|at| at.elapsed() < RETRY_AFTER)
@@ -96,6 +99,8 @@ impl CatalogFollower {
                 match outcome {
                     Ok(()) => {
                         failed_at.remove(&promotion.manifest);
+                        let left = self.member.catalog_groups_behind().saturating_sub(1);
+                        self.member.set_catalog_groups_behind(left);
                         tracing::info!(
                             "the group boots this image here now, as the cluster's catalog says"
                         );

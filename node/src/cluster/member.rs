@@ -136,6 +136,9 @@ pub struct ClusterMember {
     boots: Arc<std::sync::OnceLock<Arc<crate::boots::BootRecorder>>>,
     /// This server's image store, whose manifests other members may ask for.
     images: Arc<std::sync::OnceLock<Arc<transfer::ChunkStore>>>,
+    /// Groups whose promoted image this server does not boot yet (the catalog follower's
+    /// count, for `/metrics`).
+    catalog_groups_behind: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for ClusterMember {
@@ -207,6 +210,7 @@ impl ClusterMember {
             clock_to_leader: Arc::default(),
             boots: Arc::default(),
             images: Arc::default(),
+            catalog_groups_behind: Arc::default(),
         };
         if member.record.bootstrap
             && !member
@@ -250,6 +254,18 @@ impl ClusterMember {
     /// Answers other members' questions about boots from `boots`.
     pub fn attach_boots(&self, boots: Arc<crate::boots::BootRecorder>) {
         let _attached_before = self.boots.set(boots);
+    }
+
+    /// Groups whose promoted image this server does not boot yet.
+    pub fn catalog_groups_behind(&self) -> u64 {
+        self.catalog_groups_behind
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records how many groups this server's catalog is behind the cluster's.
+    pub fn set_catalog_groups_behind(&self, groups: u64) {
+        self.catalog_groups_behind
+            .store(groups, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Lets other members ask for the manifests in `store`.

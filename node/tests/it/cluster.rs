@@ -1744,7 +1744,12 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
     }
     lab::require_program("mksquashfs");
     let mut cluster = ClusterLab::new(3);
-    cluster.extra_config = "[swarm]\n".into();
+    let www = cluster.lab.path("www");
+    std::fs::create_dir_all(&www).expect("www");
+    cluster.extra_config = format!(
+        "[swarm]\n\n[http]\nlisten = \"0.0.0.0:8080\"\nroot = \"{}\"\n",
+        www.display()
+    );
     let started = std::time::Instant::now();
     form(&mut cluster, 3);
     eprintln!(
@@ -1840,5 +1845,23 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
 
     // Rolled back from a third server, whose history came from following.
     promote_and_wait(3, "rollback", "node:v1");
-    assert!(cluster.status(1).is_some(), "s1 still answers");
+    // No server is left behind the cluster's catalog, by its own /metrics.
+    for index in 1..=3 {
+        let address = ClusterLab::address(index);
+        let ip = address.split(':').next().expect("an address");
+        let url = format!("http://{ip}:8080/metrics");
+        wait_for(Duration::from_secs(10), || {
+            let output = cluster.lab.run(
+                &cluster.namespaces[index - 1],
+                Duration::from_secs(10),
+                "curl",
+                &["-sf", &url],
+            );
+            lab::metric_value(
+                &String::from_utf8_lossy(&output.stdout),
+                "bootmesh_catalog_groups_behind",
+            ) == Some(0)
+        })
+        .unwrap_or_else(|| panic!("s{index} reports groups behind:\n{}", cluster.logs()));
+    }
 }
