@@ -115,6 +115,10 @@ fn prepare(page_name: &str, scratch: &Path) {
         write_root_tarball(scratch, "v1");
         write_root_tarball(scratch, "v2");
     }
+    if page_name == "first-cluster.md" {
+        lab::require_program("mksquashfs");
+        write_root_tarball(scratch, "v1");
+    }
 }
 
 #[test]
