@@ -109,6 +109,12 @@ pub trait LeaseStore: Send + 'static {
     fn try_event(&mut self) -> Option<LeaseEvent>;
     /// Waits for the next event; `None` when no more will come.
     fn next_event(&mut self) -> impl Future<Output = Option<LeaseEvent>> + Send;
+    /// Why this server must not answer DHCP at all now, if it must not: its answers would be
+    /// wrong (a cluster member whose clock is beyond the drift bound), and the client is
+    /// better served by another server than by an OFFER nobody will ACK.
+    fn silenced(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// A [`LeaseJournal`] as a [`LeaseStore`]: a batch is durable when `append` returns.
@@ -243,6 +249,7 @@ where
 
     tokio::pin!(shutdown);
     let mut batch = Vec::with_capacity(DATAGRAMS_PER_BATCH_MAX);
+    let mut silenced = false;
     loop {
         // Offers held back by the rendezvous stagger are due then.
         let offer_delay = server.poll_timeout().map(|due| {
@@ -271,6 +278,24 @@ where
                 Ok(received) => batch.push(received),
                 Err(_) => break,
             }
+        }
+        match store.silenced() {
+            Some(reason) => {
+                if !silenced {
+                    tracing::error!(reason, "answering no DHCP: other servers answer");
+                    silenced = true;
+                }
+                counters.dropped_by_core.fetch_add(
+                    u64::try_from(batch.len()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+                batch.clear();
+            }
+            None if silenced => {
+                tracing::info!("answering DHCP again");
+                silenced = false;
+            }
+            None => {}
         }
         let now = clock.wall_now();
         for received in batch.drain(..) {

@@ -103,11 +103,19 @@ pub trait LeaseCluster: Clone + Send + Sync + 'static {
     /// Unix milliseconds now, by the clock this member stamps its proposals with: block
     /// leases are compared with those stamps, so they must come from the same clock.
     fn wall_now_ms(&self) -> u64;
+    /// Whether the last comparison of this server's clock with the leader's found them
+    /// certainly further apart than the drift bound. Such a server's lease ends are wrong
+    /// by more than ADR 0007 allows for, so it grants and renews nothing until a comparison
+    /// finds it back within the bound.
+    fn clock_beyond_bound(&self) -> bool;
 }
 
 impl LeaseCluster for ClusterMember {
     fn server_id(&self) -> u64 {
         self.record.server_id
+    }
+    fn clock_beyond_bound(&self) -> bool {
+        ClusterMember::clock_beyond_bound(self)
     }
     fn member_ids(&self) -> Vec<u64> {
         ClusterMember::member_ids(self)
@@ -788,6 +796,16 @@ async fn commit<M: LeaseCluster, J: LeaseJournal>(
         let _ = member.propose_anywhere(MeshCommand::Leases(records)).await;
         return;
     }
+    if member.clock_beyond_bound() {
+        // A lease's end is this server's clock plus its time; off by more than the bound,
+        // the cluster would free the address while the client still holds it (or the client
+        // would let go early). No answer is better: the client retries, and another server
+        // answers it.
+        let reason = "this server's clock is beyond the drift bound from the leader's: it \
+                      grants and renews nothing until its time is fixed";
+        let _ = sender.send(LeaseEvent::Failed(ids, reason.into())).await;
+        return;
+    }
     let records = proposals
         .iter()
         .map(|proposal| {
@@ -852,6 +870,13 @@ fn outcome_events(ids: &[ProposalId], response: MeshResponse) -> Vec<LeaseEvent>
 }
 
 impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
+    fn silenced(&self) -> Option<&'static str> {
+        self.member.clock_beyond_bound().then_some(
+            "this server's clock is beyond the drift bound from the leader's (ADR 0007); fix its \
+             time service",
+        )
+    }
+
     fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError> {
         let mut changes = lease_changes_of(self.member.state());
         // Grants this server made while cut off and has not reconciled yet are promises to

@@ -566,7 +566,8 @@ impl ClusterMember {
                     uncertainty_ms = reading.uncertainty_ms,
                     bound_ms = consensus::state::DRIFT_BOUND_MS,
                     "this server's clock and the leader's are further apart than the drift \
-                     bound: two clients may be given one address; fix the time service"
+                     bound: it grants and renews no lease until they are within it again; fix \
+                     the time service"
                 );
             } else if beyond {
                 tracing::info!(
@@ -576,6 +577,15 @@ impl ClusterMember {
             }
             beyond = now_beyond;
         }
+    }
+
+    /// Whether the last comparison with the leader's clock found this server's certainly
+    /// further away than the drift bound (see [`Self::watch_clock`]).
+    pub fn clock_beyond_bound(&self) -> bool {
+        self.clock_to_leader
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|reading| reading.certainly_beyond(consensus::state::DRIFT_BOUND_MS))
     }
 
     /// The ids of every member Raft knows (voters and learners), in order.

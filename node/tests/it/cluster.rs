@@ -1865,3 +1865,77 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
         .unwrap_or_else(|| panic!("s{index} reports groups behind:\n{}", cluster.logs()));
     }
 }
+
+/// A server whose clock is a minute off the leader's (the drift bound is 10 s) notices at its
+/// next clock check, says so, and goes quiet on DHCP: no OFFER that nobody could ACK, no grant
+/// or renewal with a wrong end. The other servers serve every client; through the skewed
+/// server alone nothing is answered.
+#[test]
+fn a_server_whose_clock_is_beyond_the_drift_bound_answers_no_dhcp_and_the_others_serve() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(3)
+        .with_dhcp(600)
+        .with_clock_offset(3, "+60s");
+    form(&mut cluster, 3);
+    let leader = cluster.status(1).expect("s1 answers")["leader"].clone();
+    assert_eq!(leader, serde_json::json!(1), "the founder leads");
+    wait_for(Duration::from_secs(60), || {
+        cluster
+            .log(3)
+            .contains("further apart than the drift bound")
+    })
+    .unwrap_or_else(|| panic!("s3 never noticed its clock:\n{}", cluster.log(3)));
+    let status = cluster.status(3).expect("s3 answers");
+    let offset = status["clock_offset_to_leader_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no clock offset in {status}"));
+    assert!(
+        (-70_000..=-50_000).contains(&offset),
+        "the leader's clock is a minute behind s3's: {offset} ms"
+    );
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let log = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind(3);
+        let mut log = FarmLog::default();
+        farm.storm(0..30, 0x7000_0000, &done, &mut log);
+        log
+    })
+    .join()
+    .expect("farm");
+    assert_eq!(
+        log.unanswered,
+        0,
+        "every client served:\n{}",
+        cluster.logs()
+    );
+    check_unique(&log);
+    let skewed = Ipv4Addr::new(10, 70, 0, 3);
+    assert!(
+        log.acked.values().all(|(_, server)| *server != skewed),
+        "s3 ACKed a client: {:?}",
+        log.acked
+    );
+    // Through s3 alone: neither a new client nor a renewal gets an answer.
+    let some_client = log.acked[&0].0;
+    let (new_client, renewal) = in_namespace(&cluster.client_namespace, move || {
+        let farm = RelayFarm::bind_to(&[3], Duration::from_millis(700));
+        (
+            farm.lease_ack(100, 0x7100_0000).is_some(),
+            farm.rebind_ack(0, 0x7200_0000, some_client).is_some(),
+        )
+    })
+    .join()
+    .expect("s3 alone");
+    assert!(!new_client, "s3 alone leased to a new client");
+    assert!(!renewal, "s3 alone renewed a lease");
+    assert!(
+        cluster
+            .log(3)
+            .contains("answering no DHCP: other servers answer"),
+        "{}",
+        cluster.log(3)
+    );
+}

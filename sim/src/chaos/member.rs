@@ -75,6 +75,8 @@ pub struct SimMember {
     applied: broadcast::Sender<AppliedLeases>,
     clock: SkewedClock,
     clock_observer: Option<ClockObserver>,
+    /// The last measurement of this server's clock against the leader's.
+    last_clock_reading: std::sync::Arc<std::sync::Mutex<Option<ClockReading>>>,
 }
 
 /// Told of every measurement of this server's clock against the leader's.
@@ -106,6 +108,7 @@ impl SimMember {
             applied,
             clock,
             clock_observer,
+            last_clock_reading: std::sync::Arc::default(),
         }
     }
 
@@ -207,12 +210,14 @@ impl LeaseCluster for SimMember {
             let sent_ms = self.wall_now_ms();
             match tokio::time::timeout(FORWARD_TIMEOUT, self.forward(leader, &request)).await {
                 Ok(Ok(ForwardReply::Proposed(response, leader_ms))) => {
+                    let reading =
+                        ClockReading::from_exchange(sent_ms, leader_ms, self.wall_now_ms());
+                    *self
+                        .last_clock_reading
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reading);
                     if let Some(observe) = &self.clock_observer {
-                        observe(ClockReading::from_exchange(
-                            sent_ms,
-                            leader_ms,
-                            self.wall_now_ms(),
-                        ));
+                        observe(reading);
                     }
                     return Ok(response);
                 }
@@ -223,6 +228,13 @@ impl LeaseCluster for SimMember {
             }
         }
         Err(last_error)
+    }
+
+    fn clock_beyond_bound(&self) -> bool {
+        self.last_clock_reading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|reading| reading.certainly_beyond(consensus::state::DRIFT_BOUND_MS))
     }
 
     fn wall_now_ms(&self) -> u64 {
