@@ -544,6 +544,84 @@ pub fn merge(views: impl IntoIterator<Item = Vec<NodeTimeline>>) -> Vec<NodeTime
         .collect()
 }
 
+/// Which nodes to list: those that match every filter given. With thousands of nodes the
+/// question is usually "which are stuck at dhcp", "what is rack r7 doing" or "who boots v2";
+/// the server filters, so the answer is as small as the question.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodesFilter {
+    /// Nodes whose furthest stage in their latest boot is this one.
+    pub stage: Option<BootStage>,
+    /// Nodes in this rack.
+    pub rack: Option<String>,
+    /// Nodes whose latest boot boots this catalog image (`node:v2`).
+    pub image: Option<String>,
+}
+
+impl NodesFilter {
+    /// Whether `node` passes.
+    pub fn matches(&self, node: &NodeTimeline) -> bool {
+        self.stage
+            .is_none_or(|stage| node.latest_stage() == Some(stage))
+            && self
+                .rack
+                .as_ref()
+                .is_none_or(|rack| node.rack.as_ref() == Some(rack))
+            && self
+                .image
+                .as_ref()
+                .is_none_or(|image| node.image.as_ref() == Some(image))
+    }
+
+    /// Whether every node passes.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The filter as a URL query (`stage=dhcp&rack=r2`), empty without filters.
+    pub fn to_query(&self) -> String {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        if let Some(stage) = self.stage {
+            query.append_pair("stage", stage.as_str());
+        }
+        if let Some(rack) = &self.rack {
+            query.append_pair("rack", rack);
+        }
+        if let Some(image) = &self.image {
+            query.append_pair("image", image);
+        }
+        query.finish()
+    }
+
+    /// Reads a URL query; an unknown key, a repeated one or an unknown stage is an error that
+    /// says which.
+    pub fn from_query(query: &str) -> Result<Self, String> {
+        let mut filter = Self::default();
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let repeated = match key.as_ref() {
+                "stage" => filter.stage.replace(parse_stage(&value)?).is_some(),
+                "rack" => filter.rack.replace(value.into_owned()).is_some(),
+                "image" => filter.image.replace(value.into_owned()).is_some(),
+                other => return Err(format!("unknown filter {other:?}: stage, rack or image")),
+            };
+            if repeated {
+                return Err(format!("filter {key:?} given twice"));
+            }
+        }
+        Ok(filter)
+    }
+}
+
+/// A stage by its name (`dhcp`, `kernel`, `plan`, `image`, `root`, `booted`).
+pub fn parse_stage(name: &str) -> Result<BootStage, String> {
+    BootStage::ALL
+        .into_iter()
+        .find(|stage| stage.as_str() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = BootStage::ALL.iter().map(|stage| stage.as_str()).collect();
+            format!("unknown stage {name:?}: one of {}", names.join(", "))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -762,5 +840,63 @@ mod tests {
         assert_eq!(timeline.boot_duration_ms(), Some(30_000));
         assert_eq!(timeline.kernel_to_booted_ms, Some(9_000));
         assert_eq!(timeline.address, Some(ADDRESS));
+    }
+
+    #[test]
+    fn filters_go_to_the_server_as_a_query_and_come_back_whole() {
+        let filter = NodesFilter {
+            stage: Some(BootStage::Dhcp),
+            rack: Some("r2".into()),
+            image: Some("node:v2 rc".into()),
+        };
+        let query = filter.to_query();
+        assert_eq!(query, "stage=dhcp&rack=r2&image=node%3Av2+rc");
+        assert_eq!(NodesFilter::from_query(&query), Ok(filter));
+        assert_eq!(NodesFilter::from_query(""), Ok(NodesFilter::default()));
+        for (bad, reason) in [
+            ("stage=warm", "unknown stage \"warm\""),
+            ("rack=r1&rack=r2", "filter \"rack\" given twice"),
+            ("mac=x", "unknown filter \"mac\""),
+        ] {
+            let error = NodesFilter::from_query(bad).expect_err(bad);
+            assert!(error.starts_with(reason), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_node_passes_when_it_matches_every_filter_given() {
+        let mut node = NodeTimeline {
+            mac: "52:54:00:00:02:01".into(),
+            address: Some("10.98.2.100".parse().unwrap()),
+            hostname: None,
+            rack: Some("r2".into()),
+            image: Some("node:v2".into()),
+            started_unix_ms: Some(1),
+            stages: [(BootStage::Dhcp, 1), (BootStage::Kernel, 2)]
+                .into_iter()
+                .map(|(stage, at_unix_ms)| StageSeen {
+                    stage,
+                    at_unix_ms,
+                    server: "s1".into(),
+                    detail: String::new(),
+                })
+                .collect(),
+            sources: None,
+            kernel_to_booted_ms: None,
+            boots_seen: 1,
+        };
+        let filter = |stage, rack: Option<&str>, image: Option<&str>| NodesFilter {
+            stage,
+            rack: rack.map(str::to_owned),
+            image: image.map(str::to_owned),
+        };
+        assert!(NodesFilter::default().matches(&node));
+        assert!(filter(Some(BootStage::Kernel), Some("r2"), Some("node:v2")).matches(&node));
+        // The furthest stage counts, not any stage passed.
+        assert!(!filter(Some(BootStage::Dhcp), None, None).matches(&node));
+        assert!(!filter(None, Some("r1"), None).matches(&node));
+        assert!(!filter(None, None, Some("node:v1")).matches(&node));
+        node.rack = None;
+        assert!(!filter(None, Some("r2"), None).matches(&node));
     }
 }

@@ -837,6 +837,7 @@ async fn serve_probes(State(probes): State<Probes>, request: Request, next: Next
                 ready: not_ready_because.is_none(),
                 not_ready_because,
                 cluster: probes.member.as_ref().map(|member| member.status()),
+                catalog: probes.member.as_ref().map(dashboard::CatalogView::of),
             })
         }
         path if path.starts_with("/dashboard") => match dashboard::asset(path) {

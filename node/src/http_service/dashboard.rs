@@ -52,4 +52,53 @@ pub struct ClusterView {
     /// The cluster as this member sees it; none outside a cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// The cluster's catalog: what each group boots, and whether this server follows it yet
+    /// (ADR 0014); none outside a cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogView>,
+}
+
+/// The cluster's promotions, as `/api/v1/cluster` shows them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CatalogView {
+    /// Group by group, the image the cluster promoted.
+    pub promotions: Vec<PromotionView>,
+    /// Groups whose promoted image this server does not boot yet.
+    pub groups_behind_here: u64,
+}
+
+/// One group's promotion.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PromotionView {
+    /// The group.
+    pub group: String,
+    /// `name:tag`.
+    pub image: String,
+    /// The manifest hash, hex (empty if the tag is unknown, which the state machine refuses).
+    pub manifest: String,
+}
+
+impl CatalogView {
+    /// The catalog in `member`'s applied state.
+    pub fn of(member: &crate::cluster::member::ClusterMember) -> Self {
+        let promotions = member.state.read(|state| {
+            state
+                .promotions
+                .iter()
+                .map(|(group, image)| PromotionView {
+                    group: group.clone(),
+                    image: image.clone(),
+                    manifest: state
+                        .catalog
+                        .get(image)
+                        .map(|entry| entry.manifest.clone())
+                        .unwrap_or_default(),
+                })
+                .collect()
+        });
+        Self {
+            promotions,
+            groups_behind_here: member.catalog_groups_behind(),
+        }
+    }
 }

@@ -1743,6 +1743,7 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
         return;
     }
     lab::require_program("mksquashfs");
+    lab::require_program("chromium");
     let mut cluster = ClusterLab::new(3);
     let www = cluster.lab.path("www");
     std::fs::create_dir_all(&www).expect("www");
@@ -1794,28 +1795,26 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
         }
     };
 
-    let v1 = write_image_tree(&cluster, "root-v1", 21, 6 << 20);
-    let (ok, _, stderr) = cluster.bootmesh(
-        1,
-        &[
-            "image",
-            "import",
-            "node:v1",
-            "--from",
-            &v1,
-            "--created",
-            "1",
-        ],
-    );
-    assert!(ok, "import v1 on s1: {stderr}");
+    // Imports a tree drawn from `seed` as `tag` into server `index`'s store.
+    let import = |index: usize, tag: &str, seed: u64| {
+        let tree = write_image_tree(&cluster, &format!("root-{seed}"), seed, 6 << 20);
+        let created = seed.to_string();
+        let (ok, _, stderr) = cluster.bootmesh(
+            index,
+            &[
+                "image",
+                "import",
+                tag,
+                "--from",
+                &tree,
+                "--created",
+                &created,
+            ],
+        );
+        assert!(ok, "import {tag} on s{index}: {stderr}");
+    };
+    import(1, "node:v1", 21);
     promote_and_wait(1, "node:v1", "node:v1");
-    for line in cluster
-        .log(2)
-        .lines()
-        .filter(|line| line.contains("catalog") || line.contains("swarm") || line.contains("fetch"))
-    {
-        eprintln!("DEBUG {line}");
-    }
     for index in [2, 3] {
         assert!(
             cluster
@@ -1827,24 +1826,50 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
     }
 
     // A newer image imported on another server, promoted there.
-    let v2 = write_image_tree(&cluster, "root-v2", 31, 6 << 20);
-    let (ok, _, stderr) = cluster.bootmesh(
-        2,
-        &[
-            "image",
-            "import",
-            "node:v2",
-            "--from",
-            &v2,
-            "--created",
-            "2",
-        ],
-    );
-    assert!(ok, "import v2 on s2: {stderr}");
+    import(2, "node:v2", 31);
     promote_and_wait(2, "node:v2", "node:v2");
 
     // Rolled back from a third server, whose history came from following.
     promote_and_wait(3, "rollback", "node:v1");
+    // Any server's /api/v1/cluster (what the dashboard draws) shows the cluster's promotion.
+    let output = cluster.lab.run(
+        &cluster.namespaces[1],
+        Duration::from_secs(10),
+        "curl",
+        &["-sf", "http://10.80.0.2:8080/api/v1/cluster"],
+    );
+    let view: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("/api/v1/cluster answers JSON");
+    assert_eq!(
+        view["catalog"]["promotions"][0]["group"], "workers",
+        "{view:#}"
+    );
+    assert_eq!(view["catalog"]["promotions"][0]["image"], "node:v1");
+    let profile = format!("--user-data-dir={}", cluster.lab.path("chromium").display());
+    let chromium = cluster.lab.run(
+        &cluster.namespaces[1],
+        Duration::from_secs(180),
+        "chromium",
+        &[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &profile,
+            "--virtual-time-budget=6000",
+            "--dump-dom",
+            "http://10.80.0.2:8080/dashboard",
+        ],
+    );
+    assert!(
+        chromium.status.success(),
+        "chromium: {}",
+        lab::describe(&chromium)
+    );
+    let dom = String::from_utf8_lossy(&chromium.stdout);
+    let shown = "the cluster promoted: workers \u{2192} node:v1; this server boots them all";
+    assert!(dom.contains(shown), "{shown} in\n{dom}");
     // No server is left behind the cluster's catalog, by its own /metrics.
     for index in 1..=3 {
         let address = ClusterLab::address(index);

@@ -205,6 +205,24 @@ function drawImages(byImage) {
   document.getElementById("images-empty").hidden = byImage.size > 0;
 }
 
+// The cluster's catalog: what each group boots, and whether this server has caught up.
+function drawCatalog(view) {
+  const line = document.getElementById("catalog");
+  const catalog = view.catalog;
+  if (!catalog || catalog.promotions.length === 0) {
+    line.textContent = "";
+    return;
+  }
+  const promoted = catalog.promotions
+    .map((promotion) => promotion.group + " \u2192 " + promotion.image)
+    .join(", ");
+  const here = catalog.groups_behind_here === 0
+    ? "this server boots them all"
+    : "this server is still fetching for " + catalog.groups_behind_here + " group(s)";
+  line.textContent = "the cluster promoted: " + promoted + "; " + here;
+  line.className = catalog.groups_behind_here === 0 ? "muted" : "warning";
+}
+
 async function fetchJson(path) {
   const response = await fetch(path, { cache: "no-store" });
   if (!response.ok) throw new Error(path + ": HTTP " + response.status);
@@ -218,6 +236,7 @@ async function refresh() {
       fetchJson("/api/v1/nodes"),
     ]);
     drawCluster(cluster);
+    drawCatalog(cluster);
     drawNodes(nodes);
     document.getElementById("updated").textContent =
       "updated " + new Date().toLocaleTimeString();
