@@ -28,6 +28,7 @@ pub mod nodes_cli;
 pub mod plan;
 pub mod racks;
 pub mod seams;
+pub mod status_cli;
 pub mod swarm;
 pub mod tftp_service;
 pub use boot_services::timeline;

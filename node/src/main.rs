@@ -154,6 +154,20 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The whole installation on one screen, from any server: its health, the cluster (term,
+    /// leader, members by rack, clock offset), what each group was promoted to and whether
+    /// that server boots it yet, and the fleet's boots by stage, rack and image.
+    ///
+    /// Needs only the server's HTTP listener (no state directory or certificate).
+    /// Example: `bootmesh status --server boot1:8080`, `bootmesh status --server boot1:8080 --json`
+    Status {
+        /// A boot server's HTTP listener, HOST:PORT.
+        #[arg(long)]
+        server: String,
+        /// JSON for scripts (`cluster`: the server's view; `fleet`: the sums) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the leases recorded in a server's state directory.
     Leases {
         /// The server's `state_dir`.
@@ -316,6 +330,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Leases { state_dir, json } => print_leases(&state_dir, json),
+        Command::Status { server, json } => print_status(&server, json),
         Command::Nodes {
             server,
             stage,
@@ -491,18 +506,40 @@ fn print_leases(state_dir: &std::path::Path, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn server_address(server: &str) -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    server
+        .to_socket_addrs()
+        .with_context(|| format!("--server {server}: expected HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--server {server}: the name has no address"))
+}
+
+fn print_status(server: &str, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let address = server_address(server)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(node::status_cli::fetch_status(address))?;
+    let output = if json {
+        let mut text = serde_json::to_string_pretty(&status)?;
+        text.push('\n');
+        text
+    } else {
+        node::status_cli::render(&status)
+    };
+    std::io::stdout().write_all(output.as_bytes())?;
+    Ok(())
+}
+
 fn print_nodes(
     server: &str,
     filter: &node::nodes_cli::NodesFilter,
     json: bool,
 ) -> anyhow::Result<()> {
     use std::io::Write;
-    use std::net::ToSocketAddrs;
-    let address = server
-        .to_socket_addrs()
-        .with_context(|| format!("--server {server}: expected HOST:PORT"))?
-        .next()
-        .with_context(|| format!("--server {server}: the name has no address"))?;
+    let address = server_address(server)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -925,30 +925,11 @@ fn nodes_and_dashboard_show_every_servers_part(cluster: &ClusterLab, log: &FarmL
         assert_eq!(node["address"], serde_json::json!(address.to_string()));
     }
 
-    let url = "http://10.70.0.3:8080/dashboard";
-    let profile = format!("--user-data-dir={}", cluster.lab.path("chromium").display());
-    let chromium = cluster.lab.run(
+    let dom = dashboard_dom(
+        cluster,
         &cluster.client_namespace,
-        Duration::from_secs(180),
-        "chromium",
-        &[
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            &profile,
-            "--virtual-time-budget=8000",
-            "--dump-dom",
-            url,
-        ],
+        "http://10.70.0.3:8080/dashboard",
     );
-    assert!(
-        chromium.status.success(),
-        "chromium: {}",
-        lab::describe(&chromium)
-    );
-    let dom = String::from_utf8_lossy(&chromium.stdout);
     let acked = log.acked.len();
     for shown in [
         r#"<span id="health" class="badge ok">ready</span>"#.to_owned(),
@@ -960,6 +941,34 @@ fn nodes_and_dashboard_show_every_servers_part(cluster: &ClusterLab, log: &FarmL
     ] {
         assert!(dom.contains(&shown), "{shown} in\n{dom}");
     }
+}
+
+/// The dashboard at `url` as headless Chromium has it after its first polls, from `namespace`.
+fn dashboard_dom(cluster: &ClusterLab, namespace: &str, url: &str) -> String {
+    let profile = format!("--user-data-dir={}", cluster.lab.path("chromium").display());
+    let chromium = cluster.lab.run(
+        namespace,
+        Duration::from_secs(180),
+        "chromium",
+        &[
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            &profile,
+            // Virtual time lets the page's script and its first polls finish before the dump.
+            "--virtual-time-budget=8000",
+            "--dump-dom",
+            url,
+        ],
+    );
+    assert!(
+        chromium.status.success(),
+        "chromium: {}",
+        lab::describe(&chromium)
+    );
+    String::from_utf8_lossy(&chromium.stdout).into_owned()
 }
 
 /// The lease time an ACK gives, seconds.
@@ -1845,29 +1854,32 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
         "{view:#}"
     );
     assert_eq!(view["catalog"]["promotions"][0]["image"], "node:v1");
-    let profile = format!("--user-data-dir={}", cluster.lab.path("chromium").display());
-    let chromium = cluster.lab.run(
+    let (ok, status, stderr) = {
+        let output = cluster.lab.run(
+            &cluster.namespaces[1],
+            Duration::from_secs(30),
+            env!("CARGO_BIN_EXE_bootmesh"),
+            &["status", "--server", "10.80.0.2:8080"],
+        );
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "status: {stderr}");
+    for line in [
+        "catalog: workers -> node:v1; this server boots them all",
+        "  rack rack1: 1 10.80.0.1:7100 (leader)",
+    ] {
+        assert!(status.contains(line), "{line:?} in\n{status}");
+    }
+    assert!(status.contains(": 3 members, term "), "{status}");
+    let dom = dashboard_dom(
+        &cluster,
         &cluster.namespaces[1],
-        Duration::from_secs(180),
-        "chromium",
-        &[
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--no-first-run",
-            &profile,
-            "--virtual-time-budget=6000",
-            "--dump-dom",
-            "http://10.80.0.2:8080/dashboard",
-        ],
+        "http://10.80.0.2:8080/dashboard",
     );
-    assert!(
-        chromium.status.success(),
-        "chromium: {}",
-        lab::describe(&chromium)
-    );
-    let dom = String::from_utf8_lossy(&chromium.stdout);
     let shown = "the cluster promoted: workers \u{2192} node:v1; this server boots them all";
     assert!(dom.contains(shown), "{shown} in\n{dom}");
     // No server is left behind the cluster's catalog, by its own /metrics.

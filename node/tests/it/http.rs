@@ -629,6 +629,37 @@ fn served_files_and_agent_reports_make_the_timeline_bootmesh_nodes_shows() {
     assert_eq!(macs_of(&["--rack", "r1", "--stage", "booted"]), (vec![], 2));
     let filtered = nodes.bootmesh_nodes_filtered(false, &["--stage", "dhcp"]);
     assert!(filtered.contains("0 of 2 nodes;"), "{filtered}");
+    // `bootmesh status` sums the same up, with the server's health.
+    let server = format!("{}:{PORT}", nodes.pair.server_address);
+    let output = nodes.lab.run(
+        &nodes.pair.client,
+        CLIENT_LIMIT,
+        env!("CARGO_BIN_EXE_bootmesh"),
+        &["status", "--server", &server],
+    );
+    assert!(
+        output.status.success(),
+        "status: {}",
+        lab::describe(&output)
+    );
+    let status = String::from_utf8_lossy(&output.stdout);
+    // Outside a cluster a server is named by its host name.
+    assert!(
+        status
+            .lines()
+            .any(|line| line.starts_with("server ") && line.ends_with(": ready")),
+        "{status}"
+    );
+    for line in [
+        "a single server, not in a cluster",
+        "nodes: 2 known; furthest stage: dhcp 0, kernel 0, plan 1, image 0, root 0, booted 1",
+        "  image node:v1: 1 nodes, 1 booted, 75 % of its bytes from peers",
+    ] {
+        assert!(
+            status.lines().any(|shown| shown.starts_with(line)),
+            "{line:?} in\n{status}"
+        );
+    }
     let (code, body) = nodes.get("api/v1/nodes?stage=warm");
     assert_eq!(code, "400", "{body}");
     assert!(body.starts_with("unknown stage \"warm\""), "{body}");
