@@ -78,6 +78,12 @@ impl CatalogFollower {
             let behind = self.promotions_not_followed().await;
             self.member
                 .set_catalog_groups_behind(u64::try_from(behind.len()).unwrap_or(u64::MAX));
+            // Only images still wanted are remembered as failed: bounded by the groups.
+            failed_at.retain(|manifest, _| {
+                behind
+                    .iter()
+                    .any(|promotion| promotion.manifest == *manifest)
+            });
             for promotion in behind {
                 if failed_at
                     .get(&promotion.manifest)
