@@ -228,6 +228,8 @@ pub struct StateSabotage {
     /// Reassign a block as soon as its lease ran out, without waiting out the longest lease
     /// its cut-off holder may have granted from it and the drift bound.
     pub early_block_reassignment: bool,
+    /// Bind an address to a client while another client's lease of it is still running.
+    pub unexpired_address_reuse: bool,
 }
 
 /// The replicated state.
@@ -483,6 +485,7 @@ impl MeshState {
                 if let Some(held) = self.leases.get(address)
                     && held.client != client.0
                     && held.expires_at_unix_secs + DRIFT_BOUND_MS / 1000 > now_secs
+                    && !self.sabotage.unexpired_address_reuse
                 {
                     return LeaseOutcome::AddressHeld {
                         until_unix_secs: held.expires_at_unix_secs,

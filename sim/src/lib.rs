@@ -10,6 +10,7 @@ pub mod chaos;
 pub mod clients;
 pub mod cluster;
 pub mod disk;
+pub mod plot;
 pub mod seams;
 pub mod storm;
 pub mod trace;

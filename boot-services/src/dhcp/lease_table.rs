@@ -55,6 +55,9 @@ pub struct LeaseTable {
     /// Seconds an expired binding still keeps its address from other clients: the clock
     /// drift bound between servers in a cluster (ADR 0007), 0 for a single server.
     reuse_grace_secs: u64,
+    /// The simulator's sabotage (feature `sabotage`): count bindings as ended this much before
+    /// they end, a bug that gives a held address to a second client. 0 everywhere else.
+    reuse_before_expiry_secs: u64,
 }
 
 /// Most expired bindings inspected per allocation before giving up; bounds the work a single
@@ -123,7 +126,7 @@ impl LeaseTable {
             && binding
                 .expires_at_unix_secs
                 .saturating_add(self.reuse_grace_secs)
-                > now_unix_secs
+                > now_unix_secs.saturating_add(self.reuse_before_expiry_secs)
         {
             return false;
         }
@@ -139,6 +142,13 @@ impl LeaseTable {
     /// Keeps an expired binding's address from other clients for `grace` more.
     pub fn set_reuse_grace(&mut self, grace_secs: u64) {
         self.reuse_grace_secs = grace_secs;
+    }
+
+    /// Switches on a deliberate bug: bindings count as ended `early_secs` before they end.
+    /// For the simulator's checker tests only.
+    #[cfg(feature = "sabotage")]
+    pub fn sabotage_reuse_before_expiry(&mut self, early_secs: u64) {
+        self.reuse_before_expiry_secs = early_secs;
     }
 
     fn is_quarantined(&self, address: Ipv4Addr, now_unix_secs: u64) -> bool {
@@ -365,7 +375,9 @@ impl LeaseTable {
         };
         self.bindings_by_expiry
             .iter()
-            .take_while(|(expiry, _)| *expiry <= now_unix_secs)
+            .take_while(|(expiry, _)| {
+                *expiry <= now_unix_secs.saturating_add(self.reuse_before_expiry_secs)
+            })
             .take(REUSE_CANDIDATES_MAX)
             .map(|(_, address)| *address)
             .find(|address| {

@@ -357,6 +357,13 @@ impl DhcpServer {
         self.table.set_reuse_grace(grace.as_secs());
     }
 
+    /// Switches on a deliberate bug: bindings count as ended `early` before they end, so a
+    /// held address can go to a second client. For the simulator's checker tests only.
+    #[cfg(feature = "sabotage")]
+    pub fn sabotage_reuse_before_expiry(&mut self, early: Duration) {
+        self.table.sabotage_reuse_before_expiry(early.as_secs());
+    }
+
     /// Sets (or clears) this server's rank order among the servers of its segments.
     pub fn set_rendezvous(&mut self, rendezvous: Option<Rendezvous>) {
         self.rendezvous = rendezvous;

@@ -144,6 +144,10 @@ pub struct Sabotage {
     /// cut-off holder may have granted from it and the drift bound (the state machine gets
     /// the same bug, or it would refuse the request).
     pub early_block_reuse: bool,
+    /// Count a lease as ended an hour before it ends (as a seconds-for-minutes slip would),
+    /// so the DHCP core gives a held address to another client once its blocks run short (the
+    /// state machine gets the same bug, or it would refuse the bind).
+    pub unexpired_address_reuse: bool,
 }
 
 /// The cluster as the DHCP service's lease store.
@@ -565,6 +569,10 @@ where
     C: crate::seams::Clock,
 {
     server.set_reuse_grace(Duration::from_millis(DRIFT_BOUND_MS));
+    #[cfg(feature = "sabotage")]
+    if store.sabotage.unexpired_address_reuse {
+        server.sabotage_reuse_before_expiry(Duration::from_secs(3600));
+    }
     crate::dhcp_service::run_dhcp_with_store(
         server,
         links,

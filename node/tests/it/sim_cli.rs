@@ -118,12 +118,15 @@ fn bootmesh_sim_runs_a_chaos_scenario_replays_it_and_a_sabotaged_server_fails_wi
         "engine = \"chaos\"\nname = \"small-crash-loop\"\nfarms = 2\nnodes = 60\nstart_window_secs = 5\nlease_secs = 30\nsafety_secs = 40\nliveness_secs = 30\n\n[[fault]]\nkind = \"leader_crash_loop\"\nfrom_secs = 5\nevery_secs = 10\ndown_secs = 4\nuntil_secs = 35\n",
     )
     .expect("write the scenario");
+    let picture = scratch.path().join("chaos.svg");
     let output = bootmesh_sim(&[
         "--scenario".as_ref(),
         scenario.as_os_str(),
         "--seed".as_ref(),
         "4".as_ref(),
         "--reproduce".as_ref(),
+        "--svg".as_ref(),
+        picture.as_os_str(),
     ]);
     let stdout = text(&output.stdout);
     assert!(
@@ -137,6 +140,15 @@ fn bootmesh_sim_runs_a_chaos_scenario_replays_it_and_a_sabotaged_server_fails_wi
         stdout.contains("reproduced: both runs have trace hash"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("boot (power-on to image held): p50"),
+        "{stdout}"
+    );
+    let svg = std::fs::read_to_string(&picture).expect("the chaos plot is written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    for server in ["from server1", "from server2", "from server3"] {
+        assert!(svg.contains(server), "{server} in {svg}");
+    }
 
     let sabotaged = bootmesh_sim(&[
         "--scenario".as_ref(),

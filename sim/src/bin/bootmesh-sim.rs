@@ -65,7 +65,8 @@ struct RunArguments {
     /// Also run the central (LTSP-style) baseline and report both.
     #[arg(long)]
     baseline: bool,
-    /// Write an SVG: the boot-time CDF and the bytes by source of each run.
+    /// Write an SVG: the boot-time CDF and the image bytes by source of each run (for a chaos
+    /// scenario: by server).
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
     /// Run the seed twice and fail unless both runs have the same trace hash.
@@ -87,6 +88,9 @@ enum SabotageArgument {
     /// The majority reassigns a cut-off server's block as soon as its lease ran out, without
     /// waiting out the leases the cut-off server may still have granted from it.
     EarlyBlockReuse,
+    /// The servers count a lease as ended an hour before it ends, and give its address to
+    /// another node once their blocks run short.
+    UnexpiredAddressReuse,
     /// The nodes keep image chunks without checking them against the manifest.
     SkipChunkVerification,
 }
@@ -178,6 +182,9 @@ fn run_chaos_scenario(path: &Path, text: &str, arguments: &RunArguments) -> anyh
     match arguments.sabotage {
         Some(SabotageArgument::AckBeforeCommit) => spec.sabotage.ack_before_commit = true,
         Some(SabotageArgument::EarlyBlockReuse) => spec.sabotage.early_block_reuse = true,
+        Some(SabotageArgument::UnexpiredAddressReuse) => {
+            spec.sabotage.unexpired_address_reuse = true;
+        }
         Some(SabotageArgument::SkipChunkVerification) => spec.skip_chunk_verification = true,
         None => {}
     }
@@ -202,6 +209,19 @@ fn run_chaos_scenario(path: &Path, text: &str, arguments: &RunArguments) -> anyh
             started.elapsed().as_secs_f64(),
             replay_command(path, arguments.seed)
         );
+        if let Some(svg_path) = &arguments.svg {
+            let title = format!(
+                "{}, seed {}: {} servers, {} nodes, {} faults",
+                scenario.name,
+                arguments.seed,
+                scenario.servers,
+                scenario.nodes,
+                report.faults.len()
+            );
+            std::fs::write(svg_path, report.svg(&title))
+                .with_context(|| format!("writing {}", svg_path.display()))?;
+            println!("plot written to {}", svg_path.display());
+        }
         hashes.push(report.trace_hash);
     }
     if arguments.reproduce {

@@ -161,6 +161,7 @@ pub async fn run_farm(
         let index = setup.first_node + offset;
         let wake_at = Duration::from_millis(splitmix(&mut rng) % window_ms);
         timers.insert((wake_at, offset));
+        lock(&shared).powered_on.insert(index, wake_at);
         clients.push(Client {
             index,
             mac: node_mac(index),
@@ -595,6 +596,9 @@ async fn boot(
                 ));
                 let mut observed = lock(&shared);
                 observed.booted.insert(node);
+                observed
+                    .booted_at
+                    .insert(node, turmoil::sim_elapsed().unwrap_or_default());
                 observed.chunks_rejected += summary.chunks_rejected as u64;
                 return;
             }

@@ -104,8 +104,11 @@ pub async fn serve_chunks(server: u64, image: ChaosImage, shared: Shared) -> std
             } else {
                 answer.len() as u32
             };
-            let _ = stream.write_all(&length.to_be_bytes()).await;
-            let _ = stream.write_all(&answer).await;
+            if stream.write_all(&length.to_be_bytes()).await.is_ok()
+                && stream.write_all(&answer).await.is_ok()
+            {
+                *lock(&shared).bytes_served.entry(server).or_default() += answer.len() as u64;
+            }
         });
     }
 }

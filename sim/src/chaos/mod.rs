@@ -172,7 +172,7 @@ fn farm_random(state: &mut u64) -> u64 {
 }
 
 /// What a chaos run did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ChaosReport {
     /// Hash of the whole trace.
     pub trace_hash: u64,
@@ -205,6 +205,10 @@ pub struct ChaosReport {
     pub failed_syncs: u64,
     /// Virtual time the run took.
     pub elapsed: Duration,
+    /// Per booted node, seconds from its power-on until it held its whole image.
+    pub boot_seconds: Vec<f64>,
+    /// Image bytes each server sent (by server id), refused ones included.
+    pub bytes_by_server: BTreeMap<u64, u64>,
 }
 
 /// Shared between the simulated hosts and the harness. turmoil runs every host on one thread,
@@ -243,6 +247,11 @@ pub struct Observed {
     quiet: bool,
     /// The run is over: the farms return.
     finished: bool,
+    /// Per node: when it powered on, and when it held its whole image (virtual time).
+    powered_on: BTreeMap<usize, Duration>,
+    booted_at: BTreeMap<usize, Duration>,
+    /// Image bytes each server sent, by server id.
+    bytes_served: BTreeMap<u64, u64>,
 }
 
 /// The shared observations.
@@ -380,6 +389,7 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
     let (log, mut state_machine) = open_backend(disk.attach())?;
     state_machine.sabotage(consensus::state::StateSabotage {
         early_block_reassignment: spec.sabotage.early_block_reuse,
+        unexpired_address_reuse: spec.sabotage.unexpired_address_reuse,
     });
     let applied = applied_lease_feed(&mut state_machine);
     {
@@ -879,10 +889,52 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         syncs: disks.values().map(SimDisk::syncs).sum(),
         failed_syncs: disks.values().map(SimDisk::failed_syncs).sum(),
         elapsed: simulation.elapsed(),
+        boot_seconds: observed
+            .booted_at
+            .iter()
+            .map(|(node, at)| {
+                let powered_on = observed.powered_on.get(node).copied().unwrap_or_default();
+                at.saturating_sub(powered_on).as_secs_f64()
+            })
+            .collect(),
+        bytes_by_server: (1..=spec.servers)
+            .map(|id| (id, observed.bytes_served.get(&id).copied().unwrap_or(0)))
+            .collect(),
     })
 }
 
 impl ChaosReport {
+    /// This run as one curve (boot times) and one bar (bytes by server) of a picture whose
+    /// sources are [`ChaosReport::plot_sources`].
+    pub fn plot_run(&self, label: &str) -> crate::plot::PlotRun {
+        crate::plot::PlotRun {
+            label: label.to_owned(),
+            boot_seconds: self.boot_seconds.clone(),
+            bytes_by_source: self
+                .bytes_by_server
+                .values()
+                .map(|bytes| *bytes as f64)
+                .collect(),
+        }
+    }
+
+    /// The byte sources of [`ChaosReport::plot_run`]: the servers.
+    pub fn plot_sources(&self) -> Vec<String> {
+        self.bytes_by_server
+            .keys()
+            .map(|id| format!("from {}", server_name(*id)))
+            .collect()
+    }
+
+    /// The picture of this run: the boot-time CDF and the image bytes each server sent.
+    pub fn svg(&self, title: &str) -> String {
+        crate::plot::boot_svg(&crate::plot::BootPlot {
+            title: title.to_owned(),
+            sources: self.plot_sources(),
+            runs: vec![self.plot_run("chaos")],
+        })
+    }
+
     /// The report as text.
     pub fn text(&self) -> String {
         let mut text = String::new();
@@ -916,6 +968,20 @@ impl ChaosReport {
                 after.as_secs_f64()
             )),
             None => {}
+        }
+        if !self.boot_seconds.is_empty() {
+            let [p50, p99, max] = crate::plot::percentiles(&self.boot_seconds);
+            let served: Vec<String> = self
+                .bytes_by_server
+                .iter()
+                .map(|(id, bytes)| {
+                    format!("{} {:.1} MiB", server_name(*id), *bytes as f64 / 1048576.0)
+                })
+                .collect();
+            text.push_str(&format!(
+                "boot (power-on to image held): p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s; image bytes sent: {}\n",
+                served.join(", ")
+            ));
         }
         if self.clock_alarms.is_empty() {
             text.push_str("no server saw its clock beyond the drift bound from the leader's\n");

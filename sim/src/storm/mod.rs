@@ -16,7 +16,6 @@
 //! covers every announce answer and chunk acceptance with its virtual time.
 
 pub mod network;
-pub mod plot;
 pub mod report;
 pub mod scenario;
 
@@ -33,8 +32,23 @@ use transfer::swarm::{
 };
 
 use self::network::{Endpoint, EndpointLink, FluidNetwork, Topology};
-pub use self::plot::storm_svg;
 pub use self::report::StormReport;
+
+/// The picture of storm runs, each with its label (for example "swarm" and "central"): their
+/// boot-time CDFs and bytes by source.
+pub fn storm_svg(title: &str, runs: &[(&str, &StormReport)]) -> String {
+    crate::plot::boot_svg(&crate::plot::BootPlot {
+        title: title.to_owned(),
+        sources: StormReport::PLOT_SOURCES
+            .iter()
+            .map(|name| (*name).to_owned())
+            .collect(),
+        runs: runs
+            .iter()
+            .map(|(label, report)| report.plot_run(label))
+            .collect(),
+    })
+}
 pub use self::scenario::{Serving, StormScenario};
 
 /// The most peerings a fetch opens from the neighbours a tracker names (as in `node`).

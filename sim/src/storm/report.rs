@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use crate::plot::{PlotRun, percentiles};
+
 use super::scenario::{Serving, StormScenario};
 
 /// The raw figures of one run.
@@ -81,30 +83,36 @@ pub struct StormReport {
     pub lower_bound_seconds: f64,
 }
 
-/// The `fraction` quantile (nearest rank) of sorted `values`.
-fn quantile(sorted: &[f64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = (fraction * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn percentiles(values: &[f64]) -> [f64; 3] {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    [
-        quantile(&sorted, 0.5),
-        quantile(&sorted, 0.99),
-        sorted.last().copied().unwrap_or(0.0),
-    ]
-}
-
 fn mib(bytes: f64) -> f64 {
     bytes / (1024.0 * 1024.0)
 }
 
 impl StormReport {
+    /// The names of the byte sources in [`StormReport::plot_run`]'s order.
+    pub const PLOT_SOURCES: [&str; 4] = [
+        "from servers",
+        "from nodes, same rack",
+        "from nodes, other racks",
+        "duplicates",
+    ];
+
+    /// This run as one curve and one bar of a picture.
+    pub fn plot_run(&self, label: &str) -> PlotRun {
+        let figures = &self.figures;
+        let from_nodes_across = figures.bytes_across_racks_from_nodes as f64;
+        let from_nodes = figures.bytes_from_nodes as f64;
+        PlotRun {
+            label: label.to_owned(),
+            boot_seconds: figures.boot_seconds.clone(),
+            bytes_by_source: vec![
+                figures.bytes_from_servers as f64,
+                (from_nodes - from_nodes_across).max(0.0),
+                from_nodes_across.min(from_nodes),
+                figures.bytes_duplicate as f64,
+            ],
+        }
+    }
+
     /// The report of `figures`.
     pub fn new(figures: Figures) -> Self {
         Self {

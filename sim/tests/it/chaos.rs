@@ -35,6 +35,18 @@ fn a_quiet_cluster_leases_every_node_converges_and_one_seed_replays_the_run() {
     );
     assert!(first.acks >= 150 * 3, "nodes renewed: {} ACKs", first.acks);
     assert_eq!(first.minority_grants, 0, "nothing was cut off");
+    // Every node's boot time is measured, and the image came from every server (nodes start
+    // their fetch at different servers), at least once per node in all.
+    assert_eq!(first.boot_seconds.len(), 150);
+    assert!(first.boot_seconds.iter().all(|seconds| *seconds >= 0.0));
+    assert_eq!(first.bytes_by_server.len(), 3);
+    assert!(first.bytes_by_server.values().all(|bytes| *bytes > 0));
+    assert!(first.bytes_by_server.values().sum::<u64>() >= 150 * 16 * 4096);
+    let svg = first.svg("quiet cluster");
+    assert!(
+        svg.contains("from server3") && svg.contains("<path"),
+        "{svg}"
+    );
     assert_eq!(run(&small(5)), first, "the same seed gives the same run");
     assert_ne!(run(&small(6)).trace_hash, first.trace_hash);
 }
@@ -343,4 +355,35 @@ fn a_grant_made_while_cut_off_and_reconciled_late_never_shortens_a_renewed_lease
     let scenario = ChaosScenario::from_toml(&text).expect("it reads");
     let report = run(&scenario.spec(7));
     assert!(report.minority_grants > 0);
+}
+
+/// A tight pool (a few addresses more than nodes) with leases short enough to be renewed many
+/// times: each server soon runs out of never-used addresses in its blocks.
+fn tight_pool(seed: u64, sabotage: Sabotage) -> ChaosSpec {
+    ChaosSpec {
+        addresses: Some(160),
+        sabotage,
+        ..small(seed)
+    }
+}
+
+#[test]
+#[expect(clippy::panic, reason = "a missed bug fails the test")]
+fn the_checkers_catch_an_address_given_out_while_its_lease_runs() {
+    let report = run(&tight_pool(1, Sabotage::default()));
+    assert_eq!(report.leases, 150, "the correct servers lease every node");
+    let broken = Sabotage {
+        unexpired_address_reuse: true,
+        ..Sabotage::default()
+    };
+    let caught = (1..=3).find_map(|seed| match run_chaos(&tight_pool(seed, broken)) {
+        Err(SimError::Invariant(violation)) => Some((seed, violation)),
+        Err(other) => panic!("seed {seed}: {other}"),
+        Ok(_) => None,
+    });
+    let Some((seed, violation)) = caught else {
+        panic!("three seeds of servers that reuse held addresses went unnoticed");
+    };
+    eprintln!("caught with seed {seed}: {violation}");
+    assert!(violation.contains("while node"), "{violation}");
 }
