@@ -175,6 +175,18 @@ pub fn open_backend(
     open_database(database)
 }
 
+/// [`open_backend`] on a disk whose syncs take time outside the backend (see
+/// [`DiskLatency`]): the simulator's slow disks.
+pub fn open_backend_with_latency(
+    backend: impl StorageBackend,
+    latency: Arc<dyn DiskLatency>,
+) -> Result<(LogStore, StateMachineStore), StoreError> {
+    let (mut log, mut state_machine) = open_backend(backend)?;
+    log.latency = Some(Arc::clone(&latency));
+    state_machine.latency = Some(latency);
+    Ok((log, state_machine))
+}
+
 fn open_database(database: Database) -> Result<(LogStore, StateMachineStore), StoreError> {
     let database = Arc::new(database);
     let transaction = begin_write(&database).map_err(database_error)?;
@@ -185,7 +197,13 @@ fn open_database(database: Database) -> Result<(LogStore, StateMachineStore), St
     }
     transaction.commit().map_err(database_error)?;
     let state_machine = StateMachineStore::load(Arc::clone(&database))?;
-    Ok((LogStore { database }, state_machine))
+    Ok((
+        LogStore {
+            database,
+            latency: None,
+        },
+        state_machine,
+    ))
 }
 
 fn begin_write(database: &Database) -> Result<WriteTransaction, redb::Error> {
@@ -225,10 +243,31 @@ fn write_meta(database: &Database, key: &str, value: &impl Serialize) -> Result<
     Ok(())
 }
 
+/// Time a disk took for the syncs just done, when that time does not pass inside the sync:
+/// a simulated disk, since redb's storage backend is synchronous and a slow fsync there
+/// cannot take virtual time. The stores wait it out after their writes, through the Raft
+/// runtime's clock, so Raft hears of a write's durability that much later. A real disk has
+/// none: its time passes in the sync itself.
+pub trait DiskLatency: Send + Sync + Debug + 'static {
+    /// The time owed for the syncs since the last call; the next call owes nothing for them.
+    fn take_owed(&self) -> std::time::Duration;
+}
+
+/// Waits out what `latency` says the last writes cost.
+async fn pay_disk_latency(latency: Option<&Arc<dyn DiskLatency>>) {
+    if let Some(latency) = latency {
+        let owed = latency.take_owed();
+        if !owed.is_zero() {
+            <crate::runtime::MeshRuntime as openraft::AsyncRuntime>::sleep(owed).await;
+        }
+    }
+}
+
 /// The Raft log and vote.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     database: Arc<Database>,
+    latency: Option<Arc<dyn DiskLatency>>,
 }
 
 impl LogStore {
@@ -319,8 +358,10 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Storage> {
-        write_meta(&self.database, VOTE, vote)
-            .map_err(|error| StorageIOError::write_vote(&error).into())
+        let written = write_meta(&self.database, VOTE, vote)
+            .map_err(|error| StorageIOError::write_vote(&error).into());
+        pay_disk_latency(self.latency.as_ref()).await;
+        written
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, Storage> {
@@ -328,8 +369,10 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Storage> {
-        write_meta(&self.database, COMMITTED, &committed)
-            .map_err(|error| StorageIOError::write(&error).into())
+        let written = write_meta(&self.database, COMMITTED, &committed)
+            .map_err(|error| StorageIOError::write(&error).into());
+        pay_disk_latency(self.latency.as_ref()).await;
+        written
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, Storage> {
@@ -358,7 +401,9 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
             transaction.commit()?;
             Ok(())
         };
-        match write() {
+        let written = write();
+        pay_disk_latency(self.latency.as_ref()).await;
+        match written {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -372,8 +417,11 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), Storage> {
-        self.remove((Bound::Included(log_id.index), Bound::Unbounded), None)
-            .map_err(|error| StorageIOError::write_logs(&error).into())
+        let removed = self
+            .remove((Bound::Included(log_id.index), Bound::Unbounded), None)
+            .map_err(|error| StorageIOError::write_logs(&error).into());
+        pay_disk_latency(self.latency.as_ref()).await;
+        removed
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), Storage> {
@@ -433,6 +481,7 @@ pub struct StateMachineStore {
     observers: Vec<ApplyObserver>,
     snapshot_observers: Vec<SnapshotObserver>,
     sabotage: crate::state::StateSabotage,
+    latency: Option<Arc<dyn DiskLatency>>,
 }
 
 impl Debug for StateMachineStore {
@@ -548,6 +597,7 @@ impl StateMachineStore {
             observers: Vec::new(),
             snapshot_observers: Vec::new(),
             sabotage: crate::state::StateSabotage::default(),
+            latency: None,
         })
     }
 
@@ -707,8 +757,9 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
         }
         changed.sort();
         changed.dedup();
-        self.write_back(&changed)
-            .map_err(|error| StorageIOError::write_state_machine(&error))?;
+        let written = self.write_back(&changed);
+        pay_disk_latency(self.latency.as_ref()).await;
+        written.map_err(|error| StorageIOError::write_state_machine(&error))?;
         Ok(responses)
     }
 

@@ -1,6 +1,7 @@
 //! A simulated disk for redb: what was written but not synced is lost in a crash, or torn
 //! (each unsynced write survives whole, in part or not at all, sector by sector), and a
-//! failing disk refuses to sync.
+//! failing disk refuses to sync, and a slow disk makes each sync cost virtual time (which the
+//! stores wait out after their writes, through `consensus::store::DiskLatency`).
 //!
 //! The disk outlives the server process that uses it: a crashed server is restarted on the same
 //! disk and finds exactly what it had synced. Each process opens the disk through a handle of
@@ -10,6 +11,7 @@
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use redb::StorageBackend;
 
@@ -32,6 +34,13 @@ struct Platters {
     failing: bool,
     /// Syncs refused so far.
     failed_syncs: u64,
+    /// What each sync costs while the disk is slow (zero when it is not).
+    sync_latency: Duration,
+    /// Sync time not yet waited out by the stores.
+    owed: Duration,
+    /// Syncs done while slow, and the time they cost, for reports.
+    slow_syncs: u64,
+    slow_time: Duration,
 }
 
 /// Sector size: a torn write keeps whole sectors.
@@ -67,6 +76,7 @@ impl SimDisk {
         platters.current = platters.durable.clone();
         platters.dirty.clear();
         platters.generation += 1;
+        platters.owed = Duration::ZERO;
     }
 
     /// The power fails while unsynced writes are on their way: each one survives whole, in
@@ -100,6 +110,24 @@ impl SimDisk {
         platters.durable.truncate(length);
         platters.current = platters.durable.clone();
         platters.generation += 1;
+        platters.owed = Duration::ZERO;
+    }
+
+    /// From now on every sync takes `latency` (a disk that is dying slowly, or a neighbour
+    /// saturating it), until [`restore_speed`](Self::restore_speed).
+    pub fn slow_syncs(&self, latency: Duration) {
+        self.platters().sync_latency = latency;
+    }
+
+    /// Syncs are instant again.
+    pub fn restore_speed(&self) {
+        self.platters().sync_latency = Duration::ZERO;
+    }
+
+    /// Syncs done while the disk was slow, and the virtual time they cost.
+    pub fn slow_sync_time(&self) -> (u64, Duration) {
+        let platters = self.platters();
+        (platters.slow_syncs, platters.slow_time)
     }
 
     /// From now on every sync fails with an I/O error, until [`repair`](Self::repair).
@@ -120,6 +148,12 @@ impl SimDisk {
     /// Syncs completed so far.
     pub fn syncs(&self) -> u64 {
         self.platters().syncs
+    }
+}
+
+impl consensus::store::DiskLatency for SimDisk {
+    fn take_owed(&self) -> Duration {
+        std::mem::take(&mut self.platters().owed)
     }
 }
 
@@ -195,6 +229,11 @@ impl StorageBackend for SimDiskHandle {
             }
         }
         platters.syncs += 1;
+        if !platters.sync_latency.is_zero() {
+            platters.owed += platters.sync_latency;
+            platters.slow_syncs += 1;
+            platters.slow_time += platters.sync_latency;
+        }
         Ok(())
     }
 

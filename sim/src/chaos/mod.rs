@@ -34,7 +34,7 @@ use std::time::{Duration, SystemTime};
 use boot_services::dhcp::{
     AddressRange, DhcpConfig, DhcpServer, Ipv4Network, LeaseChange, SubnetConfig,
 };
-use consensus::store::{StateHandle, open_backend};
+use consensus::store::{StateHandle, open_backend_with_latency};
 use consensus::{MeshRaft, SeededRng, ServerNode, raft_config, with_seeded_rng};
 use node::cluster::leases::{ClusterLeaseStore, Sabotage, run_cluster_dhcp};
 use node::cluster::member::{applied_lease_feed, committed_lease_changes};
@@ -66,6 +66,12 @@ pub enum ChaosFault {
     /// A server's disk fails every fsync for `for_`; then the server is restarted on it (the
     /// operator's answer to a failed fsync: what the process wrote since cannot be trusted).
     DiskFailure { server: u64, for_: Duration },
+    /// A server's disk takes `sync` for every fsync for `for_`; the server keeps running.
+    SlowDisk {
+        server: u64,
+        sync: Duration,
+        for_: Duration,
+    },
 }
 
 /// What to run.
@@ -203,6 +209,10 @@ pub struct ChaosReport {
     pub syncs: u64,
     /// See `syncs`.
     pub failed_syncs: u64,
+    /// fsyncs done while a disk was slow, and the virtual time they cost.
+    pub slow_syncs: u64,
+    /// See `slow_syncs`.
+    pub slow_sync_time: Duration,
     /// Virtual time the run took.
     pub elapsed: Duration,
     /// Per booted node, seconds from its power-on until it held its whole image.
@@ -386,7 +396,8 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
         trace,
         shared,
     } = context;
-    let (log, mut state_machine) = open_backend(disk.attach())?;
+    let (log, mut state_machine) =
+        open_backend_with_latency(disk.attach(), Arc::new(disk.clone()))?;
     state_machine.sabotage(consensus::state::StateSabotage {
         early_block_reassignment: spec.sabotage.early_block_reuse,
         unexpired_address_reuse: spec.sabotage.unexpired_address_reuse,
@@ -556,6 +567,8 @@ enum Undo {
     Uncorrupt(u64),
     Heal(u64),
     Lossless,
+    /// The slow disk syncs at full speed again.
+    Speed(u64),
 }
 
 /// Runs `spec` and checks every invariant.
@@ -708,6 +721,15 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                         }
                         trace.record_at(now, format!("harness healed {}", server_name(server)));
                     }
+                    Undo::Speed(server) => {
+                        if let Some(disk) = disks.get(&server) {
+                            disk.restore_speed();
+                        }
+                        trace.record_at(
+                            now,
+                            format!("harness: {}'s disk is fast again", server_name(server)),
+                        );
+                    }
                     Undo::Lossless => {
                         for farm in &farms {
                             for server in &server_names {
@@ -771,6 +793,17 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                             format!("{}'s disk fails every fsync", server_name(*server))
                         })
                     }
+                }
+                ChaosFault::SlowDisk { server, sync, for_ } => {
+                        disks.get(server).map(|disk| {
+                            disk.slow_syncs(*sync);
+                            undo.push((until_cap(*for_), Undo::Speed(*server)));
+                            format!(
+                                "{}'s disk takes {} ms for every fsync",
+                                server_name(*server),
+                                sync.as_millis()
+                            )
+                        })
                 }
                 ChaosFault::Partition { server, for_ } => {
                     if undo.iter().any(|(_, what)| matches!(what, Undo::Restart(down) | Undo::RestartOnRepairedDisk(down) | Undo::Heal(down) if down == server)) {
@@ -888,6 +921,8 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
         syncs: disks.values().map(SimDisk::syncs).sum(),
         failed_syncs: disks.values().map(SimDisk::failed_syncs).sum(),
+        slow_syncs: disks.values().map(|disk| disk.slow_sync_time().0).sum(),
+        slow_sync_time: disks.values().map(|disk| disk.slow_sync_time().1).sum(),
         elapsed: simulation.elapsed(),
         boot_seconds: observed
             .booted_at
@@ -968,6 +1003,13 @@ impl ChaosReport {
                 after.as_secs_f64()
             )),
             None => {}
+        }
+        if self.slow_syncs > 0 {
+            text.push_str(&format!(
+                "{} fsyncs on slow disks took {:.1} s of virtual time\n",
+                self.slow_syncs,
+                self.slow_sync_time.as_secs_f64()
+            ));
         }
         if !self.boot_seconds.is_empty() {
             let [p50, p99, max] = crate::plot::percentiles(&self.boot_seconds);

@@ -106,6 +106,14 @@ pub enum ChaosFaultEntry {
         at_secs: u64,
         for_secs: u64,
     },
+    /// A server's disk takes `sync_ms` for every fsync (a dying disk, or a neighbour saturating
+    /// it); the server keeps running on it.
+    SlowDisk {
+        server: u64,
+        at_secs: u64,
+        for_secs: u64,
+        sync_ms: u64,
+    },
     /// Datagrams between nodes and servers lost.
     Loss {
         percent: u8,
@@ -167,6 +175,9 @@ impl ChaosScenario {
             match fault {
                 ChaosFaultEntry::Crash { server, .. }
                 | ChaosFaultEntry::Partition { server, .. }
+                | ChaosFaultEntry::CorruptChunks { server, .. }
+                | ChaosFaultEntry::DiskFailure { server, .. }
+                | ChaosFaultEntry::SlowDisk { server, .. }
                     if *server == 0 || *server > scenario.servers =>
                 {
                     return invalid(format!(
@@ -179,6 +190,9 @@ impl ChaosScenario {
                 }
                 ChaosFaultEntry::Loss { percent, .. } if *percent > 100 => {
                     return invalid(format!("{place}: percent {percent} is over 100"));
+                }
+                ChaosFaultEntry::SlowDisk { sync_ms, .. } if !(1..=60_000).contains(sync_ms) => {
+                    return invalid(format!("{place}: sync_ms {sync_ms} is not 1 to 60000"));
                 }
                 _ => {}
             }
@@ -256,6 +270,19 @@ impl ChaosScenario {
                     secs(at_secs),
                     ChaosFault::DiskFailure {
                         server,
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::SlowDisk {
+                    server,
+                    at_secs,
+                    for_secs,
+                    sync_ms,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::SlowDisk {
+                        server,
+                        sync: Duration::from_millis(sync_ms),
                         for_: secs(for_secs),
                     },
                 )),

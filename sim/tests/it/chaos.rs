@@ -387,3 +387,33 @@ fn the_checkers_catch_an_address_given_out_while_its_lease_runs() {
     eprintln!("caught with seed {seed}: {violation}");
     assert!(violation.contains("while node"), "{violation}");
 }
+
+#[test]
+fn a_slow_disk_delays_its_server_but_loses_no_lease_and_gives_no_address_twice() {
+    let sync = Duration::from_millis(1500);
+    let slow = ChaosSpec {
+        faults: vec![(
+            Duration::from_secs(3),
+            ChaosFault::SlowDisk {
+                server: 1,
+                sync,
+                for_: Duration::from_secs(60),
+            },
+        )],
+        ..small(11)
+    };
+    let report = run(&slow);
+    eprint!("{}", report.text());
+    assert_eq!(report.leases, 150, "every node is leased");
+    assert_eq!(report.booted, 150);
+    assert!(report.faults[0].contains("1500 ms for every fsync"));
+    // Every sync on the slow disk cost its time, and the stores waited it out.
+    assert!(report.slow_syncs > 0);
+    assert_eq!(report.slow_sync_time, sync * report.slow_syncs as u32);
+    // The fault changes the run (the disk's time is virtual time the servers spend).
+    assert_ne!(run(&small(11)).trace_hash, report.trace_hash);
+    // And the scenario form of it is read, with its bounds.
+    let text = "engine = \"chaos\"\nname = \"x\"\nnodes = 10\nsafety_secs = 10\nliveness_secs = 10\n[[fault]]\nkind = \"slow_disk\"\nserver = 2\nat_secs = 1\nfor_secs = 5\nsync_ms = 0\n";
+    let error = ChaosScenario::from_toml(text).expect_err("sync_ms 0");
+    assert!(error.to_string().contains("fault 1: sync_ms 0"), "{error}");
+}
