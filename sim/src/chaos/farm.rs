@@ -213,6 +213,11 @@ impl Farm {
                     let (length, _) = received?;
                     if !lock(&self.shared).quiet && let Ok(reply) = Message::from_bytes(buffer.get(..length).unwrap_or_default()) {
                         self.on_reply(&reply).await?;
+                        // A duplicating network delivers some replies twice.
+                        if self.duplicates_now() {
+                            self.trace.record(format!("farm{}: a reply arrived twice", self.setup.farm));
+                            self.on_reply(&reply).await?;
+                        }
                     }
                 }
                 () = tokio::time::sleep(sleep_for) => {
@@ -242,7 +247,7 @@ impl Farm {
         self.timers.insert((at, offset));
     }
 
-    async fn send(&self, message: &Message, to: &[IpAddr]) -> std::io::Result<()> {
+    async fn send(&mut self, message: &Message, to: &[IpAddr]) -> std::io::Result<()> {
         let bytes = message
             .to_vec()
             .map_err(|error| std::io::Error::other(error.to_string()))?;
@@ -251,7 +256,27 @@ impl Farm {
                 .send_to(&bytes, SocketAddr::new(*server, 67))
                 .await?;
         }
+        // A duplicating network delivers some datagrams twice.
+        if self.duplicates_now() {
+            for server in to {
+                self.socket
+                    .send_to(&bytes, SocketAddr::new(*server, 67))
+                    .await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the network duplicates the datagram at hand: while the harness has set a
+    /// duplication rate, a draw from the farm's seeded RNG decides. No draw without one, so
+    /// runs without the fault are unchanged.
+    fn duplicates_now(&mut self) -> bool {
+        let percent = lock(&self.shared).duplicate_percent;
+        let duplicated = percent > 0 && splitmix(&mut self.rng) % 100 < u64::from(percent);
+        if duplicated {
+            lock(&self.shared).duplicated += 1;
+        }
+        duplicated
     }
 
     fn all_servers(&self) -> Vec<IpAddr> {

@@ -66,6 +66,15 @@ pub enum ChaosFault {
     /// A server's disk fails every fsync for `for_`; then the server is restarted on it (the
     /// operator's answer to a failed fsync: what the process wrote since cannot be trusted).
     DiskFailure { server: u64, for_: Duration },
+    /// Server `from` cannot reach server `to` for `for_`; `to` still reaches `from`.
+    OneWayPartition { from: u64, to: u64, for_: Duration },
+    /// A client farm (a rack with its relay) cut off from every server for `for_`.
+    FarmCut { farm: usize, for_: Duration },
+    /// Every link (nodes to servers and between servers) takes up to `max` per message for
+    /// `for_`, so messages arrive late and out of order.
+    Delay { max: Duration, for_: Duration },
+    /// The nodes' network delivers `percent` of the datagrams, both ways, twice for `for_`.
+    Duplication { percent: u8, for_: Duration },
     /// A server's disk takes `sync` for every fsync for `for_`; the server keeps running.
     SlowDisk {
         server: u64,
@@ -213,6 +222,8 @@ pub struct ChaosReport {
     pub slow_syncs: u64,
     /// See `slow_syncs`.
     pub slow_sync_time: Duration,
+    /// Datagrams between nodes and servers that the network delivered twice.
+    pub duplicated: u64,
     /// Virtual time the run took.
     pub elapsed: Duration,
     /// Per booted node, seconds from its power-on until it held its whole image.
@@ -262,6 +273,10 @@ pub struct Observed {
     booted_at: BTreeMap<usize, Duration>,
     /// Image bytes each server sent, by server id.
     bytes_served: BTreeMap<u64, u64>,
+    /// While above zero, the farms' network delivers this share of datagrams twice.
+    duplicate_percent: u8,
+    /// Datagrams the network delivered twice.
+    duplicated: u64,
 }
 
 /// The shared observations.
@@ -569,6 +584,35 @@ enum Undo {
     Lossless,
     /// The slow disk syncs at full speed again.
     Speed(u64),
+    /// The one-way cut from the first server to the second ends.
+    HealOneWay(u64, u64),
+    /// The farm reaches the servers again.
+    Reconnect(usize),
+    /// Links take their usual time again.
+    Punctual,
+    /// Datagrams arrive once again.
+    Unduplicated,
+}
+
+/// The most a message takes on a link without a delay fault.
+const MAX_MESSAGE_LATENCY: Duration = Duration::from_millis(10);
+
+/// Sets the most a message may take on every link between nodes and servers and between
+/// servers.
+fn set_max_latency(
+    simulation: &turmoil::Sim<'_>,
+    farms: &[String],
+    servers: &[String],
+    max: Duration,
+) {
+    for server in servers {
+        for farm in farms {
+            simulation.set_link_max_message_latency(farm.as_str(), server.as_str(), max);
+        }
+        for other in servers.iter().filter(|other| *other != server) {
+            simulation.set_link_max_message_latency(server.as_str(), other.as_str(), max);
+        }
+    }
 }
 
 /// Runs `spec` and checks every invariant.
@@ -584,7 +628,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         .rng_seed(spec.seed)
         .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH_SECS))
         .min_message_latency(Duration::from_millis(1))
-        .max_message_latency(Duration::from_millis(10))
+        .max_message_latency(MAX_MESSAGE_LATENCY)
         .simulation_duration(run_for + Duration::from_secs(120))
         .udp_capacity(16_384)
         // turmoil panics when a listener's backlog overflows (a kernel would drop the SYN);
@@ -730,6 +774,34 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                             format!("harness: {}'s disk is fast again", server_name(server)),
                         );
                     }
+                    Undo::HealOneWay(from, to) => {
+                        simulation
+                            .repair_oneway(server_name(from).as_str(), server_name(to).as_str());
+                        trace.record_at(
+                            now,
+                            format!(
+                                "harness: {} reaches {} again",
+                                server_name(from),
+                                server_name(to)
+                            ),
+                        );
+                    }
+                    Undo::Reconnect(farm) => {
+                        if let Some(farm_name) = farms.get(farm) {
+                            for server in &server_names {
+                                simulation.repair(farm_name.as_str(), server.as_str());
+                            }
+                        }
+                        trace.record_at(now, format!("harness: farm{farm} reconnected"));
+                    }
+                    Undo::Punctual => {
+                        set_max_latency(&simulation, &farms, &server_names, MAX_MESSAGE_LATENCY);
+                        trace.record_at(now, "harness: delays end");
+                    }
+                    Undo::Unduplicated => {
+                        lock(&shared).duplicate_percent = 0;
+                        trace.record_at(now, "harness: duplication ends");
+                    }
                     Undo::Lossless => {
                         for farm in &farms {
                             for server in &server_names {
@@ -793,6 +865,32 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                             format!("{}'s disk fails every fsync", server_name(*server))
                         })
                     }
+                }
+                ChaosFault::OneWayPartition { from, to, for_ } => {
+                    if from == to || !disks.contains_key(from) || !disks.contains_key(to) {
+                        None
+                    } else {
+                        simulation.partition_oneway(server_name(*from).as_str(), server_name(*to).as_str());
+                        undo.push((until_cap(*for_), Undo::HealOneWay(*from, *to)));
+                        Some(format!("{} cannot reach {} (one way)", server_name(*from), server_name(*to)))
+                    }
+                }
+                ChaosFault::FarmCut { farm, for_ } => farms.get(*farm).map(|farm_name| {
+                    for server in &server_names {
+                        simulation.partition(farm_name.as_str(), server.as_str());
+                    }
+                    undo.push((until_cap(*for_), Undo::Reconnect(*farm)));
+                    format!("farm{farm} (a rack and its relay) cut off from every server")
+                }),
+                ChaosFault::Delay { max, for_ } => {
+                    set_max_latency(&simulation, &farms, &server_names, *max);
+                    undo.push((until_cap(*for_), Undo::Punctual));
+                    Some(format!("every link takes up to {} ms per message", max.as_millis()))
+                }
+                ChaosFault::Duplication { percent, for_ } => {
+                    lock(&shared).duplicate_percent = (*percent).min(100);
+                    undo.push((until_cap(*for_), Undo::Unduplicated));
+                    Some(format!("{percent} % of the nodes' datagrams arrive twice"))
                 }
                 ChaosFault::SlowDisk { server, sync, for_ } => {
                         disks.get(server).map(|disk| {
@@ -921,6 +1019,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         log_entries: observed.last_applied.values().copied().min().unwrap_or(0),
         syncs: disks.values().map(SimDisk::syncs).sum(),
         failed_syncs: disks.values().map(SimDisk::failed_syncs).sum(),
+        duplicated: observed.duplicated,
         slow_syncs: disks.values().map(|disk| disk.slow_sync_time().0).sum(),
         slow_sync_time: disks.values().map(|disk| disk.slow_sync_time().1).sum(),
         elapsed: simulation.elapsed(),
@@ -1003,6 +1102,12 @@ impl ChaosReport {
                 after.as_secs_f64()
             )),
             None => {}
+        }
+        if self.duplicated > 0 {
+            text.push_str(&format!(
+                "{} datagrams between nodes and servers arrived twice\n",
+                self.duplicated
+            ));
         }
         if self.slow_syncs > 0 {
             text.push_str(&format!(

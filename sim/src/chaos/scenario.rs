@@ -106,6 +106,31 @@ pub enum ChaosFaultEntry {
         at_secs: u64,
         for_secs: u64,
     },
+    /// Server `from` cannot reach server `to`; `to` still reaches `from`.
+    PartitionOneWay {
+        from: u64,
+        to: u64,
+        at_secs: u64,
+        for_secs: u64,
+    },
+    /// A client farm (a rack with its relay; farms count from 0) cut off from every server.
+    RackCut {
+        farm: usize,
+        at_secs: u64,
+        for_secs: u64,
+    },
+    /// Every link takes up to `max_ms` per message (late and out of order).
+    Delay {
+        max_ms: u64,
+        at_secs: u64,
+        for_secs: u64,
+    },
+    /// `percent` of the nodes' datagrams, both ways, arrive twice.
+    Duplication {
+        percent: u8,
+        at_secs: u64,
+        for_secs: u64,
+    },
     /// A server's disk takes `sync_ms` for every fsync (a dying disk, or a neighbour saturating
     /// it); the server keeps running on it.
     SlowDisk {
@@ -191,6 +216,28 @@ impl ChaosScenario {
                 ChaosFaultEntry::Loss { percent, .. } if *percent > 100 => {
                     return invalid(format!("{place}: percent {percent} is over 100"));
                 }
+                ChaosFaultEntry::PartitionOneWay { from, to, .. }
+                    if from == to
+                        || !(1..=scenario.servers).contains(from)
+                        || !(1..=scenario.servers).contains(to) =>
+                {
+                    return invalid(format!(
+                        "{place}: from {from} and to {to} must be two of the servers 1 to {}",
+                        scenario.servers
+                    ));
+                }
+                ChaosFaultEntry::RackCut { farm, .. } if *farm >= scenario.farms => {
+                    return invalid(format!(
+                        "{place}: farm {farm} is not one of 0 to {}",
+                        scenario.farms - 1
+                    ));
+                }
+                ChaosFaultEntry::Delay { max_ms, .. } if !(1..=10_000).contains(max_ms) => {
+                    return invalid(format!("{place}: max_ms {max_ms} is not 1 to 10000"));
+                }
+                ChaosFaultEntry::Duplication { percent, .. } if *percent > 100 => {
+                    return invalid(format!("{place}: percent {percent} is over 100"));
+                }
                 ChaosFaultEntry::SlowDisk { sync_ms, .. } if !(1..=60_000).contains(sync_ms) => {
                     return invalid(format!("{place}: sync_ms {sync_ms} is not 1 to 60000"));
                 }
@@ -270,6 +317,52 @@ impl ChaosScenario {
                     secs(at_secs),
                     ChaosFault::DiskFailure {
                         server,
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::PartitionOneWay {
+                    from,
+                    to,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::OneWayPartition {
+                        from,
+                        to,
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::RackCut {
+                    farm,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::FarmCut {
+                        farm,
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::Delay {
+                    max_ms,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::Delay {
+                        max: Duration::from_millis(max_ms),
+                        for_: secs(for_secs),
+                    },
+                )),
+                ChaosFaultEntry::Duplication {
+                    percent,
+                    at_secs,
+                    for_secs,
+                } => faults.push((
+                    secs(at_secs),
+                    ChaosFault::Duplication {
+                        percent,
                         for_: secs(for_secs),
                     },
                 )),

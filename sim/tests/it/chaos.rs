@@ -417,3 +417,62 @@ fn a_slow_disk_delays_its_server_but_loses_no_lease_and_gives_no_address_twice()
     let error = ChaosScenario::from_toml(text).expect_err("sync_ms 0");
     assert!(error.to_string().contains("fault 1: sync_ms 0"), "{error}");
 }
+
+#[test]
+fn one_way_cuts_a_cut_off_rack_delays_and_duplicates_break_no_invariant() {
+    let spec = ChaosSpec {
+        faults: vec![
+            (
+                Duration::from_secs(4),
+                ChaosFault::OneWayPartition {
+                    from: 2,
+                    to: 1,
+                    for_: Duration::from_secs(20),
+                },
+            ),
+            (
+                Duration::from_secs(6),
+                ChaosFault::FarmCut {
+                    farm: 1,
+                    for_: Duration::from_secs(20),
+                },
+            ),
+            (
+                Duration::from_secs(30),
+                ChaosFault::Delay {
+                    max: Duration::from_millis(300),
+                    for_: Duration::from_secs(20),
+                },
+            ),
+            (
+                Duration::from_secs(40),
+                ChaosFault::Duplication {
+                    percent: 30,
+                    for_: Duration::from_secs(30),
+                },
+            ),
+            (
+                Duration::from_secs(55),
+                ChaosFault::OneWayPartition {
+                    from: 1,
+                    to: 3,
+                    for_: Duration::from_secs(20),
+                },
+            ),
+        ],
+        ..small(17)
+    };
+    let report = run(&spec);
+    eprint!("{}", report.text());
+    assert_eq!(report.faults.len(), 5, "{:?}", report.faults);
+    assert!(report.faults[0].contains("server2 cannot reach server1 (one way)"));
+    assert!(report.faults[1].contains("farm1"));
+    assert_eq!(report.leases, 150);
+    assert_eq!(report.booted, 150);
+    // Nodes of the cut rack that powered on during the cut waited for its end (6 s to 26 s;
+    // every node powers on within the first 10 s).
+    let slowest = report.boot_seconds.iter().copied().fold(0.0, f64::max);
+    assert!(slowest > 10.0, "slowest boot {slowest} s");
+    assert!(report.duplicated > 0, "datagrams duplicated");
+    assert_eq!(run(&spec).trace_hash, report.trace_hash);
+}
