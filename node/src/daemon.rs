@@ -223,10 +223,20 @@ pub async fn serve(
     // In a cluster, the groups boot what the cluster's catalog names, on every server.
     if let Some(member) = &member {
         member.attach_images(Arc::clone(images.store()));
+        // A server without [swarm] serves no chunks, but still fetches the images the
+        // cluster promotes, from the members that do, over the cluster endpoint.
+        let fetcher = match &swarm_node {
+            Some(swarm) => Arc::clone(swarm),
+            None => crate::swarm::SwarmNode::with_endpoint(
+                member.endpoint().clone(),
+                transfer::swarm::UploadConfig::default(),
+            )
+            .map_err(|error| ServeError::Task(error.to_string()))?,
+        };
         let follower = crate::cluster::catalog::CatalogFollower {
             member: member.clone(),
             store: Arc::clone(images.store()),
-            swarm: swarm_node.clone(),
+            swarm: Some(fetcher),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
         services.spawn(async move {

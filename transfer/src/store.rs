@@ -159,7 +159,7 @@ impl ChunkStore {
     /// Opens (creating if needed) the store at `root`, with a verified-chunk cache of at most
     /// `cache_bytes_max` bytes.
     pub fn open(root: &Path, cache_bytes_max: usize) -> Result<Self, StoreError> {
-        for directory in ["chunks", "manifests", "tmp"] {
+        for directory in ["chunks", "manifests", "pins", "tmp"] {
             let path = root.join(directory);
             fs::create_dir_all(&path).map_err(io_error("create", &path))?;
         }
@@ -469,6 +469,37 @@ impl ChunkStore {
             Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
             Err(error) => Err(io_error("remove", &path)(error)),
         }
+    }
+
+    /// Keeps the manifest `hash` and every chunk it names from garbage collection although no
+    /// tag names it yet: a fetch of it is under way (a server following the cluster's
+    /// catalog). Taken under the writers' lock, so a collection either finished before the
+    /// pin or sees it.
+    pub fn pin_manifest(&self, hash: &ContentHash, _lock: &StoreLock) -> Result<(), StoreError> {
+        let path = self.root.join("pins").join(hash.to_hex());
+        File::create(&path).map_err(io_error("create", &path))?;
+        Ok(())
+    }
+
+    /// Ends a [`pin_manifest`](Self::pin_manifest) (an absent pin is no error).
+    pub fn unpin_manifest(&self, hash: &ContentHash) -> Result<(), StoreError> {
+        let path = self.root.join("pins").join(hash.to_hex());
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(io_error("remove", &path)(error)),
+        }
+    }
+
+    /// The pinned manifests, sorted (a store from before pins existed has none).
+    pub fn pinned_manifests(&self) -> Result<Vec<ContentHash>, StoreError> {
+        let directory = self.root.join("pins");
+        if !directory.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut hashes = hashes_named_in(&directory)?;
+        hashes.sort();
+        Ok(hashes)
     }
 
     /// The catalog (empty if none was written yet).

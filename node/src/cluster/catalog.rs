@@ -61,7 +61,8 @@ pub struct CatalogFollower {
     pub member: ClusterMember,
     /// This server's image store.
     pub store: Arc<ChunkStore>,
-    /// The swarm node that fetches missing images, if this server has one.
+    /// The swarm node that fetches missing images (in `serve`, always one: a server without
+    /// `[swarm]` has one that only dials out).
     pub swarm: Option<Arc<SwarmNode>>,
 }
 
@@ -69,6 +70,27 @@ impl CatalogFollower {
     /// Runs until `shutdown` resolves.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        // No fetch runs yet: pins are left from a previous life that died mid-fetch, and
+        // would keep their chunks from collection for good. What is still wanted is pinned
+        // again when its fetch starts.
+        let store = Arc::clone(&self.store);
+        let cleared =
+            tokio::task::spawn_blocking(move || -> Result<usize, transfer::StoreError> {
+                let pins = store.pinned_manifests()?;
+                for hash in &pins {
+                    store.unpin_manifest(hash)?;
+                }
+                Ok(pins.len())
+            })
+            .await;
+        match cleared {
+            Ok(Ok(0)) => {}
+            Ok(Ok(count)) => {
+                tracing::info!(count, "cleared the pins of fetches a previous run left")
+            }
+            Ok(Err(error)) => tracing::warn!(%error, "the image store's pins could not be cleared"),
+            Err(error) => tracing::warn!(%error, "the image store's pins could not be cleared"),
+        }
         let mut failed_at: BTreeMap<ContentHash, Instant> = BTreeMap::new();
         loop {
             tokio::select! {
@@ -175,20 +197,40 @@ impl CatalogFollower {
                     .map_err(FollowError::Manifest)?
             }
         };
-        // Stored before its chunks: the server's store scan offers what the store holds and
-        // withdraws offers of manifests it does not, which would withdraw the fetch's own.
+        // Pinned first, so that `image gc` keeps the manifest and the chunks fetched so far
+        // until the image is tagged here. Stored before its chunks: the server's store scan
+        // offers what the store holds and withdraws offers of manifests it does not, which
+        // would withdraw the fetch's own.
         let store = Arc::clone(&self.store);
         let stored = manifest.clone();
-        tokio::task::spawn_blocking(move || store.put_manifest(&stored))
-            .await
-            .map_err(|error| FollowError::Store(error.to_string()))?
-            .map_err(|error| FollowError::Store(error.to_string()))?;
-        self.make_whole(hash, &manifest).await?;
+        tokio::task::spawn_blocking(move || -> Result<(), transfer::StoreError> {
+            let lock = store.lock_for_writing()?;
+            store.pin_manifest(&hash, &lock)?;
+            drop(lock);
+            store.put_manifest(&stored)?;
+            Ok(())
+        })
+        .await
+        .map_err(|error| FollowError::Store(error.to_string()))?
+        .map_err(|error| FollowError::Store(error.to_string()))?;
+        let followed = match self.make_whole(hash, &manifest).await {
+            Ok(()) => {
+                let store = Arc::clone(&self.store);
+                let promotion = promotion.clone();
+                tokio::task::spawn_blocking(move || promote_locally(&store, &promotion))
+                    .await
+                    .map_err(|error| FollowError::Store(error.to_string()))
+                    .and_then(|promoted| promoted)
+            }
+            Err(error) => Err(error),
+        };
+        // Tagged now, or given up on until the next attempt (which pins it again).
         let store = Arc::clone(&self.store);
-        let promotion = promotion.clone();
-        tokio::task::spawn_blocking(move || promote_locally(&store, &promotion))
-            .await
-            .map_err(|error| FollowError::Store(error.to_string()))?
+        let unpinned = tokio::task::spawn_blocking(move || store.unpin_manifest(&hash)).await;
+        if !matches!(unpinned, Ok(Ok(()))) {
+            tracing::warn!("the image's pin could not be removed; the next start clears it");
+        }
+        followed
     }
 
     /// Fetches the chunks of `manifest` this store lacks from the other members.

@@ -1030,13 +1030,25 @@ pub struct GcReport {
 pub fn gc(store: &ChunkStore) -> Result<GcReport, ImageError> {
     let _lock = store.lock_for_writing()?;
     let catalog = store.catalog()?;
-    let kept_manifests = catalog.referenced_manifests();
+    let mut kept_manifests = catalog.referenced_manifests();
     let mut kept_chunks: HashSet<ContentHash> = HashSet::new();
     for hash in &kept_manifests {
         // A kept manifest that cannot be read stops the collection: deleting chunks on a
         // guess could destroy an image.
         let manifest = store.manifest(hash)?;
         kept_chunks.extend(manifest.all_chunks().map(|chunk| chunk.hash));
+    }
+    // Images being fetched (pinned, not tagged yet) keep what they have so far. Their
+    // manifest may not be stored yet: then nothing of them is here to keep.
+    for hash in store.pinned_manifests()? {
+        match store.manifest(&hash) {
+            Ok(manifest) => {
+                kept_chunks.extend(manifest.all_chunks().map(|chunk| chunk.hash));
+                kept_manifests.insert(hash);
+            }
+            Err(transfer::StoreError::ManifestMissing { .. }) => {}
+            Err(error) => return Err(error.into()),
+        }
     }
     let mut report = GcReport::default();
     for hash in store.list_manifests()? {

@@ -25,6 +25,8 @@ struct ClusterLab {
     client_namespace: String,
     /// Extra configuration for every server (a `[dhcp]` section).
     extra_config: String,
+    /// Servers that get this instead of `extra_config`.
+    extra_config_of: BTreeMap<usize, String>,
     /// Lines of every server's `[cluster]` section.
     cluster_settings: String,
     /// Servers whose clock is off, by how much (faketime's offset form).
@@ -99,6 +101,7 @@ impl ClusterLab {
             cluster_interfaces,
             client_namespace,
             extra_config: String::new(),
+            extra_config_of: BTreeMap::new(),
             cluster_settings: String::new(),
             clock_offsets: BTreeMap::new(),
         }
@@ -182,7 +185,9 @@ impl ClusterLab {
             "state_dir = \"{}\"\n\n[cluster]\n{}\n\n{}",
             self.state_dir(index).display(),
             self.cluster_settings,
-            self.extra_config
+            self.extra_config_of
+                .get(&index)
+                .unwrap_or(&self.extra_config)
                 .replace("INTERFACE", &self.interfaces[index - 1])
         );
         let namespace = self.namespaces[index - 1].clone();
@@ -1760,6 +1765,15 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
         "[swarm]\n\n[http]\nlisten = \"0.0.0.0:8080\"\nroot = \"{}\"\n",
         www.display()
     );
+    // s3 has no [swarm]: it serves no chunks, but follows the catalog all the same, fetching
+    // from the others over the cluster endpoint.
+    cluster.extra_config_of.insert(
+        3,
+        format!(
+            "[http]\nlisten = \"0.0.0.0:8080\"\nroot = \"{}\"\n",
+            www.display()
+        ),
+    );
     let started = std::time::Instant::now();
     form(&mut cluster, 3);
     eprintln!(
@@ -1801,6 +1815,12 @@ fn a_promotion_on_one_server_is_followed_by_every_server_which_fetches_the_image
             );
             let (ok, stdout, stderr) = cluster.bootmesh(index, &["image", "verify", expected]);
             assert!(ok, "verify {expected} on s{index}: {stdout}{stderr}");
+            // The fetch's pin (which kept gc off the image until it was tagged) is gone.
+            let pins = cluster.state_dir(index).join("images").join("pins");
+            wait_for(Duration::from_secs(10), || {
+                std::fs::read_dir(&pins).map_or(0, Iterator::count) == 0
+            })
+            .unwrap_or_else(|| panic!("s{index} left pins in {}", pins.display()));
         }
     };
 

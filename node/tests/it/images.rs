@@ -1554,6 +1554,17 @@ fn promote_rollback_rm_and_gc_never_take_chunks_from_a_kept_image() {
         "root",
         &directory.path().join("before.img"),
     );
+    // An image being fetched (a server following the cluster's catalog pins it before it
+    // stores the manifest) is kept by gc although no tag names it yet.
+    let opened = transfer::ChunkStore::open(&store, 1 << 20).expect("open the store");
+    let pinned: transfer::ContentHash = v2_hash.parse().expect("a manifest hash");
+    {
+        let lock = opened.lock_for_writing().expect("the writers' lock");
+        opened.pin_manifest(&pinned, &lock).expect("pin");
+    }
+    let kept = bootmesh_ok(&state, &["gc"]);
+    assert!(kept.contains("removed 0 manifests and 0 chunks"), "{kept}");
+    opened.unpin_manifest(&pinned).expect("unpin");
     let collected = bootmesh_ok(&state, &["gc"]);
     assert!(
         collected.contains(&format!("removed 1 manifests and {v2_only_chunks} chunks")),
