@@ -11,6 +11,7 @@ pub mod clients;
 pub mod cluster;
 pub mod disk;
 pub mod plot;
+pub mod quic;
 pub mod seams;
 pub mod storm;
 pub mod trace;

@@ -269,6 +269,13 @@ impl SwarmNode {
                     Some(_) => {}
                     None => redial_at = Some(now + redial_after),
                 }
+            } else {
+                // Nothing to redial (all peered, or dials under way). A redial time left
+                // over from before would be in the past soon, and the wait below would
+                // return at once, again and again: a busy loop for the rest of the fetch.
+                // (Found by running the fetch in the simulator, where time does not pass
+                // while a task spins.)
+                redial_at = None;
             }
             let stall_at = last_progress + config.stall_timeout;
             let wake_at = [scheduler.poll_timeout().map(Instant::from_std), redial_at]

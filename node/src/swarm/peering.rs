@@ -254,6 +254,13 @@ impl SwarmNode {
         let server = tls::server_config(certificate, key, transport_config())?;
         let endpoint = Endpoint::server(server, address)
             .map_err(|source| SwarmError::Bind { address, source })?;
+        Self::serve_on(endpoint, upload)
+    }
+
+    /// A member on `endpoint` (made with [`tls::server_config`] and [`transport_config`], or
+    /// by a simulation on its own network), accepting peerings on it until the returned node is
+    /// dropped.
+    pub fn serve_on(endpoint: Endpoint, upload: UploadConfig) -> Result<Arc<Self>, SwarmError> {
         let node = Self::with_endpoint(endpoint.clone(), upload)?;
         let weak = Arc::downgrade(&node);
         let slots = Arc::new(tokio::sync::Semaphore::new(super::PEERINGS_MAX));

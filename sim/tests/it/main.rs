@@ -2,6 +2,7 @@
 
 mod chaos;
 mod cluster;
+mod quic;
 mod storm;
 
 use sim::run_boot_path;
