@@ -32,7 +32,9 @@ pub struct TrackerConfig {
     /// Images tracked at once; announces about more are refused.
     pub images_max: usize,
     /// Members per image; announces beyond are refused (the member still fetches from the
-    /// servers it knows).
+    /// servers it knows). One image's tracker is one server, so this is the largest fleet
+    /// that boots one image through the tracker: 262,144, a few tens of MiB of listings.
+    /// (It was 100,000, and the storm engine's 102,400-node fleet ran into it.)
     pub members_per_image_max: usize,
     /// Complete members (servers, booted nodes) named per answer, so every fetcher has
     /// somewhere to get chunks that no other fetcher holds yet.
@@ -50,7 +52,7 @@ impl Default for TrackerConfig {
         Self {
             ttl: Duration::from_secs(90),
             images_max: 1024,
-            members_per_image_max: 100_000,
+            members_per_image_max: 1 << 18,
             seeds: 2,
             same_rack: 6,
             other_racks: 2,
