@@ -7,7 +7,7 @@
     reason = "a driver: it spawns request tasks and reads the clock for the scheduler"
 )]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -166,22 +166,22 @@ impl SwarmNode {
             .collect();
         let mut dials = JoinSet::new();
         // Addresses being dialled, and those whose dial failed lately (tracker neighbours).
-        let mut dialling: std::collections::HashSet<SocketAddr> = peers.iter().copied().collect();
-        let mut dial_failed: HashMap<SocketAddr, Instant> = HashMap::new();
+        let mut dialling: std::collections::BTreeSet<SocketAddr> = peers.iter().copied().collect();
+        let mut dial_failed: BTreeMap<SocketAddr, Instant> = BTreeMap::new();
         // Members the tracker placed in this node's rack.
-        let mut rack_local: std::collections::HashSet<SocketAddr> =
-            std::collections::HashSet::new();
+        let mut rack_local: std::collections::BTreeSet<SocketAddr> =
+            std::collections::BTreeSet::new();
         self.dial_all(&mut dials, &peers, &image, &events_sender);
         let mut redial_after = REDIAL_FIRST;
         let mut redial_at: Option<Instant> = None;
 
         let mut report = FetchReport::default();
-        let mut known: HashMap<PeerId, Peer> = HashMap::new();
+        let mut known: BTreeMap<PeerId, Peer> = BTreeMap::new();
         // Every peer ever taken in, so that a chunk that arrives just after its peer went
         // is still counted for it.
-        let mut addresses: HashMap<PeerId, SocketAddr> = HashMap::new();
+        let mut addresses: BTreeMap<PeerId, SocketAddr> = BTreeMap::new();
         let mut requests: JoinSet<(PeerId, u32, Answer)> = JoinSet::new();
-        let mut in_flight: HashMap<(PeerId, u32), AbortHandle> = HashMap::new();
+        let mut in_flight: BTreeMap<(PeerId, u32), AbortHandle> = BTreeMap::new();
         let mut last_progress = Instant::now();
         let mut last_error = String::from("no peer answered");
         loop {
@@ -223,9 +223,8 @@ impl SwarmNode {
                     }
                     FetchAction::Complete => {
                         let shelf = Arc::clone(image.shelf());
-                        tokio::task::spawn_blocking(move || shelf.sync())
-                            .await
-                            .map_err(|error| SwarmError::Shelf(error.to_string()))??;
+                        let syncer = Arc::clone(&shelf);
+                        super::shelf::on_shelf(&shelf, move || syncer.sync()).await??;
                         report.elapsed = started.elapsed();
                         tracing::info!(
                             %manifest,
@@ -247,7 +246,7 @@ impl SwarmNode {
             // the image yet (it was imported a moment ago), while a peer that holds nothing
             // yet (another fetcher) keeps `known` from being empty.
             let unpeered: Vec<SocketAddr> = if dials.is_empty() {
-                let peered: std::collections::HashSet<SocketAddr> =
+                let peered: std::collections::BTreeSet<SocketAddr> =
                     known.values().map(|peer| peer.address).collect();
                 peers
                     .iter()
@@ -337,7 +336,7 @@ impl SwarmNode {
                             }
                             let now = Instant::now();
                             dial_failed.retain(|_, at| now.duration_since(*at) < DIAL_FAILED_PAUSE);
-                            let peered: std::collections::HashSet<SocketAddr> =
+                            let peered: std::collections::BTreeSet<SocketAddr> =
                                 known.values().map(|peer| peer.address).collect();
                             let room = PEERS_DIALLED_MAX
                                 .saturating_sub(peered.len() + dialling.len());
@@ -512,7 +511,8 @@ async fn request_chunk(
             }
             let length = bytes.len() as u64;
             let shelf = Arc::clone(image.shelf());
-            match tokio::task::spawn_blocking(move || shelf.store(&chunk, &bytes)).await {
+            let storer = Arc::clone(&shelf);
+            match super::shelf::on_shelf(&shelf, move || storer.store(&chunk, &bytes)).await {
                 Ok(Ok(())) => Answer::Verified { bytes: length },
                 Ok(Err(error)) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
                 Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),

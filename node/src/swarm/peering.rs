@@ -6,7 +6,7 @@
     reason = "a driver: it spawns the tasks of each peering and reads the clock for timeouts"
 )]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -48,7 +48,7 @@ pub struct SharedImage {
     /// Per chunk: its last send (ADR 0009).
     claims: Mutex<SendClaims<SocketAddr>>,
     /// Peers with a peering about this image now (a chunk is pointed only at a live one).
-    live_peers: Mutex<HashMap<SocketAddr, usize>>,
+    live_peers: Mutex<BTreeMap<SocketAddr, usize>>,
 }
 
 impl std::fmt::Debug for SharedImage {
@@ -229,7 +229,7 @@ pub struct SwarmStats {
 pub struct SwarmNode {
     endpoint: Endpoint,
     client_config: quinn::ClientConfig,
-    images: Mutex<HashMap<ContentHash, Arc<SharedImage>>>,
+    images: Mutex<BTreeMap<ContentHash, Arc<SharedImage>>>,
     uploader: Uploader,
     next_peer: AtomicU64,
     stats: SwarmStats,
@@ -337,8 +337,8 @@ impl SwarmNode {
     pub fn offer_unless_offered(&self, image: Arc<SharedImage>) -> bool {
         let mut images = self.images.lock().unwrap_or_else(PoisonError::into_inner);
         match images.entry(image.image().manifest()) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(vacant) => {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(vacant) => {
                 vacant.insert(image);
                 true
             }
@@ -782,7 +782,8 @@ impl SwarmNode {
             }
         };
         let shelf = Arc::clone(image.shelf());
-        let read = tokio::task::spawn_blocking(move || shelf.read(&chunk)).await;
+        let reader = Arc::clone(&shelf);
+        let read = super::shelf::on_shelf(&shelf, move || reader.read(&chunk)).await;
         let bytes = match read {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => {

@@ -24,6 +24,31 @@ pub trait ChunkShelf: Send + Sync + 'static {
     /// Makes every stored chunk durable (once, when a fetch completes: `store` need not
     /// flush each chunk, since a torn one fails verification and is fetched again).
     fn sync(&self) -> Result<(), SwarmError>;
+
+    /// Whether the calls above may block on storage (so drivers make them off the async
+    /// threads). A shelf in memory says no, and is called inline: in a simulation, work on
+    /// tokio's blocking pool finishes on real time and would make a run depend on it.
+    fn blocks(&self) -> bool {
+        true
+    }
+}
+
+/// Runs `work` on `shelf`'s behalf: on the blocking pool if the shelf blocks, inline if not.
+pub(crate) async fn on_shelf<T: Send + 'static>(
+    shelf: &Arc<dyn ChunkShelf>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, SwarmError> {
+    if shelf.blocks() {
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "the swarm's drivers run blocking storage off the async threads"
+        )]
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|error| SwarmError::Shelf(error.to_string()))
+    } else {
+        Ok(work())
+    }
 }
 
 /// A shelf in a [`ChunkStore`] (which verifies on write and on every load).

@@ -5,7 +5,7 @@
     reason = "the uploader is a driver: it reads the clock and spawns its timer task"
 )]
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,7 +24,7 @@ pub enum Turn {
 struct State {
     gate: UploadGate,
     next_ticket: Ticket,
-    waiting: HashMap<Ticket, oneshot::Sender<Turn>>,
+    waiting: BTreeMap<Ticket, oneshot::Sender<Turn>>,
     /// Every [`Uploader`] handle is gone: the timer task ends.
     closed: bool,
 }
@@ -116,7 +116,7 @@ impl Uploader {
             state: Mutex::new(State {
                 gate: UploadGate::new(config),
                 next_ticket: 0,
-                waiting: HashMap::new(),
+                waiting: BTreeMap::new(),
                 closed: false,
             }),
             changed: Notify::new(),
