@@ -321,8 +321,23 @@ fn long_partition(seed: u64, sabotage: Sabotage) -> ChaosSpec {
     }
 }
 
-#[test]
+/// Runs seeds 1 to 3 of the broken servers of `spec` and returns the first invariant one of
+/// them broke: that the checkers caught the bug, with the seed and what they saw.
 #[expect(clippy::panic, reason = "a missed bug fails the test")]
+fn caught_within_three_seeds(what: &str, spec: impl Fn(u64) -> ChaosSpec) -> String {
+    let caught = (1..=3).find_map(|seed| match run_chaos(&spec(seed)) {
+        Err(SimError::Invariant(violation)) => Some((seed, violation)),
+        Err(other) => panic!("seed {seed}: {other}"),
+        Ok(_) => None,
+    });
+    let Some((seed, violation)) = caught else {
+        panic!("three seeds of {what} went unnoticed");
+    };
+    eprintln!("caught with seed {seed}: {violation}");
+    violation
+}
+
+#[test]
 fn the_checkers_catch_a_block_reassigned_before_its_cut_off_holders_leases_ran_out() {
     let report = run(&long_partition(1, Sabotage::default()));
     eprint!("{}", report.text());
@@ -331,15 +346,8 @@ fn the_checkers_catch_a_block_reassigned_before_its_cut_off_holders_leases_ran_o
         early_block_reuse: true,
         ..Sabotage::default()
     };
-    let caught = (1..=3).find_map(|seed| match run_chaos(&long_partition(seed, broken)) {
-        Err(SimError::Invariant(violation)) => Some((seed, violation)),
-        Err(other) => panic!("seed {seed}: {other}"),
-        Ok(_) => None,
-    });
-    let Some((seed, violation)) = caught else {
-        panic!("three seeds of the broken majority went unnoticed");
-    };
-    eprintln!("caught with seed {seed}: {violation}");
+    let violation =
+        caught_within_three_seeds("the broken majority", |seed| long_partition(seed, broken));
     assert!(violation.contains("while node"), "{violation}");
 }
 
@@ -368,7 +376,6 @@ fn tight_pool(seed: u64, sabotage: Sabotage) -> ChaosSpec {
 }
 
 #[test]
-#[expect(clippy::panic, reason = "a missed bug fails the test")]
 fn the_checkers_catch_an_address_given_out_while_its_lease_runs() {
     let report = run(&tight_pool(1, Sabotage::default()));
     assert_eq!(report.leases, 150, "the correct servers lease every node");
@@ -376,15 +383,9 @@ fn the_checkers_catch_an_address_given_out_while_its_lease_runs() {
         unexpired_address_reuse: true,
         ..Sabotage::default()
     };
-    let caught = (1..=3).find_map(|seed| match run_chaos(&tight_pool(seed, broken)) {
-        Err(SimError::Invariant(violation)) => Some((seed, violation)),
-        Err(other) => panic!("seed {seed}: {other}"),
-        Ok(_) => None,
+    let violation = caught_within_three_seeds("servers that reuse held addresses", |seed| {
+        tight_pool(seed, broken)
     });
-    let Some((seed, violation)) = caught else {
-        panic!("three seeds of servers that reuse held addresses went unnoticed");
-    };
-    eprintln!("caught with seed {seed}: {violation}");
     assert!(violation.contains("while node"), "{violation}");
 }
 
