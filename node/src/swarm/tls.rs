@@ -26,13 +26,21 @@ fn tls_error(what: &'static str) -> impl FnOnce(rustls::Error) -> SwarmError {
     move |error| SwarmError::Tls(format!("{what}: {error}"))
 }
 
-/// A throwaway certificate and key for this process's chunk endpoint.
+/// A throwaway certificate and key for this process's chunk endpoint. Ed25519: quick to make
+/// and to sign with, and its signatures are deterministic and of one length, so the handshake
+/// has the same size in every run (a simulation replays a seed only if the datagrams do not
+/// change with the randomness of an ECDSA signature's encoding).
 pub fn ephemeral_identity() -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), SwarmError>
 {
-    let certified = rcgen::generate_simple_self_signed(vec![PEER_NAME.to_owned()])
-        .map_err(|error| SwarmError::Tls(format!("make a peer certificate: {error}")))?;
-    let key = PrivatePkcs8KeyDer::from(certified.signing_key.serialize_der());
-    Ok((certified.cert.der().clone(), key.into()))
+    let certificate_error =
+        |error: rcgen::Error| SwarmError::Tls(format!("make a peer certificate: {error}"));
+    let signing_key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(certificate_error)?;
+    let certificate = rcgen::CertificateParams::new(vec![PEER_NAME.to_owned()])
+        .and_then(|params| params.self_signed(&signing_key))
+        .map_err(certificate_error)?;
+    let key = PrivatePkcs8KeyDer::from(signing_key.serialize_der());
+    Ok((certificate.der().clone(), key.into()))
 }
 
 /// Server side of the chunk exchange, with `certificate` and `key`; no client certificate

@@ -86,6 +86,8 @@ pub struct FarmSetup {
     pub seed: u64,
     /// Deliberate bug: keep chunks without checking them.
     pub skip_chunk_verification: bool,
+    /// How nodes get their image.
+    pub chunks: super::ChunkPath,
 }
 
 fn splitmix(state: &mut u64) -> u64 {
@@ -561,22 +563,41 @@ impl Farm {
         }
         self.schedule(offset, held.renew_at.min(held.expires_at));
         // With an address, the node fetches its image (once; the fetch retries on its own).
-        if self.booting.insert(index) {
-            tokio::spawn(boot(
-                index,
-                super::image::TurmoilChunkTransport {
-                    servers: self
-                        .setup
-                        .servers
-                        .iter()
-                        .map(|(_, name)| name.clone())
-                        .collect(),
-                },
-                self.image.clone(),
-                self.setup.skip_chunk_verification,
-                self.shared.clone(),
-                self.trace.clone(),
-            ));
+        if !self.booting.insert(index) {
+            return;
+        }
+        match self.setup.chunks {
+            super::ChunkPath::Servers => {
+                tokio::spawn(boot(
+                    index,
+                    super::image::TurmoilChunkTransport {
+                        servers: self
+                            .setup
+                            .servers
+                            .iter()
+                            .map(|(_, name)| name.clone())
+                            .collect(),
+                    },
+                    self.image.clone(),
+                    self.setup.skip_chunk_verification,
+                    self.shared.clone(),
+                    self.trace.clone(),
+                ));
+            }
+            super::ChunkPath::Swarm => {
+                let member = super::swarm::MemberSetup {
+                    node: index,
+                    offset,
+                    farm: self.setup.farm,
+                    servers: self.setup.servers.len() as u64,
+                    seed: self.setup.seed,
+                };
+                tokio::spawn(super::swarm::boot_member(
+                    member,
+                    self.shared.clone(),
+                    self.trace.clone(),
+                ));
+            }
         }
     }
 }

@@ -68,6 +68,21 @@ impl ChaosImage {
     }
 }
 
+impl ChaosImage {
+    /// The true bytes of the chunk with `hash`.
+    pub fn chunk(&self, hash: &ContentHash) -> Option<&[u8]> {
+        self.chunks.get(hash).map(Vec::as_slice)
+    }
+
+    /// Where the chunk with `hash` sits in the image.
+    pub fn index_of(&self, hash: &ContentHash) -> Option<usize> {
+        self.part
+            .chunks
+            .iter()
+            .position(|reference| reference.hash == *hash)
+    }
+}
+
 impl Default for ChaosImage {
     fn default() -> Self {
         Self::new()

@@ -23,6 +23,7 @@ pub mod farm;
 pub mod image;
 pub mod member;
 pub mod scenario;
+pub mod swarm;
 
 pub use scenario::{ChaosScenario, ChaosScenarioError, is_chaos_scenario};
 
@@ -83,6 +84,20 @@ pub enum ChaosFault {
     },
 }
 
+/// How the nodes get their image.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChunkPath {
+    /// From the servers, one simulated TCP connection per chunk, with the agent's fetch: cheap
+    /// enough for thousands of nodes.
+    #[default]
+    Servers,
+    /// Over the swarm's real QUIC code, quinn inside turmoil: every server seeds and tracks,
+    /// every node is a member that fetches from servers and nodes and serves what it holds
+    /// (the smaller profile, [`swarm`]).
+    Swarm,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct ChaosSpec {
@@ -115,6 +130,8 @@ pub struct ChaosSpec {
     pub block_lease: Duration,
     /// Deliberate bug in the nodes: keep chunks without checking them against the manifest.
     pub skip_chunk_verification: bool,
+    /// How the nodes get their image.
+    pub chunks: ChunkPath,
 }
 
 impl Default for ChaosSpec {
@@ -134,6 +151,7 @@ impl Default for ChaosSpec {
             addresses: None,
             block_lease: node::cluster::leases::BLOCK_LEASE,
             skip_chunk_verification: false,
+            chunks: ChunkPath::Servers,
         }
     }
 }
@@ -230,6 +248,8 @@ pub struct ChaosReport {
     pub boot_seconds: Vec<f64>,
     /// Image bytes each server sent (by server id), refused ones included.
     pub bytes_by_server: BTreeMap<u64, u64>,
+    /// Image bytes the nodes had from other nodes (the swarm profile; none otherwise).
+    pub bytes_from_nodes: u64,
 }
 
 /// Shared between the simulated hosts and the harness. turmoil runs every host on one thread,
@@ -273,6 +293,8 @@ pub struct Observed {
     booted_at: BTreeMap<usize, Duration>,
     /// Image bytes each server sent, by server id.
     bytes_served: BTreeMap<u64, u64>,
+    /// Image bytes the nodes had from other nodes.
+    bytes_from_nodes: u64,
     /// While above zero, the farms' network delivers this share of datagrams twice.
     duplicate_percent: u8,
     /// Datagrams the network delivered twice.
@@ -391,6 +413,8 @@ fn dhcp_config(spec: &ChaosSpec) -> DhcpConfig {
 
 struct ServerContext {
     id: u64,
+    /// How often this server has started (1 at first).
+    incarnation: u64,
     spec: ChaosSpec,
     disk: SimDisk,
     journal: MemoryLeaseJournal,
@@ -403,6 +427,7 @@ struct ServerContext {
 async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Error>> {
     let ServerContext {
         id,
+        incarnation,
         spec,
         disk,
         journal,
@@ -530,11 +555,24 @@ async fn run_server(context: ServerContext) -> Result<(), Box<dyn std::error::Er
     };
     let member = SimMember::new(id, raft, state, applied, skew, Some(clock_observer));
     tokio::spawn(member.clone().serve_forwarded());
-    tokio::spawn(image::serve_chunks(
-        id,
-        image::ChaosImage::new(),
-        Arc::clone(&shared),
-    ));
+    match spec.chunks {
+        ChunkPath::Servers => {
+            tokio::spawn(image::serve_chunks(
+                id,
+                image::ChaosImage::new(),
+                Arc::clone(&shared),
+            ));
+        }
+        ChunkPath::Swarm => {
+            swarm::serve_image(
+                id,
+                spec.servers,
+                server_seed(spec.seed, id, incarnation),
+                Arc::clone(&shared),
+            )
+            .await?;
+        }
+    }
 
     let segment = farms
         .iter()
@@ -617,6 +655,19 @@ fn set_max_latency(
 
 /// Runs `spec` and checks every invariant.
 pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
+    if spec.chunks == ChunkPath::Swarm {
+        if spec.skip_chunk_verification {
+            return Err(SimError::Invariant(
+                "the skip-chunk-verification sabotage breaks the agent's fetch from the servers; the swarm's fetch has no such switch: run it with chunks = \"servers\"".into(),
+            ));
+        }
+        if spec.nodes.div_ceil(spec.farms.max(1)) > swarm::NODES_PER_FARM_MAX {
+            return Err(SimError::Invariant(format!(
+                "the swarm profile gives every node a port of its farm: at most {} nodes per farm",
+                swarm::NODES_PER_FARM_MAX
+            )));
+        }
+    }
     let trace = Trace::default();
     let shared: Shared = Arc::new(Mutex::new(Observed {
         epoch_secs: EPOCH_SECS,
@@ -672,6 +723,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             let rng = SeededRng::new(server_seed(spec.seed, id, incarnation));
             let server = run_server(ServerContext {
                 id,
+                incarnation,
                 spec: spec.clone(),
                 disk: disk.clone(),
                 journal: journal.clone(),
@@ -702,6 +754,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
             servers: servers.clone(),
             seed: spec.seed,
             skip_chunk_verification: spec.skip_chunk_verification,
+            chunks: spec.chunks,
         };
         let (shared, trace) = (Arc::clone(&shared), trace.clone());
         simulation.client(name.as_str(), farm::run_farm(setup, shared, trace));
@@ -1034,6 +1087,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         bytes_by_server: (1..=spec.servers)
             .map(|id| (id, observed.bytes_served.get(&id).copied().unwrap_or(0)))
             .collect(),
+        bytes_from_nodes: observed.bytes_from_nodes,
     })
 }
 
@@ -1048,15 +1102,18 @@ impl ChaosReport {
                 .bytes_by_server
                 .values()
                 .map(|bytes| *bytes as f64)
+                .chain((self.bytes_from_nodes > 0).then_some(self.bytes_from_nodes as f64))
                 .collect(),
         }
     }
 
-    /// The byte sources of [`ChaosReport::plot_run`]: the servers.
+    /// The byte sources of [`ChaosReport::plot_run`]: the servers, and the nodes when they
+    /// served each other (the swarm profile).
     pub fn plot_sources(&self) -> Vec<String> {
         self.bytes_by_server
             .keys()
             .map(|id| format!("from {}", server_name(*id)))
+            .chain((self.bytes_from_nodes > 0).then(|| "from nodes".to_owned()))
             .collect()
     }
 
@@ -1129,6 +1186,14 @@ impl ChaosReport {
                 "boot (power-on to image held): p50 {p50:.2} s, p99 {p99:.2} s, max {max:.2} s; image bytes sent: {}\n",
                 served.join(", ")
             ));
+            if self.bytes_from_nodes > 0 {
+                let from_servers: u64 = self.bytes_by_server.values().sum();
+                text.push_str(&format!(
+                    "nodes had {:.2} MiB of their image from other nodes, the servers sent {:.2} MiB\n",
+                    self.bytes_from_nodes as f64 / 1048576.0,
+                    from_servers as f64 / 1048576.0
+                ));
+            }
         }
         if self.clock_alarms.is_empty() {
             text.push_str("no server saw its clock beyond the drift bound from the leader's\n");

@@ -47,6 +47,11 @@ pub struct ChaosScenario {
     /// How long the servers' address blocks are leased (by default as `serve` does).
     #[serde(default)]
     pub block_lease_secs: Option<u64>,
+    /// How the nodes get their image: `servers` (over simulated TCP from the servers, for
+    /// thousands of nodes) or `swarm` (the swarm's real QUIC code, nodes serving each other;
+    /// costlier, for tens to a few hundred nodes).
+    #[serde(default)]
+    pub chunks: super::ChunkPath,
     /// Faults drawn from the seed, besides the listed ones.
     #[serde(default)]
     pub random_faults: usize,
@@ -409,6 +414,7 @@ impl ChaosScenario {
                 .block_lease_secs
                 .map_or(node::cluster::leases::BLOCK_LEASE, secs),
             skip_chunk_verification: false,
+            chunks: self.chunks,
         }
         .with_random_faults(self.random_faults)
     }

@@ -477,3 +477,39 @@ fn one_way_cuts_a_cut_off_rack_delays_and_duplicates_break_no_invariant() {
     assert!(report.duplicated > 0, "datagrams duplicated");
     assert_eq!(run(&spec).trace_hash, report.trace_hash);
 }
+
+/// The quinn profile (ADR 0012): the shipped `swarm-quic` scenario moves the image over the
+/// swarm's real QUIC code (quinn and TLS on turmoil's network, the tracker, the peerings, the
+/// fetch scheduler) under a rotting server, a leader crash, loss, a cut-off rack and slow
+/// links. Every node boots with checked chunks, the rotten server's chunks are refused, nodes
+/// serve each other, and one seed replays the run.
+#[test]
+fn over_the_swarms_quic_code_nodes_serve_each_other_refuse_a_rotten_server_and_replay_their_seed() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/swarm-quic.toml");
+    let text = std::fs::read_to_string(path).expect("the swarm-quic scenario");
+    let scenario = ChaosScenario::from_toml(&text).expect("a valid scenario");
+    let report = run(&scenario.spec(1));
+    eprint!("{}", report.text());
+    assert_eq!(
+        report.booted, scenario.nodes,
+        "every node has its whole image"
+    );
+    assert!(
+        report.chunks_rejected > 0,
+        "the rotten server's chunks were refused"
+    );
+    let from_servers: u64 = report.bytes_by_server.values().sum();
+    assert!(
+        report.bytes_from_nodes > 0 && from_servers > 0,
+        "servers sent {from_servers} bytes, nodes {}",
+        report.bytes_from_nodes
+    );
+    assert!(report.svg("swarm-quic").contains("from nodes"));
+    assert_eq!(run(&scenario.spec(1)), report, "one seed, one run");
+    // The skip-chunk-verification sabotage has no meaning for the swarm's fetch, and says so.
+    let sabotaged = ChaosSpec {
+        skip_chunk_verification: true,
+        ..scenario.spec(1)
+    };
+    assert!(run_chaos(&sabotaged).is_err());
+}
