@@ -128,6 +128,10 @@ struct Peer {
     declined_until: BTreeMap<u32, Instant>,
     /// The keys of `declined_until`, for a search that tests every chunk.
     declined: Bitfield,
+    /// The earliest of `declined_until`'s times: the next time a decline lapses. Kept so that
+    /// neither the wake-up time nor a timeout pass walks every decline of every peer (a fetch
+    /// asks for its wake-up after every event).
+    declined_next: Option<Instant>,
     paused_until: Option<Instant>,
     /// When it last answered a request (a chunk, "busy", "not here", a decline).
     last_answer: Option<Instant>,
@@ -302,6 +306,7 @@ impl FetchScheduler {
                         asked: BTreeMap::new(),
                         declined_until: BTreeMap::new(),
                         declined: Bitfield::empty(self.held.len()),
+                        declined_next: None,
                         paused_until: None,
                         last_answer: None,
                         idle_at: None,
@@ -510,8 +515,15 @@ impl FetchScheduler {
         if let Some(known) = self.peers.get_mut(&peer) {
             known.asked.remove(&index);
             known.last_answer = Some(now);
-            known.declined_until.insert(index, now + retry_after);
+            let until = now + retry_after;
+            let replaced = known.declined_until.insert(index, until);
             known.declined.insert(index);
+            known.declined_next = if replaced.is_some() && replaced == known.declined_next {
+                // The earliest decline was moved: find the earliest again.
+                known.declined_until.values().min().copied()
+            } else {
+                Some(known.declined_next.map_or(until, |next| next.min(until)))
+            };
         }
         self.drop_request(index, peer);
         self.chunk_freed(index);
@@ -528,16 +540,16 @@ impl FetchScheduler {
                 peer.paused_until = None;
                 peer.idle_at = None;
             }
-            let declined = peer.declined_until.len();
-            let bits = &mut peer.declined;
-            peer.declined_until.retain(|index, until| {
-                let keep = *until > now;
-                if !keep {
-                    bits.remove(*index);
-                }
-                keep
-            });
-            if peer.declined_until.len() != declined {
+            if peer.declined_next.is_some_and(|next| next <= now) {
+                let bits = &mut peer.declined;
+                peer.declined_until.retain(|index, until| {
+                    let keep = *until > now;
+                    if !keep {
+                        bits.remove(*index);
+                    }
+                    keep
+                });
+                peer.declined_next = peer.declined_until.values().min().copied();
                 // A chunk it declined may be asked of it again.
                 peer.idle_at = None;
             }
@@ -580,16 +592,17 @@ impl FetchScheduler {
 
     /// When to call [`handle_timeout`](Self::handle_timeout) next.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // A request times out a timeout after the later of its asking and the peer's last
+        // answer; the earliest of a peer's is that of its oldest request.
         let deadlines = self.peers.values().flat_map(|peer| {
-            peer.asked
-                .values()
-                .map(|asked_at| {
-                    peer.last_answer
-                        .map_or(*asked_at, |answer| answer.max(*asked_at))
-                        + self.config.request_timeout
-                })
-                .chain(peer.paused_until)
-                .chain(peer.declined_until.values().copied())
+            let oldest_request = peer.asked.values().min().map(|asked_at| {
+                peer.last_answer
+                    .map_or(*asked_at, |answer| answer.max(*asked_at))
+                    + self.config.request_timeout
+            });
+            [oldest_request, peer.paused_until, peer.declined_next]
+                .into_iter()
+                .flatten()
         });
         deadlines.min()
     }
