@@ -498,7 +498,8 @@ impl StormEngine {
             now_ns: 0,
             queue: BinaryHeap::new(),
             sequence: 0,
-            network: FluidNetwork::new(topology),
+            network: FluidNetwork::new(topology)
+                .with_rate_quantum(network_shape.rate_quantum_us.saturating_mul(1000)),
             members,
             servers,
             manifest,
@@ -1714,6 +1715,7 @@ impl StormEngine {
             peerings: self.tally.peerings,
             events: self.tally.events,
             rate_recomputations: self.network.recomputations,
+            rate_quantum_us: self.scenario.network.rate_quantum_us,
             faults: self.tally.faults,
             messages_lost: self.tally.messages_lost,
             dials_failed: self.tally.dials_failed,

@@ -127,6 +127,10 @@ pub struct FluidNetwork {
     cut_racks: BTreeSet<u32>,
     /// Rate recomputations so far (a cost figure).
     pub recomputations: u64,
+    /// At most one recomputation per this many nanoseconds (0: at every change).
+    rate_quantum_ns: u64,
+    /// When the rates were last recomputed.
+    recomputed_at_ns: Option<u64>,
 }
 
 /// Resource numbering: each endpoint's upload and download, each rack's uplink up and down,
@@ -165,7 +169,28 @@ impl FluidNetwork {
             compact_index: Vec::new(),
             cut_racks: BTreeSet::new(),
             recomputations: 0,
+            rate_quantum_ns: 0,
+            recomputed_at_ns: None,
         }
+    }
+
+    /// Recompute the shares at most once per `quantum_ns` of virtual time: a pair that starts
+    /// waits up to that long for its share (it has none before), and when a pair ends the
+    /// others keep their shares that long. 0 (the default) recomputes at every change.
+    pub fn with_rate_quantum(mut self, quantum_ns: u64) -> Self {
+        self.rate_quantum_ns = quantum_ns;
+        self
+    }
+
+    /// When the deferred recomputation is due, if one is.
+    fn recomputation_due_ns(&self) -> Option<u64> {
+        if !self.rates_stale {
+            return None;
+        }
+        Some(
+            self.recomputed_at_ns
+                .map_or(0, |at| at.saturating_add(self.rate_quantum_ns)),
+        )
     }
 
     fn uplink_up(&self, rack: u32) -> u32 {
@@ -308,9 +333,23 @@ impl FluidNetwork {
     /// When the next transfer ends, if any is under way. Recomputes the rates first if the
     /// busy pairs changed.
     pub fn next_delivery_ns(&mut self, now_ns: u64) -> Option<u64> {
-        if self.rates_stale {
+        if self
+            .recomputation_due_ns()
+            .is_some_and(|due_ns| due_ns <= now_ns)
+        {
             self.recompute(now_ns);
         }
+        // A deferred recomputation is a moment the engine must come back at, as a delivery
+        // is (nothing is delivered then; the rates change).
+        let deferred = self.recomputation_due_ns();
+        let next = self.next_completion_ns();
+        match (next, deferred) {
+            (Some(next), Some(due)) => Some(next.min(due)),
+            (next, due) => next.or(due),
+        }
+    }
+
+    fn next_completion_ns(&mut self) -> Option<u64> {
         if let Some(cached) = self.next_delivery_cached {
             return cached;
         }
@@ -385,6 +424,7 @@ impl FluidNetwork {
     fn recompute(&mut self, now_ns: u64) {
         self.rates_stale = false;
         self.recomputations += 1;
+        self.recomputed_at_ns = Some(now_ns);
         if self.compact_index.len() != self.capacities.len() {
             self.compact_index = vec![u32::MAX; self.capacities.len()];
         }
@@ -654,5 +694,39 @@ mod tests {
         );
         network.set_rack_cut(1, false);
         assert_eq!(network.next_delivery_ns(2_500_000_000), Some(3_250_000_000));
+    }
+
+    #[test]
+    fn with_a_rate_quantum_a_new_pair_waits_for_the_next_recomputation_and_no_byte_is_lost() {
+        // 0 uploads at 1000 B/s; shares are recomputed at most every 0.5 s. A (1000 bytes to
+        // 1) starts at 0 and has the link alone. B (1000 bytes to 2) starts at 0.2 s and has no
+        // share until the recomputation at 0.5 s; A keeps the whole link until then (500 bytes
+        // in), then both get 500 B/s: A is done at 1.5 s, and B, alone from then, at 2.0 s.
+        // (Exact sharing: A at 1.8 s, B at 2.0 s.)
+        let inf = f64::INFINITY;
+        let mut network = FluidNetwork::new(topology(
+            &[(0, 1000.0, inf), (0, inf, inf), (0, inf, inf)],
+            inf,
+        ))
+        .with_rate_quantum(500_000_000);
+        network.start(0, 1, 0, 1, 1000);
+        assert_eq!(network.next_delivery_ns(0), Some(1_000_000_000));
+        network.start(200_000_000, 2, 0, 2, 1000);
+        assert_eq!(
+            network.next_delivery_ns(200_000_000),
+            Some(500_000_000),
+            "the deferred recomputation is a moment to come back at"
+        );
+        assert!(network.deliver_due(500_000_000).is_empty());
+        let delivered = run_to_end(&mut network, 500_000_000);
+        assert_eq!(
+            delivered
+                .iter()
+                .map(|done| (done.id, done.at_ns))
+                .collect::<Vec<_>>(),
+            vec![(1, 1_500_000_000), (2, 2_000_000_000)]
+        );
+        // At 0, at 0.5 s, when A ends and when B ends (nothing busy is left to share).
+        assert_eq!(network.recomputations, 4);
     }
 }

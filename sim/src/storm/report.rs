@@ -56,6 +56,9 @@ pub struct Figures {
     pub events: u64,
     /// Max-min rate recomputations.
     pub rate_recomputations: u64,
+    /// The least virtual time between two of them (0: none; the scenario's
+    /// `rate_quantum_us`).
+    pub rate_quantum_us: u64,
     /// Faults that struck (power losses and uplink down periods).
     pub faults: u64,
     /// Messages lost on a cut uplink.
@@ -230,8 +233,16 @@ impl StormReport {
         }
         let _ = writeln!(
             out,
-            "engine: {} events, {} rate recomputations, virtual end {:.2} s, trace hash {:016x}",
-            figures.events, figures.rate_recomputations, figures.end_seconds, figures.trace_hash
+            "engine: {} events, {} rate recomputations{}, virtual end {:.2} s, trace hash {:016x}",
+            figures.events,
+            figures.rate_recomputations,
+            if figures.rate_quantum_us > 0 {
+                format!(" (at most one per {} µs)", figures.rate_quantum_us)
+            } else {
+                String::new()
+            },
+            figures.end_seconds,
+            figures.trace_hash
         );
         out
     }

@@ -241,6 +241,13 @@ pub struct NetworkShape {
     /// One-way latency between racks, microseconds.
     #[serde(default = "default_cross_rack_latency_us")]
     pub cross_rack_latency_us: u64,
+    /// The fair shares are recomputed at most once per this many microseconds of virtual time
+    /// (0: at every change of the busy pairs, exact). Each recomputation walks every busy
+    /// pair, so at tens of thousands of nodes they are most of a run's cost; with a quantum, a
+    /// pair that starts waits up to one for its share, and the others keep theirs that long
+    /// after a pair ends. BENCHMARKS.md has what it changes in the figures.
+    #[serde(default)]
+    pub rate_quantum_us: u64,
 }
 
 fn default_latency_us() -> u64 {
