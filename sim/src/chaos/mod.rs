@@ -157,8 +157,10 @@ impl Default for ChaosSpec {
 }
 
 impl ChaosSpec {
-    /// `count` faults drawn from the seed, spread over the safety phase: crashes of a server
-    /// or of the leader, partitions of one server and bursts of loss.
+    /// `count` faults drawn from the seed, spread over the safety phase, of every kind the
+    /// engine has: crashes of a server or of the leader, partitions of one server (both ways
+    /// or one way), a farm cut off, failing, slow and rotting disks, bursts of loss, delay and
+    /// duplication.
     pub fn with_random_faults(mut self, count: usize) -> Self {
         let mut rng = self.seed ^ 0xA076_1D64_78BD_642F;
         let safety_ms = u64::try_from(self.safety.as_millis()).unwrap_or(u64::MAX);
@@ -166,7 +168,7 @@ impl ChaosSpec {
             let at = Duration::from_millis(farm_random(&mut rng) % safety_ms.max(1));
             let lasting = Duration::from_millis(2_000 + farm_random(&mut rng) % 13_000);
             let server = 1 + farm_random(&mut rng) % self.servers.max(1);
-            let fault = match farm_random(&mut rng) % 6 {
+            let fault = match farm_random(&mut rng) % 11 {
                 0 => ChaosFault::Crash {
                     server,
                     down_for: lasting,
@@ -182,6 +184,29 @@ impl ChaosSpec {
                 },
                 4 => ChaosFault::CorruptChunks {
                     server,
+                    for_: lasting,
+                },
+                6 if self.servers > 1 => ChaosFault::OneWayPartition {
+                    from: server,
+                    // Any other server.
+                    to: 1 + (server + farm_random(&mut rng) % (self.servers - 1)) % self.servers,
+                    for_: lasting,
+                },
+                7 => ChaosFault::FarmCut {
+                    farm: (farm_random(&mut rng) % self.farms.max(1) as u64) as usize,
+                    for_: lasting,
+                },
+                8 => ChaosFault::Delay {
+                    max: Duration::from_millis(20 + farm_random(&mut rng) % 480),
+                    for_: lasting,
+                },
+                9 => ChaosFault::Duplication {
+                    percent: 5 + (farm_random(&mut rng) % 26) as u8,
+                    for_: lasting,
+                },
+                10 => ChaosFault::SlowDisk {
+                    server,
+                    sync: Duration::from_millis(50 + farm_random(&mut rng) % 2_450),
                     for_: lasting,
                 },
                 _ => ChaosFault::Loss {

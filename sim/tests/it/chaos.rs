@@ -121,9 +121,20 @@ fn servers_whose_clocks_are_further_apart_than_the_drift_bound_say_so() {
 
 #[test]
 fn random_faults_of_every_kind_break_no_invariant() {
-    let report = run(&small(11).with_random_faults(12));
+    let report = run(&small(12).with_random_faults(30));
     eprint!("{}", report.text());
-    for kind in ["crashed", "partitioned", "loss", "fsync", "corrupted"] {
+    for kind in [
+        "crashed",
+        "partitioned",
+        "(one way)",
+        "cut off from every server",
+        "loss",
+        "fails every fsync",
+        "for every fsync",
+        "corrupted",
+        "per message",
+        "arrive twice",
+    ] {
         assert!(
             report.faults.iter().any(|fault| fault.contains(kind)),
             "{kind} among {:?}",
