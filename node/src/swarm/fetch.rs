@@ -222,9 +222,8 @@ impl SwarmNode {
                         }
                     }
                     FetchAction::Complete => {
-                        let shelf = Arc::clone(image.shelf());
-                        let syncer = Arc::clone(&shelf);
-                        super::shelf::on_shelf(&shelf, move || syncer.sync()).await??;
+                        super::shelf::on_shelf(Arc::clone(image.shelf()), |shelf| shelf.sync())
+                            .await??;
                         report.elapsed = started.elapsed();
                         tracing::info!(
                             %manifest,
@@ -510,9 +509,10 @@ async fn request_chunk(
                 return Answer::Corrupt(error.to_string());
             }
             let length = bytes.len() as u64;
-            let shelf = Arc::clone(image.shelf());
-            let storer = Arc::clone(&shelf);
-            match super::shelf::on_shelf(&shelf, move || storer.store(&chunk, &bytes)).await {
+            let stored = super::shelf::on_shelf(Arc::clone(image.shelf()), move |shelf| {
+                shelf.store(&chunk, &bytes)
+            });
+            match stored.await {
                 Ok(Ok(())) => Answer::Verified { bytes: length },
                 Ok(Err(error)) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
                 Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),

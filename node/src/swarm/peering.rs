@@ -781,9 +781,9 @@ impl SwarmNode {
                 return write_message(send, &busy).await.map(|()| false);
             }
         };
-        let shelf = Arc::clone(image.shelf());
-        let reader = Arc::clone(&shelf);
-        let read = super::shelf::on_shelf(&shelf, move || reader.read(&chunk)).await;
+        let read =
+            super::shelf::on_shelf(Arc::clone(image.shelf()), move |shelf| shelf.read(&chunk))
+                .await;
         let bytes = match read {
             Ok(Ok(Some(bytes))) => bytes,
             Ok(Ok(None)) => {

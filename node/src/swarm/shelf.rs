@@ -33,21 +33,21 @@ pub trait ChunkShelf: Send + Sync + 'static {
     }
 }
 
-/// Runs `work` on `shelf`'s behalf: on the blocking pool if the shelf blocks, inline if not.
+/// Runs `work` on `shelf`: on the blocking pool if the shelf blocks, inline if not.
 pub(crate) async fn on_shelf<T: Send + 'static>(
-    shelf: &Arc<dyn ChunkShelf>,
-    work: impl FnOnce() -> T + Send + 'static,
+    shelf: Arc<dyn ChunkShelf>,
+    work: impl FnOnce(&dyn ChunkShelf) -> T + Send + 'static,
 ) -> Result<T, SwarmError> {
     if shelf.blocks() {
         #[allow(
             clippy::disallowed_methods,
             reason = "the swarm's drivers run blocking storage off the async threads"
         )]
-        tokio::task::spawn_blocking(work)
+        tokio::task::spawn_blocking(move || work(shelf.as_ref()))
             .await
             .map_err(|error| SwarmError::Shelf(error.to_string()))
     } else {
-        Ok(work())
+        Ok(work(shelf.as_ref()))
     }
 }
 
