@@ -107,6 +107,12 @@ impl Bitfield {
         false
     }
 
+    /// The bits, 64 chunks a word: chunk `i` is bit `i % 64` of word `i / 64` (none set past
+    /// the end). For searches that test whole words at once.
+    pub(crate) fn words(&self) -> &[u64] {
+        &self.words
+    }
+
     /// The indexes held, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.length).filter(|index| self.contains(*index))

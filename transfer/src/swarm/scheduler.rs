@@ -677,6 +677,43 @@ impl FetchScheduler {
         }
     }
 
+    /// The chunks `peer` could be asked for now, ascending: it holds them, this node does
+    /// not, none is in flight, and any decline of it has lapsed (what `pick_for`'s `wanted`
+    /// says of one chunk, for 64 at a time: the search runs for every peer after every event).
+    fn wanted_of<'a>(&'a self, peer: &'a Peer, now: Instant) -> impl Iterator<Item = u32> + 'a {
+        let held = self.held.words();
+        let in_flight = self.in_flight_bits.words();
+        let declined = peer.declined.words();
+        peer.have
+            .words()
+            .iter()
+            .enumerate()
+            .flat_map(move |(word, have)| {
+                let at = |bits: &[u64]| bits.get(word).copied().unwrap_or(0);
+                let mut bits = have & !at(held) & !at(in_flight);
+                let mut still_declined = bits & at(declined);
+                while still_declined != 0 {
+                    let bit = still_declined.trailing_zeros();
+                    still_declined &= still_declined - 1;
+                    let index = word as u32 * 64 + bit;
+                    if peer
+                        .declined_until
+                        .get(&index)
+                        .is_some_and(|until| *until > now)
+                    {
+                        bits &= !(1 << bit);
+                    }
+                }
+                std::iter::from_fn(move || {
+                    (bits != 0).then(|| {
+                        let bit = bits.trailing_zeros();
+                        bits &= bits - 1;
+                        word as u32 * 64 + bit
+                    })
+                })
+            })
+    }
+
     /// The chunk to ask `id` for next, if any.
     fn pick_for(&self, id: PeerId, now: Instant, seed_keys: &[u64]) -> Option<(u32, Priority)> {
         let peer = self.peers.get(&id)?;
@@ -715,8 +752,8 @@ impl FetchScheduler {
         } else {
             (0, 1)
         };
-        let rarest = (0..self.held.len())
-            .filter(|index| wanted(*index))
+        let rarest = self
+            .wanted_of(peer, now)
             .filter(|index| !peer.seed || self.held_by_fetchers[*index as usize] == 0)
             .filter(|index| peer.seed || peer.same_rack || self.held_in_rack[*index as usize] == 0)
             .min_by_key(|index| {
