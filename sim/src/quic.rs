@@ -195,3 +195,49 @@ pub async fn endpoint(
         Arc::new(TurmoilRuntime),
     )
 }
+
+/// A swarm member's chunks in memory, as a booting node holds them: a shelf that never blocks,
+/// so a simulation calls it inline (`ChunkShelf::blocks`).
+#[derive(Debug, Default)]
+pub struct MemoryShelf {
+    chunks: Mutex<std::collections::BTreeMap<transfer::ContentHash, Arc<[u8]>>>,
+}
+
+impl MemoryShelf {
+    fn chunks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<transfer::ContentHash, Arc<[u8]>>>
+    {
+        self.chunks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl node::swarm::ChunkShelf for MemoryShelf {
+    fn read(
+        &self,
+        chunk: &transfer::ChunkRef,
+    ) -> Result<Option<Arc<[u8]>>, node::swarm::SwarmError> {
+        Ok(self.chunks().get(&chunk.hash).cloned())
+    }
+
+    fn store(
+        &self,
+        chunk: &transfer::ChunkRef,
+        bytes: &[u8],
+    ) -> Result<(), node::swarm::SwarmError> {
+        self.chunks().insert(chunk.hash, Arc::from(bytes));
+        Ok(())
+    }
+
+    fn holds(&self, chunk: &transfer::ChunkRef) -> bool {
+        self.chunks().contains_key(&chunk.hash)
+    }
+
+    fn sync(&self) -> Result<(), node::swarm::SwarmError> {
+        Ok(())
+    }
+
+    fn blocks(&self) -> bool {
+        false
+    }
+}

@@ -221,18 +221,21 @@ impl ChunkSink for CheckedSink {
             .ordered
             .get(index)
             .is_some_and(|chunk| chunk == bytes);
-        self.trace.record(format!(
-            "node{} kept chunk {index}{}",
-            self.node,
-            if right { "" } else { " WITH WRONG BYTES" }
-        ));
-        if !right {
-            lock(&self.shared).violations.push(format!(
-                "{:.3} s: node{} kept chunk {index} of its image with bytes that do not hash to the manifest's",
-                turmoil::sim_elapsed().unwrap_or_default().as_secs_f64(),
-                self.node
-            ));
-        }
+        record_kept(self.node, index, right, &self.shared, &self.trace);
         Ok(())
+    }
+}
+
+/// Node `node` kept chunk `index`: in the trace, and a violation unless its bytes are `right`.
+pub fn record_kept(node: usize, index: usize, right: bool, shared: &Shared, trace: &Trace) {
+    trace.record(format!(
+        "node{node} kept chunk {index}{}",
+        if right { "" } else { " WITH WRONG BYTES" }
+    ));
+    if !right {
+        lock(shared).violations.push(format!(
+            "{:.3} s: node{node} kept chunk {index} of its image with bytes that do not hash to the manifest's",
+            turmoil::sim_elapsed().unwrap_or_default().as_secs_f64(),
+        ));
     }
 }

@@ -20,10 +20,9 @@
 // A driver: it spawns each member's tasks on its simulated host.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use node::swarm::{
@@ -32,7 +31,7 @@ use node::swarm::{
 };
 use transfer::manifest::MANIFEST_FORMAT_VERSION;
 use transfer::swarm::{SwarmImage, TrackerConfig, UploadConfig};
-use transfer::{ChunkRef, ContentHash, Manifest, RootImage, VerityParameters};
+use transfer::{ChunkRef, Manifest, RootImage, VerityParameters};
 
 use super::image::ChaosImage;
 use super::{Shared, lock};
@@ -138,43 +137,25 @@ impl ChunkShelf for ServerShelf {
 struct NodeShelf {
     node: usize,
     image: ChaosImage,
-    chunks: Mutex<BTreeMap<ContentHash, Arc<[u8]>>>,
+    chunks: crate::quic::MemoryShelf,
     shared: Shared,
     trace: Trace,
 }
 
-impl NodeShelf {
-    fn chunks(&self) -> std::sync::MutexGuard<'_, BTreeMap<ContentHash, Arc<[u8]>>> {
-        self.chunks.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 impl ChunkShelf for NodeShelf {
     fn read(&self, chunk: &ChunkRef) -> Result<Option<Arc<[u8]>>, SwarmError> {
-        Ok(self.chunks().get(&chunk.hash).cloned())
+        self.chunks.read(chunk)
     }
 
     fn store(&self, chunk: &ChunkRef, bytes: &[u8]) -> Result<(), SwarmError> {
         let index = self.image.index_of(&chunk.hash).unwrap_or(usize::MAX);
         let right = self.image.chunk(&chunk.hash) == Some(bytes);
-        self.trace.record(format!(
-            "node{} kept chunk {index}{}",
-            self.node,
-            if right { "" } else { " WITH WRONG BYTES" }
-        ));
-        if !right {
-            lock(&self.shared).violations.push(format!(
-                "{:.3} s: node{} kept chunk {index} of its image with bytes that do not hash to the manifest's",
-                turmoil::sim_elapsed().unwrap_or_default().as_secs_f64(),
-                self.node
-            ));
-        }
-        self.chunks().insert(chunk.hash, Arc::from(bytes));
-        Ok(())
+        super::image::record_kept(self.node, index, right, &self.shared, &self.trace);
+        self.chunks.store(chunk, bytes)
     }
 
     fn holds(&self, chunk: &ChunkRef) -> bool {
-        self.chunks().contains_key(&chunk.hash)
+        self.chunks.holds(chunk)
     }
 
     fn sync(&self) -> Result<(), SwarmError> {
@@ -324,7 +305,7 @@ pub async fn boot_member(setup: MemberSetup, shared: Shared, trace: Trace) {
     let shelf = Arc::new(NodeShelf {
         node: setup.node,
         image,
-        chunks: Mutex::default(),
+        chunks: crate::quic::MemoryShelf::default(),
         shared: Arc::clone(&shared),
         trace: trace.clone(),
     });

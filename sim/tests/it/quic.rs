@@ -10,7 +10,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use node::swarm::{ChunkShelf, SharedImage, SwarmError, SwarmFetchConfig, SwarmNode};
+use node::swarm::{ChunkShelf, SharedImage, SwarmFetchConfig, SwarmNode};
+use sim::quic::MemoryShelf;
 use transfer::manifest::MANIFEST_FORMAT_VERSION;
 use transfer::swarm::{SwarmImage, UploadConfig};
 use transfer::{ChunkRef, ContentHash, Manifest, Part, RootImage, VerityParameters};
@@ -18,41 +19,6 @@ use transfer::{ChunkRef, ContentHash, Manifest, Part, RootImage, VerityParameter
 const CHUNKS: usize = 24;
 const CHUNK_BYTES: usize = 16 * 1024;
 const PORT: u16 = 7400;
-
-/// Chunks in memory, as a booting node holds them.
-#[derive(Debug, Default)]
-struct MemoryShelf {
-    chunks: Mutex<BTreeMap<ContentHash, Arc<[u8]>>>,
-}
-
-impl MemoryShelf {
-    fn chunks(&self) -> std::sync::MutexGuard<'_, BTreeMap<ContentHash, Arc<[u8]>>> {
-        self.chunks.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl ChunkShelf for MemoryShelf {
-    fn read(&self, chunk: &ChunkRef) -> Result<Option<Arc<[u8]>>, SwarmError> {
-        Ok(self.chunks().get(&chunk.hash).cloned())
-    }
-
-    fn store(&self, chunk: &ChunkRef, bytes: &[u8]) -> Result<(), SwarmError> {
-        self.chunks().insert(chunk.hash, Arc::from(bytes));
-        Ok(())
-    }
-
-    fn holds(&self, chunk: &ChunkRef) -> bool {
-        self.chunks().contains_key(&chunk.hash)
-    }
-
-    fn sync(&self) -> Result<(), SwarmError> {
-        Ok(())
-    }
-
-    fn blocks(&self) -> bool {
-        false
-    }
-}
 
 /// An image of `CHUNKS` distinct chunks in its root part, and the chunks' bytes.
 fn image() -> (SwarmImage, Vec<(ChunkRef, Vec<u8>)>) {
