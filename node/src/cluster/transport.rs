@@ -55,7 +55,8 @@ pub fn bind_server(
         what: format!("bind the cluster endpoint on udp {address}"),
         source,
     };
-    let socket = std::net::UdpSocket::bind(address).map_err(bind_error)?;
+    // Chunks share this endpoint (ALPN), so it gets the swarm's socket buffers.
+    let socket = crate::swarm::chunk_socket(address).map_err(bind_error)?;
     let runtime = quinn::default_runtime().ok_or_else(|| {
         ClusterError::Transport("no async runtime for the cluster endpoint".into())
     })?;

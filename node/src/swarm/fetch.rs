@@ -21,7 +21,7 @@ use transfer::swarm::tracker::Neighbours;
 use transfer::swarm::wire::FRAME_BYTES_MAX;
 use transfer::swarm::{
     Bitfield, ChunkArrival, FetchAction, FetchScheduler, Message, PeerId, Priority,
-    SchedulerConfig, decode_frame, seed_order_key,
+    SchedulerConfig, data_frame_payload, decode_frame, seed_order_key,
 };
 use transfer::{ChunkRef, verify_chunk};
 
@@ -475,6 +475,65 @@ impl Drop for Unregister {
     }
 }
 
+/// Reads an answer stream whole into one buffer, sized from its frame's length prefix once
+/// that has arrived: one copy of a chunk's bytes out of QUIC's buffers, no zero-filling, and
+/// never more than one frame's worth.
+async fn read_answer(receive: &mut quinn::RecvStream) -> Result<Vec<u8>, String> {
+    let mut frame: Vec<u8> = Vec::new();
+    let mut frame_bytes: Option<usize> = None;
+    while let Some(piece) = receive
+        .read_chunk(usize::MAX, true)
+        .await
+        .map_err(|error| error.to_string())?
+    {
+        if frame.len() + piece.bytes.len() > frame_bytes.unwrap_or(FRAME_BYTES_MAX + 4) {
+            return Err("longer than its frame".into());
+        }
+        frame.extend_from_slice(&piece.bytes);
+        if frame_bytes.is_none()
+            && let Some(prefix) = frame.get(..4)
+        {
+            let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if length > FRAME_BYTES_MAX {
+                return Err(format!(
+                    "a frame of {length} bytes, more than {FRAME_BYTES_MAX}"
+                ));
+            }
+            frame_bytes = Some(4 + length);
+            frame.reserve_exact((4 + length).saturating_sub(frame.len()));
+        }
+    }
+    Ok(frame)
+}
+
+/// Verifies the chunk that lies at `range` in `frame` and stores it, without copying it out.
+async fn verify_and_store(
+    image: &SharedImage,
+    index: u32,
+    chunk: ChunkRef,
+    frame: Vec<u8>,
+    range: std::ops::Range<usize>,
+) -> Answer {
+    let Some(bytes) = frame.get(range.clone()) else {
+        return Answer::Failed("the answer's chunk lies outside its frame".into());
+    };
+    if let Err(error) = verify_chunk(&chunk, bytes) {
+        return Answer::Corrupt(error.to_string());
+    }
+    let length = bytes.len() as u64;
+    let stored = super::shelf::on_shelf(Arc::clone(image.shelf()), move |shelf| {
+        match frame.get(range) {
+            Some(bytes) => shelf.store(&chunk, bytes),
+            None => Err(SwarmError::Shelf("a chunk's range moved".into())),
+        }
+    });
+    match stored.await {
+        Ok(Ok(())) => Answer::Verified { bytes: length },
+        Ok(Err(error)) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
+        Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
+    }
+}
+
 /// One request on its own stream: the answer, with `Data` verified and stored.
 async fn request_chunk(
     connection: &Connection,
@@ -491,33 +550,26 @@ async fn request_chunk(
         return Answer::Failed(format!("send the request: {error}"));
     }
     let _already_closed = send.finish();
-    let frame = match receive.read_to_end(FRAME_BYTES_MAX + 4).await {
+    let frame = match read_answer(&mut receive).await {
         Ok(frame) => frame,
         Err(error) => return Answer::Failed(format!("read the answer: {error}")),
     };
+    match data_frame_payload(&frame) {
+        Ok(Some((sent_index, range))) if sent_index == index => {
+            return verify_and_store(image, index, chunk, frame, range).await;
+        }
+        Ok(Some((sent_index, _))) => {
+            return Answer::Failed(format!("answered a request with chunk {sent_index}"));
+        }
+        Ok(None) => {}
+        Err(error) => return Answer::Failed(format!("bad answer: {error}")),
+    }
     let message = match decode_frame(&frame) {
         Ok(Some((message, used))) if used == frame.len() => message,
         Ok(_) => return Answer::Failed("the answer is not one whole frame".into()),
         Err(error) => return Answer::Failed(format!("bad answer: {error}")),
     };
     match message {
-        Message::Data {
-            index: sent_index,
-            bytes,
-        } if sent_index == index => {
-            if let Err(error) = verify_chunk(&chunk, &bytes) {
-                return Answer::Corrupt(error.to_string());
-            }
-            let length = bytes.len() as u64;
-            let stored = super::shelf::on_shelf(Arc::clone(image.shelf()), move |shelf| {
-                shelf.store(&chunk, &bytes)
-            });
-            match stored.await {
-                Ok(Ok(())) => Answer::Verified { bytes: length },
-                Ok(Err(error)) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
-                Err(error) => Answer::StoreFailed(format!("store chunk {index}: {error}")),
-            }
-        }
         Message::Busy {
             retry_after_ms,
             alternatives,

@@ -103,6 +103,40 @@ pub enum SwarmError {
     Shelf(String),
 }
 
+/// The socket buffers asked for on an endpoint that carries chunks. A fetcher that receives
+/// at line rate shares its CPU with verifying and storing what arrived; with the kernel's
+/// default receive buffer (208 KiB, under a millisecond at a few hundred MiB/s) any pause of
+/// its receiving thread drops datagrams, and QUIC reads each drop as congestion and halves
+/// its window. Measured on loopback with a 264 MiB image: 93 to 783 drops per fetch at the
+/// default, none at 4 MiB, and the fetch 15-25 % faster.
+pub const SOCKET_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+/// A UDP socket bound to `address` for a chunk endpoint, with [`SOCKET_BUFFER_BYTES`] of
+/// receive and send buffer: forced past `net.core.rmem_max`/`wmem_max` where the process
+/// may (`CAP_NET_ADMIN`, as boot servers and agents run), otherwise as much as those allow.
+pub fn chunk_socket(address: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use rustix::net::sockopt;
+    let socket = std::net::UdpSocket::bind(address)?;
+    if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER_BYTES).is_err() {
+        sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER_BYTES)?;
+    }
+    if sockopt::set_socket_send_buffer_size_force(&socket, SOCKET_BUFFER_BYTES).is_err() {
+        sockopt::set_socket_send_buffer_size(&socket, SOCKET_BUFFER_BYTES)?;
+    }
+    // The kernel reports twice what it grants (its bookkeeping overhead included).
+    let granted = sockopt::socket_recv_buffer_size(&socket)? / 2;
+    if granted < SOCKET_BUFFER_BYTES {
+        tracing::info!(
+            %address,
+            granted_bytes = granted,
+            wanted_bytes = SOCKET_BUFFER_BYTES,
+            "chunk endpoint: a smaller receive buffer than wanted (raise net.core.rmem_max); \
+             a busy fetcher may drop datagrams"
+        );
+    }
+    Ok(socket)
+}
+
 /// Transport settings for chunk connections: windows large enough that one stream can carry
 /// a whole chunk without waiting for window updates, keep-alives so a quiet peering stays
 /// open, and an idle timeout that notices a dead peer well before a boot gives up.

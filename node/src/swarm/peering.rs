@@ -252,8 +252,17 @@ impl SwarmNode {
     pub fn bind(address: SocketAddr, upload: UploadConfig) -> Result<Arc<Self>, SwarmError> {
         let (certificate, key) = tls::ephemeral_identity()?;
         let server = tls::server_config(certificate, key, transport_config())?;
-        let endpoint = Endpoint::server(server, address)
-            .map_err(|source| SwarmError::Bind { address, source })?;
+        let bind_error = |source| SwarmError::Bind { address, source };
+        let socket = super::chunk_socket(address).map_err(bind_error)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind_error(std::io::Error::other("no async runtime for quinn")))?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            runtime,
+        )
+        .map_err(bind_error)?;
         Self::serve_on(endpoint, upload)
     }
 
@@ -799,9 +808,13 @@ impl SwarmNode {
                 return write_message(send, &not_here).await.map(|()| false);
             }
         };
-        send.write_all(&data_frame_header(index, bytes.len()))
-            .await?;
-        send.write_all(&bytes).await?;
+        let length = bytes.len();
+        // The chunk goes to QUIC as it sits in the cache, without a copy.
+        send.write_all_chunks(&mut [
+            bytes::Bytes::copy_from_slice(&data_frame_header(index, length)),
+            bytes::Bytes::from_owner(bytes),
+        ])
+        .await?;
         // The slot is held until the requester has the bytes, not only until quinn has
         // buffered them: the gate's count of sends is then the chunks on the wire, so a busy
         // link shows as a busy gate (and duplicates are declined, `SendClaims`) instead of
@@ -811,7 +824,7 @@ impl SwarmNode {
         self.stats.chunks_uploaded.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_uploaded
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            .fetch_add(length as u64, Ordering::Relaxed);
         let _finished_before = send.finish();
         let acknowledged = tokio::time::timeout(SEND_ACKNOWLEDGED_TIMEOUT, send.stopped()).await;
         drop(permit);

@@ -5,6 +5,7 @@
 //! one is an error for that stream only: the driver logs it and closes the stream.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Range;
 
 use super::bitfield::{Bitfield, BitfieldError};
 use super::tracker::{NEIGHBOURS_MAX, RACK_NAME_MAX};
@@ -270,6 +271,37 @@ pub fn data_frame_header(index: u32, length: usize) -> [u8; 9] {
     header[4] = DATA;
     header[5..].copy_from_slice(&index.to_be_bytes());
     header
+}
+
+/// Where a chunk's bytes lie in `frame` when it is exactly one `Data` frame: its index and
+/// the range of its bytes, which a fetcher verifies and stores in place instead of copying
+/// them into a [`Message::Data`]. `Ok(None)` for anything else (another kind, a frame not
+/// whole, or more than one), which [`decode_frame`] then decodes or refuses. A `Data` frame
+/// is refused here exactly as [`decode_frame`] refuses it.
+pub fn data_frame_payload(frame: &[u8]) -> Result<Option<(u32, Range<usize>)>, WireError> {
+    let (Some(prefix), Some(&DATA)) = (frame.get(..4), frame.get(4)) else {
+        return Ok(None);
+    };
+    let length = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+    if length > FRAME_BYTES_MAX {
+        return Err(WireError::TooLong(length));
+    }
+    if frame.len() != 4 + length {
+        return Ok(None);
+    }
+    let mut fields = Fields {
+        bytes: &frame[5..],
+        kind: "data",
+    };
+    let index = fields.index()?;
+    let bytes = fields.rest();
+    if bytes.len() > CHUNK_BYTES_MAX {
+        return Err(WireError::OutOfRange(format!(
+            "data: {} bytes, more than a chunk",
+            bytes.len()
+        )));
+    }
+    Ok(Some((index, 9..frame.len())))
 }
 
 /// Takes one frame off the front of `buffer`: `Ok(None)` until a whole frame is there, then
@@ -577,6 +609,46 @@ mod tests {
         }
         assert_eq!(offset, stream.len());
         assert_eq!(decoded, every_kind());
+    }
+
+    #[test]
+    fn a_data_frame_is_found_in_place_and_refused_as_decode_frame_refuses_it() {
+        let mut frame = Vec::new();
+        let data = Message::Data {
+            index: 9,
+            bytes: vec![1, 2, 3],
+        };
+        data.encode(&mut frame);
+        assert_eq!(data_frame_payload(&frame), Ok(Some((9, 9..12))));
+        assert_eq!(&frame[9..12], &[1, 2, 3]);
+        // Not whole, more than one frame, or another kind: left to `decode_frame`.
+        assert_eq!(data_frame_payload(&frame[..11]), Ok(None));
+        let mut two = frame.clone();
+        two.extend_from_slice(&frame);
+        assert_eq!(data_frame_payload(&two), Ok(None));
+        let mut not_here = Vec::new();
+        Message::NotHere { index: 9 }.encode(&mut not_here);
+        assert_eq!(data_frame_payload(&not_here), Ok(None));
+        // The bounds `decode_frame` checks, with the same errors.
+        for bad in [
+            vec![0, 0, 0, 3, DATA, 0, 0],
+            vec![0, 0, 0, 5, DATA, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert_eq!(
+                data_frame_payload(&bad).map(|_| ()),
+                decode_frame(&bad).map(|_| ())
+            );
+            assert!(data_frame_payload(&bad).is_err());
+        }
+        let mut huge = u32::try_from(FRAME_BYTES_MAX + 1)
+            .unwrap()
+            .to_be_bytes()
+            .to_vec();
+        huge.push(DATA);
+        assert!(matches!(
+            data_frame_payload(&huge),
+            Err(WireError::TooLong(_))
+        ));
     }
 
     #[test]
