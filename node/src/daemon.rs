@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::{ConfigError, ServerConfig};
-use crate::dhcp_service::{DhcpCounters, DhcpServiceError, run_dhcp};
+use crate::dhcp_service::{DhcpCounters, DhcpServiceError, GroupCommitStore, run_dhcp_with_store};
 use crate::files::{DirectorySource, FileExports};
 use crate::image_source::{ExportsAndImages, FilesAndImages, ImageLibrary};
 use crate::journal::FileLeaseJournal;
@@ -317,10 +317,10 @@ pub async fn serve(
                         source: std::io::Error::other("journal"),
                     })?;
                 services.spawn(async move {
-                    run_dhcp(
+                    run_dhcp_with_store(
                         server,
                         links,
-                        journal,
+                        GroupCommitStore::new(journal),
                         SystemClock,
                         queue_max,
                         counters,

@@ -115,6 +115,10 @@ pub trait LeaseStore: Send + 'static {
     fn silenced(&self) -> Option<&'static str> {
         None
     }
+    /// Why the store stopped, once `next_event` has said it will give no more.
+    fn closed(&mut self) -> DhcpServiceError {
+        DhcpServiceError::Store("the lease store closed".into())
+    }
 }
 
 /// A [`LeaseJournal`] as a [`LeaseStore`]: a batch is durable when `append` returns.
@@ -175,6 +179,200 @@ impl<J: LeaseJournal> LeaseStore for JournalStore<J> {
             Some(event) => Some(event),
             // Every event of a journal is ready at once; none will come later.
             None => std::future::pending().await,
+        }
+    }
+}
+
+/// Lease batches that may wait for the journal's writer; beyond them proposals fail at once
+/// (no ACK, the client retries) instead of queueing without bound behind a stalled disk.
+const JOURNAL_BATCHES_WAITING_MAX: usize = 1024;
+
+/// A [`LeaseJournal`] on a thread of its own, as a [`LeaseStore`]: group commit off the DHCP
+/// loop. A batch is handed over and the loop goes on at once, so a slow fsync holds back only
+/// the ACKs that wait for it: OFFERs (never journaled), NAKs and the next datagrams keep
+/// flowing, and every batch that arrives during one fsync is written with the next one. The
+/// ACKs of a batch still leave only once its records are on disk.
+///
+/// The writer keeps its own copy of the bindings the journal describes, so it compacts on its
+/// own, between two appends, with no batch of the loop's half in and half out (the loop's
+/// table lags it by the batches in flight). That copy costs the memory of a second lease
+/// table.
+///
+/// This is what `serve` runs on one server. The simulator keeps [`JournalStore`]: a thread
+/// outside its virtual time would make its runs unrepeatable.
+#[derive(Debug)]
+pub struct GroupCommitStore<J> {
+    /// Until `load`: then the writer thread has it.
+    journal: Option<J>,
+    to_writer: Option<std::sync::mpsc::SyncSender<JournalBatch>>,
+    from_writer: Option<mpsc::Receiver<JournalOutcome>>,
+    ready: VecDeque<LeaseEvent>,
+    /// Why the writer stopped, once it has.
+    failed: Option<JournalError>,
+}
+
+#[derive(Debug)]
+struct JournalBatch {
+    ids: Vec<ProposalId>,
+    changes: Vec<LeaseChange>,
+}
+
+#[derive(Debug)]
+enum JournalOutcome {
+    /// Durable: these proposals.
+    Committed(Vec<ProposalId>),
+    /// The journal failed; nothing after this is durable.
+    Failed(JournalError),
+}
+
+impl<J: LeaseJournal> GroupCommitStore<J> {
+    /// Wraps `journal`; its writer starts once it is loaded.
+    pub fn new(journal: J) -> Self {
+        Self {
+            journal: Some(journal),
+            to_writer: None,
+            from_writer: None,
+            ready: VecDeque::new(),
+            failed: None,
+        }
+    }
+
+    fn take_outcome(&mut self, outcome: JournalOutcome) -> Option<LeaseEvent> {
+        match outcome {
+            JournalOutcome::Committed(ids) => Some(LeaseEvent::Committed(ids)),
+            JournalOutcome::Failed(error) => {
+                tracing::error!(%error, "lease journal append failed; stopping DHCP rather than ACK without durability");
+                self.failed = Some(error);
+                None
+            }
+        }
+    }
+}
+
+impl<J: LeaseJournal> LeaseStore for GroupCommitStore<J> {
+    fn load(&mut self) -> Result<Vec<LeaseChange>, DhcpServiceError> {
+        let Some(mut journal) = self.journal.take() else {
+            return Err(DhcpServiceError::Store(
+                "the lease journal was loaded already".into(),
+            ));
+        };
+        let changes = journal.load()?;
+        let mut bindings = LeaseTable::default();
+        for change in &changes {
+            bindings.apply(change);
+        }
+        let (to_writer, batches) = std::sync::mpsc::sync_channel(JOURNAL_BATCHES_WAITING_MAX);
+        let (outcomes, from_writer) = mpsc::channel(JOURNAL_BATCHES_WAITING_MAX);
+        std::thread::Builder::new()
+            .name("lease-journal".into())
+            .spawn(move || write_batches(journal, bindings, &batches, &outcomes))
+            .map_err(|error| {
+                DhcpServiceError::Store(format!("start the lease journal's writer: {error}"))
+            })?;
+        self.to_writer = Some(to_writer);
+        self.from_writer = Some(from_writer);
+        Ok(changes)
+    }
+
+    fn submit(
+        &mut self,
+        proposals: Vec<LeaseProposal>,
+        _table: &LeaseTable,
+    ) -> Result<(), DhcpServiceError> {
+        if let Some(error) = self.failed.take() {
+            return Err(error.into());
+        }
+        let Some(to_writer) = &self.to_writer else {
+            return Err(DhcpServiceError::Store(
+                "the lease journal is not loaded".into(),
+            ));
+        };
+        let ids: Vec<ProposalId> = proposals.iter().map(|proposal| proposal.id).collect();
+        let changes: Vec<LeaseChange> = proposals
+            .into_iter()
+            .map(|proposal| proposal.change)
+            .collect();
+        match to_writer.try_send(JournalBatch { ids, changes }) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::TrySendError::Full(batch)) => {
+                self.ready.push_back(LeaseEvent::Failed(
+                    batch.ids,
+                    "the lease journal is behind by too many batches".into(),
+                ));
+                Ok(())
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(DhcpServiceError::Store(
+                "the lease journal's writer stopped".into(),
+            )),
+        }
+    }
+
+    fn try_event(&mut self) -> Option<LeaseEvent> {
+        if let Some(event) = self.ready.pop_front() {
+            return Some(event);
+        }
+        let outcome = self.from_writer.as_mut()?.try_recv().ok()?;
+        self.take_outcome(outcome)
+    }
+
+    async fn next_event(&mut self) -> Option<LeaseEvent> {
+        if let Some(event) = self.ready.pop_front() {
+            return Some(event);
+        }
+        if self.failed.is_some() {
+            return None;
+        }
+        let Some(from_writer) = self.from_writer.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = from_writer.recv().await?;
+        self.take_outcome(outcome)
+    }
+
+    fn closed(&mut self) -> DhcpServiceError {
+        match self.failed.take() {
+            Some(error) => error.into(),
+            None => DhcpServiceError::Store("the lease journal's writer stopped".into()),
+        }
+    }
+}
+
+/// The writer thread: takes every batch waiting, appends them with one fsync, reports them
+/// committed, and compacts the journal when its history has outgrown `bindings`.
+fn write_batches<J: LeaseJournal>(
+    mut journal: J,
+    mut bindings: LeaseTable,
+    batches: &std::sync::mpsc::Receiver<JournalBatch>,
+    outcomes: &mpsc::Sender<JournalOutcome>,
+) {
+    while let Ok(first) = batches.recv() {
+        let mut group = vec![first];
+        while let Ok(next) = batches.try_recv() {
+            group.push(next);
+        }
+        let changes: Vec<LeaseChange> = group
+            .iter()
+            .flat_map(|batch| batch.changes.iter().cloned())
+            .collect();
+        let outcome = match journal.append(&changes) {
+            Ok(()) => {
+                for change in &changes {
+                    bindings.apply(change);
+                }
+                JournalOutcome::Committed(group.into_iter().flat_map(|batch| batch.ids).collect())
+            }
+            Err(error) => JournalOutcome::Failed(error),
+        };
+        let failed = matches!(outcome, JournalOutcome::Failed(_));
+        if outcomes.blocking_send(outcome).is_err() || failed {
+            return;
+        }
+        // After the ACKs are on their way: a compaction delays only the next batch.
+        if journal.needs_compaction(bindings.binding_count())
+            && let Err(error) = journal.compact(&bindings.snapshot())
+        {
+            let _closed = outcomes.blocking_send(JournalOutcome::Failed(error));
+            return;
         }
     }
 }
@@ -264,7 +462,7 @@ where
             }
             event = store.next_event() => {
                 let Some(event) = event else {
-                    return Err(DhcpServiceError::Store("the lease store closed".into()));
+                    return Err(store.closed());
                 };
                 handle_lease_event(&mut server, event, &clock, &counters);
             }
@@ -474,6 +672,295 @@ async fn read_link<L: DhcpLink>(
                 // Avoid a hot loop on a persistent error (interface gone).
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::disallowed_methods,
+    reason = "the tests drive the service as `serve` does, on a task of its own"
+)]
+mod tests {
+    use std::io;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use boot_services::dhcp::{DhcpConfig, Ipv4Network, SubnetConfig, Transmit};
+    use dhcproto::v4::{DhcpOption, Message, MessageType};
+    use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+
+    use super::*;
+    use crate::seams::SystemClock;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 1);
+
+    /// A link the test feeds and whose replies it reads.
+    struct ChannelLink {
+        inbound: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+        outbound: mpsc::UnboundedSender<Transmit>,
+    }
+
+    impl DhcpLink for ChannelLink {
+        async fn receive(&self, buffer: &mut [u8]) -> io::Result<ReceivedDatagram> {
+            let bytes = self.inbound.lock().await.recv().await;
+            let bytes = bytes.ok_or_else(|| io::Error::other("the test is over"))?;
+            buffer[..bytes.len()].copy_from_slice(&bytes);
+            Ok(ReceivedDatagram {
+                length_bytes: bytes.len(),
+                source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                local_address: SERVER,
+                local_port: 67,
+                interface_index: 1,
+            })
+        }
+
+        async fn send(&self, transmit: &Transmit) -> io::Result<()> {
+            self.outbound
+                .send(transmit.clone())
+                .map_err(|_| io::Error::other("the test is over"))
+        }
+
+        fn interface_index(&self) -> u32 {
+            1
+        }
+    }
+
+    /// A journal whose every append tells the test how many records it holds and then waits
+    /// until the test lets it return: an fsync that takes as long as the test wants.
+    struct StallingJournal {
+        appended: mpsc::UnboundedSender<usize>,
+        release: std::sync::mpsc::Receiver<()>,
+        records: Arc<Mutex<Vec<LeaseChange>>>,
+    }
+
+    impl LeaseJournal for StallingJournal {
+        fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
+            Ok(Vec::new())
+        }
+        fn append(&mut self, changes: &[LeaseChange]) -> Result<(), JournalError> {
+            let _test_over = self.appended.send(changes.len());
+            let _test_over = self.release.recv();
+            self.records.lock().unwrap().extend_from_slice(changes);
+            Ok(())
+        }
+        fn needs_compaction(&self, _live_bindings: usize) -> bool {
+            false
+        }
+        fn compact(&mut self, _live: &[LeaseChange]) -> Result<(), JournalError> {
+            Ok(())
+        }
+    }
+
+    fn config() -> DhcpConfig {
+        DhcpConfig {
+            subnets: vec![SubnetConfig {
+                network: Ipv4Network {
+                    address: Ipv4Addr::new(10, 0, 0, 0),
+                    prefix_length: 24,
+                },
+                ranges: vec![AddressRange {
+                    first: Ipv4Addr::new(10, 0, 0, 100),
+                    last: Ipv4Addr::new(10, 0, 0, 199),
+                }],
+                routers: vec![SERVER],
+                dns_servers: vec![],
+                domain_name: None,
+                lease_time: Duration::from_secs(3600),
+                next_server: None,
+            }],
+            ..DhcpConfig::default()
+        }
+    }
+
+    fn message(kind: MessageType, client: u8, xid: u32, requested: Option<Ipv4Addr>) -> Vec<u8> {
+        let hardware = [0x52, 0x54, 0, 0, 0, client];
+        let unspecified = Ipv4Addr::UNSPECIFIED;
+        let mut message = Message::new_with_id(
+            xid,
+            unspecified,
+            unspecified,
+            unspecified,
+            unspecified,
+            &hardware,
+        );
+        message.opts_mut().insert(DhcpOption::MessageType(kind));
+        if let Some(address) = requested {
+            message
+                .opts_mut()
+                .insert(DhcpOption::RequestedIpAddress(address));
+            message
+                .opts_mut()
+                .insert(DhcpOption::ServerIdentifier(SERVER));
+        }
+        let mut bytes = Vec::new();
+        message.encode(&mut Encoder::new(&mut bytes)).unwrap();
+        bytes
+    }
+
+    async fn reply(
+        outbound: &mut mpsc::UnboundedReceiver<Transmit>,
+    ) -> (MessageType, u32, Ipv4Addr) {
+        let transmit = outbound.recv().await.unwrap();
+        let message = Message::decode(&mut Decoder::new(&transmit.bytes)).unwrap();
+        (transmit.message_type, transmit.xid, message.yiaddr())
+    }
+
+    #[tokio::test]
+    async fn offers_keep_flowing_while_the_journal_syncs_and_requests_that_wait_share_one_append() {
+        let (inbound, inbound_receiver) = mpsc::channel(64);
+        let (outbound_sender, mut outbound) = mpsc::unbounded_channel();
+        let link = Arc::new(ChannelLink {
+            inbound: tokio::sync::Mutex::new(inbound_receiver),
+            outbound: outbound_sender,
+        });
+        let (appended_sender, mut appended) = mpsc::unbounded_channel();
+        let (release, release_receiver) = std::sync::mpsc::channel();
+        let records = Arc::new(Mutex::new(Vec::new()));
+        let journal = StallingJournal {
+            appended: appended_sender,
+            release: release_receiver,
+            records: Arc::clone(&records),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let service = tokio::spawn(run_dhcp_with_store(
+            DhcpServer::new(config()).unwrap(),
+            vec![link],
+            GroupCommitStore::new(journal),
+            SystemClock,
+            64,
+            Arc::new(DhcpCounters::default()),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+
+        // Client 1 is offered an address and asks for it: the journal starts its sync.
+        inbound
+            .send(message(MessageType::Discover, 1, 1, None))
+            .await
+            .unwrap();
+        let (kind, xid, first) = reply(&mut outbound).await;
+        assert_eq!((kind, xid), (MessageType::Offer, 1));
+        inbound
+            .send(message(MessageType::Request, 1, 2, Some(first)))
+            .await
+            .unwrap();
+        assert_eq!(appended.recv().await, Some(1));
+
+        // While it syncs, clients 2 and 3 are offered addresses and ask for them, and client
+        // 4 is offered one after them: the loop has handled both requests by then.
+        let mut offered = Vec::new();
+        for (client, xid) in [(2, 3), (3, 5)] {
+            inbound
+                .send(message(MessageType::Discover, client, xid, None))
+                .await
+                .unwrap();
+            let (kind, answered, address) = reply(&mut outbound).await;
+            assert_eq!((kind, answered), (MessageType::Offer, xid));
+            inbound
+                .send(message(
+                    MessageType::Request,
+                    client,
+                    xid + 1,
+                    Some(address),
+                ))
+                .await
+                .unwrap();
+            offered.push(address);
+        }
+        inbound
+            .send(message(MessageType::Discover, 4, 7, None))
+            .await
+            .unwrap();
+        assert_eq!(reply(&mut outbound).await.1, 7);
+        // No ACK can have left: none of the requests is on disk yet.
+        assert!(outbound.try_recv().is_err());
+        assert!(records.lock().unwrap().is_empty());
+
+        // The first sync returns: client 1's ACK. Both requests that waited go in the next
+        // append, together.
+        release.send(()).unwrap();
+        assert_eq!(reply(&mut outbound).await, (MessageType::Ack, 2, first));
+        assert_eq!(appended.recv().await, Some(2));
+        assert!(outbound.try_recv().is_err());
+        release.send(()).unwrap();
+        let mut acks = vec![reply(&mut outbound).await, reply(&mut outbound).await];
+        acks.sort_by_key(|ack| ack.1);
+        assert_eq!(
+            acks,
+            vec![
+                (MessageType::Ack, 4, offered[0]),
+                (MessageType::Ack, 6, offered[1])
+            ]
+        );
+        assert_eq!(records.lock().unwrap().len(), 3);
+
+        stop.send(()).unwrap();
+        service.await.unwrap().unwrap();
+    }
+
+    /// A journal that fails its first append, as a disk that went read-only.
+    struct FailingJournal;
+
+    impl LeaseJournal for FailingJournal {
+        fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
+            Ok(Vec::new())
+        }
+        fn append(&mut self, _changes: &[LeaseChange]) -> Result<(), JournalError> {
+            Err(JournalError::Io {
+                path: "leases.journal".into(),
+                source: io::Error::other("read-only file system"),
+            })
+        }
+        fn needs_compaction(&self, _live_bindings: usize) -> bool {
+            false
+        }
+        fn compact(&mut self, _live: &[LeaseChange]) -> Result<(), JournalError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_stops_the_service_with_the_journals_error_and_no_ack() {
+        let (inbound, inbound_receiver) = mpsc::channel(64);
+        let (outbound_sender, mut outbound) = mpsc::unbounded_channel();
+        let link = Arc::new(ChannelLink {
+            inbound: tokio::sync::Mutex::new(inbound_receiver),
+            outbound: outbound_sender,
+        });
+        let service = tokio::spawn(run_dhcp_with_store(
+            DhcpServer::new(config()).unwrap(),
+            vec![link],
+            GroupCommitStore::new(FailingJournal),
+            SystemClock,
+            64,
+            Arc::new(DhcpCounters::default()),
+            std::future::pending(),
+        ));
+        inbound
+            .send(message(MessageType::Discover, 1, 1, None))
+            .await
+            .unwrap();
+        let (_, _, offered) = reply(&mut outbound).await;
+        inbound
+            .send(message(MessageType::Request, 1, 2, Some(offered)))
+            .await
+            .unwrap();
+        let stopped = service.await.unwrap();
+        assert!(
+            matches!(&stopped, Err(DhcpServiceError::Journal(_))),
+            "{stopped:?}"
+        );
+        assert!(
+            stopped
+                .unwrap_err()
+                .to_string()
+                .contains("read-only file system")
+        );
+        while let Ok(transmit) = outbound.try_recv() {
+            assert_ne!(transmit.message_type, MessageType::Ack);
         }
     }
 }
