@@ -901,6 +901,96 @@ mod tests {
         service.await.unwrap().unwrap();
     }
 
+    /// An in-memory journal that wants compacting once it holds more than two records beyond
+    /// the live bindings.
+    struct ShortJournal(Arc<Mutex<Vec<LeaseChange>>>);
+
+    impl LeaseJournal for ShortJournal {
+        fn load(&mut self) -> Result<Vec<LeaseChange>, JournalError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn append(&mut self, changes: &[LeaseChange]) -> Result<(), JournalError> {
+            self.0.lock().unwrap().extend_from_slice(changes);
+            Ok(())
+        }
+        fn needs_compaction(&self, live_bindings: usize) -> bool {
+            self.0.lock().unwrap().len() > live_bindings + 2
+        }
+        fn compact(&mut self, live: &[LeaseChange]) -> Result<(), JournalError> {
+            *self.0.lock().unwrap() = live.to_vec();
+            Ok(())
+        }
+    }
+
+    fn bind(client: u8, expires_at_unix_secs: u64) -> LeaseChange {
+        LeaseChange::Bind {
+            client: boot_services::dhcp::ClientId(vec![1, client]),
+            hardware_address: vec![0x52, 0x54, 0, 0, 0, client],
+            address: Ipv4Addr::new(10, 0, 0, 100 + client),
+            expires_at_unix_secs,
+            hostname: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_writer_compacts_the_journal_to_the_bindings_it_describes() {
+        let history = Arc::new(Mutex::new(vec![bind(1, 1000)]));
+        let mut store = GroupCommitStore::new(ShortJournal(Arc::clone(&history)));
+        assert_eq!(store.load().unwrap(), vec![bind(1, 1000)]);
+        let table = LeaseTable::default();
+        // Renewals of two clients: the history grows, the bindings stay two.
+        let mut expected_ids = Vec::new();
+        for (id, (client, expiry)) in [(2, 1000), (1, 2000), (2, 2000), (1, 3000), (2, 3000)]
+            .into_iter()
+            .enumerate()
+        {
+            let id = ProposalId(id as u64);
+            store
+                .submit(
+                    vec![LeaseProposal {
+                        id,
+                        change: bind(client, expiry),
+                    }],
+                    &table,
+                )
+                .unwrap();
+            expected_ids.push(id);
+        }
+        let mut committed = Vec::new();
+        while committed.len() < expected_ids.len() {
+            let event = store.next_event().await;
+            let Some(LeaseEvent::Committed(ids)) = event else {
+                unreachable!("only commits were expected, got {event:?}");
+            };
+            committed.extend(ids);
+        }
+        assert_eq!(committed, expected_ids);
+        // The writer compacts after it has reported a group, before it takes the next: one
+        // more batch, once committed, finds the compaction done.
+        store
+            .submit(
+                vec![LeaseProposal {
+                    id: ProposalId(9),
+                    change: bind(1, 4000),
+                }],
+                &table,
+            )
+            .unwrap();
+        assert_eq!(
+            store.next_event().await,
+            Some(LeaseEvent::Committed(vec![ProposalId(9)]))
+        );
+        // However the batches were grouped, six renewals of two clients ended in no more than
+        // four records, and replaying them gives each client its last lease.
+        let kept = history.lock().unwrap().clone();
+        assert!(kept.len() <= 4, "{kept:?}");
+        let mut replayed = LeaseTable::default();
+        for change in &kept {
+            replayed.apply(change);
+        }
+        assert_eq!(replayed.snapshot(), vec![bind(1, 4000), bind(2, 3000)]);
+    }
+
     /// A journal that fails its first append, as a disk that went read-only.
     struct FailingJournal;
 
