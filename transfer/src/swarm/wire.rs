@@ -293,14 +293,7 @@ pub fn data_frame_payload(frame: &[u8]) -> Result<Option<(u32, Range<usize>)>, W
         bytes: &frame[5..],
         kind: "data",
     };
-    let index = fields.index()?;
-    let bytes = fields.rest();
-    if bytes.len() > CHUNK_BYTES_MAX {
-        return Err(WireError::OutOfRange(format!(
-            "data: {} bytes, more than a chunk",
-            bytes.len()
-        )));
-    }
+    let (index, _bytes) = fields.data()?;
     Ok(Some((index, 9..frame.len())))
 }
 
@@ -398,6 +391,19 @@ impl<'a> Fields<'a> {
         std::mem::take(&mut self.bytes)
     }
 
+    /// A `Data` body: the chunk's index and its bytes, at most a chunk.
+    fn data(&mut self) -> Result<(u32, &'a [u8]), WireError> {
+        let index = self.index()?;
+        let bytes = self.rest();
+        if bytes.len() > CHUNK_BYTES_MAX {
+            return Err(WireError::OutOfRange(format!(
+                "data: {} bytes, more than a chunk",
+                bytes.len()
+            )));
+        }
+        Ok((index, bytes))
+    }
+
     fn end(self) -> Result<(), WireError> {
         if self.bytes.is_empty() {
             Ok(())
@@ -473,14 +479,7 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
             Message::Request { index, priority }
         }
         DATA => {
-            let index = fields.index()?;
-            let bytes = fields.rest();
-            if bytes.len() > CHUNK_BYTES_MAX {
-                return Err(WireError::OutOfRange(format!(
-                    "data: {} bytes, more than a chunk",
-                    bytes.len()
-                )));
-            }
+            let (index, bytes) = fields.data()?;
             Message::Data {
                 index,
                 bytes: bytes.to_vec(),
