@@ -3,7 +3,8 @@
 //! - `chunks/<first two hex digits>/<hash>`: a chunk, named by the blake3 of its bytes.
 //! - `manifests/<hash>`: a manifest's rkyv bytes, named by their blake3.
 //! - `catalog.json`: tags and group assignments ([`Catalog`]).
-//! - `tmp/`: files being written; a crash leaves debris here, removed by the next writer.
+//! - `tmp/`: files being written; a crash leaves debris here, removed by the next writer
+//!   (files of a process that still runs stay).
 //! - `lock`: writers (import, rm, gc) hold an exclusive lock on it; readers take none.
 //!
 //! Every file is written to `tmp/`, synced, then renamed into place, so no reader ever sees a
@@ -184,7 +185,11 @@ impl ChunkStore {
     }
 
     /// Takes the writers' lock (blocking until other writers finish) and clears debris that
-    /// a crashed writer left in `tmp/`.
+    /// a crashed writer left in `tmp/`. A file that a living process is still writing stays:
+    /// chunk and manifest writes name their process (`<name>.<pid>.<serial>`) and take no
+    /// lock, so a server storing a chunk it fetched must not lose it to an import or a gc
+    /// run beside it. Anything else in `tmp/` (an import's staging directory) was made under
+    /// this lock, so its maker is gone.
     pub fn lock_for_writing(&self) -> Result<StoreLock, StoreError> {
         let path = self.root.join("lock");
         let file = File::options()
@@ -198,6 +203,9 @@ impl ChunkStore {
         let entries = fs::read_dir(&temp).map_err(io_error("list", &temp))?;
         for entry in entries {
             let entry = entry.map_err(io_error("list", &temp))?;
+            if written_by_a_living_process(&entry.file_name().to_string_lossy()) {
+                continue;
+            }
             let debris = entry.path();
             tracing::info!(path = %debris.display(), "removing what an interrupted write left");
             let removed = if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
@@ -565,6 +573,24 @@ fn read_bounded(path: &Path, bytes_max: usize) -> std::io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Whether a `tmp/` entry's name is `<name>.<pid>.<serial>` with a process that still runs.
+/// A pid reused since a crash keeps that debris until the new process ends: a file left
+/// over, never a write lost.
+fn written_by_a_living_process(name: &str) -> bool {
+    let mut parts = name.rsplitn(3, '.');
+    let (Some(serial), Some(pid), Some(_target)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    if serial.parse::<u64>().is_err() {
+        return false;
+    }
+    match pid.parse::<u32>() {
+        Ok(pid) => Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -642,11 +668,23 @@ mod tests {
     }
 
     #[test]
-    fn debris_of_interrupted_writes_is_cleared_by_the_next_writer() -> TestResult {
+    fn debris_of_interrupted_writes_is_cleared_by_the_next_writer_and_live_writes_stay()
+    -> TestResult {
         let directory = tempfile::tempdir()?;
         let store = ChunkStore::open(directory.path(), 1024)?;
-        let debris = directory.path().join("tmp").join("half-written.123.0");
+        // A pid above the kernel's largest (2^22): no process has it.
+        let debris = directory
+            .path()
+            .join("tmp")
+            .join("half-written.999999999.0");
         fs::write(&debris, b"torn")?;
+        // A file this process is writing, as a fetch that stores a chunk does beside a gc.
+        let in_progress = directory.path().join("tmp").join(format!(
+            "{}.{}.7",
+            "ab".repeat(32),
+            std::process::id()
+        ));
+        fs::write(&in_progress, b"half")?;
         fs::create_dir_all(
             directory
                 .path()
@@ -656,7 +694,8 @@ mod tests {
         )?;
         let _lock = store.lock_for_writing()?;
         assert!(!debris.exists());
-        assert_eq!(fs::read_dir(directory.path().join("tmp"))?.count(), 0);
+        assert!(in_progress.exists());
+        assert_eq!(fs::read_dir(directory.path().join("tmp"))?.count(), 1);
         Ok(())
     }
 
