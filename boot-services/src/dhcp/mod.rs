@@ -198,15 +198,26 @@ pub struct Rendezvous {
     pub servers: Vec<u64>,
     /// Delay per rank.
     pub stagger: Duration,
+    /// Per subnet (its index in the configuration): the servers that, as far as the cluster
+    /// state shows, have no free address of their own there. A new client's ranking skips
+    /// them, so that it is not kept waiting a stagger for a server that cannot offer. Two
+    /// servers whose views differ for a moment both offer at once, or one offers a stagger
+    /// late: the client takes one offer, and the other lapses.
+    pub exhausted: BTreeMap<usize, BTreeSet<u64>>,
 }
 
 impl Rendezvous {
-    /// This server's rank for `client`: 0 offers at once.
-    pub fn rank(&self, client: &ClientId) -> usize {
+    /// This server's rank for `client`: 0 offers at once. A client that already has an
+    /// address (`new_in_subnet` is `None`) can be offered it by any server; a new one
+    /// (`Some(subnet)`) only by a server with a free address in that subnet, so the servers
+    /// known to have none are left out of its ranking.
+    pub fn rank(&self, client: &ClientId, new_in_subnet: Option<usize>) -> usize {
+        let skipped = new_in_subnet.and_then(|subnet| self.exhausted.get(&subnet));
         let own_score = rendezvous_score(client, self.own);
         self.servers
             .iter()
             .filter(|server| **server != self.own)
+            .filter(|server| skipped.is_none_or(|skipped| !skipped.contains(*server)))
             .filter(|server| {
                 let score = rendezvous_score(client, **server);
                 score > own_score || (score == own_score && **server < self.own)
@@ -586,16 +597,19 @@ impl DhcpServer {
         let now_unix_secs = unix_secs(now);
         let subnet = self.subnet(subnet_index)?.clone();
         let server_identifier = datagram.local_address;
-        let address = if let Some(fixed) = self.fixed_address_for(context, &subnet) {
-            fixed
+        let (address, new_in_subnet) = if let Some(fixed) = self.fixed_address_for(context, &subnet)
+        {
+            (fixed, None)
         } else {
-            self.choose_dynamic_address(
+            let address = self.choose_dynamic_address(
                 now_unix_secs,
                 request,
                 context,
                 &subnet,
                 server_identifier,
-            )?
+            )?;
+            let known = self.table.address_of(&context.client) == Some(address);
+            (address, (!known).then_some(subnet_index))
         };
         self.hold_address(address, &context.client, now_unix_secs);
         let reply = self.build_reply(
@@ -606,10 +620,9 @@ impl DhcpServer {
             MessageType::Offer,
             Some(address),
         )?;
-        let rank = self
-            .rendezvous
-            .as_ref()
-            .map_or(0, |rendezvous| rendezvous.rank(&context.client));
+        let rank = self.rendezvous.as_ref().map_or(0, |rendezvous| {
+            rendezvous.rank(&context.client, new_in_subnet)
+        });
         let stagger = self
             .rendezvous
             .as_ref()

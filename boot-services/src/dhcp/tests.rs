@@ -902,8 +902,9 @@ fn rendezvous_ranks_are_a_permutation_and_spread_the_first_rank() {
                     own: *own,
                     servers: servers.clone(),
                     stagger: Duration::from_millis(300),
+                    exhausted: BTreeMap::new(),
                 }
-                .rank(&client)
+                .rank(&client, None)
             })
             .collect();
         let leader = servers[ranks.iter().position(|rank| *rank == 0).unwrap()];
@@ -930,8 +931,9 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
                     own: 2,
                     servers: vec![1, 2],
                     stagger,
+                    exhausted: BTreeMap::new(),
                 }
-                .rank(&ClientId(client))
+                .rank(&ClientId(client), Some(0))
                     == rank
             })
             .unwrap()
@@ -941,6 +943,7 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
         own: 2,
         servers: vec![1, 2],
         stagger,
+        exhausted: BTreeMap::new(),
     }));
     // Rank 0: at once.
     harness
@@ -974,6 +977,52 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
     assert_eq!(harness.server.poll_timeout(), None);
     harness.server.handle_timeout(harness.now + stagger * 2);
     assert!(harness.replies().is_empty());
+}
+
+#[test]
+fn a_new_client_is_not_kept_waiting_for_a_server_with_no_free_address() {
+    let stagger = Duration::from_millis(300);
+    // Clients for whom server 1 ranks before server 2 (this one).
+    let mut second_ranked = (0u8..=255).map(mac).filter(|hardware| {
+        let mut client = vec![1];
+        client.extend_from_slice(hardware);
+        Rendezvous {
+            own: 2,
+            servers: vec![1, 2],
+            stagger,
+            exhausted: BTreeMap::new(),
+        }
+        .rank(&ClientId(client), None)
+            == 1
+    });
+    let (known, new) = (second_ranked.next().unwrap(), second_ranked.next().unwrap());
+    let mut harness = Harness::new(config());
+    let address = harness
+        .lease(request_message(MessageType::Discover, known, 1))
+        .yiaddr();
+    // Server 1 has no free address left in subnet 0, as the cluster state shows.
+    harness.server.set_rendezvous(Some(Rendezvous {
+        own: 2,
+        servers: vec![1, 2],
+        stagger,
+        exhausted: BTreeMap::from([(0, BTreeSet::from([1]))]),
+    }));
+    // A new client: server 1 cannot offer, so this one does, at once.
+    harness
+        .send(&request_message(MessageType::Discover, new, 2))
+        .unwrap();
+    let (offer, _) = harness.one_reply();
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(harness.server.poll_timeout(), None);
+    // A client with a binding: server 1 can offer it its address, so this one waits its rank.
+    harness
+        .send(&request_message(MessageType::Discover, known, 3))
+        .unwrap();
+    assert!(harness.replies().is_empty());
+    assert_eq!(harness.server.poll_timeout(), Some(harness.now + stagger));
+    harness.server.handle_timeout(harness.now + stagger);
+    let (offer, _) = harness.one_reply();
+    assert_eq!(offer.yiaddr(), address);
 }
 
 #[test]

@@ -27,7 +27,7 @@
 // A driver: it spawns the task that waits for each batch's commit.
 #![allow(clippy::disallowed_methods)]
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -170,14 +170,16 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     /// What the DHCP core was last told.
     allocatable: Option<Vec<AddressRange>>,
     servers: Vec<u64>,
+    /// What the DHCP core was last told of its rank among the servers.
+    rendezvous: Option<Rendezvous>,
     /// A block request (take or renew) is on its way.
     block_request: Arc<std::sync::atomic::AtomicBool>,
     /// Told when a block request committed, so the core hears of the block at once.
     blocks_changed: Arc<tokio::sync::Notify>,
     /// Per subnet: free addresses at the last look, and when.
-    last_free: std::collections::BTreeMap<usize, (u32, tokio::time::Instant)>,
+    last_free: BTreeMap<usize, (u32, tokio::time::Instant)>,
     /// Per subnet: addresses given out per second, smoothed.
-    grant_rates: std::collections::BTreeMap<usize, f64>,
+    grant_rates: BTreeMap<usize, f64>,
     /// Grants made while cut off, not yet in the cluster state.
     minority: Arc<Mutex<J>>,
     /// A reconciliation of `minority` is on its way.
@@ -190,6 +192,51 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     sabotage: Sabotage,
     /// How long this server's block leases last.
     block_lease: Duration,
+}
+
+/// What one look at the cluster state found about the blocks.
+#[derive(Debug, Default)]
+struct BlockLook {
+    /// This server's blocks.
+    held: Vec<AddressRange>,
+    /// This server's blocks due for renewal (or to be taken back).
+    renew: Vec<AddressRange>,
+    /// Per subnet, this server's free addresses.
+    free: BTreeMap<usize, u32>,
+    /// (subnet, server) for every server with a free address of its own in that subnet.
+    with_free: BTreeSet<(usize, u64)>,
+    /// Indexes (into the blocks) of the blocks nobody holds, in address order.
+    unowned: Vec<usize>,
+}
+
+/// The unowned blocks of `subnet` (indexes into the blocks) that the server at `place` among
+/// `servers` asks for, in the order it asks: from the start of its own share of the subnet's
+/// blocks, then on round the subnet. Servers that all asked for the first free block in
+/// address order raced for the same blocks: one won each round and the others, refused, asked
+/// again a look later, so at a fresh cluster's start the new clients ranked first on them
+/// waited.
+fn block_candidates<'a>(
+    block_subnets: &'a [usize],
+    subnet: usize,
+    place: usize,
+    servers: usize,
+    unowned: &'a [usize],
+) -> impl Iterator<Item = usize> + 'a {
+    let span_first = block_subnets
+        .iter()
+        .position(|block_subnet| *block_subnet == subnet)
+        .unwrap_or(0);
+    let span_len = block_subnets[span_first..]
+        .iter()
+        .take_while(|block_subnet| **block_subnet == subnet)
+        .count();
+    let start = span_first + span_len * place / servers.max(1);
+    let from_start = unowned.iter().filter(move |index| **index >= start);
+    let before_start = unowned.iter().filter(move |index| **index < start);
+    from_start
+        .chain(before_start)
+        .copied()
+        .filter(move |index| block_subnets.get(*index) == Some(&subnet))
 }
 
 /// The blocks of every subnet's dynamic ranges, and the subnet of each.
@@ -306,6 +353,7 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             tick,
             allocatable: Some(Vec::new()),
             servers: Vec::new(),
+            rendezvous: None,
             block_request: Arc::default(),
             blocks_changed: Arc::default(),
             last_free: Default::default(),
@@ -394,13 +442,7 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
         let own = self.member.server_id();
         let servers = self.member.member_ids();
         if servers != self.servers {
-            self.servers = servers.clone();
-            self.ready
-                .push_back(LeaseEvent::Rendezvous(Some(Rendezvous {
-                    own,
-                    servers,
-                    stagger: OFFER_STAGGER,
-                })));
+            self.servers = servers;
         }
         let now = self.member.wall_now_ms();
         let now_secs = now / 1000;
@@ -409,48 +451,74 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
         } else {
             MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS
         };
-        let (held, renew, free, candidates) = self.member.state().read(|state| {
-            let mut held = Vec::new();
-            let mut renew = Vec::new();
-            let mut free: std::collections::BTreeMap<usize, u32> = Default::default();
-            let mut candidates: std::collections::BTreeMap<usize, Vec<AddressRange>> =
-                Default::default();
-            let mut unowned: std::collections::BTreeMap<usize, usize> = Default::default();
-            for (block, subnet) in self.blocks.iter().zip(&self.block_subnets) {
-                free.entry(*subnet).or_default();
+        let look = self.member.state().read(|state| {
+            let mut look = BlockLook::default();
+            for (index, (block, subnet)) in self.blocks.iter().zip(&self.block_subnets).enumerate()
+            {
+                look.free.entry(*subnet).or_default();
                 match state.blocks.get(&BlockId(block.first)) {
-                    Some(lease) if lease.server == own && lease.until > now => {
-                        held.push(*block);
-                        if lease.until - now < self.block_lease.as_millis() as u64 / 2 {
-                            renew.push(*block);
-                        }
+                    Some(lease) if lease.until > now => {
+                        let size = u32::from(block.last) - u32::from(block.first) + 1;
                         let bound = state
                             .leases
                             .range(block.first..=block.last)
                             .filter(|(_, lease)| lease.expires_at_unix_secs > now_secs)
+                            .take(size as usize)
                             .count() as u32;
-                        *free.entry(*subnet).or_default() +=
-                            (u32::from(block.last) - u32::from(block.first) + 1)
-                                .saturating_sub(bound);
+                        let block_free = size.saturating_sub(bound);
+                        if block_free > 0 {
+                            look.with_free.insert((*subnet, lease.server));
+                        }
+                        if lease.server == own {
+                            look.held.push(*block);
+                            if lease.until - now < self.block_lease.as_millis() as u64 / 2 {
+                                look.renew.push(*block);
+                            }
+                            *look.free.entry(*subnet).or_default() += block_free;
+                        }
                     }
                     // Its own block whose lease ran out while it could not commit (a
                     // partition longer than the block lease): nobody else can have granted
                     // from it, so it takes it back at once rather than leave it frozen for the
                     // longest minority lease and the drift bound.
-                    Some(lease) if lease.server == own => renew.push(*block),
+                    Some(lease) if lease.server == own => look.renew.push(*block),
                     Some(lease) if lease.until.saturating_add(reuse_after_ms) > now => {}
-                    _ => {
-                        *unowned.entry(*subnet).or_default() += 1;
-                        let subnet_candidates = candidates.entry(*subnet).or_default();
-                        if subnet_candidates.len() < BLOCKS_PER_REQUEST_MAX {
-                            subnet_candidates.push(*block);
-                        }
-                    }
+                    _ => look.unowned.push(index),
                 }
             }
-            (held, renew, free, (candidates, unowned))
+            look
         });
-        let (candidates, unowned) = candidates;
+        // Per subnet, the servers with no free address of their own: a new client's ranking
+        // skips them (the same state gives every server the same answer, give or take the
+        // entries it has not applied yet).
+        let mut exhausted: BTreeMap<usize, BTreeSet<u64>> = BTreeMap::new();
+        for subnet in look.free.keys() {
+            let without: BTreeSet<u64> = self
+                .servers
+                .iter()
+                .copied()
+                .filter(|server| !look.with_free.contains(&(*subnet, *server)))
+                .collect();
+            if !without.is_empty() {
+                exhausted.insert(*subnet, without);
+            }
+        }
+        let rendezvous = Rendezvous {
+            own,
+            servers: self.servers.clone(),
+            stagger: OFFER_STAGGER,
+            exhausted,
+        };
+        if self.rendezvous.as_ref() != Some(&rendezvous) {
+            self.rendezvous = Some(rendezvous.clone());
+            self.ready
+                .push_back(LeaseEvent::Rendezvous(Some(rendezvous)));
+        }
+        let (held, renew, free) = (look.held, look.renew, look.free);
+        let mut unowned: BTreeMap<usize, usize> = BTreeMap::new();
+        for index in &look.unowned {
+            *unowned.entry(self.block_subnets[*index]).or_default() += 1;
+        }
         let servers_count = self.servers.len().max(1);
         // Per subnet, the grant rate: free addresses that went since the last look (a new
         // block only raises the count, which reads as no grants for that look).
@@ -468,17 +536,31 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             self.last_free.insert(*subnet, (*subnet_free, looked_at));
             let free_low =
                 FREE_ADDRESSES_LOW.max((*rate * FREE_ADDRESSES_AHEAD.as_secs_f64()).ceil() as u32);
-            if *subnet_free < free_low
-                && let Some(subnet_candidates) = candidates.get(subnet)
-            {
+            let subnet_unowned = unowned.get(subnet).copied().unwrap_or(0);
+            if *subnet_free < free_low && subnet_unowned > 0 {
                 // Taking ahead is fine while blocks are plenty; near the end of a pool a block
                 // held idle here is one another server's clients cannot have, so then one at
                 // a time.
-                let plenty = unowned.get(subnet).copied().unwrap_or(0) / (2 * servers_count);
+                let plenty = subnet_unowned / (2 * servers_count);
                 let blocks = ((free_low - subnet_free).div_ceil(BLOCK_ADDRESSES) as usize)
                     .min(plenty)
-                    .max(1);
-                wanted.extend(subnet_candidates.iter().copied().take(blocks));
+                    .clamp(1, BLOCKS_PER_REQUEST_MAX);
+                let place = self
+                    .servers
+                    .iter()
+                    .position(|server| *server == own)
+                    .unwrap_or(0);
+                wanted.extend(
+                    block_candidates(
+                        &self.block_subnets,
+                        *subnet,
+                        place,
+                        servers_count,
+                        &look.unowned,
+                    )
+                    .take(blocks)
+                    .map(|index| self.blocks[index]),
+                );
             }
         }
         if self
@@ -962,6 +1044,8 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
                         self.ready.push_back(LeaseEvent::Reconfigure(Box::new(config)));
                     }
                 }
+                outcome = self.outcomes.recv() => return outcome,
+                applied = self.applied.recv() => return self.applied_event(applied),
             }
         }
     }
@@ -970,6 +1054,29 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn servers_ask_for_blocks_from_their_own_share_of_the_subnet_then_round_it() {
+        // Two subnets: 4 blocks, then 30.
+        let block_subnets: Vec<usize> = [vec![0; 4], vec![1; 30]].concat();
+        let all: Vec<usize> = (0..block_subnets.len()).collect();
+        let asks = |place: usize, unowned: &[usize]| -> Vec<usize> {
+            block_candidates(&block_subnets, 1, place, 3, unowned)
+                .take(8)
+                .collect()
+        };
+        // A fresh pool: three servers ask for three disjoint runs of blocks.
+        assert_eq!(asks(0, &all), (4..12).collect::<Vec<_>>());
+        assert_eq!(asks(1, &all), (14..22).collect::<Vec<_>>());
+        assert_eq!(asks(2, &all), (24..32).collect::<Vec<_>>());
+        // Near the end of its share, a server goes on round the subnet, never into another.
+        let few: Vec<usize> = vec![0, 5, 6, 30, 33];
+        assert_eq!(asks(2, &few), vec![30, 33, 5, 6]);
+        assert_eq!(
+            block_candidates(&block_subnets, 0, 1, 3, &few).collect::<Vec<_>>(),
+            vec![0]
+        );
+    }
 
     #[test]
     fn ranges_are_cut_into_blocks_named_by_their_first_address() {
