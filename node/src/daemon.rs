@@ -451,6 +451,7 @@ pub async fn serve(
     }
     tokio::pin!(shutdown);
     let first_failure = tokio::select! {
+        biased;
         () = &mut shutdown => None,
         finished = services.join_next() => match finished {
             Some(Ok(Ok(()))) | None => None,
@@ -550,6 +551,7 @@ impl FleetWatcher {
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
+                biased;
                 () = &mut shutdown => return,
                 _ = interval.tick() => {}
             }

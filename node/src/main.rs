@@ -467,6 +467,7 @@ async fn termination() {
             }
         };
     tokio::select! {
+        biased;
         _ = terminate.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }

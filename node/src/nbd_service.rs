@@ -36,6 +36,7 @@ where
     loop {
         while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,

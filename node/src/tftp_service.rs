@@ -41,6 +41,7 @@ where
     loop {
         while sessions.try_join_next().is_some() {}
         let (length, peer) = tokio::select! {
+            biased;
             () = &mut shutdown => break,
             received = socket.receive_from(&mut buffer) => match received {
                 Ok(received) => received,

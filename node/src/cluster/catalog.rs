@@ -94,6 +94,7 @@ impl CatalogFollower {
         let mut failed_at: BTreeMap<ContentHash, Instant> = BTreeMap::new();
         loop {
             tokio::select! {
+                biased;
                 () = &mut shutdown => return,
                 () = tokio::time::sleep(LOOK_EVERY) => {}
             }
@@ -120,6 +121,7 @@ impl CatalogFollower {
                     manifest = %promotion.manifest
                 );
                 let outcome = tokio::select! {
+                    biased;
                     () = &mut shutdown => return,
                     outcome = tracing::Instrument::instrument(self.follow(&promotion), span.clone()) => outcome,
                 };

@@ -185,6 +185,13 @@ impl SwarmNode {
         let mut last_progress = Instant::now();
         let mut last_error = String::from("no peer answered");
         loop {
+            // The select below is biased (one seed, one simulated run), so a steady stream of
+            // answers could keep its timer branch from ever winning: a due timeout is handled
+            // here, whichever branch woke the loop.
+            let now = Instant::now().into_std();
+            if scheduler.poll_timeout().is_some_and(|due| due <= now) {
+                scheduler.handle_timeout(now);
+            }
             while let Some(action) = scheduler.poll_action() {
                 match action {
                     FetchAction::Request {
@@ -281,6 +288,7 @@ impl SwarmNode {
                 .flatten()
                 .fold(stall_at, Instant::min);
             tokio::select! {
+                biased;
                 event = events.recv() => {
                     let Some(event) = event else {
                         continue;

@@ -662,6 +662,7 @@ impl SwarmNode {
             }
         };
         tokio::select! {
+            biased;
             () = announcing => {}
             () = listening => {}
             () = serving => {}
@@ -770,9 +771,10 @@ impl SwarmNode {
     ) -> Result<bool, quinn::WriteError> {
         let not_here = Message::NotHere { index };
         let turn = tokio::select! {
-            turn = self.uploader.turn(priority, chunk.length_bytes) => turn,
+            biased;
             // The requester gave up (endgame, timeout): the queued request goes with it.
             _stopped = send.stopped() => return Ok(false),
+            turn = self.uploader.turn(priority, chunk.length_bytes) => turn,
         };
         let permit = match turn {
             Turn::Send(permit) => permit,

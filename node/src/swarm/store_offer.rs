@@ -61,6 +61,7 @@ pub async fn offer_store_images(
             Err(error) => tracing::warn!(%error, "the image store scan failed"),
         }
         tokio::select! {
+            biased;
             () = &mut shutdown => return,
             () = tokio::time::sleep(STORE_RESCAN) => {}
         }

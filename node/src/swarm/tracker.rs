@@ -366,6 +366,7 @@ impl SwarmNode {
                         }
                     };
                     tokio::select! {
+                        biased;
                         reason = closed => {
                             tracing::warn!(%reason, "tracker session lost");
                             session = None;

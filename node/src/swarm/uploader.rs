@@ -205,6 +205,7 @@ async fn release_turns(shared: Arc<Shared>) {
         match wake_at {
             Some(instant) => {
                 tokio::select! {
+                    biased;
                     () = &mut notified => {}
                     () = tokio::time::sleep_until(tokio::time::Instant::from_std(instant)) => {}
                 }

@@ -793,6 +793,10 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
     let mut settled_since: Option<(Duration, Vec<u64>)> = None;
     let mut converged: Option<usize> = None;
     let server_names: Vec<String> = (1..=spec.servers).map(server_name).collect();
+    let hosts = Hosts {
+        servers: server_names.clone(),
+        farms: farms.clone(),
+    };
     loop {
         let finished = simulation
             .step()
@@ -904,6 +908,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                 ChaosFault::Crash { server, down_for } => crash(
                     &mut simulation,
                     &disks,
+                    &hosts,
                     &mut undo,
                     &mut tear_rng,
                     *server,
@@ -915,6 +920,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
                         Some(leader) => crash(
                             &mut simulation,
                             &disks,
+                    &hosts,
                             &mut undo,
                             &mut tear_rng,
                             leader,
@@ -1275,6 +1281,7 @@ fn with_context(violation: &str, trace: &Trace) -> String {
 fn crash(
     simulation: &mut turmoil::Sim<'_>,
     disks: &BTreeMap<u64, SimDisk>,
+    hosts: &Hosts,
     undo: &mut Vec<(Duration, Undo)>,
     tear_rng: &mut u64,
     server: u64,
@@ -1288,9 +1295,52 @@ fn crash(
     // The disk first: whatever the dying process writes from here is lost, and what it had
     // written but not synced survives torn.
     disks.get(&server)?.crash_torn(|| farm_random(tear_rng));
-    simulation.crash(server_name(server).as_str());
+    // The machine loses its power: nothing leaves it from the moment of the crash. turmoil
+    // crashes a host by dropping its runtime, and each TCP stream dropped sends its peer a FIN
+    // or a RST; the runtime drops its tasks in an order set by tokio's process-wide task ids,
+    // so those segments left in an order that depended on what the process had run before
+    // (a second run of a seed in one process went differently from the first). So the
+    // host's links out are cut while it is torn down, and the ones no fault holds cut are
+    // mended after it. Its peers learn of the crash by their timeouts, as after a power loss.
+    let crashed = server_name(server);
+    let open: Vec<&str> = hosts
+        .names()
+        .filter(|other| *other != crashed && !cut_from(undo, hosts, server, other))
+        .collect();
+    for other in &open {
+        simulation.partition_oneway(crashed.as_str(), *other);
+    }
+    simulation.crash(crashed.as_str());
+    for other in &open {
+        simulation.repair_oneway(crashed.as_str(), *other);
+    }
     undo.push((until, Undo::Restart(server)));
     Some(format!("crashed {}", server_name(server)))
+}
+
+/// The run's hosts by name: the servers, and the client farms.
+struct Hosts {
+    servers: Vec<String>,
+    farms: Vec<String>,
+}
+
+impl Hosts {
+    fn names(&self) -> impl Iterator<Item = &str> {
+        self.servers.iter().chain(&self.farms).map(String::as_str)
+    }
+}
+
+/// Whether a fault in force cuts the link from `server` to the host named `other`.
+fn cut_from(undo: &[(Duration, Undo)], hosts: &Hosts, server: u64, other: &str) -> bool {
+    let is_server = |id: u64| server_name(id) == other;
+    let other_is_server = hosts.servers.iter().any(|name| name == other);
+    undo.iter().any(|(_, what)| match what {
+        // A partitioned server is cut off from every other server, both ways.
+        Undo::Heal(cut) => other_is_server && (*cut == server || is_server(*cut)),
+        Undo::HealOneWay(from, to) => *from == server && is_server(*to),
+        Undo::Reconnect(farm) => hosts.farms.get(*farm).is_some_and(|name| name == other),
+        _ => false,
+    })
 }
 
 /// At the end: every server holds one state, and it holds every node's lease.

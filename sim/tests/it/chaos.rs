@@ -492,10 +492,10 @@ fn one_way_cuts_a_cut_off_rack_delays_and_duplicates_break_no_invariant() {
 /// The quinn profile (ADR 0012): the shipped `swarm-quic` scenario moves the image over the
 /// swarm's real QUIC code (quinn and TLS on turmoil's network, the tracker, the peerings, the
 /// fetch scheduler) under a rotting server, a leader crash, loss, a cut-off rack and slow
-/// links. Every node boots with checked chunks, the rotten server's chunks are refused, nodes
-/// serve each other, and one seed replays the run.
+/// links. Every node boots with checked chunks, the rotten server's chunks are refused, and
+/// nodes serve each other.
 #[test]
-fn over_the_swarms_quic_code_nodes_serve_each_other_refuse_a_rotten_server_and_replay_their_seed() {
+fn over_the_swarms_quic_code_nodes_serve_each_other_and_refuse_a_rotten_server() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/swarm-quic.toml");
     let text = std::fs::read_to_string(path).expect("the swarm-quic scenario");
     let scenario = ChaosScenario::from_toml(&text).expect("a valid scenario");
@@ -516,7 +516,12 @@ fn over_the_swarms_quic_code_nodes_serve_each_other_refuse_a_rotten_server_and_r
         report.bytes_from_nodes
     );
     assert!(report.svg("swarm-quic").contains("from nodes"));
-    assert_eq!(run(&scenario.spec(1)), report, "one seed, one run");
+    // No exact replay here (ADR 0012, "Determinism"): quinn draws connection ids and rustls
+    // its handshake secrets from the operating system, and a stray Initial packet (a client's
+    // retransmission reaching a server that no longer holds the connection) is unprotected
+    // with keys made from those draws; whether its garbage header passes quinn's first check
+    // decides whether the server answers it. What the seed does fix is checked above, on
+    // every run.
     // The skip-chunk-verification sabotage has no meaning for the swarm's fetch, and says so.
     let sabotaged = ChaosSpec {
         skip_chunk_verification: true,
