@@ -918,24 +918,30 @@ fn rendezvous_ranks_are_a_permutation_and_spread_the_first_rank() {
     );
 }
 
+/// The rank server 2 of the servers [1, 2] gives the Ethernet client `hardware`.
+fn rank_on_second_of_two(
+    hardware: &[u8; 6],
+    stagger: Duration,
+    new_in_subnet: Option<usize>,
+) -> usize {
+    let mut client = vec![1];
+    client.extend_from_slice(hardware);
+    Rendezvous {
+        own: 2,
+        servers: vec![1, 2],
+        stagger,
+        exhausted: BTreeMap::new(),
+    }
+    .rank(&ClientId(client), new_in_subnet)
+}
+
 #[test]
 fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client_chose() {
     let stagger = Duration::from_millis(300);
     let client_of_rank = |rank: usize| {
         (0u8..=255)
             .map(mac)
-            .find(|hardware| {
-                let mut client = vec![1];
-                client.extend_from_slice(hardware);
-                Rendezvous {
-                    own: 2,
-                    servers: vec![1, 2],
-                    stagger,
-                    exhausted: BTreeMap::new(),
-                }
-                .rank(&ClientId(client), Some(0))
-                    == rank
-            })
+            .find(|hardware| rank_on_second_of_two(hardware, stagger, Some(0)) == rank)
             .unwrap()
     };
     let mut harness = Harness::new(config());
@@ -983,18 +989,9 @@ fn a_later_ranked_server_offers_after_its_stagger_and_not_at_all_once_the_client
 fn a_new_client_is_not_kept_waiting_for_a_server_with_no_free_address() {
     let stagger = Duration::from_millis(300);
     // Clients for whom server 1 ranks before server 2 (this one).
-    let mut second_ranked = (0u8..=255).map(mac).filter(|hardware| {
-        let mut client = vec![1];
-        client.extend_from_slice(hardware);
-        Rendezvous {
-            own: 2,
-            servers: vec![1, 2],
-            stagger,
-            exhausted: BTreeMap::new(),
-        }
-        .rank(&ClientId(client), None)
-            == 1
-    });
+    let mut second_ranked = (0u8..=255)
+        .map(mac)
+        .filter(|hardware| rank_on_second_of_two(hardware, stagger, None) == 1);
     let (known, new) = (second_ranked.next().unwrap(), second_ranked.next().unwrap());
     let mut harness = Harness::new(config());
     let address = harness
