@@ -1,10 +1,15 @@
 //! One redb database per server holds the Raft log, the vote and the state machine.
 //!
-//! Every write transaction commits with `Durability::Immediate`: when `append` reports an entry
-//! flushed, or `save_vote` returns, the bytes are on disk. The state machine writes back only
-//! the rows a command changed, in the same transaction as its applied log id, so a crash leaves
-//! state and applied id consistent; entries after the applied id are re-applied from the log on
-//! restart. The storage seam is redb's `StorageBackend`: a file in production, a simulated disk
+//! What Raft's safety rests on commits with `Durability::Immediate`: when `append` reports an
+//! entry flushed, or `save_vote` returns, the bytes are on disk (so are truncation, purge,
+//! snapshots and snapshot installs). The state machine writes back only the rows a command
+//! changed, in the same transaction as its applied log id, with `Durability::None`: the log
+//! already holds every applied entry durably, and redb rolls a crash back to its last durable
+//! commit, whose state rows and applied id agree, so entries after that applied id are
+//! re-applied from the log on restart. The committed id is saved the same way: it only lets a
+//! restarted server apply without waiting for the leader, and an older one is still a true
+//! one. Every durable commit (the next append) makes the earlier volatile ones durable too, so
+//! these cost no fsync of their own. The storage seam is redb's `StorageBackend`: a file in production, a simulated disk
 //! (which can drop unsynced writes) in the simulator.
 
 use std::fmt::Debug;
@@ -207,8 +212,21 @@ fn open_database(database: Database) -> Result<(LogStore, StateMachineStore), St
 }
 
 fn begin_write(database: &Database) -> Result<WriteTransaction, redb::Error> {
+    begin_write_with(database, Durability::Immediate)
+}
+
+/// A write that may be lost in a crash, rolling back to the last durable commit as a whole:
+/// only for what can be rebuilt from the durable log (see the module's comment).
+fn begin_volatile_write(database: &Database) -> Result<WriteTransaction, redb::Error> {
+    begin_write_with(database, Durability::None)
+}
+
+fn begin_write_with(
+    database: &Database,
+    durability: Durability,
+) -> Result<WriteTransaction, redb::Error> {
     let mut transaction = database.begin_write()?;
-    transaction.set_durability(Durability::Immediate)?;
+    transaction.set_durability(durability)?;
     Ok(transaction)
 }
 
@@ -233,8 +251,13 @@ fn read_meta<T: DeserializeOwned>(database: &Database, key: &str) -> Result<Opti
     }
 }
 
-fn write_meta(database: &Database, key: &str, value: &impl Serialize) -> Result<(), redb::Error> {
-    let transaction = begin_write(database)?;
+fn write_meta(
+    database: &Database,
+    key: &str,
+    value: &impl Serialize,
+    durability: Durability,
+) -> Result<(), redb::Error> {
+    let transaction = begin_write_with(database, durability)?;
     {
         let mut table = transaction.open_table(META)?;
         table.insert(key, encode(value).as_slice())?;
@@ -358,7 +381,7 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Storage> {
-        let written = write_meta(&self.database, VOTE, vote)
+        let written = write_meta(&self.database, VOTE, vote, Durability::Immediate)
             .map_err(|error| StorageIOError::write_vote(&error).into());
         pay_disk_latency(self.latency.as_ref()).await;
         written
@@ -369,7 +392,7 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Storage> {
-        let written = write_meta(&self.database, COMMITTED, &committed)
+        let written = write_meta(&self.database, COMMITTED, &committed, Durability::None)
             .map_err(|error| StorageIOError::write(&error).into());
         pay_disk_latency(self.latency.as_ref()).await;
         written
@@ -627,7 +650,7 @@ impl StateMachineStore {
 
     fn write_back(&self, changed: &[StateKey]) -> Result<(), redb::Error> {
         let state = self.state.0.read().unwrap_or_else(PoisonError::into_inner);
-        let transaction = begin_write(&self.database)?;
+        let transaction = begin_volatile_write(&self.database)?;
         {
             let mut table = transaction.open_table(STATE)?;
             for key in changed {

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::collections::VecDeque;
 
 use boot_services::dhcp::{
-    AddressRange, Datagram, DhcpConfig, DhcpServer, LeaseChange, LeaseProposal, LeaseTable,
-    ProposalId, Rendezvous,
+    AddressRange, Datagram, DhcpConfig, DhcpDrop, DhcpServer, LeaseChange, LeaseProposal,
+    LeaseTable, ProposalId, Rendezvous,
 };
 use tokio::sync::mpsc;
 
@@ -507,9 +507,16 @@ where
             };
             let span = tracing::debug_span!("dhcp_request", source = %meta.source, link = received.link_index);
             let _entered = span.enter();
-            if let Err(reason) = server.handle_datagram(now, datagram) {
-                counters.dropped_by_core.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%reason, "dhcp datagram dropped");
+            match server.handle_datagram(now, datagram) {
+                Ok(()) => {}
+                // Kept, not dropped: it is answered when this server's next block arrives.
+                Err(reason @ DhcpDrop::AwaitingAddresses(_)) => {
+                    tracing::debug!(%reason, "dhcp discover waits");
+                }
+                Err(reason) => {
+                    counters.dropped_by_core.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%reason, "dhcp datagram dropped");
+                }
             }
         }
         submit_proposals(&mut server, &mut store)?;
@@ -625,8 +632,16 @@ fn handle_lease_event<C: Clock>(
             }
         }
         LeaseEvent::Allocatable(ranges) => {
-            tracing::info!(?ranges, "addresses for new clients");
-            server.set_allocatable(ranges);
+            let blocks = ranges.as_ref().map(Vec::len);
+            let addresses: Option<u64> = ranges.as_ref().map(|ranges| {
+                ranges
+                    .iter()
+                    .map(|range| u64::from(u32::from(range.last) - u32::from(range.first)) + 1)
+                    .sum()
+            });
+            tracing::info!(?blocks, ?addresses, "addresses for new clients");
+            tracing::debug!(?ranges, "addresses for new clients");
+            server.set_allocatable(clock.wall_now(), ranges);
         }
         LeaseEvent::Reconfigure(config) => match server.reconfigure(*config) {
             Ok(()) => tracing::info!("dhcp reconfigured"),

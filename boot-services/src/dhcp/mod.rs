@@ -126,6 +126,10 @@ pub enum DhcpDrop {
     /// The dynamic ranges have no address left for a new client.
     #[error("no free address in subnet {0}")]
     PoolExhausted(Ipv4Addr),
+    /// In a cluster: this server's blocks have no free address for a new client yet; the
+    /// DISCOVER is kept and answered when the next block arrives (not a loss).
+    #[error("no free address in this server's blocks of subnet {0} yet: waiting for a block")]
+    AwaitingAddresses(Ipv4Addr),
     /// The REQUEST named another server: the client chose it.
     #[error("client chose server {0}")]
     OtherServerChosen(Ipv4Addr),
@@ -183,9 +187,19 @@ pub struct DhcpServer {
     allocatable: Option<Vec<AddressRange>>,
     /// In a cluster: this server's place among the servers that hear a segment.
     rendezvous: Option<Rendezvous>,
-    /// Offers waiting for their stagger delay, in due order.
+    /// DISCOVERs this server answers only after its rendezvous stagger, in due order: the
+    /// offer is made (address chosen, reply built) only when due, since a client usually
+    /// takes the first-ranked server's offer and this one is never sent.
     delayed_offers: VecDeque<DelayedOffer>,
+    /// In a cluster: DISCOVERs of new clients that came while this server's blocks had no
+    /// free address, answered when a block arrives (oldest first, bounded by `offers_max`).
+    awaiting_addresses: VecDeque<AwaitingAddress>,
 }
+
+/// How long a DISCOVER waits for this server's next address block. A block takes a commit
+/// to arrive; a client's first retransmission comes about 4 s after its DISCOVER (RFC 2131
+/// 4.1), so an offer within this time saves the client that wait.
+pub const ADDRESS_WAIT_MAX: Duration = Duration::from_secs(2);
 
 /// Where this server ranks among the servers of a segment, per client (DESIGN 4.3): every
 /// server computes the same order, rank `r` offers after `r` x `stagger`, so clients usually
@@ -241,11 +255,61 @@ pub fn rendezvous_score(client: &ClientId, server: u64) -> u64 {
     mixed ^ (mixed >> 31)
 }
 
+/// Whether a DISCOVER still goes through the rendezvous ranking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ranked {
+    /// Just arrived: a later-ranked server holds it back by its stagger.
+    New,
+    /// Its stagger has passed (or it waited for addresses): offered now.
+    Due,
+}
+
+/// A DISCOVER kept to be answered later: the datagram as it came.
+#[derive(Debug, Clone)]
+struct KeptDiscover {
+    client: ClientId,
+    bytes: Vec<u8>,
+    source: SocketAddrV4,
+    local_address: Ipv4Addr,
+    local_port: u16,
+    interface_index: u32,
+}
+
+impl KeptDiscover {
+    fn new(context: &RequestContext, datagram: &Datagram<'_>) -> Self {
+        Self {
+            client: context.client.clone(),
+            bytes: datagram.bytes.to_vec(),
+            source: datagram.source,
+            local_address: datagram.local_address,
+            local_port: datagram.local_port,
+            interface_index: datagram.interface_index,
+        }
+    }
+
+    fn datagram(&self) -> Datagram<'_> {
+        Datagram {
+            bytes: &self.bytes,
+            source: self.source,
+            local_address: self.local_address,
+            local_port: self.local_port,
+            interface_index: self.interface_index,
+        }
+    }
+}
+
+/// A DISCOVER waiting for an address block, until `until`.
+#[derive(Debug, Clone)]
+struct AwaitingAddress {
+    until: SystemTime,
+    discover: KeptDiscover,
+}
+
+/// A DISCOVER waiting for its rendezvous stagger, until `due`.
 #[derive(Debug, Clone)]
 struct DelayedOffer {
     due: SystemTime,
-    client: ClientId,
-    offer: Transmit,
+    discover: KeptDiscover,
 }
 
 impl std::fmt::Debug for DhcpServer {
@@ -352,14 +416,30 @@ impl DhcpServer {
             allocatable: None,
             rendezvous: None,
             delayed_offers: VecDeque::new(),
+            awaiting_addresses: VecDeque::new(),
         })
     }
 
     /// Restricts new clients' addresses to `ranges` (the blocks this server holds in a
     /// cluster); `None` lifts the restriction. A client with a binding keeps its address
-    /// whatever block it is in.
-    pub fn set_allocatable(&mut self, ranges: Option<Vec<AddressRange>>) {
+    /// whatever block it is in. DISCOVERs that waited for addresses are answered now if the
+    /// new ranges have some for them.
+    pub fn set_allocatable(&mut self, now: SystemTime, ranges: Option<Vec<AddressRange>>) {
         self.allocatable = ranges;
+        let awaiting = std::mem::take(&mut self.awaiting_addresses);
+        for waiting in awaiting {
+            if waiting.until <= now {
+                continue;
+            }
+            // Still no address: it waits on (until its own deadline). Any other drop is the
+            // one the DISCOVER would have had on arrival.
+            let _ = self.handle_kept_discover(now, waiting.until, &waiting.discover);
+        }
+    }
+
+    /// DISCOVERs waiting for this server's next address block.
+    pub fn awaiting_addresses_count(&self) -> usize {
+        self.awaiting_addresses.len()
     }
 
     /// Keeps an address from other clients for `grace` after its binding expired: in a cluster,
@@ -385,14 +465,15 @@ impl DhcpServer {
         self.delayed_offers.front().map(|delayed| delayed.due)
     }
 
-    /// Releases the offers whose stagger delay has passed.
+    /// Makes the offers whose stagger delay has passed.
     pub fn handle_timeout(&mut self, now: SystemTime) {
         while let Some(delayed) = self.delayed_offers.front() {
             if delayed.due > now {
                 break;
             }
             if let Some(delayed) = self.delayed_offers.pop_front() {
-                self.transmits.push_back(delayed.offer);
+                // A drop here is the one the DISCOVER would have had on arrival.
+                let _ = self.handle_kept_discover(now, now + ADDRESS_WAIT_MAX, &delayed.discover);
             }
         }
     }
@@ -527,9 +608,15 @@ impl DhcpServer {
         }
         let subnet_index = self.subnet_index(&request, &datagram)?;
         match message_type {
-            MessageType::Discover => {
-                self.handle_discover(now, &request, &datagram, &context, subnet_index)
-            }
+            MessageType::Discover => self.handle_discover(
+                now,
+                now + ADDRESS_WAIT_MAX,
+                Ranked::New,
+                &request,
+                &datagram,
+                &context,
+                subnet_index,
+            ),
             MessageType::Request => {
                 self.handle_request(now_unix_secs, &request, &datagram, &context, subnet_index)
             }
@@ -586,9 +673,39 @@ impl DhcpServer {
             .filter(|address| subnet.network.contains(*address))
     }
 
+    /// A kept DISCOVER (its stagger passed, or it waited for addresses), offered to now; it
+    /// may wait for addresses until `wait_until`.
+    fn handle_kept_discover(
+        &mut self,
+        now: SystemTime,
+        wait_until: SystemTime,
+        kept: &KeptDiscover,
+    ) -> Result<(), DhcpDrop> {
+        let datagram = kept.datagram();
+        let request = Message::from_bytes(datagram.bytes)
+            .map_err(|error| DhcpDrop::Malformed(error.to_string()))?;
+        let context = RequestContext::new(&request, &datagram);
+        let subnet_index = self.subnet_index(&request, &datagram)?;
+        self.handle_discover(
+            now,
+            wait_until,
+            Ranked::Due,
+            &request,
+            &datagram,
+            &context,
+            subnet_index,
+        )
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one DISCOVER's facts, each needed; a struct would only rename them"
+    )]
     fn handle_discover(
         &mut self,
         now: SystemTime,
+        wait_until: SystemTime,
+        ranked: Ranked,
         request: &Message,
         datagram: &Datagram<'_>,
         context: &RequestContext,
@@ -597,19 +714,52 @@ impl DhcpServer {
         let now_unix_secs = unix_secs(now);
         let subnet = self.subnet(subnet_index)?.clone();
         let server_identifier = datagram.local_address;
-        let (address, new_in_subnet) = if let Some(fixed) = self.fixed_address_for(context, &subnet)
+        let fixed = self.fixed_address_for(context, &subnet);
+        if ranked == Ranked::New
+            && let Some(rendezvous) = &self.rendezvous
+            && !rendezvous.stagger.is_zero()
         {
-            (fixed, None)
+            let known = self
+                .table
+                .address_of(&context.client)
+                .is_some_and(|address| subnet.network.contains(address));
+            let new_in_subnet = (fixed.is_none() && !known).then_some(subnet_index);
+            let rank = rendezvous.rank(&context.client, new_in_subnet);
+            if rank > 0 {
+                // A later-ranked server answers only if the earlier ones stay silent; a
+                // client that retransmits its DISCOVER gets one offer per server, not one
+                // per retry.
+                let due = now
+                    + rendezvous
+                        .stagger
+                        .saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
+                self.delay_offer(due, context, datagram);
+                return Ok(());
+            }
+        }
+        let address = if let Some(fixed) = fixed {
+            fixed
         } else {
-            let address = self.choose_dynamic_address(
+            let chosen = self.choose_dynamic_address(
                 now_unix_secs,
                 request,
                 context,
                 &subnet,
                 server_identifier,
-            )?;
-            let known = self.table.address_of(&context.client) == Some(address);
-            (address, (!known).then_some(subnet_index))
+            );
+            match chosen {
+                Ok(address) => address,
+                Err(DhcpDrop::PoolExhausted(network))
+                    if self.allocatable.is_some() && wait_until > now =>
+                {
+                    // In a cluster the pool may be far from empty: this server's blocks are
+                    // (a storm's first second outruns the blocks a server holds). The next
+                    // block is on its way; the client is answered when it arrives.
+                    self.await_addresses(wait_until, context, datagram);
+                    return Err(DhcpDrop::AwaitingAddresses(network));
+                }
+                Err(drop) => return Err(drop),
+            }
         };
         self.hold_address(address, &context.client, now_unix_secs);
         let reply = self.build_reply(
@@ -620,39 +770,47 @@ impl DhcpServer {
             MessageType::Offer,
             Some(address),
         )?;
-        let rank = self.rendezvous.as_ref().map_or(0, |rendezvous| {
-            rendezvous.rank(&context.client, new_in_subnet)
-        });
-        let stagger = self
-            .rendezvous
-            .as_ref()
-            .map_or(Duration::ZERO, |rendezvous| rendezvous.stagger);
-        if rank == 0 || stagger.is_zero() {
-            self.transmits.push_back(reply);
-        } else {
-            // A later-ranked server answers only if the earlier ones stay silent; a client
-            // that retransmits its DISCOVER gets one offer per server, not one per retry.
-            let due = now + stagger.saturating_mul(u32::try_from(rank).unwrap_or(u32::MAX));
-            self.delayed_offers
-                .retain(|delayed| delayed.client != context.client);
-            if self.delayed_offers.len() >= self.config.offers_max {
-                self.delayed_offers.pop_front();
-            }
-            let position = self
-                .delayed_offers
-                .iter()
-                .position(|delayed| delayed.due > due)
-                .unwrap_or(self.delayed_offers.len());
-            self.delayed_offers.insert(
-                position,
-                DelayedOffer {
-                    due,
-                    client: context.client.clone(),
-                    offer: reply,
-                },
-            );
-        }
+        self.transmits.push_back(reply);
         Ok(())
+    }
+
+    /// Keeps a DISCOVER until its stagger delay passes (one per client, the newest).
+    fn delay_offer(&mut self, due: SystemTime, context: &RequestContext, datagram: &Datagram<'_>) {
+        self.delayed_offers
+            .retain(|delayed| delayed.discover.client != context.client);
+        if self.delayed_offers.len() >= self.config.offers_max.max(1) {
+            self.delayed_offers.pop_front();
+        }
+        let position = self
+            .delayed_offers
+            .iter()
+            .position(|delayed| delayed.due > due)
+            .unwrap_or(self.delayed_offers.len());
+        self.delayed_offers.insert(
+            position,
+            DelayedOffer {
+                due,
+                discover: KeptDiscover::new(context, datagram),
+            },
+        );
+    }
+
+    /// Keeps a DISCOVER until an address block arrives (one per client, the newest).
+    fn await_addresses(
+        &mut self,
+        until: SystemTime,
+        context: &RequestContext,
+        datagram: &Datagram<'_>,
+    ) {
+        self.awaiting_addresses
+            .retain(|waiting| waiting.discover.client != context.client);
+        if self.awaiting_addresses.len() >= self.config.offers_max.max(1) {
+            self.awaiting_addresses.pop_front();
+        }
+        self.awaiting_addresses.push_back(AwaitingAddress {
+            until,
+            discover: KeptDiscover::new(context, datagram),
+        });
     }
 
     fn choose_dynamic_address(
@@ -734,7 +892,9 @@ impl DhcpServer {
             // SELECTING another server's offer: let our reservation and offer go.
             self.table.drop_reservation_of(&context.client);
             self.delayed_offers
-                .retain(|delayed| delayed.client != context.client);
+                .retain(|delayed| delayed.discover.client != context.client);
+            self.awaiting_addresses
+                .retain(|waiting| waiting.discover.client != context.client);
             return Err(DhcpDrop::OtherServerChosen(named));
         }
         let wanted = match (requested, request.ciaddr()) {

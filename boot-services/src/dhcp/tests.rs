@@ -857,10 +857,13 @@ fn new_clients_get_addresses_only_from_the_servers_blocks_and_bound_ones_keep_th
     // Client 1 is bound to .100 before this server holds any block (another server gave it).
     let first = harness.lease(request_message(MessageType::Discover, mac(1), 1));
     assert_eq!(first.yiaddr(), Ipv4Addr::new(10, 0, 0, 100));
-    harness.server.set_allocatable(Some(vec![AddressRange {
-        first: Ipv4Addr::new(10, 0, 0, 104),
-        last: Ipv4Addr::new(10, 0, 0, 105),
-    }]));
+    harness.server.set_allocatable(
+        harness.now,
+        Some(vec![AddressRange {
+            first: Ipv4Addr::new(10, 0, 0, 104),
+            last: Ipv4Addr::new(10, 0, 0, 105),
+        }]),
+    );
     // A new client asking for an address outside the blocks gets one inside them.
     let mut discover = request_message(MessageType::Discover, mac(2), 2);
     discover
@@ -876,16 +879,95 @@ fn new_clients_get_addresses_only_from_the_servers_blocks_and_bound_ones_keep_th
             .yiaddr(),
         Ipv4Addr::new(10, 0, 0, 105)
     );
-    // The blocks are used up: no offer for a fourth client, while the bound one keeps its own.
+    // The blocks are used up: no offer yet for a fourth client (its DISCOVER waits for the
+    // next block), while the bound one keeps its own.
+    let fourth = request_message(MessageType::Discover, mac(4), 4);
     assert_eq!(
-        harness.send(&request_message(MessageType::Discover, mac(4), 4)),
-        Err(DhcpDrop::PoolExhausted(Ipv4Addr::new(10, 0, 0, 0)))
+        harness.send(&fourth),
+        Err(DhcpDrop::AwaitingAddresses(Ipv4Addr::new(10, 0, 0, 0)))
     );
+    assert!(harness.replies().is_empty());
     assert_eq!(
         harness
             .lease(request_message(MessageType::Discover, mac(1), 5))
             .yiaddr(),
         Ipv4Addr::new(10, 0, 0, 100)
+    );
+    // The next block arrives a moment later: the waiting DISCOVER is offered from it, with
+    // no retransmission.
+    harness.now += Duration::from_millis(300);
+    harness.server.set_allocatable(
+        harness.now,
+        Some(vec![
+            AddressRange {
+                first: Ipv4Addr::new(10, 0, 0, 104),
+                last: Ipv4Addr::new(10, 0, 0, 105),
+            },
+            AddressRange {
+                first: Ipv4Addr::new(10, 0, 0, 106),
+                last: Ipv4Addr::new(10, 0, 0, 107),
+            },
+        ]),
+    );
+    let (offer, _) = harness.one_reply();
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(offer.xid(), fourth.xid());
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 0, 0, 106));
+    assert_eq!(harness.server.awaiting_addresses_count(), 0);
+}
+
+#[test]
+fn a_discover_waits_for_a_block_only_so_long_and_one_per_client() {
+    let mut harness = Harness::new(config());
+    harness
+        .server
+        .set_allocatable(harness.now, Some(Vec::new()));
+    let first = request_message(MessageType::Discover, mac(1), 1);
+    assert_eq!(
+        harness.send(&first),
+        Err(DhcpDrop::AwaitingAddresses(Ipv4Addr::new(10, 0, 0, 0)))
+    );
+    // Its retransmission replaces it; another client's DISCOVER waits beside it.
+    harness.now += Duration::from_millis(100);
+    let retransmitted = request_message(MessageType::Discover, mac(1), 11);
+    assert!(harness.send(&retransmitted).is_err());
+    assert!(
+        harness
+            .send(&request_message(MessageType::Discover, mac(2), 2))
+            .is_err()
+    );
+    assert_eq!(harness.server.awaiting_addresses_count(), 2);
+    // A REQUEST for another server's offer: that client no longer waits for ours.
+    let chose_other = selecting(
+        &first,
+        Ipv4Addr::new(10, 0, 0, 150),
+        Ipv4Addr::new(10, 0, 0, 2),
+    );
+    assert_eq!(
+        harness.send(&chose_other),
+        Err(DhcpDrop::OtherServerChosen(Ipv4Addr::new(10, 0, 0, 2)))
+    );
+    assert_eq!(harness.server.awaiting_addresses_count(), 1);
+    // Past the wait, a block answers nobody: the client has retransmitted or gone elsewhere.
+    harness.now += ADDRESS_WAIT_MAX;
+    harness.server.set_allocatable(
+        harness.now,
+        Some(vec![AddressRange {
+            first: Ipv4Addr::new(10, 0, 0, 104),
+            last: Ipv4Addr::new(10, 0, 0, 105),
+        }]),
+    );
+    assert!(harness.replies().is_empty());
+    assert_eq!(harness.server.awaiting_addresses_count(), 0);
+    // A single server (no blocks) has nothing to wait for: an empty pool is a drop.
+    let mut single = Harness::new(DhcpConfig {
+        subnets: vec![subnet([10, 0, 0, 0], [10, 0, 0, 100], [10, 0, 0, 100])],
+        ..config()
+    });
+    single.lease(request_message(MessageType::Discover, mac(1), 1));
+    assert_eq!(
+        single.send(&request_message(MessageType::Discover, mac(2), 2)),
+        Err(DhcpDrop::PoolExhausted(Ipv4Addr::new(10, 0, 0, 0)))
     );
 }
 

@@ -77,7 +77,12 @@ const FREE_ADDRESSES_AHEAD: Duration = Duration::from_secs(4);
 /// How often grants made while cut off are proposed again.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// Blocks one request takes at most.
-const BLOCKS_PER_REQUEST_MAX: usize = 8;
+const BLOCKS_PER_REQUEST_MAX: usize = 32;
+/// How long a block the leader granted is not asked for again while this server's state
+/// catches up with that entry.
+const GRANTED_BLOCK_APPLY_WAIT: Duration = Duration::from_secs(2);
+/// The shortest time a grant rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_millis(200);
 /// How often blocks and members are looked at.
 const BLOCK_TICK: Duration = Duration::from_millis(250);
 /// Offer delay per rendezvous rank.
@@ -176,8 +181,12 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     block_request: Arc<std::sync::atomic::AtomicBool>,
     /// Told when a block request committed, so the core hears of the block at once.
     blocks_changed: Arc<tokio::sync::Notify>,
-    /// Per subnet: free addresses at the last look, and when.
-    last_free: BTreeMap<usize, (u32, tokio::time::Instant)>,
+    /// Blocks this server was granted (by the leader's answer) that its own state may not
+    /// show yet, by first address, and when: not asked for again meanwhile.
+    granted_lately: Arc<Mutex<BTreeMap<Ipv4Addr, tokio::time::Instant>>>,
+    /// Per subnet: addresses bound in this server's blocks when the grant rate was last
+    /// measured, and when.
+    last_bound: BTreeMap<usize, (u32, tokio::time::Instant)>,
     /// Per subnet: addresses given out per second, smoothed.
     grant_rates: BTreeMap<usize, f64>,
     /// Grants made while cut off, not yet in the cluster state.
@@ -203,6 +212,8 @@ struct BlockLook {
     renew: Vec<AddressRange>,
     /// Per subnet, this server's free addresses.
     free: BTreeMap<usize, u32>,
+    /// Per subnet, the addresses bound in this server's blocks.
+    bound: BTreeMap<usize, u32>,
     /// (subnet, server) for every server with a free address of its own in that subnet.
     with_free: BTreeSet<(usize, u64)>,
     /// Indexes (into the blocks) of the blocks nobody holds, in address order.
@@ -356,7 +367,8 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             rendezvous: None,
             block_request: Arc::default(),
             blocks_changed: Arc::default(),
-            last_free: Default::default(),
+            granted_lately: Arc::default(),
+            last_bound: Default::default(),
             grant_rates: Default::default(),
             minority: minority_journal,
             reconciling: Arc::default(),
@@ -451,7 +463,7 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
         } else {
             MINORITY_LEASE_MAX_MS + DRIFT_BOUND_MS
         };
-        let look = self.member.state().read(|state| {
+        let mut look = self.member.state().read(|state| {
             let mut look = BlockLook::default();
             for (index, (block, subnet)) in self.blocks.iter().zip(&self.block_subnets).enumerate()
             {
@@ -475,6 +487,7 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
                                 look.renew.push(*block);
                             }
                             *look.free.entry(*subnet).or_default() += block_free;
+                            *look.bound.entry(*subnet).or_default() += bound;
                         }
                     }
                     // Its own block whose lease ran out while it could not commit (a
@@ -514,26 +527,47 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             self.ready
                 .push_back(LeaseEvent::Rendezvous(Some(rendezvous)));
         }
-        let (held, renew, free) = (look.held, look.renew, look.free);
+        // A block the leader granted is unowned here until this server applies that entry;
+        // asking for it again would only renew it.
+        let looked_at = tokio::time::Instant::now();
+        {
+            let mut granted_lately = lock(&self.granted_lately);
+            granted_lately.retain(|_, granted_at| {
+                looked_at.duration_since(*granted_at) < GRANTED_BLOCK_APPLY_WAIT
+            });
+            if !granted_lately.is_empty() {
+                let blocks = &self.blocks;
+                look.unowned
+                    .retain(|index| !granted_lately.contains_key(&blocks[*index].first));
+            }
+        }
+        let (held, renew, free, bound) = (look.held, look.renew, look.free, look.bound);
         let mut unowned: BTreeMap<usize, usize> = BTreeMap::new();
         for index in &look.unowned {
             *unowned.entry(self.block_subnets[*index]).or_default() += 1;
         }
         let servers_count = self.servers.len().max(1);
-        // Per subnet, the grant rate: free addresses that went since the last look (a new
-        // block only raises the count, which reads as no grants for that look).
-        let looked_at = tokio::time::Instant::now();
+        // Per subnet, the grant rate: addresses bound in this server's blocks since the last
+        // measure (a new block changes the free count, not this one), over at least
+        // RATE_WINDOW, since looks come as often as blocks arrive.
         let mut wanted = renew;
         for (subnet, subnet_free) in &free {
+            let subnet_bound = bound.get(subnet).copied().unwrap_or(0);
             let rate = self.grant_rates.entry(*subnet).or_default();
-            if let Some((last_free, last_look)) = self.last_free.get(subnet) {
-                let elapsed = looked_at.duration_since(*last_look).as_secs_f64();
-                if elapsed > 0.0 {
-                    let sample = f64::from(last_free.saturating_sub(*subnet_free)) / elapsed;
-                    *rate = 0.5 * *rate + 0.5 * sample;
+            match self.last_bound.get(subnet) {
+                Some((last_bound, last_measure)) => {
+                    let elapsed = looked_at.duration_since(*last_measure);
+                    if elapsed >= RATE_WINDOW {
+                        let sample = f64::from(subnet_bound.saturating_sub(*last_bound))
+                            / elapsed.as_secs_f64();
+                        *rate = 0.5 * *rate + 0.5 * sample;
+                        self.last_bound.insert(*subnet, (subnet_bound, looked_at));
+                    }
+                }
+                None => {
+                    self.last_bound.insert(*subnet, (subnet_bound, looked_at));
                 }
             }
-            self.last_free.insert(*subnet, (*subnet_free, looked_at));
             let free_low =
                 FREE_ADDRESSES_LOW.max((*rate * FREE_ADDRESSES_AHEAD.as_secs_f64()).ceil() as u32);
             let subnet_unowned = unowned.get(subnet).copied().unwrap_or(0);
@@ -586,30 +620,43 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
         let block_lease = self.block_lease;
         let busy = Arc::clone(&self.block_request);
         let blocks_changed = Arc::clone(&self.blocks_changed);
+        let granted_lately = Arc::clone(&self.granted_lately);
         tokio::spawn(async move {
-            for block in wanted {
-                let until = member
-                    .wall_now_ms()
-                    .saturating_add(block_lease.as_millis() as u64);
-                let command = MeshCommand::LeaseBlock {
-                    block: BlockId(block.first),
-                    server: own,
-                    until,
-                };
-                match member.propose_anywhere(command).await {
-                    Ok(MeshResponse::Applied) => {
-                        tracing::info!(first = %block.first, last = %block.last, "address block held");
-                        blocks_changed.notify_one();
-                    }
-                    Ok(other) => {
-                        tracing::info!(first = %block.first, ?other, "address block not taken")
-                    }
-                    Err(error) => {
-                        tracing::warn!(first = %block.first, %error, "address block request failed")
+            // All at once: one after another, each block waits a whole commit, and a storm's
+            // first second of new clients outruns a server that takes its blocks that slowly.
+            let requests = wanted.into_iter().map(|block| {
+                let member = member.clone();
+                let blocks_changed = Arc::clone(&blocks_changed);
+                let granted_lately = Arc::clone(&granted_lately);
+                async move {
+                    let until = member
+                        .wall_now_ms()
+                        .saturating_add(block_lease.as_millis() as u64);
+                    let command = MeshCommand::LeaseBlock {
+                        block: BlockId(block.first),
+                        server: own,
+                        until,
+                    };
+                    match member.propose_anywhere(command).await {
+                        Ok(MeshResponse::Applied) => {
+                            lock(&granted_lately).insert(block.first, tokio::time::Instant::now());
+                            tracing::info!(first = %block.first, last = %block.last, "address block held");
+                            blocks_changed.notify_one();
+                        }
+                        Ok(other) => {
+                            tracing::info!(first = %block.first, ?other, "address block not taken")
+                        }
+                        Err(error) => {
+                            tracing::warn!(first = %block.first, %error, "address block request failed")
+                        }
                     }
                 }
-            }
+            });
+            futures_util::future::join_all(requests).await;
             busy.store(false, std::sync::atomic::Ordering::Release);
+            // Look again now, not at the next tick: under a storm the blocks just taken may
+            // already be going.
+            blocks_changed.notify_one();
         });
     }
 
@@ -1041,7 +1088,7 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
                             .map(|subnet| subnet.ranges.clone())
                             .collect();
                         (self.blocks, self.block_subnets) = blocks_of_subnets(&subnet_ranges);
-                        self.last_free.clear();
+                        self.last_bound.clear();
                         self.grant_rates.clear();
                         self.ready.push_back(LeaseEvent::Reconfigure(Box::new(config)));
                     }
