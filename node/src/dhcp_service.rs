@@ -33,6 +33,9 @@ pub struct DhcpCounters {
     pub dropped_queue_full: AtomicU64,
     /// Datagrams that got no answer (malformed, not ours, ...).
     pub dropped_by_core: AtomicU64,
+    /// The same, by the core's reason ([`DhcpDrop::KINDS`]); a DISCOVER kept for the next
+    /// address block is counted here (as `awaiting_addresses`) but not above.
+    pub dropped_by_reason: [AtomicU64; DhcpDrop::KINDS.len()],
     /// Replies sent.
     pub sent: AtomicU64,
     /// Lease changes committed.
@@ -511,10 +514,12 @@ where
                 Ok(()) => {}
                 // Kept, not dropped: it is answered when this server's next block arrives.
                 Err(reason @ DhcpDrop::AwaitingAddresses(_)) => {
+                    counters.dropped_by_reason[reason.kind_index()].fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%reason, "dhcp discover waits");
                 }
                 Err(reason) => {
                     counters.dropped_by_core.fetch_add(1, Ordering::Relaxed);
+                    counters.dropped_by_reason[reason.kind_index()].fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%reason, "dhcp datagram dropped");
                 }
             }
@@ -546,6 +551,21 @@ where
         }
     }
     readers.abort_all();
+    let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+    let unanswered: Vec<String> = DhcpDrop::KINDS
+        .iter()
+        .zip(&counters.dropped_by_reason)
+        .filter(|(_, count)| load(count) > 0)
+        .map(|(kind, count)| format!("{kind}={}", load(count)))
+        .collect();
+    tracing::info!(
+        received = load(&counters.received),
+        queue_full = load(&counters.dropped_queue_full),
+        sent = load(&counters.sent),
+        committed = load(&counters.committed),
+        unanswered = unanswered.join(" "),
+        "dhcp service stopped"
+    );
     Ok(())
 }
 

@@ -215,6 +215,20 @@ impl Collector for MetricsSources {
                     ("not_answered", load(&dhcp.dropped_by_core)),
                 ],
             )?;
+            let by_reason: Vec<(&str, u64)> = boot_services::dhcp::DhcpDrop::KINDS
+                .iter()
+                .zip(&dhcp.dropped_by_reason)
+                .map(|(kind, count)| (*kind, load(count)))
+                .collect();
+            labelled_counter(
+                &mut encoder,
+                "dhcp_requests_unanswered",
+                "DHCP datagrams the core did not answer, by reason (other_server_chosen is the \
+                 normal lot of the servers a client did not pick; awaiting_addresses is a \
+                 DISCOVER kept until this server's next address block)",
+                "reason",
+                &by_reason,
+            )?;
             let by_type: Vec<(&str, u64)> = DhcpCounters::REPLY_TYPES
                 .iter()
                 .zip(&dhcp.sent_by_type)

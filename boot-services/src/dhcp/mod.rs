@@ -144,6 +144,36 @@ pub enum DhcpDrop {
     Encode(String),
 }
 
+impl DhcpDrop {
+    /// Every kind of drop, by name (for counters), in [`DhcpDrop::kind_index`]'s order.
+    pub const KINDS: [&'static str; 9] = [
+        "malformed",
+        "not_for_server",
+        "no_subnet",
+        "pool_exhausted",
+        "awaiting_addresses",
+        "other_server_chosen",
+        "commit_backlog_full",
+        "proxy_ignored",
+        "encode",
+    ];
+
+    /// This drop's place in [`DhcpDrop::KINDS`].
+    pub fn kind_index(&self) -> usize {
+        match self {
+            Self::Malformed(_) => 0,
+            Self::NotForServer(_) => 1,
+            Self::NoSubnet { .. } => 2,
+            Self::PoolExhausted(_) => 3,
+            Self::AwaitingAddresses(_) => 4,
+            Self::OtherServerChosen(_) => 5,
+            Self::CommitBacklogFull => 6,
+            Self::ProxyIgnored => 7,
+            Self::Encode(_) => 8,
+        }
+    }
+}
+
 /// Why a configuration cannot be served.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum DhcpConfigError {
