@@ -164,10 +164,51 @@ pub fn open_file(path: &Path) -> Result<(LogStore, StateMachineStore), StoreErro
         }
         Err(other) => return Err(database_error(other)),
     }
-    open_database(database).map_err(|error| match error {
+    let (mut log, mut state_machine) = open_database(database).map_err(|error| match error {
         StoreError::Corrupt { .. } => damaged(error.to_string()),
         other => other,
-    })
+    })?;
+    log.writes = Writes::OffRuntime;
+    state_machine.writes = Writes::OffRuntime;
+    Ok((log, state_machine))
+}
+
+/// Where the stores run their redb writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Writes {
+    /// On the calling task: a simulated disk, where the simulator owns every thread and a
+    /// seed must replay the run (and its syncs take no real time).
+    Inline,
+    /// On a blocking thread, awaited: a file on a real disk. A write holds redb's writer lock
+    /// through its fsync, which takes milliseconds; on the runtime's worker it stalled
+    /// everything else the server does there (DHCP, QUIC, Raft messages) for that long, and
+    /// with one worker a storm overflowed the DHCP socket meanwhile. Every write goes this
+    /// way, small ones too: one left on a worker would wait there for the lock instead.
+    OffRuntime,
+}
+
+/// Runs the redb write `write` as `writes` says.
+async fn run_write<T: Send + 'static>(
+    writes: Writes,
+    write: impl FnOnce() -> Result<T, redb::Error> + Send + 'static,
+) -> Result<T, redb::Error> {
+    match writes {
+        Writes::Inline => write(),
+        Writes::OffRuntime => {
+            #[allow(
+                clippy::disallowed_methods,
+                reason = "the store's disk seam: a real disk's writes block, so they get a \
+                          blocking thread; a simulated disk's run inline (Writes::Inline)"
+            )]
+            let handle = tokio::task::spawn_blocking(write);
+            handle.await.unwrap_or_else(|error| {
+                Err(redb::StorageError::Io(std::io::Error::other(format!(
+                    "the store's write did not finish: {error}"
+                )))
+                .into())
+            })
+        }
+    }
 }
 
 /// Opens (or creates) the store on `backend`.
@@ -206,6 +247,7 @@ fn open_database(database: Database) -> Result<(LogStore, StateMachineStore), St
         LogStore {
             database,
             latency: None,
+            writes: Writes::Inline,
         },
         state_machine,
     ))
@@ -291,6 +333,7 @@ async fn pay_disk_latency(latency: Option<&Arc<dyn DiskLatency>>) {
 pub struct LogStore {
     database: Arc<Database>,
     latency: Option<Arc<dyn DiskLatency>>,
+    writes: Writes,
 }
 
 impl LogStore {
@@ -325,29 +368,42 @@ impl LogStore {
     }
 
     /// Removes the entries in `range` and records `purged` if given, in one transaction.
-    fn remove(
+    async fn remove(
         &self,
         range: (Bound<u64>, Bound<u64>),
         purged: Option<LogId<u64>>,
     ) -> Result<(), redb::Error> {
-        let transaction = begin_write(&self.database)?;
-        {
-            let mut table = transaction.open_table(LOG)?;
-            let indexes = table
-                .range::<u64>(range)?
-                .map(|row| row.map(|(index, _)| index.value()))
-                .collect::<Result<Vec<u64>, _>>()?;
-            for index in indexes {
-                table.remove(index)?;
-            }
-            if let Some(purged) = purged {
-                let mut meta = transaction.open_table(META)?;
-                meta.insert(LAST_PURGED, encode(&purged).as_slice())?;
-            }
-        }
-        transaction.commit()?;
-        Ok(())
+        let database = Arc::clone(&self.database);
+        run_write(self.writes, move || {
+            remove_entries(&database, range, purged)
+        })
+        .await
     }
+}
+
+/// [`LogStore::remove`]'s transaction.
+fn remove_entries(
+    database: &Database,
+    range: (Bound<u64>, Bound<u64>),
+    purged: Option<LogId<u64>>,
+) -> Result<(), redb::Error> {
+    let transaction = begin_write(database)?;
+    {
+        let mut table = transaction.open_table(LOG)?;
+        let indexes = table
+            .range::<u64>(range)?
+            .map(|row| row.map(|(index, _)| index.value()))
+            .collect::<Result<Vec<u64>, _>>()?;
+        for index in indexes {
+            table.remove(index)?;
+        }
+        if let Some(purged) = purged {
+            let mut meta = transaction.open_table(META)?;
+            meta.insert(LAST_PURGED, encode(&purged).as_slice())?;
+        }
+    }
+    transaction.commit()?;
+    Ok(())
 }
 
 impl RaftLogReader<MeshTypeConfig> for LogStore {
@@ -381,8 +437,13 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), Storage> {
-        let written = write_meta(&self.database, VOTE, vote, Durability::Immediate)
-            .map_err(|error| StorageIOError::write_vote(&error).into());
+        let database = Arc::clone(&self.database);
+        let vote = *vote;
+        let written = run_write(self.writes, move || {
+            write_meta(&database, VOTE, &vote, Durability::Immediate)
+        })
+        .await
+        .map_err(|error| StorageIOError::write_vote(&error).into());
         pay_disk_latency(self.latency.as_ref()).await;
         written
     }
@@ -392,8 +453,12 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), Storage> {
-        let written = write_meta(&self.database, COMMITTED, &committed, Durability::None)
-            .map_err(|error| StorageIOError::write(&error).into());
+        let database = Arc::clone(&self.database);
+        let written = run_write(self.writes, move || {
+            write_meta(&database, COMMITTED, &committed, Durability::None)
+        })
+        .await
+        .map_err(|error| StorageIOError::write(&error).into());
         pay_disk_latency(self.latency.as_ref()).await;
         written
     }
@@ -413,18 +478,20 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<MeshTypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let write = || -> Result<(), redb::Error> {
-            let transaction = begin_write(&self.database)?;
+        let database = Arc::clone(&self.database);
+        let entries: Vec<Entry<MeshTypeConfig>> = entries.into_iter().collect();
+        let written = run_write(self.writes, move || {
+            let transaction = begin_write(&database)?;
             {
                 let mut table = transaction.open_table(LOG)?;
-                for entry in entries {
-                    table.insert(entry.log_id.index, encode(&entry).as_slice())?;
+                for entry in &entries {
+                    table.insert(entry.log_id.index, encode(entry).as_slice())?;
                 }
             }
             transaction.commit()?;
             Ok(())
-        };
-        let written = write();
+        })
+        .await;
         pay_disk_latency(self.latency.as_ref()).await;
         match written {
             Ok(()) => {
@@ -442,6 +509,7 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), Storage> {
         let removed = self
             .remove((Bound::Included(log_id.index), Bound::Unbounded), None)
+            .await
             .map_err(|error| StorageIOError::write_logs(&error).into());
         pay_disk_latency(self.latency.as_ref()).await;
         removed
@@ -452,6 +520,7 @@ impl RaftLogStorage<MeshTypeConfig> for LogStore {
             (Bound::Unbounded, Bound::Included(log_id.index)),
             Some(log_id),
         )
+        .await
         .map_err(|error| StorageIOError::write_logs(&error).into())
     }
 }
@@ -505,6 +574,7 @@ pub struct StateMachineStore {
     snapshot_observers: Vec<SnapshotObserver>,
     sabotage: crate::state::StateSabotage,
     latency: Option<Arc<dyn DiskLatency>>,
+    writes: Writes,
 }
 
 impl Debug for StateMachineStore {
@@ -621,6 +691,7 @@ impl StateMachineStore {
             snapshot_observers: Vec::new(),
             sabotage: crate::state::StateSabotage::default(),
             latency: None,
+            writes: Writes::Inline,
         })
     }
 
@@ -648,96 +719,133 @@ impl StateMachineStore {
         self.state.clone()
     }
 
-    fn write_back(&self, changed: &[StateKey]) -> Result<(), redb::Error> {
-        let state = self.state.0.read().unwrap_or_else(PoisonError::into_inner);
-        let transaction = begin_volatile_write(&self.database)?;
-        {
-            let mut table = transaction.open_table(STATE)?;
-            for key in changed {
-                let name = state_key(key);
-                match state_value(&state, key) {
-                    Some(value) => {
-                        table.insert(name.as_str(), value.as_slice())?;
-                    }
-                    None => {
-                        table.remove(name.as_str())?;
-                    }
-                }
-            }
-            let mut meta = transaction.open_table(META)?;
-            meta.insert(APPLIED, encode(&self.applied).as_slice())?;
-            meta.insert(MEMBERSHIP, encode(&self.membership).as_slice())?;
-        }
-        transaction.commit()?;
-        Ok(())
+    /// Writes the rows `changed` as the state has them now, with the applied id and
+    /// membership, in one (volatile) transaction.
+    async fn write_back(&self, changed: Vec<StateKey>) -> Result<(), redb::Error> {
+        let database = Arc::clone(&self.database);
+        let state = self.state.clone();
+        let applied = self.applied;
+        let membership = self.membership.clone();
+        run_write(self.writes, move || {
+            write_rows(&database, &state, &changed, applied, &membership)
+        })
+        .await
     }
 
     /// Replaces the whole state (snapshot install) in one transaction.
-    fn replace(
+    async fn replace(
         &mut self,
         state: MeshState,
         meta: &SnapshotMeta<u64, ServerNode>,
-        data: &[u8],
+        data: Vec<u8>,
     ) -> Result<(), redb::Error> {
-        let transaction = begin_write(&self.database)?;
-        {
-            let mut table = transaction.open_table(STATE)?;
-            let keys = table
-                .iter()?
-                .map(|row| row.map(|(key, _)| key.value().to_owned()))
-                .collect::<Result<Vec<String>, _>>()?;
-            for key in keys {
-                table.remove(key.as_str())?;
-            }
-            let mut rows = Vec::new();
-            rows.extend(state.leases.keys().map(|address| StateKey::Lease(*address)));
-            rows.extend(
-                state
-                    .quarantine
-                    .keys()
-                    .map(|address| StateKey::Quarantine(*address)),
-            );
-            rows.extend(state.blocks.keys().map(|block| StateKey::Block(*block)));
-            rows.push(StateKey::Config);
-            rows.extend(
-                state
-                    .catalog
-                    .keys()
-                    .map(|reference| StateKey::Image(reference.clone())),
-            );
-            rows.extend(
-                state
-                    .promotions
-                    .keys()
-                    .map(|group| StateKey::Promotion(group.clone())),
-            );
-            rows.extend(state.members.keys().map(|id| StateKey::Member(*id)));
-            rows.extend(
-                state
-                    .join_tokens
-                    .keys()
-                    .map(|hash| StateKey::JoinToken(hash.clone())),
-            );
-            rows.push(StateKey::NextServerId);
-            for key in &rows {
-                if let Some(value) = state_value(&state, key) {
-                    table.insert(state_key(key).as_str(), value.as_slice())?;
-                }
-            }
-            let mut stored = transaction.open_table(META)?;
-            stored.insert(APPLIED, encode(&meta.last_log_id).as_slice())?;
-            stored.insert(MEMBERSHIP, encode(&meta.last_membership).as_slice())?;
-            stored.insert(SNAPSHOT_META, encode(meta).as_slice())?;
-            stored.insert(SNAPSHOT_DATA, data)?;
-        }
-        transaction.commit()?;
-        let mut state = state;
+        let database = Arc::clone(&self.database);
+        let stored_meta = meta.clone();
+        let mut state = run_write(self.writes, move || {
+            replace_rows(&database, &state, &stored_meta, &data)?;
+            Ok(state)
+        })
+        .await?;
         state.sabotage = self.sabotage;
         *self.state.write() = state;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
     }
+}
+
+/// [`StateMachineStore::write_back`]'s transaction. It reads the state while it writes:
+/// the state machine applies nothing meanwhile (`apply` waits for it).
+fn write_rows(
+    database: &Database,
+    state: &StateHandle,
+    changed: &[StateKey],
+    applied: Option<LogId<u64>>,
+    membership: &StoredMembership<u64, ServerNode>,
+) -> Result<(), redb::Error> {
+    let state = state.0.read().unwrap_or_else(PoisonError::into_inner);
+    let transaction = begin_volatile_write(database)?;
+    {
+        let mut table = transaction.open_table(STATE)?;
+        for key in changed {
+            let name = state_key(key);
+            match state_value(&state, key) {
+                Some(value) => {
+                    table.insert(name.as_str(), value.as_slice())?;
+                }
+                None => {
+                    table.remove(name.as_str())?;
+                }
+            }
+        }
+        let mut meta = transaction.open_table(META)?;
+        meta.insert(APPLIED, encode(&applied).as_slice())?;
+        meta.insert(MEMBERSHIP, encode(membership).as_slice())?;
+    }
+    transaction.commit()?;
+    Ok(())
+}
+
+/// [`StateMachineStore::replace`]'s transaction.
+fn replace_rows(
+    database: &Database,
+    state: &MeshState,
+    meta: &SnapshotMeta<u64, ServerNode>,
+    data: &[u8],
+) -> Result<(), redb::Error> {
+    let transaction = begin_write(database)?;
+    {
+        let mut table = transaction.open_table(STATE)?;
+        let keys = table
+            .iter()?
+            .map(|row| row.map(|(key, _)| key.value().to_owned()))
+            .collect::<Result<Vec<String>, _>>()?;
+        for key in keys {
+            table.remove(key.as_str())?;
+        }
+        let mut rows = Vec::new();
+        rows.extend(state.leases.keys().map(|address| StateKey::Lease(*address)));
+        rows.extend(
+            state
+                .quarantine
+                .keys()
+                .map(|address| StateKey::Quarantine(*address)),
+        );
+        rows.extend(state.blocks.keys().map(|block| StateKey::Block(*block)));
+        rows.push(StateKey::Config);
+        rows.extend(
+            state
+                .catalog
+                .keys()
+                .map(|reference| StateKey::Image(reference.clone())),
+        );
+        rows.extend(
+            state
+                .promotions
+                .keys()
+                .map(|group| StateKey::Promotion(group.clone())),
+        );
+        rows.extend(state.members.keys().map(|id| StateKey::Member(*id)));
+        rows.extend(
+            state
+                .join_tokens
+                .keys()
+                .map(|hash| StateKey::JoinToken(hash.clone())),
+        );
+        rows.push(StateKey::NextServerId);
+        for key in &rows {
+            if let Some(value) = state_value(state, key) {
+                table.insert(state_key(key).as_str(), value.as_slice())?;
+            }
+        }
+        let mut stored = transaction.open_table(META)?;
+        stored.insert(APPLIED, encode(&meta.last_log_id).as_slice())?;
+        stored.insert(MEMBERSHIP, encode(&meta.last_membership).as_slice())?;
+        stored.insert(SNAPSHOT_META, encode(meta).as_slice())?;
+        stored.insert(SNAPSHOT_DATA, data)?;
+    }
+    transaction.commit()?;
+    Ok(())
 }
 
 impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
@@ -780,7 +888,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
         }
         changed.sort();
         changed.dedup();
-        let written = self.write_back(&changed);
+        let written = self.write_back(changed).await;
         pay_disk_latency(self.latency.as_ref()).await;
         written.map_err(|error| StorageIOError::write_state_machine(&error))?;
         Ok(responses)
@@ -792,6 +900,7 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
             state: self.state.read(MeshState::clone),
             applied: self.applied,
             membership: self.membership.clone(),
+            writes: self.writes,
         }
     }
 
@@ -807,7 +916,8 @@ impl RaftStateMachine<MeshTypeConfig> for StateMachineStore {
         let data = snapshot.into_inner();
         let state = decode_snapshot(&data)
             .map_err(|error| StorageIOError::read_snapshot(Some(meta.signature()), &error))?;
-        self.replace(state, meta, &data)
+        self.replace(state, meta, data)
+            .await
             .map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
         for observer in &self.snapshot_observers {
             observer(meta.last_log_id.as_ref());
@@ -845,33 +955,39 @@ pub struct SnapshotBuilder {
     state: MeshState,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, ServerNode>,
+    writes: Writes,
 }
 
 impl RaftSnapshotBuilder<MeshTypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<MeshTypeConfig>, Storage> {
-        let data = encode(&SnapshotBody {
-            state: self.state.clone(),
-        });
-        let snapshot_id = match self.applied {
-            Some(applied) => format!("{}-{}-{}", applied.leader_id, applied.index, data.len()),
-            None => format!("empty-{}", data.len()),
-        };
-        let meta = SnapshotMeta {
-            last_log_id: self.applied,
-            last_membership: self.membership.clone(),
-            snapshot_id,
-        };
-        let write = || -> Result<(), redb::Error> {
-            let transaction = begin_write(&self.database)?;
+        // Encoding the whole state is the expensive part (a hundred thousand leases): it goes
+        // off the runtime with the write.
+        let database = Arc::clone(&self.database);
+        let state = std::mem::take(&mut self.state);
+        let applied = self.applied;
+        let membership = self.membership.clone();
+        let built = run_write(self.writes, move || {
+            let data = encode(&SnapshotBody { state });
+            let snapshot_id = match applied {
+                Some(applied) => format!("{}-{}-{}", applied.leader_id, applied.index, data.len()),
+                None => format!("empty-{}", data.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: applied,
+                last_membership: membership,
+                snapshot_id,
+            };
+            let transaction = begin_write(&database)?;
             {
                 let mut table = transaction.open_table(META)?;
                 table.insert(SNAPSHOT_META, encode(&meta).as_slice())?;
                 table.insert(SNAPSHOT_DATA, data.as_slice())?;
             }
             transaction.commit()?;
-            Ok(())
-        };
-        write().map_err(|error| StorageIOError::write_snapshot(Some(meta.signature()), &error))?;
+            Ok((meta, data))
+        })
+        .await;
+        let (meta, data) = built.map_err(|error| StorageIOError::write_snapshot(None, &error))?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
