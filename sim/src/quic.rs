@@ -7,10 +7,13 @@
 //! virtual instant in every run of a seed. quinn's receive-work limiter also reads the time
 //! through the runtime, so it never yields on wall-clock grounds.
 //!
-//! What is not deterministic, and does not need to be: the bytes of TLS handshakes (rustls
-//! draws its randomness from the operating system). They are encrypted either way, and their
-//! sizes and timing do not depend on the draws; connection ids come from the endpoint's
-//! seeded RNG ([`endpoint_config`]).
+//! What is not deterministic yet (ADR 0012): the bytes of TLS handshakes (rustls's randoms,
+//! and ring's key shares, draw from the operating system), connection ids (quinn-proto's
+//! generators and a client's first destination id use the thread RNG, not the endpoint's
+//! seed) and the stateless-reset key. Sizes and timing do not depend on them, but a stray
+//! Initial that a server no longer holds a connection for can be answered or not depending
+//! on them, so the quinn profile does not replay exactly. The endpoint's seeded RNG
+//! ([`endpoint_config`]) covers packet-number skips, path challenges and grease.
 #![allow(
     clippy::disallowed_methods,
     reason = "this is quinn's runtime seam in the simulation: it spawns on the host's runtime and reads tokio's clock, which turmoil drives"
@@ -166,7 +169,8 @@ impl Runtime for TurmoilRuntime {
     }
 }
 
-/// An endpoint configuration whose RNG (connection ids, packet-number skips) follows `seed`.
+/// An endpoint configuration whose RNG (packet-number skips, path challenges, grease) follows
+/// `seed`; connection ids and the reset key do not (see the module's comment).
 pub fn endpoint_config(seed: u64) -> quinn::EndpointConfig {
     let mut config = quinn::EndpointConfig::default();
     let mut bytes = [0u8; 32];
