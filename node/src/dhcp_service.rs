@@ -23,6 +23,9 @@ use crate::seams::{Clock, DhcpLink, ReceivedDatagram};
 const DATAGRAM_BYTES_MAX: usize = 1500;
 /// Datagrams handled between two journal flushes: bounds the ACK latency that batching adds.
 const DATAGRAMS_PER_BATCH_MAX: usize = 256;
+/// How often the core's address demand goes to the lease store (besides at once when a
+/// DISCOVER starts waiting for addresses).
+const DEMAND_REPORT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Counters for status and tests.
 #[derive(Debug, Default)]
@@ -118,6 +121,10 @@ pub trait LeaseStore: Send + 'static {
     fn silenced(&self) -> Option<&'static str> {
         None
     }
+    /// Per subnet, the addresses the DHCP core has promised or is asked for beyond the bound
+    /// ones ([`DhcpServer::addresses_in_demand`]): a store that hands out addresses in blocks
+    /// takes the next ones before its free count, which trails by a commit, runs out.
+    fn address_demand(&mut self, _per_subnet: &[u32]) {}
     /// Why the store stopped, once `next_event` has said it will give no more.
     fn closed(&mut self) -> DhcpServiceError {
         DhcpServiceError::Store("the lease store closed".into())
@@ -451,6 +458,7 @@ where
     tokio::pin!(shutdown);
     let mut batch = Vec::with_capacity(DATAGRAMS_PER_BATCH_MAX);
     let mut silenced = false;
+    let mut demand_reported: Option<std::time::SystemTime> = None;
     loop {
         // Offers held back by the rendezvous stagger are due then.
         let offer_delay = server.poll_timeout().map(|due| {
@@ -499,6 +507,7 @@ where
             None => {}
         }
         let now = clock.wall_now();
+        let awaiting_before = server.awaiting_addresses_count();
         for received in batch.drain(..) {
             let meta = received.meta;
             let datagram = Datagram {
@@ -525,6 +534,19 @@ where
             }
         }
         submit_proposals(&mut server, &mut store)?;
+        // At once when a DISCOVER starts waiting for addresses, else now and then: counting
+        // walks the offers and pending commits.
+        let waiting_started = awaiting_before == 0 && server.awaiting_addresses_count() > 0;
+        if waiting_started
+            || demand_reported.is_none_or(|reported| {
+                // A clock stepped back counts as due.
+                now.duration_since(reported)
+                    .map_or(true, |since| since >= DEMAND_REPORT_EVERY)
+            })
+        {
+            demand_reported = Some(now);
+            store.address_demand(&server.addresses_in_demand(now));
+        }
         while let Some(event) = store.try_event() {
             handle_lease_event(&mut server, event, &clock, &counters);
         }

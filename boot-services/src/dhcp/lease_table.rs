@@ -82,6 +82,24 @@ impl LeaseTable {
         (reservation.expires_at_unix_secs > now_unix_secs).then_some(*address)
     }
 
+    /// Addresses reserved by offers that have not ended and that no binding holds yet.
+    pub fn reserved_unbound(&self, now_unix_secs: u64) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.reservations
+            .iter()
+            .filter(move |(address, reservation)| {
+                reservation.expires_at_unix_secs > now_unix_secs
+                    && !self.bindings.contains_key(address)
+            })
+            .map(|(address, _)| *address)
+    }
+
+    /// Whether an offer's reservation that has not ended holds `address`.
+    pub fn is_reserved(&self, address: Ipv4Addr, now_unix_secs: u64) -> bool {
+        self.reservations
+            .get(&address)
+            .is_some_and(|reservation| reservation.expires_at_unix_secs > now_unix_secs)
+    }
+
     /// Number of outstanding reservations (for bounds and metrics).
     pub fn reservation_count(&self) -> usize {
         self.reservations.len()

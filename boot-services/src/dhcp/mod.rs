@@ -332,6 +332,7 @@ impl KeptDiscover {
 #[derive(Debug, Clone)]
 struct AwaitingAddress {
     until: SystemTime,
+    subnet_index: usize,
     discover: KeptDiscover,
 }
 
@@ -470,6 +471,44 @@ impl DhcpServer {
     /// DISCOVERs waiting for this server's next address block.
     pub fn awaiting_addresses_count(&self) -> usize {
         self.awaiting_addresses.len()
+    }
+
+    /// Per subnet (in configuration order), the addresses this server has promised that no
+    /// binding shows yet, and the new clients waiting for one: offers' reservations and leases
+    /// on their way to a commit, for addresses not bound here, and DISCOVERs kept for the next
+    /// block. A cluster server counts its free addresses from committed leases, which trail a
+    /// storm by an exchange and a commit; this is the demand they do not show yet.
+    pub fn addresses_in_demand(&self, now: SystemTime) -> Vec<u32> {
+        let now_unix_secs = unix_secs(now);
+        let mut demand = vec![0_u32; self.config.subnets.len()];
+        let subnets = &self.config.subnets;
+        let mut count = |address: Ipv4Addr| {
+            if let Some(index) = subnets
+                .iter()
+                .position(|subnet| subnet.network.contains(address))
+            {
+                demand[index] = demand[index].saturating_add(1);
+            }
+        };
+        for address in self.table.reserved_unbound(now_unix_secs) {
+            count(address);
+        }
+        for pending in self.pending.values() {
+            if let LeaseChange::Bind { address, .. } = &pending.change
+                && self.table.binding(*address).is_none()
+                && !self.table.is_reserved(*address, now_unix_secs)
+            {
+                count(*address);
+            }
+        }
+        for waiting in &self.awaiting_addresses {
+            if waiting.until > now
+                && let Some(slot) = demand.get_mut(waiting.subnet_index)
+            {
+                *slot = slot.saturating_add(1);
+            }
+        }
+        demand
     }
 
     /// Keeps an address from other clients for `grace` after its binding expired: in a cluster,
@@ -785,7 +824,7 @@ impl DhcpServer {
                     // In a cluster the pool may be far from empty: this server's blocks are
                     // (a storm's first second outruns the blocks a server holds). The next
                     // block is on its way; the client is answered when it arrives.
-                    self.await_addresses(wait_until, context, datagram);
+                    self.await_addresses(wait_until, subnet_index, context, datagram);
                     return Err(DhcpDrop::AwaitingAddresses(network));
                 }
                 Err(drop) => return Err(drop),
@@ -829,6 +868,7 @@ impl DhcpServer {
     fn await_addresses(
         &mut self,
         until: SystemTime,
+        subnet_index: usize,
         context: &RequestContext,
         datagram: &Datagram<'_>,
     ) {
@@ -839,6 +879,7 @@ impl DhcpServer {
         }
         self.awaiting_addresses.push_back(AwaitingAddress {
             until,
+            subnet_index,
             discover: KeptDiscover::new(context, datagram),
         });
     }

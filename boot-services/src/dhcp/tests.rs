@@ -917,6 +917,49 @@ fn new_clients_get_addresses_only_from_the_servers_blocks_and_bound_ones_keep_th
 }
 
 #[test]
+fn address_demand_counts_offers_pending_commits_and_waiting_discovers_per_subnet() {
+    let mut harness = Harness::new(config());
+    harness.server.set_allocatable(
+        harness.now,
+        Some(vec![AddressRange {
+            first: Ipv4Addr::new(10, 0, 0, 104),
+            last: Ipv4Addr::new(10, 0, 0, 106),
+        }]),
+    );
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![0, 0]);
+    // An offer reserves .104.
+    let first = request_message(MessageType::Discover, mac(1), 1);
+    harness.send(&first).unwrap();
+    let (offer, _) = harness.one_reply();
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![1, 0]);
+    // Its REQUEST waits for the commit: still one address, not two.
+    harness
+        .send(&selecting(&first, offer.yiaddr(), SERVER))
+        .unwrap();
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![1, 0]);
+    // A second offer, and a new client of the second subnet (through a relay) waiting for a
+    // block there.
+    harness
+        .send(&request_message(MessageType::Discover, mac(2), 2))
+        .unwrap();
+    harness.replies();
+    let mut relayed = request_message(MessageType::Discover, mac(3), 3);
+    relayed.set_giaddr(Ipv4Addr::new(10, 1, 0, 1));
+    assert_eq!(
+        harness.send(&relayed),
+        Err(DhcpDrop::AwaitingAddresses(Ipv4Addr::new(10, 1, 0, 0)))
+    );
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![2, 1]);
+    // Committed, the first address is bound and out of the demand; the waiting DISCOVER's
+    // deadline passes and it leaves the demand too.
+    assert_eq!(harness.commit_all().len(), 1);
+    harness.replies();
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![1, 1]);
+    harness.now += ADDRESS_WAIT_MAX;
+    assert_eq!(harness.server.addresses_in_demand(harness.now), vec![1, 0]);
+}
+
+#[test]
 fn a_discover_waits_for_a_block_only_so_long_and_one_per_client() {
     let mut harness = Harness::new(config());
     harness

@@ -76,8 +76,10 @@ const FREE_ADDRESSES_LOW: u32 = 16;
 const FREE_ADDRESSES_AHEAD: Duration = Duration::from_secs(4);
 /// How often grants made while cut off are proposed again.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// Blocks one request takes at most.
+/// Blocks one look asks for at most.
 const BLOCKS_PER_REQUEST_MAX: usize = 32;
+/// Blocks asked for and not answered yet, at most.
+const BLOCKS_IN_FLIGHT_MAX: usize = 2 * BLOCKS_PER_REQUEST_MAX;
 /// How long a block the leader granted is not asked for again while this server's state
 /// catches up with that entry.
 const GRANTED_BLOCK_APPLY_WAIT: Duration = Duration::from_secs(2);
@@ -177,8 +179,8 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     servers: Vec<u64>,
     /// What the DHCP core was last told of its rank among the servers.
     rendezvous: Option<Rendezvous>,
-    /// A block request (take or renew) is on its way.
-    block_request: Arc<std::sync::atomic::AtomicBool>,
+    /// Blocks asked for (taken or renewed) and not answered yet, by first address.
+    requested: Arc<Mutex<BTreeSet<Ipv4Addr>>>,
     /// Told when a block request committed, so the core hears of the block at once.
     blocks_changed: Arc<tokio::sync::Notify>,
     /// Blocks this server was granted (by the leader's answer) that its own state may not
@@ -189,6 +191,11 @@ pub struct ClusterLeaseStore<M = ClusterMember, J = FileLeaseJournal> {
     last_bound: BTreeMap<usize, (u32, tokio::time::Instant)>,
     /// Per subnet: addresses given out per second, smoothed.
     grant_rates: BTreeMap<usize, f64>,
+    /// Per subnet: the DHCP core's addresses in demand beyond the bound ones (offers,
+    /// pending commits, DISCOVERs waiting), as last reported.
+    demand: Vec<u32>,
+    /// Per subnet: this server's free addresses at the last look (bound ones excepted).
+    free_at_last_look: BTreeMap<usize, u32>,
     /// Grants made while cut off, not yet in the cluster state.
     minority: Arc<Mutex<J>>,
     /// A reconciliation of `minority` is on its way.
@@ -218,6 +225,42 @@ struct BlockLook {
     with_free: BTreeSet<(usize, u64)>,
     /// Indexes (into the blocks) of the blocks nobody holds, in address order.
     unowned: Vec<usize>,
+}
+
+/// What a server knows of one subnet when it decides whether to take blocks.
+#[derive(Debug, Clone, Copy)]
+struct BlockNeed {
+    /// Free addresses in its blocks, by the committed leases.
+    free: u32,
+    /// Addresses in blocks asked for or granted that its state does not show yet.
+    coming: u32,
+    /// Addresses its DHCP core has promised or is asked for that no lease shows yet.
+    in_demand: u32,
+    /// Free addresses it keeps at least (its grant rate ahead, or the floor).
+    free_low: u32,
+    /// Blocks nobody holds.
+    unowned: usize,
+    /// Servers in the cluster.
+    servers: usize,
+}
+
+/// How many blocks to ask for now. Free by the committed leases, less the core's demand:
+/// in a storm's first second the grant rate still reads zero while every free address is
+/// offered and new clients wait, so the shortfall itself is asked for, not only the floor.
+/// Taking ahead is fine while blocks are plenty; near the end of a pool a block held idle
+/// here is one another server's clients cannot have, so then one at a time.
+fn blocks_to_take(need: BlockNeed) -> usize {
+    let wanted = need
+        .free_low
+        .saturating_add(need.in_demand)
+        .saturating_sub(need.free.saturating_add(need.coming));
+    if wanted == 0 || need.unowned == 0 {
+        return 0;
+    }
+    let plenty = need.unowned / (2 * need.servers.max(1));
+    (wanted.div_ceil(BLOCK_ADDRESSES) as usize)
+        .min(plenty)
+        .clamp(1, BLOCKS_PER_REQUEST_MAX)
 }
 
 /// The unowned blocks of `subnet` (indexes into the blocks) that the server at `place` among
@@ -365,11 +408,13 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             allocatable: Some(Vec::new()),
             servers: Vec::new(),
             rendezvous: None,
-            block_request: Arc::default(),
+            requested: Arc::default(),
             blocks_changed: Arc::default(),
             granted_lately: Arc::default(),
             last_bound: Default::default(),
             grant_rates: Default::default(),
+            demand: Vec::new(),
+            free_at_last_look: BTreeMap::new(),
             minority: minority_journal,
             reconciling: Arc::default(),
             last_reconcile: None,
@@ -527,21 +572,40 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             self.ready
                 .push_back(LeaseEvent::Rendezvous(Some(rendezvous)));
         }
-        // A block the leader granted is unowned here until this server applies that entry;
-        // asking for it again would only renew it.
+        // Blocks on their way: asked for and not answered, or granted by the leader and not
+        // applied here yet (unowned by this server's state until it applies that entry).
+        // Neither is asked for again; both count as coming, so that a look while they travel
+        // asks only for the rest of the shortfall.
         let looked_at = tokio::time::Instant::now();
-        {
+        let mut coming: BTreeMap<usize, u32> = BTreeMap::new();
+        let requested: BTreeSet<Ipv4Addr> = {
+            let held_firsts: BTreeSet<Ipv4Addr> =
+                look.held.iter().map(|block| block.first).collect();
             let mut granted_lately = lock(&self.granted_lately);
-            granted_lately.retain(|_, granted_at| {
-                looked_at.duration_since(*granted_at) < GRANTED_BLOCK_APPLY_WAIT
+            granted_lately.retain(|first, granted_at| {
+                !held_firsts.contains(first)
+                    && looked_at.duration_since(*granted_at) < GRANTED_BLOCK_APPLY_WAIT
             });
-            if !granted_lately.is_empty() {
-                let blocks = &self.blocks;
-                look.unowned
-                    .retain(|index| !granted_lately.contains_key(&blocks[*index].first));
+            let requested = lock(&self.requested).clone();
+            for first in granted_lately.keys().chain(&requested) {
+                if held_firsts.contains(first) {
+                    continue;
+                }
+                if let Ok(index) = self.blocks.binary_search_by_key(first, |block| block.first) {
+                    let block = self.blocks[index];
+                    *coming.entry(self.block_subnets[index]).or_default() +=
+                        u32::from(block.last) - u32::from(block.first) + 1;
+                }
             }
-        }
+            let blocks = &self.blocks;
+            look.unowned.retain(|index| {
+                let first = blocks[*index].first;
+                !granted_lately.contains_key(&first) && !requested.contains(&first)
+            });
+            requested
+        };
         let (held, renew, free, bound) = (look.held, look.renew, look.free, look.bound);
+        self.free_at_last_look.clone_from(&free);
         let mut unowned: BTreeMap<usize, usize> = BTreeMap::new();
         for index in &look.unowned {
             *unowned.entry(self.block_subnets[*index]).or_default() += 1;
@@ -570,15 +634,15 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             }
             let free_low =
                 FREE_ADDRESSES_LOW.max((*rate * FREE_ADDRESSES_AHEAD.as_secs_f64()).ceil() as u32);
-            let subnet_unowned = unowned.get(subnet).copied().unwrap_or(0);
-            if *subnet_free < free_low && subnet_unowned > 0 {
-                // Taking ahead is fine while blocks are plenty; near the end of a pool a block
-                // held idle here is one another server's clients cannot have, so then one at
-                // a time.
-                let plenty = subnet_unowned / (2 * servers_count);
-                let blocks = ((free_low - subnet_free).div_ceil(BLOCK_ADDRESSES) as usize)
-                    .min(plenty)
-                    .clamp(1, BLOCKS_PER_REQUEST_MAX);
+            let blocks = blocks_to_take(BlockNeed {
+                free: *subnet_free,
+                coming: coming.get(subnet).copied().unwrap_or(0),
+                in_demand: self.demand.get(*subnet).copied().unwrap_or(0),
+                free_low,
+                unowned: unowned.get(subnet).copied().unwrap_or(0),
+                servers: servers_count,
+            });
+            if blocks > 0 {
                 let place = self
                     .servers
                     .iter()
@@ -609,23 +673,25 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
             self.allocatable = allocatable.clone();
             self.ready.push_back(LeaseEvent::Allocatable(allocatable));
         }
-        if wanted.is_empty()
-            || self
-                .block_request
-                .swap(true, std::sync::atomic::Ordering::AcqRel)
-        {
+        // A renewal already on its way is not asked for twice; new requests go out while
+        // earlier ones travel (a storm outruns blocks taken one round trip at a time), up to
+        // a bound.
+        wanted.retain(|block| !requested.contains(&block.first));
+        wanted.truncate(BLOCKS_IN_FLIGHT_MAX.saturating_sub(requested.len()));
+        if wanted.is_empty() {
             return;
         }
+        lock(&self.requested).extend(wanted.iter().map(|block| block.first));
         let member = self.member.clone();
         let block_lease = self.block_lease;
-        let busy = Arc::clone(&self.block_request);
+        let requested = Arc::clone(&self.requested);
         let blocks_changed = Arc::clone(&self.blocks_changed);
         let granted_lately = Arc::clone(&self.granted_lately);
         tokio::spawn(async move {
-            // All at once: one after another, each block waits a whole commit, and a storm's
-            // first second of new clients outruns a server that takes its blocks that slowly.
+            // All at once: one after another, each block waits a whole commit.
             let requests = wanted.into_iter().map(|block| {
                 let member = member.clone();
+                let requested = Arc::clone(&requested);
                 let blocks_changed = Arc::clone(&blocks_changed);
                 let granted_lately = Arc::clone(&granted_lately);
                 async move {
@@ -637,11 +703,14 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
                         server: own,
                         until,
                     };
-                    match member.propose_anywhere(command).await {
+                    let answer = member.propose_anywhere(command).await;
+                    if matches!(answer, Ok(MeshResponse::Applied)) {
+                        lock(&granted_lately).insert(block.first, tokio::time::Instant::now());
+                    }
+                    lock(&requested).remove(&block.first);
+                    match answer {
                         Ok(MeshResponse::Applied) => {
-                            lock(&granted_lately).insert(block.first, tokio::time::Instant::now());
                             tracing::info!(first = %block.first, last = %block.last, "address block held");
-                            blocks_changed.notify_one();
                         }
                         Ok(other) => {
                             tracing::info!(first = %block.first, ?other, "address block not taken")
@@ -650,13 +719,12 @@ impl<M: LeaseCluster, J: LeaseJournal> ClusterLeaseStore<M, J> {
                             tracing::warn!(first = %block.first, %error, "address block request failed")
                         }
                     }
+                    // Look again now, not at the next tick: the core hears of the block at
+                    // once, and under a storm the blocks just taken may already be going.
+                    blocks_changed.notify_one();
                 }
             });
             futures_util::future::join_all(requests).await;
-            busy.store(false, std::sync::atomic::Ordering::Release);
-            // Look again now, not at the next tick: under a storm the blocks just taken may
-            // already be going.
-            blocks_changed.notify_one();
         });
     }
 
@@ -1049,6 +1117,20 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
         Ok(())
     }
 
+    fn address_demand(&mut self, per_subnet: &[u32]) {
+        let short = per_subnet.iter().enumerate().any(|(subnet, in_demand)| {
+            let free = self.free_at_last_look.get(&subnet).copied().unwrap_or(0);
+            free.saturating_sub(*in_demand) < FREE_ADDRESSES_LOW
+        });
+        let changed = self.demand != per_subnet;
+        self.demand.clear();
+        self.demand.extend_from_slice(per_subnet);
+        if short && changed {
+            // Look now rather than at the next tick: the clients are waiting.
+            self.blocks_changed.notify_one();
+        }
+    }
+
     fn try_event(&mut self) -> Option<LeaseEvent> {
         if let Some(event) = self.ready.pop_front() {
             return Some(event);
@@ -1103,6 +1185,70 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_asks_for_the_demand_its_committed_leases_do_not_show_yet() {
+        let need = BlockNeed {
+            free: 64,
+            coming: 0,
+            in_demand: 0,
+            free_low: FREE_ADDRESSES_LOW,
+            unowned: 150,
+            servers: 3,
+        };
+        // Quiet: one block's worth free, nothing asked for.
+        assert_eq!(blocks_to_take(need), 0);
+        // A storm's first moment: the rate reads zero, but 64 offers are out and 200 new
+        // clients wait; the shortfall and the floor are asked for at once.
+        let storm = BlockNeed {
+            in_demand: 264,
+            ..need
+        };
+        assert_eq!(blocks_to_take(storm), 4);
+        // Three of them on their way already: a look meanwhile asks only for the rest.
+        assert_eq!(
+            blocks_to_take(BlockNeed {
+                coming: 192,
+                ..storm
+            }),
+            1
+        );
+        assert_eq!(
+            blocks_to_take(BlockNeed {
+                coming: 256,
+                ..storm
+            }),
+            0
+        );
+        // The same shortfall by the rate alone asks for as much.
+        let by_rate = BlockNeed {
+            free_low: 216,
+            ..need
+        };
+        assert_eq!(blocks_to_take(by_rate), 3);
+        // Near the end of the pool, one at a time; none left, none asked for.
+        assert_eq!(
+            blocks_to_take(BlockNeed {
+                unowned: 5,
+                ..storm
+            }),
+            1
+        );
+        assert_eq!(
+            blocks_to_take(BlockNeed {
+                unowned: 0,
+                ..storm
+            }),
+            0
+        );
+        // However large the demand, one request takes a bounded number.
+        let flood = BlockNeed {
+            in_demand: 1_000_000,
+            unowned: 100_000,
+            ..need
+        };
+        assert_eq!(blocks_to_take(flood), BLOCKS_PER_REQUEST_MAX);
+    }
 
     #[test]
     fn servers_ask_for_blocks_from_their_own_share_of_the_subnet_then_round_it() {
