@@ -1196,58 +1196,72 @@ mod tests {
             unowned: 150,
             servers: 3,
         };
-        // Quiet: one block's worth free, nothing asked for.
-        assert_eq!(blocks_to_take(need), 0);
         // A storm's first moment: the rate reads zero, but 64 offers are out and 200 new
-        // clients wait; the shortfall and the floor are asked for at once.
+        // clients wait.
         let storm = BlockNeed {
             in_demand: 264,
             ..need
         };
-        assert_eq!(blocks_to_take(storm), 4);
-        // Three of them on their way already: a look meanwhile asks only for the rest.
-        assert_eq!(
-            blocks_to_take(BlockNeed {
-                coming: 192,
-                ..storm
-            }),
-            1
-        );
-        assert_eq!(
-            blocks_to_take(BlockNeed {
-                coming: 256,
-                ..storm
-            }),
-            0
-        );
-        // The same shortfall by the rate alone asks for as much.
-        let by_rate = BlockNeed {
-            free_low: 216,
-            ..need
-        };
-        assert_eq!(blocks_to_take(by_rate), 3);
-        // Near the end of the pool, one at a time; none left, none asked for.
-        assert_eq!(
-            blocks_to_take(BlockNeed {
-                unowned: 5,
-                ..storm
-            }),
-            1
-        );
-        assert_eq!(
-            blocks_to_take(BlockNeed {
-                unowned: 0,
-                ..storm
-            }),
-            0
-        );
-        // However large the demand, one request takes a bounded number.
-        let flood = BlockNeed {
-            in_demand: 1_000_000,
-            unowned: 100_000,
-            ..need
-        };
-        assert_eq!(blocks_to_take(flood), BLOCKS_PER_REQUEST_MAX);
+        let cases = [
+            (need, 0, "quiet: one block's worth free, nothing asked for"),
+            (
+                storm,
+                4,
+                "the shortfall and the floor are asked for at once",
+            ),
+            (
+                BlockNeed {
+                    coming: 192,
+                    ..storm
+                },
+                1,
+                "three blocks on their way: a look meanwhile asks only for the rest",
+            ),
+            (
+                BlockNeed {
+                    coming: 256,
+                    ..storm
+                },
+                0,
+                "all of it on its way",
+            ),
+            (
+                BlockNeed {
+                    free_low: 216,
+                    ..need
+                },
+                3,
+                "the same shortfall by the rate alone",
+            ),
+            (
+                BlockNeed {
+                    unowned: 5,
+                    ..storm
+                },
+                1,
+                "near the end of the pool, one at a time",
+            ),
+            (
+                BlockNeed {
+                    unowned: 0,
+                    ..storm
+                },
+                0,
+                "none left, none asked for",
+            ),
+            (
+                BlockNeed {
+                    in_demand: 1_000_000,
+                    unowned: 100_000,
+                    ..need
+                },
+                BLOCKS_PER_REQUEST_MAX,
+                "however large the demand, one look asks for a bounded number",
+            ),
+        ];
+        for (need, blocks, why) in cases {
+            assert_eq!(blocks_to_take(need), blocks, "{why}: {need:?}");
+        }
     }
 
     #[test]
