@@ -318,6 +318,7 @@ impl Farm {
                 if let Some(client) = self.clients.get_mut(offset) {
                     client.attempts += 1;
                 }
+                lock(&self.shared).discover_retransmissions += 1;
                 self.send(&discover, &self.all_servers()).await?;
                 self.schedule(offset, now + RETRANSMIT_AFTER);
                 Ok(())

@@ -267,6 +267,9 @@ pub struct ChaosReport {
     pub slow_sync_time: Duration,
     /// Datagrams between nodes and servers that the network delivered twice.
     pub duplicated: u64,
+    /// DISCOVERs the nodes sent again because no offer came within their retransmission
+    /// time (4 s, as PXE ROMs wait).
+    pub discover_retransmissions: u64,
     /// Virtual time the run took.
     pub elapsed: Duration,
     /// Per booted node, seconds from its power-on until it held its whole image.
@@ -324,6 +327,8 @@ pub struct Observed {
     duplicate_percent: u8,
     /// Datagrams the network delivered twice.
     duplicated: u64,
+    /// DISCOVERs the nodes sent again because no offer came in time.
+    discover_retransmissions: u64,
 }
 
 /// The shared observations.
@@ -1104,6 +1109,7 @@ pub fn run_chaos(spec: &ChaosSpec) -> Result<ChaosReport, SimError> {
         syncs: disks.values().map(SimDisk::syncs).sum(),
         failed_syncs: disks.values().map(SimDisk::failed_syncs).sum(),
         duplicated: observed.duplicated,
+        discover_retransmissions: observed.discover_retransmissions,
         slow_syncs: disks.values().map(|disk| disk.slow_sync_time().0).sum(),
         slow_sync_time: disks.values().map(|disk| disk.slow_sync_time().1).sum(),
         elapsed: simulation.elapsed(),
@@ -1195,6 +1201,12 @@ impl ChaosReport {
             text.push_str(&format!(
                 "{} datagrams between nodes and servers arrived twice\n",
                 self.duplicated
+            ));
+        }
+        if self.discover_retransmissions > 0 {
+            text.push_str(&format!(
+                "{} DISCOVERs sent again for want of an offer\n",
+                self.discover_retransmissions
             ));
         }
         if self.slow_syncs > 0 {
