@@ -113,9 +113,12 @@ impl ClusterLab {
         self
     }
 
-    /// Server `index` runs with its clock `offset` off (faketime's form: `+8s`, `-8s`).
+    /// Server `index` runs with its clock `offset` off (libfaketime's form: `+8s`, `-8s`).
     fn with_clock_offset(mut self, index: usize, offset: &str) -> Self {
-        lab::require_program("faketime");
+        assert!(
+            libfaketime().is_some(),
+            "libfaketime is not installed; .ci/run installs it (package faketime)"
+        );
         self.clock_offsets.insert(index, offset.to_owned());
         self
     }
@@ -191,10 +194,18 @@ impl ClusterLab {
                 .replace("INTERFACE", &self.interfaces[index - 1])
         );
         let namespace = self.namespaces[index - 1].clone();
-        let wrapper: Vec<&str> = match self.clock_offsets.get(&index) {
-            Some(offset) => vec!["faketime", "-f", offset.as_str()],
+        // libfaketime preloaded by `env`, not the `faketime` wrapper: the wrapper makes a named
+        // semaphore per pid and leaves it behind when its server is killed with SIGKILL, and a
+        // later server given the same pid then fails to start ("sem_open: File exists").
+        let preload: Vec<String> = match self.clock_offsets.get(&index) {
+            Some(offset) => vec![
+                "env".to_owned(),
+                format!("LD_PRELOAD={}", libfaketime().unwrap_or_default()),
+                format!("FAKETIME={offset}"),
+            ],
             None => Vec::new(),
         };
+        let wrapper: Vec<&str> = preload.iter().map(String::as_str).collect();
         self.lab
             .serve_wrapped(&format!("s{index}"), &namespace, &config, &wrapper);
     }
@@ -245,6 +256,19 @@ impl ClusterLab {
             .map(|index| format!("--- s{index}\n{}", self.log(index)))
             .collect()
     }
+}
+
+/// Where libfaketime is (Debian puts it under the architecture's library directory).
+fn libfaketime() -> Option<String> {
+    std::fs::read_dir("/usr/lib")
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("faketime/libfaketime.so.1"))
+        .chain(std::iter::once(PathBuf::from(
+            "/usr/lib/faketime/libfaketime.so.1",
+        )))
+        .find(|path| path.is_file())
+        .map(|path| path.display().to_string())
 }
 
 fn voters(status: &serde_json::Value) -> usize {

@@ -222,7 +222,7 @@ impl Lab {
     }
 
     /// [`serve`](Self::serve) through `wrapper`, a program that execs the command line it is
-    /// given (so the pid stays the server's): `env NAME=value`, `faketime -f +8s`.
+    /// given (so the pid stays the server's): `env NAME=value`, `env LD_PRELOAD=... FAKETIME=+8s`.
     pub fn serve_wrapped(&mut self, name: &str, namespace: &str, config: &str, wrapper: &[&str]) {
         let config_path = self.path(&format!("{name}.toml"));
         std::fs::write(&config_path, config).expect("write config");
