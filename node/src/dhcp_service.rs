@@ -125,6 +125,11 @@ pub trait LeaseStore: Send + 'static {
     /// ones ([`DhcpServer::addresses_in_demand`]): a store that hands out addresses in blocks
     /// takes the next ones before its free count, which trails by a commit, runs out.
     fn address_demand(&mut self, _per_subnet: &[u32]) {}
+    /// Whether [`LeaseStore::address_demand`] is of any use to this store (counting the demand
+    /// walks the offers and pending commits).
+    fn wants_address_demand(&self) -> bool {
+        false
+    }
     /// Why the store stopped, once `next_event` has said it will give no more.
     fn closed(&mut self) -> DhcpServiceError {
         DhcpServiceError::Store("the lease store closed".into())
@@ -537,12 +542,13 @@ where
         // At once when a DISCOVER starts waiting for addresses, else now and then: counting
         // walks the offers and pending commits.
         let waiting_started = awaiting_before == 0 && server.awaiting_addresses_count() > 0;
-        if waiting_started
-            || demand_reported.is_none_or(|reported| {
-                // A clock stepped back counts as due.
-                now.duration_since(reported)
-                    .map_or(true, |since| since >= DEMAND_REPORT_EVERY)
-            })
+        if store.wants_address_demand()
+            && (waiting_started
+                || demand_reported.is_none_or(|reported| {
+                    // A clock stepped back counts as due.
+                    now.duration_since(reported)
+                        .map_or(true, |since| since >= DEMAND_REPORT_EVERY)
+                }))
         {
             demand_reported = Some(now);
             store.address_demand(&server.addresses_in_demand(now));

@@ -482,11 +482,21 @@ impl DhcpServer {
         let now_unix_secs = unix_secs(now);
         let mut demand = vec![0_u32; self.config.subnets.len()];
         let subnets = &self.config.subnets;
+        // Addresses come in runs of one subnet: its index is tried first.
+        let mut last_subnet = 0;
         let mut count = |address: Ipv4Addr| {
-            if let Some(index) = subnets
-                .iter()
-                .position(|subnet| subnet.network.contains(address))
-            {
+            let hit = subnets
+                .get(last_subnet)
+                .is_some_and(|subnet| subnet.network.contains(address));
+            let index = if hit {
+                Some(last_subnet)
+            } else {
+                subnets
+                    .iter()
+                    .position(|subnet| subnet.network.contains(address))
+            };
+            if let Some(index) = index {
+                last_subnet = index;
                 demand[index] = demand[index].saturating_add(1);
             }
         };

@@ -1117,6 +1117,10 @@ impl<M: LeaseCluster, J: LeaseJournal> LeaseStore for ClusterLeaseStore<M, J> {
         Ok(())
     }
 
+    fn wants_address_demand(&self) -> bool {
+        true
+    }
+
     fn address_demand(&mut self, per_subnet: &[u32]) {
         let short = per_subnet.iter().enumerate().any(|(subnet, in_demand)| {
             let free = self.free_at_last_look.get(&subnet).copied().unwrap_or(0);
