@@ -179,8 +179,10 @@ pub struct Vm {
     pub started: Instant,
     /// Its serial console.
     pub serial_path: PathBuf,
-    /// Its tap on the lab's bridge (in the lab's namespace).
+    /// Its tap on a bridge of the lab.
     pub tap: String,
+    /// The namespace its tap is in: the lab's, or a relayed rack's.
+    pub namespace: String,
     child: Child,
 }
 
@@ -244,7 +246,8 @@ impl Drop for Vm {
     }
 }
 
-/// The lab: one namespace, one bridge, the server's address on it.
+/// The lab: one namespace, one bridge, the server's address on it; optionally racks behind
+/// DHCP relays ([`BootLab::add_relayed_rack`]).
 #[derive(Debug)]
 pub struct BootLab {
     /// The namespace.
@@ -257,6 +260,23 @@ pub struct BootLab {
     pub directory: PathBuf,
     children: Vec<(String, Child)>,
     taps: usize,
+    racks: Vec<RelayedRack>,
+}
+
+/// A second segment behind a router: the router namespace holds an uplink on the lab's bridge,
+/// the rack's bridge (where the rack's VMs' taps go) and `dhcrelay`, which forwards the
+/// rack's DHCP to the lab's server; the lab's namespace routes the rack's subnet through it.
+#[derive(Debug, Clone)]
+pub struct RelayedRack {
+    /// The router's namespace (also where the rack's taps and VMs are).
+    pub namespace: String,
+    /// The rack's bridge in it.
+    pub bridge: String,
+    /// The router's address on the rack's bridge: the relay agent address (giaddr) and the
+    /// rack's default route; the rack's subnet is its `/24`.
+    pub router_address: Ipv4Addr,
+    /// The router's address on the lab's bridge.
+    pub uplink_address: Ipv4Addr,
 }
 
 fn run(program: &str, args: &[&str]) -> Result<std::process::Output, LabError> {
@@ -285,7 +305,7 @@ impl BootLab {
     /// Bytes `vm` has sent on its NIC so far (its tap's receive counter on the host side).
     pub fn bytes_sent_by(&self, vm: &Vm) -> Result<u64, LabError> {
         let path = format!("/sys/class/net/{}/statistics/rx_bytes", vm.tap);
-        let output = run("ip", &["netns", "exec", &self.namespace, "cat", &path])?;
+        let output = run("ip", &["netns", "exec", &vm.namespace, "cat", &path])?;
         String::from_utf8_lossy(&output.stdout)
             .trim()
             .parse()
@@ -325,6 +345,7 @@ impl BootLab {
             directory,
             children: Vec::new(),
             taps: 0,
+            racks: Vec::new(),
         };
         let ns = lab.namespace.clone();
         let bridge = lab.bridge.clone();
@@ -384,12 +405,25 @@ impl BootLab {
         args: &[&str],
         environment: &[(&str, &str)],
     ) -> Result<(), LabError> {
+        let namespace = self.namespace.clone();
+        self.spawn_in(&namespace, name, program, args, environment)
+    }
+
+    /// As `spawn`, in `namespace` (one of the lab's).
+    fn spawn_in(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        program: &str,
+        args: &[&str],
+        environment: &[(&str, &str)],
+    ) -> Result<(), LabError> {
         let log_path = self.directory.join(format!("{name}.log"));
         let log = File::create(&log_path).map_err(io(format!("create {}", log_path.display())))?;
         let log_copy = log.try_clone().map_err(io("log"))?;
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &self.namespace, program])
+            .args(["netns", "exec", namespace, program])
             .args(args)
             .stdin(Stdio::null())
             .stdout(log_copy)
@@ -443,19 +477,117 @@ impl BootLab {
         })
     }
 
-    /// Starts a VM on a new tap on the bridge.
+    /// Makes rack `rack` (1-200) behind a relay: namespace `<prefix>-r<rack>` routing between
+    /// an uplink on the lab's bridge (`10.<subnet>.0.<200 + rack>`) and the rack's bridge
+    /// (`10.<subnet>.<rack>.1/24`), running `dhcrelay` towards the lab's server; the lab's
+    /// namespace routes `10.<subnet>.<rack>.0/24` through it. The server needs a DHCP subnet
+    /// for it (`routers` = the router's address) to answer the rack's nodes.
+    pub fn add_relayed_rack(&mut self, rack: u8) -> Result<RelayedRack, LabError> {
+        if !on_path("dhcrelay") {
+            return Err(LabError::Missing {
+                program: "dhcrelay",
+                package: "isc-dhcp-relay",
+            });
+        }
+        let [_, subnet, _, _] = self.server_address.octets();
+        let namespace = format!("{}-r{rack}", self.namespace);
+        let uplink_outside = format!("{}-u{rack}", self.namespace);
+        let rack_state = RelayedRack {
+            namespace: namespace.clone(),
+            bridge: "rack".into(),
+            router_address: Ipv4Addr::new(10, subnet, rack, 1),
+            uplink_address: Ipv4Addr::new(10, subnet, 0, 200u8.saturating_add(rack)),
+        };
+        // A rack left by a killed run is in the way; it is ours by name.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &namespace])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &namespace])?;
+        self.racks.push(rack_state.clone());
+        let lab = self.namespace.clone();
+        let uplink = format!("{}/24", rack_state.uplink_address);
+        let router = format!("{}/24", rack_state.router_address);
+        let route = format!("10.{subnet}.{rack}.0/24");
+        let via = rack_state.uplink_address.to_string();
+        let commands: [&[&str]; 11] = [
+            &["-n", &namespace, "link", "set", "lo", "up"],
+            // The cable: one end on the lab's bridge, the other the router's uplink.
+            &[
+                "-n",
+                &lab,
+                "link",
+                "add",
+                &uplink_outside,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "uplink",
+                "netns",
+                &namespace,
+            ],
+            &[
+                "-n",
+                &lab,
+                "link",
+                "set",
+                &uplink_outside,
+                "master",
+                &self.bridge,
+            ],
+            &["-n", &lab, "link", "set", &uplink_outside, "up"],
+            &["-n", &namespace, "addr", "add", &uplink, "dev", "uplink"],
+            &["-n", &namespace, "link", "set", "uplink", "up"],
+            &["-n", &namespace, "link", "add", "rack", "type", "bridge"],
+            &["-n", &namespace, "addr", "add", &router, "dev", "rack"],
+            &["-n", &namespace, "link", "set", "rack", "up"],
+            &["-n", &lab, "route", "add", &route, "via", &via],
+            &[
+                "netns",
+                "exec",
+                &namespace,
+                "sysctl",
+                "-q",
+                "net.ipv4.ip_forward=1",
+            ],
+        ];
+        for command in commands {
+            run("ip", command)?;
+        }
+        // `-d` keeps it in the foreground (a child of the lab); it logs each forwarded packet.
+        let server = self.server_address.to_string();
+        self.spawn_in(
+            &namespace,
+            &format!("relay-r{rack}"),
+            "dhcrelay",
+            &["-4", "-d", "-id", "rack", "-iu", "uplink", &server],
+            &[],
+        )?;
+        Ok(rack_state)
+    }
+
+    /// Starts a VM on a new tap on the lab's bridge.
     pub fn start_vm(&mut self, spec: &VmSpec) -> Result<Vm, LabError> {
+        let namespace = self.namespace.clone();
+        let bridge = self.bridge.clone();
+        self.start_vm_on(&namespace, &bridge, spec)
+    }
+
+    /// Starts a VM on a new tap on `rack`'s bridge, behind its router and relay.
+    pub fn start_vm_in_rack(&mut self, rack: &RelayedRack, spec: &VmSpec) -> Result<Vm, LabError> {
+        self.start_vm_on(&rack.namespace, &rack.bridge, spec)
+    }
+
+    fn start_vm_on(&mut self, ns: &str, bridge: &str, spec: &VmSpec) -> Result<Vm, LabError> {
         let tap = format!("{}-t{}", self.namespace, self.taps);
         self.taps += 1;
-        let ns = self.namespace.clone();
+        let ns = ns.to_owned();
         run(
             "ip",
             &["-n", &ns, "tuntap", "add", "dev", &tap, "mode", "tap"],
         )?;
-        run(
-            "ip",
-            &["-n", &ns, "link", "set", &tap, "master", &self.bridge],
-        )?;
+        run("ip", &["-n", &ns, "link", "set", &tap, "master", bridge])?;
         run("ip", &["-n", &ns, "link", "set", &tap, "up"])?;
         let serial_path = self.directory.join(format!("{}.serial.log", spec.name));
         let _ = std::fs::remove_file(&serial_path);
@@ -468,7 +600,7 @@ impl BootLab {
         let mut args: Vec<String> = vec![
             "netns".into(),
             "exec".into(),
-            ns,
+            ns.clone(),
             "qemu-system-x86_64".into(),
             "-accel".into(),
             Accelerator::detect().as_str().into(),
@@ -534,6 +666,7 @@ impl BootLab {
             started,
             serial_path,
             tap,
+            namespace: ns,
             child,
         })
     }
@@ -544,6 +677,12 @@ impl Drop for BootLab {
         for (_, child) in &mut self.children {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        for rack in &self.racks {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &rack.namespace])
+                .stderr(Stdio::null())
+                .status();
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.namespace])

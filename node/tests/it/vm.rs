@@ -1285,6 +1285,163 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
     );
 }
 
+/// A second rack behind a router that relays DHCP (ISC `dhcrelay`): a VM there gets its lease
+/// through the relay, in its rack's subnet, and a second VM of that rack takes its image from
+/// the booted node of its own rack, not from the booted node of the server's rack nor from the
+/// server. Three VM boots: the two first at once.
+#[test]
+fn a_node_behind_a_relay_takes_its_image_from_a_booted_node_of_its_rack() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return;
+    }
+    let work = tempfile::tempdir().expect("work");
+    let state = work.path().join("state");
+    busybox_image(
+        &state,
+        "lab:v1",
+        &agent,
+        &[("etc/stay-up", b"600\n".to_vec())],
+    );
+    promote(&state, "lab", "lab:v1");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-rk", 65, work.path().join("lab")).expect("lab");
+    let rack2 = lab.add_relayed_rack(2).expect("rack 2 behind a relay");
+    let nonce = nonce();
+    // The lab's subnet is rack r1 (`hosts` lands inside its table); rack r2 is the relayed one.
+    let config = server_config(
+        &lab,
+        &ServerSetup {
+            state: &state,
+            files: &files,
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
+            hosts: "rack = \"r1\"",
+            extra: &format!(
+                "[swarm]\nlisten = \"0.0.0.0:7800\"\nupload_mib_per_second = 1\n\
+                 [[dhcp.subnet]]\ncidr = \"10.65.2.0/24\"\nranges = [\"10.65.2.100-10.65.2.199\"]\n\
+                 routers = [\"{}\"]\nlease_secs = 600\nrack = \"r2\"",
+                rack2.router_address
+            ),
+        },
+    );
+    lab.serve("server", Path::new(env!("CARGO_BIN_EXE_bootmesh")), &config)
+        .expect("server");
+    let spec = |name: &str, host: u8| VmSpec {
+        name: name.to_owned(),
+        mac: [0x52, 0x54, 0, 0x65, 0, host],
+        firmware: Firmware::Bios,
+        memory_mib: 512,
+    };
+    let marker = format!("BOOTMESH-MARKER lab.nonce={nonce}");
+    let address_of = |line: &str| -> String {
+        field(line, "address")
+            .and_then(|address| address.split('/').next())
+            .expect("address")
+            .to_owned()
+    };
+    // One booted node in each rack, booting at once.
+    let mut near = lab.start_vm(&spec("rack1-node", 1)).expect("VM");
+    let mut peer = lab
+        .start_vm_in_rack(&rack2, &spec("rack2-first", 2))
+        .expect("VM");
+    let mut booted = Vec::new();
+    for vm in [&mut near, &mut peer] {
+        let (elapsed, line) = vm
+            .wait_for_line(&marker, BOOT_LIMIT)
+            .unwrap_or_else(|error| {
+                panic!(
+                    "{error}\nserver:\n{}\nrelay:\n{}",
+                    lab.log("server"),
+                    lab.log("relay-r2")
+                )
+            });
+        eprintln!(
+            "{}: marker after {:.1} s at {}",
+            vm.name,
+            elapsed.as_secs_f64(),
+            address_of(&line)
+        );
+        booted.push(address_of(&line));
+    }
+    let (near_ip, peer_ip) = (booted[0].clone(), booted[1].clone());
+    assert!(
+        near_ip.starts_with("10.65.0."),
+        "rack 1's node got {near_ip}"
+    );
+    assert!(
+        peer_ip.starts_with("10.65.2."),
+        "rack 2's node got {peer_ip}, not an address of its rack's subnet"
+    );
+    // The lease came through the relay: the server sent its replies to the relay, which
+    // logs each packet it forwards.
+    let relay_log = lab.log("relay-r2");
+    assert!(
+        relay_log.contains("Forwarded BOOTREPLY") && relay_log.contains("52:54:00:65:00:02"),
+        "the relay forwarded no reply for rack 2's node:\n{relay_log}"
+    );
+    lab::wait_for(Duration::from_secs(60), || {
+        let log = lab.log("server");
+        announced_complete(&log, &near_ip) && announced_complete(&log, &peer_ip)
+    })
+    .unwrap_or_else(|| panic!("a booted node never served:\n{}", lab.log("server")));
+    let sent_before = lab.bytes_sent_by(&peer).expect("tap counter");
+    let mut later = lab
+        .start_vm_in_rack(&rack2, &spec("rack2-second", 3))
+        .expect("VM");
+    let (elapsed, line) = later
+        .wait_for_line(&marker, BOOT_LIMIT)
+        .unwrap_or_else(|error| {
+            panic!(
+                "{error}\nserver:\n{}\nrelay:\n{}",
+                lab.log("server"),
+                lab.log("relay-r2")
+            )
+        });
+    let later_ip = address_of(&line);
+    assert!(
+        later_ip.starts_with("10.65.2."),
+        "rack 2's second node got {later_ip}"
+    );
+    let (bytes, sources) = swarm_sources(&later.serial())
+        .unwrap_or_else(|| panic!("no swarm line:\n{}", later.serial()));
+    let from = |ip: &str| -> u64 {
+        sources
+            .iter()
+            .filter(|(source, _)| source == ip)
+            .map(|(_, taken)| taken)
+            .sum()
+    };
+    let (from_rack, from_other_rack, from_server) = (
+        from(&peer_ip),
+        from(&near_ip),
+        from(&lab.server_address.to_string()),
+    );
+    let sent = lab.bytes_sent_by(&peer).expect("tap counter") - sent_before;
+    eprintln!(
+        "rack2-second: marker after {:.1} s at {later_ip}; of {} KiB: {} KiB from its rack's node, \
+         {} KiB from rack 1's node, {} KiB from the server; its rack's node sent {} KiB on its tap",
+        elapsed.as_secs_f64(),
+        bytes >> 10,
+        from_rack >> 10,
+        from_other_rack >> 10,
+        from_server >> 10,
+        sent >> 10
+    );
+    assert!(
+        from_rack * 10 >= bytes * 6,
+        "{from_rack} of {bytes} bytes from the booted node of the same rack, less than 60 %"
+    );
+    // Boot-critical chunks may come from any peer (ADR 0010); the rest stays in the rack.
+    assert!(
+        from_other_rack * 10 <= bytes && from_other_rack < from_rack,
+        "{from_other_rack} of {bytes} bytes came across racks, {from_rack} from the own rack"
+    );
+    assert!(sent >= from_rack, "the tap saw what the rack's node sent");
+}
+
 /// The agent needs no shared library: the static binary runs in an empty chroot (as it must as
 /// /init, where there are none) and parses a boot command line there. No VM.
 #[test]
