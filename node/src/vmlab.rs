@@ -261,6 +261,20 @@ pub struct BootLab {
     children: Vec<(String, Child)>,
     taps: usize,
     racks: Vec<RelayedRack>,
+    servers: Vec<LabServer>,
+}
+
+/// A boot server of a lab with several ([`BootLab::add_server`]): a namespace of its own whose
+/// `eth0` is cabled to the lab's bridge, so servers do not share ports or sockets.
+#[derive(Debug, Clone)]
+pub struct LabServer {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its address on the lab's segment (`/24`).
+    pub address: Ipv4Addr,
+    /// The lab's end of its cable (in the lab's namespace): its receive counter is what the
+    /// server sent.
+    pub cable: String,
 }
 
 /// A second segment behind a router: the router namespace holds an uplink on the lab's bridge,
@@ -294,6 +308,19 @@ fn run(program: &str, args: &[&str]) -> Result<std::process::Output, LabError> {
     Ok(output)
 }
 
+/// An interface's receive counter, in `namespace`.
+fn receive_counter(namespace: &str, interface: &str) -> Result<u64, LabError> {
+    let path = format!("/sys/class/net/{interface}/statistics/rx_bytes");
+    let output = run("ip", &["netns", "exec", namespace, "cat", &path])?;
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| LabError::Command {
+            command: format!("cat {path}"),
+            detail: "not a byte count".into(),
+        })
+}
+
 /// Runs the `bootmesh` binary at `binary` with `args` (an image command, say) and returns
 /// its standard output; a failure carries its standard error.
 pub fn run_bootmesh(binary: &Path, args: &[&str]) -> Result<String, LabError> {
@@ -304,15 +331,92 @@ pub fn run_bootmesh(binary: &Path, args: &[&str]) -> Result<String, LabError> {
 impl BootLab {
     /// Bytes `vm` has sent on its NIC so far (its tap's receive counter on the host side).
     pub fn bytes_sent_by(&self, vm: &Vm) -> Result<u64, LabError> {
-        let path = format!("/sys/class/net/{}/statistics/rx_bytes", vm.tap);
-        let output = run("ip", &["netns", "exec", &vm.namespace, "cat", &path])?;
-        String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .map_err(|_| LabError::Command {
-                command: format!("cat {path}"),
-                detail: "not a byte count".into(),
-            })
+        receive_counter(&vm.namespace, &vm.tap)
+    }
+
+    /// Bytes `server` has sent on its cable so far.
+    pub fn bytes_sent_by_server(&self, server: &LabServer) -> Result<u64, LabError> {
+        receive_counter(&self.namespace, &server.cable)
+    }
+
+    /// Makes server namespace `<prefix>-s<index>` (1-50) with `eth0` at `10.<subnet>.0.<10 +
+    /// index>/24` on the lab's bridge. Start a server in it with [`BootLab::serve_in`].
+    pub fn add_server(&mut self, index: u8) -> Result<LabServer, LabError> {
+        let [_, subnet, _, _] = self.server_address.octets();
+        let server = LabServer {
+            namespace: format!("{}-s{index}", self.namespace),
+            address: Ipv4Addr::new(10, subnet, 0, 10u8.saturating_add(index)),
+            cable: format!("{}-c{index}", self.namespace),
+        };
+        let namespace = server.namespace.clone();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &namespace])
+            .stderr(Stdio::null())
+            .status();
+        run("ip", &["netns", "add", &namespace])?;
+        self.servers.push(server.clone());
+        let lab = self.namespace.clone();
+        let address = format!("{}/24", server.address);
+        let commands: [&[&str]; 6] = [
+            &["-n", &namespace, "link", "set", "lo", "up"],
+            &[
+                "-n",
+                &lab,
+                "link",
+                "add",
+                &server.cable,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &namespace,
+            ],
+            &[
+                "-n",
+                &lab,
+                "link",
+                "set",
+                &server.cable,
+                "master",
+                &self.bridge,
+            ],
+            &["-n", &lab, "link", "set", &server.cable, "up"],
+            &["-n", &namespace, "addr", "add", &address, "dev", "eth0"],
+            &["-n", &namespace, "link", "set", "eth0", "up"],
+        ];
+        for command in commands {
+            run("ip", command)?;
+        }
+        Ok(server)
+    }
+
+    /// Runs `bootmesh` (at `binary`) with `args` in `server`'s namespace; its standard output.
+    pub fn bootmesh_in(
+        &self,
+        server: &LabServer,
+        binary: &Path,
+        args: &[&str],
+    ) -> Result<String, LabError> {
+        let mut arguments = vec!["netns", "exec", &server.namespace];
+        let binary = binary.display().to_string();
+        arguments.push(&binary);
+        arguments.extend(args);
+        let output = run("ip", &arguments)?;
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Starts `bootmesh serve` as `name` in `server`'s namespace; waits until it serves.
+    pub fn serve_in(
+        &mut self,
+        server: &LabServer,
+        name: &str,
+        bootmesh: &Path,
+        config: &str,
+    ) -> Result<(), LabError> {
+        let namespace = server.namespace.clone();
+        self.serve_in_namespace(&namespace, name, bootmesh, config)
     }
 
     /// Makes namespace `<prefix>` with bridge `<prefix>-br` holding `10.<subnet>.0.1/24` and
@@ -346,6 +450,7 @@ impl BootLab {
             children: Vec::new(),
             taps: 0,
             racks: Vec::new(),
+            servers: Vec::new(),
         };
         let ns = lab.namespace.clone();
         let bridge = lab.bridge.clone();
@@ -452,9 +557,21 @@ impl BootLab {
 
     /// Starts `bootmesh serve` (the binary at `bootmesh`) with `config`; waits until it serves.
     pub fn serve(&mut self, name: &str, bootmesh: &Path, config: &str) -> Result<(), LabError> {
+        let namespace = self.namespace.clone();
+        self.serve_in_namespace(&namespace, name, bootmesh, config)
+    }
+
+    fn serve_in_namespace(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        bootmesh: &Path,
+        config: &str,
+    ) -> Result<(), LabError> {
         let config_path = self.directory.join(format!("{name}.toml"));
         std::fs::write(&config_path, config).map_err(io("write the server config"))?;
-        self.spawn(
+        self.spawn_in(
+            namespace,
             name,
             &bootmesh.display().to_string(),
             &["serve", "--config", &config_path.display().to_string()],
@@ -678,9 +795,10 @@ impl Drop for BootLab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for rack in &self.racks {
+        let others = self.racks.iter().map(|rack| &rack.namespace);
+        for namespace in others.chain(self.servers.iter().map(|server| &server.namespace)) {
             let _ = Command::new("ip")
-                .args(["netns", "del", &rack.namespace])
+                .args(["netns", "del", namespace])
                 .stderr(Stdio::null())
                 .status();
         }

@@ -1442,6 +1442,400 @@ fn a_node_behind_a_relay_takes_its_image_from_a_booted_node_of_its_rack() {
     assert!(sent >= from_rack, "the tap saw what the rack's node sent");
 }
 
+/// The cluster's servers on the lab's segment, each in a namespace of its own.
+struct ServerCluster {
+    servers: Vec<vmlab::LabServer>,
+    states: Vec<PathBuf>,
+    configs: Vec<String>,
+}
+
+impl ServerCluster {
+    /// A server's `bootmesh serve` name in the lab (its log), for its `run`-th start.
+    fn name(index: usize, run: usize) -> String {
+        format!("s{}-run{run}", index + 1)
+    }
+}
+
+/// Sum of a server's `/metrics` counter lines starting with `prefix`, scraped from the lab.
+fn server_counter(lab: &BootLab, server: &vmlab::LabServer, prefix: &str) -> Option<u64> {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.namespace,
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+        ])
+        .arg(format!("http://{}:8080/metrics", server.address))
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !output.status.success() {
+        return None;
+    }
+    Some(
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter(|line| line.starts_with(prefix))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum(),
+    )
+}
+
+/// Three servers in a Raft cluster serve one segment; the image is imported and promoted on
+/// the first, and the others fetch it. The server serving VM1 is killed (a) during VM1's kernel
+/// fetch, when it has sent 1 MiB since VM1 started, and (b) when the servers have uploaded
+/// 10-50 % of VM1's root image to it; both times VM1 boots from the others. Two VM boots.
+#[test]
+fn a_vm_boots_when_the_server_serving_it_dies_during_its_kernel_and_during_its_root() {
+    let Some(agent) = vm_tests_enabled() else {
+        return;
+    };
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return;
+    }
+    let bootmesh_binary = Path::new(env!("CARGO_BIN_EXE_bootmesh"));
+    let work = tempfile::tempdir().expect("work");
+    let files = files_directory(work.path());
+    let mut lab = BootLab::new("bmvm-cl", 66, work.path().join("lab")).expect("lab");
+    let nonce = nonce();
+    let servers: Vec<vmlab::LabServer> = (1..=3)
+        .map(|index| lab.add_server(index).expect("server namespace"))
+        .collect();
+    let list = |port: u16| -> String {
+        servers
+            .iter()
+            .map(|server| format!("\"{}:{port}\"", server.address))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let states: Vec<PathBuf> = (1..=3)
+        .map(|index| work.path().join(format!("state{index}")))
+        .collect();
+    let configs: Vec<String> = states
+        .iter()
+        .map(|state| {
+            format!(
+                r#"state_dir = "{state}"
+[cluster]
+[dhcp]
+interfaces = ["eth0"]
+[[dhcp.subnet]]
+cidr = "10.66.0.0/24"
+ranges = ["10.66.0.100-10.66.0.199"]
+lease_secs = 600
+[tftp]
+listen = "0.0.0.0:69"
+root = "{files}"
+[http]
+listen = "0.0.0.0:8080"
+root = "{files}"
+[swarm]
+trackers = [{trackers}]
+upload_mib_per_second = 2
+[boot]
+default_group = "lab"
+servers = [{http}]
+[[group]]
+name = "lab"
+cmdline = "lab.nonce={nonce}"
+"#,
+                state = state.display(),
+                files = files.display(),
+                trackers = list(7100),
+                http = list(8080),
+            )
+        })
+        .collect();
+    let cluster = ServerCluster {
+        servers,
+        states,
+        configs,
+    };
+    let state_arg = |index: usize| cluster.states[index].display().to_string();
+
+    // The image goes into the first server's store; the cluster is founded there. Ballast
+    // that does not compress makes the root large against the seeds' upload bursts (4 MiB
+    // each), so the root's upload can be caught between 10 and 50 %.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let ballast: Vec<u8> = (0..48 << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state.to_le_bytes()[0]
+        })
+        .collect();
+    busybox_image(
+        &cluster.states[0],
+        "lab:v1",
+        &agent,
+        &[("etc/stay-up", b"600\n".to_vec()), ("etc/ballast", ballast)],
+    );
+    let shown = bootmesh(&["image", "--state-dir", &state_arg(0), "show", "lab:v1"]);
+    let root_bytes = shown
+        .lines()
+        .find_map(|line| {
+            let mib: f64 = line
+                .trim()
+                .strip_prefix("root")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()?;
+            Some((mib * 1024.0 * 1024.0) as u64)
+        })
+        .unwrap_or_else(|| panic!("no root size in:\n{shown}"));
+    let cluster_address = |index: usize| format!("{}:7100", cluster.servers[index].address);
+    lab.bootmesh_in(
+        &cluster.servers[0],
+        bootmesh_binary,
+        &[
+            "cluster",
+            "init",
+            "--state-dir",
+            &state_arg(0),
+            "--address",
+            &cluster_address(0),
+            "--rack",
+            "r1",
+        ],
+    )
+    .expect("cluster init");
+    lab.serve_in(
+        &cluster.servers[0],
+        &ServerCluster::name(0, 1),
+        bootmesh_binary,
+        &cluster.configs[0],
+    )
+    .expect("s1");
+    // The promotion commits through the cluster: retried until s1 leads.
+    lab::wait_for(Duration::from_secs(60), || {
+        lab.bootmesh_in(
+            &cluster.servers[0],
+            bootmesh_binary,
+            &[
+                "image",
+                "--state-dir",
+                &state_arg(0),
+                "promote",
+                "--group",
+                "lab",
+                "lab:v1",
+            ],
+        )
+        .is_ok()
+    })
+    .unwrap_or_else(|| panic!("promote on s1:\n{}", lab.log(&ServerCluster::name(0, 1))));
+    for index in 1..3 {
+        let token = lab
+            .bootmesh_in(
+                &cluster.servers[0],
+                bootmesh_binary,
+                &[
+                    "token",
+                    "create",
+                    "--ttl-secs",
+                    "600",
+                    "--state-dir",
+                    &state_arg(0),
+                ],
+            )
+            .expect("token");
+        lab.bootmesh_in(
+            &cluster.servers[index],
+            bootmesh_binary,
+            &[
+                "cluster",
+                "join",
+                "--token",
+                token.trim(),
+                "--server",
+                &cluster_address(0),
+                "--address",
+                &cluster_address(index),
+                "--rack",
+                "r1",
+                "--state-dir",
+                &state_arg(index),
+            ],
+        )
+        .unwrap_or_else(|error| panic!("join s{}: {error}", index + 1));
+        lab.serve_in(
+            &cluster.servers[index],
+            &ServerCluster::name(index, 1),
+            bootmesh_binary,
+            &cluster.configs[index],
+        )
+        .expect("server");
+    }
+    // Every server boots the group from its own store before a VM starts.
+    for index in 0..3 {
+        lab::wait_for(Duration::from_secs(180), || {
+            let listed = bootmesh(&["image", "--state-dir", &state_arg(index), "list"]);
+            listed.contains("lab:v1")
+                && server_counter(
+                    &lab,
+                    &cluster.servers[index],
+                    "bootmesh_catalog_groups_behind",
+                ) == Some(0)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "s{} never followed the promotion:\n{}",
+                index + 1,
+                lab.log(&ServerCluster::name(index, 1))
+            )
+        });
+    }
+    let logs = |lab: &BootLab| -> String {
+        let mut text = String::new();
+        for index in 0..3 {
+            for run in 1..=2 {
+                let name = ServerCluster::name(index, run);
+                text.push_str(&format!("--- {name}\n{}\n", lab.log(&name)));
+            }
+        }
+        text
+    };
+    let marker = format!("BOOTMESH-MARKER lab.nonce={nonce}");
+    let vm1 = |name: &str| VmSpec {
+        name: name.to_owned(),
+        mac: [0x52, 0x54, 0, 0x66, 0, 1],
+        firmware: Firmware::Bios,
+        memory_mib: 512,
+    };
+
+    // (a) The server sending VM1 its kernel dies 1 MiB into it.
+    let sent = |lab: &BootLab| -> Vec<u64> {
+        cluster
+            .servers
+            .iter()
+            .map(|server| lab.bytes_sent_by_server(server).expect("cable counter"))
+            .collect()
+    };
+    let before = sent(&lab);
+    let mut vm = lab.start_vm(&vm1("vm1-kernel")).expect("VM");
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let killed = loop {
+        let now = sent(&lab);
+        if let Some(index) = (0..3).find(|&index| now[index] - before[index] >= 1 << 20) {
+            lab.kill(&ServerCluster::name(index, 1));
+            break index;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no server sent VM1 a kernel:\n{}",
+            logs(&lab)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let at_kill = sent(&lab)[killed] - before[killed];
+    assert!(
+        !vm.serial().contains("Linux version"),
+        "the kernel was already running when s{} died",
+        killed + 1
+    );
+    eprintln!(
+        "(a) s{} killed after sending {} KiB since VM1 started (the kernel is {} KiB)",
+        killed + 1,
+        at_kill >> 10,
+        {
+            let kernel = kernel();
+            let vmlinuz = kernel.root.join(format!("boot/vmlinuz-{}", kernel.version));
+            std::fs::metadata(vmlinuz).map_or(0, |file| file.len()) >> 10
+        }
+    );
+    let (elapsed, _) = vm
+        .wait_for_line(&marker, BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
+    eprintln!(
+        "(a) VM1 booted {:.1} s after QEMU started",
+        elapsed.as_secs_f64()
+    );
+    drop(vm);
+    lab.serve_in(
+        &cluster.servers[killed],
+        &ServerCluster::name(killed, 2),
+        bootmesh_binary,
+        &cluster.configs[killed],
+    )
+    .expect("restart");
+    lab::wait_for(Duration::from_secs(120), || {
+        server_counter(&lab, &cluster.servers[killed], "bootmesh_ready") == Some(1)
+    })
+    .unwrap_or_else(|| panic!("s{} never came back:\n{}", killed + 1, logs(&lab)));
+
+    // (b) The server that has uploaded most of VM1's root dies once 10 % of it has arrived.
+    let uploaded = |lab: &BootLab| -> Vec<u64> {
+        cluster
+            .servers
+            .iter()
+            .map(|server| {
+                server_counter(
+                    lab,
+                    server,
+                    "bootmesh_swarm_chunk_bytes_total{direction=\"uploaded\"",
+                )
+                .unwrap_or(0)
+            })
+            .collect()
+    };
+    let before = uploaded(&lab);
+    let mut vm = lab.start_vm(&vm1("vm1-root")).expect("VM");
+    let deadline = Instant::now() + BOOT_LIMIT;
+    let (victim, fraction) = loop {
+        let now = uploaded(&lab);
+        let deltas: Vec<u64> = (0..3).map(|index| now[index] - before[index]).collect();
+        let total: u64 = deltas.iter().sum();
+        if total * 10 >= root_bytes {
+            let victim = (0..3).max_by_key(|&index| deltas[index]).unwrap_or(0);
+            let running = if victim == killed { 2 } else { 1 };
+            lab.kill(&ServerCluster::name(victim, running));
+            break (victim, total as f64 / root_bytes as f64);
+        }
+        assert!(
+            Instant::now() < deadline && !vm.serial().contains(&marker),
+            "the servers never uploaded 10 % of the root:\n{}",
+            logs(&lab)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "(b) s{} killed when the servers had uploaded {:.0} % of VM1's root",
+        victim + 1,
+        fraction * 100.0
+    );
+    assert!(
+        fraction < 0.5,
+        "the kill came late: {:.0} % uploaded",
+        fraction * 100.0
+    );
+    let (elapsed, _) = vm
+        .wait_for_line(&marker, BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
+    let (bytes, sources) =
+        swarm_sources(&vm.serial()).unwrap_or_else(|| panic!("no swarm line:\n{}", vm.serial()));
+    eprintln!(
+        "(b) VM1 booted {:.1} s after QEMU started; {} KiB of root from {sources:?}",
+        elapsed.as_secs_f64(),
+        bytes >> 10
+    );
+    let from_victim: u64 = sources
+        .iter()
+        .filter(|(source, _)| *source == cluster.servers[victim].address.to_string())
+        .map(|(_, taken)| taken)
+        .sum();
+    assert!(
+        from_victim < bytes,
+        "all of the root came from the killed server"
+    );
+}
+
 /// The agent needs no shared library: the static binary runs in an empty chroot (as it must as
 /// /init, where there are none) and parses a boot command line there. No VM.
 #[test]
