@@ -600,6 +600,22 @@ impl ServerConfig {
             .collect()
     }
 
+    /// A root mode is served by this server's sections: `nbd` by `[nbd]`, `lazy` by `[swarm]`
+    /// (the node fetches its chunks there).
+    fn check_root_mode(&self, key: &str, root_mode: RootMode) -> Result<(), ConfigError> {
+        match root_mode {
+            RootMode::Nbd if self.nbd.is_none() => Err(invalid(
+                key,
+                "\"nbd\" needs an [nbd] section to serve the root image",
+            )),
+            RootMode::Lazy if self.swarm.is_none() => Err(invalid(
+                key,
+                "\"lazy\" needs a [swarm] section: the node fetches its root's chunks from the swarm",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(swarm) = &self.swarm {
             if swarm.listen.is_none() && self.cluster.is_none() {
@@ -639,12 +655,7 @@ impl ServerConfig {
         for (index, group) in self.groups.iter().enumerate() {
             let key = format!("group[{index}]");
             check_node_settings(&key, &group.settings())?;
-            if group.root_mode == RootMode::Nbd && self.nbd.is_none() {
-                return Err(invalid(
-                    format!("{key}.root_mode"),
-                    "\"nbd\" needs an [nbd] section to serve the root image",
-                ));
-            }
+            self.check_root_mode(&format!("{key}.root_mode"), group.root_mode)?;
         }
         self.check_boot_section()?;
         let known_group = |name: &str| group_names.contains(name);
@@ -762,11 +773,8 @@ impl ServerConfig {
         }
         let settings = host.settings();
         check_node_settings(&key, &settings)?;
-        if host.root_mode == Some(RootMode::Nbd) && self.nbd.is_none() {
-            return Err(invalid(
-                format!("{key}.root_mode"),
-                "\"nbd\" needs an [nbd] section to serve the root image",
-            ));
+        if let Some(root_mode) = host.root_mode {
+            self.check_root_mode(&format!("{key}.root_mode"), root_mode)?;
         }
         let group_name = host.group.as_deref().or(self
             .boot
@@ -1407,7 +1415,12 @@ path = "/srv/root.squashfs"
         );
         check_error(
             &good.replace("root_mode = \"ram\"", "root_mode = \"disk\""),
-            &["unknown variant `disk`", "ram", "nbd"],
+            &["unknown variant `disk`", "ram", "nbd", "lazy"],
+        );
+        // A lazy root's chunks come from the swarm, which this config does not serve.
+        check_error(
+            &good.replace("root_mode = \"ram\"", "root_mode = \"lazy\""),
+            &["dhcp.host[0].root_mode", "[swarm]"],
         );
         check_error(
             &good.replace("token_ttl_secs = 60", "token_ttl_secs = 0"),

@@ -20,6 +20,11 @@ pub enum RootMode {
     Ram,
     /// The kernel's NBD client reads the root from a server's NBD export on demand.
     Nbd,
+    /// The agent serves the root to its own kernel (NBD over a socket pair) from memory,
+    /// fetching each chunk a read needs from the swarm first and the rest in the background,
+    /// until it holds the whole image as `ram` does; the node boots before the fetch ends, and
+    /// a dead peer costs only a re-request (ADR 0015).
+    Lazy,
 }
 
 impl RootMode {
@@ -28,6 +33,7 @@ impl RootMode {
         match self {
             RootMode::Ram => "ram",
             RootMode::Nbd => "nbd",
+            RootMode::Lazy => "lazy",
         }
     }
 }

@@ -130,7 +130,8 @@ impl AgentCmdline {
                     parsed.root_mode = Some(match value {
                         "ram" => RootMode::Ram,
                         "nbd" => RootMode::Nbd,
-                        _ => return Err(invalid("root", value, "not ram or nbd")),
+                        "lazy" => RootMode::Lazy,
+                        _ => return Err(invalid("root", value, "not ram, nbd or lazy")),
                     });
                 }
                 "init" => {

@@ -21,6 +21,7 @@ pub mod apply;
 pub mod cmdline;
 pub mod devices;
 pub mod fetch;
+pub mod lazy;
 pub mod nbd;
 pub mod netlink;
 pub mod network;
@@ -87,6 +88,9 @@ pub enum AgentError {
     /// The swarm could not deliver the root image (the servers' HTTP is tried next).
     #[error(transparent)]
     Swarm(#[from] crate::swarm::SwarmError),
+    /// The lazy root's server could not be started or attached.
+    #[error(transparent)]
+    Lazy(#[from] lazy::LazyError),
 }
 
 /// Boot rounds before the agent gives up and reboots into PXE.
@@ -96,6 +100,8 @@ const ROUND_PAUSE: Duration = Duration::from_secs(5);
 /// The tmpfs over the image takes the writes of the running system; bounded so a runaway
 /// writer meets ENOSPC instead of the OOM killer.
 const OVERLAY_SIZE: &str = "50%";
+/// Seconds an `nbd` root's requests wait on a dead server, and for a reconnect.
+const NBD_TIMEOUT_SECS: u64 = 30;
 
 /// State kept across rounds: what worked need not be redone.
 #[derive(Debug, Default)]
@@ -348,7 +354,16 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
         progress.token_spent = true;
         progress.secrets = secrets;
     }
-    let root_mode = cmdline.root_mode.unwrap_or(plan.root_mode);
+    let root_mode = match cmdline.root_mode.unwrap_or(plan.root_mode) {
+        RootMode::Lazy => match lazy_refusal(&manifest, &cmdline) {
+            Some(reason) => {
+                tracing::warn!(%reason, "lazy root refused; the root comes over NBD from the servers");
+                RootMode::Nbd
+            }
+            None => RootMode::Lazy,
+        },
+        mode => mode,
+    };
 
     // Held until dm-verity holds the loop device (autoclear would detach it otherwise).
     let mut loop_handle = None;
@@ -360,6 +375,13 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
             loop_handle = Some(attached.handle);
             attached.device
         }
+        (RootMode::Lazy, _) => lazy::attach(
+            &manifest,
+            cmdline.image,
+            &cmdline.trackers,
+            swarm_address,
+            tie_break_of(&mac_text),
+        )?,
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
     tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");
@@ -559,6 +581,26 @@ fn watch_root_integrity(device_name: &str, image: &str) {
     }
 }
 
+/// Mixes this node's rarest-first order with others': from its MAC, so a node's fetch
+/// replays while nodes differ.
+fn tie_break_of(mac_text: &str) -> u64 {
+    u64::from_le_bytes(
+        transfer::ContentHash::of(mac_text.as_bytes()).0[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    )
+}
+
+/// Why this boot cannot have a `lazy` root, if it cannot: its chunks come from the swarm, and
+/// the whole image must fit the RAM budget (`lazy::RAM_SHARE_PERCENT`).
+fn lazy_refusal(manifest: &Manifest, cmdline: &AgentCmdline) -> Option<String> {
+    if cmdline.trackers.is_empty() {
+        return Some("no swarm (bootmesh.trackers= is empty)".into());
+    }
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    lazy::ram_budget_refusal(lazy::image_bytes(manifest), &meminfo)
+}
+
 struct FetchedBoot {
     plan: NodePlan,
     manifest: Manifest,
@@ -604,11 +646,7 @@ async fn fetch_everything(
             let from_swarm = if cmdline.trackers.is_empty() {
                 None
             } else {
-                let tie_break = u64::from_le_bytes(
-                    transfer::ContentHash::of(mac_text.as_bytes()).0[..8]
-                        .try_into()
-                        .unwrap_or([0; 8]),
-                );
+                let tie_break = tie_break_of(mac_text);
                 match fetch_root_from_swarm(cmdline, &manifest, swarm_address, tie_break).await {
                     Ok((memory, image, sources)) => {
                         swarm_image = Some(image);
@@ -633,7 +671,8 @@ async fn fetch_everything(
                 }
             }
         }
-        RootMode::Nbd => None,
+        // A lazy root's server fetches it after the fork (`lazy::attach`).
+        RootMode::Nbd | RootMode::Lazy => None,
     };
     // Secrets last: the single-use token is spent only once the boot is otherwise ready.
     let secrets = match token {
@@ -856,7 +895,7 @@ fn attach_nbd(
     for server in transport.servers() {
         let address = SocketAddr::new(server.ip(), port);
         match nbd::negotiate(address, &export_name).and_then(|export| {
-            let device = nbd::attach(&export)?;
+            let device = nbd::attach(&export, Some(NBD_TIMEOUT_SECS))?;
             Ok((device, export.size_bytes))
         }) {
             Ok((device, size_bytes)) => {

@@ -1,11 +1,12 @@
 //! `nbd` root mode: the agent negotiates an export with a server itself (fixed newstyle,
 //! `NBD_OPT_GO`) and hands the connected socket to the kernel's NBD client over generic
 //! netlink. The kernel then owns the connection: no process has to outlive `switch_root` to
-//! keep the root readable, unlike the `NBD_DO_IT` ioctl path.
+//! keep the root readable, unlike the `NBD_DO_IT` ioctl path. A `lazy` root uses the same
+//! handshake and attach over a socket pair with its own server ([`negotiate_on`]).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
 
 use boot_services::nbd::client::NbdClientHandshake;
@@ -16,11 +17,11 @@ use super::netlink::{self, Message, NetlinkError, NetlinkSocket};
 /// Why the NBD root could not be attached.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    /// The TCP connection or handshake failed.
+    /// The connection or handshake failed.
     #[error("nbd {server}: {reason}")]
     Handshake {
-        /// The server.
-        server: SocketAddr,
+        /// The server (an address, or which local server).
+        server: String,
         /// What went wrong.
         reason: String,
     },
@@ -33,7 +34,7 @@ pub enum NbdError {
 #[derive(Debug)]
 pub struct NegotiatedExport {
     /// The connected socket, in transmission phase.
-    pub socket: TcpStream,
+    pub socket: OwnedFd,
     /// Export size.
     pub size_bytes: u64,
     /// Transmission flags (read-only, multi-conn, ...).
@@ -43,45 +44,76 @@ pub struct NegotiatedExport {
 /// Connects to `server` and negotiates `export_name` (the sans-IO handshake of
 /// `boot_services::nbd::client`, driven over a blocking socket with timeouts).
 pub fn negotiate(server: SocketAddr, export_name: &str) -> Result<NegotiatedExport, NbdError> {
-    let fail = |reason: String| NbdError::Handshake { server, reason };
-    let mut handshake =
-        NbdClientHandshake::new(export_name).map_err(|error| fail(error.to_string()))?;
-    let mut socket = TcpStream::connect_timeout(&server, Duration::from_secs(5))
+    let fail = |reason: String| NbdError::Handshake {
+        server: server.to_string(),
+        reason,
+    };
+    let socket = TcpStream::connect_timeout(&server, Duration::from_secs(5))
         .map_err(|error| fail(format!("connect: {error}")))?;
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|error| fail(format!("timeout: {error}")))?;
     let _ = socket.set_nodelay(true);
-    let mut buffer = [0u8; 4096];
-    while handshake.wants_input() {
-        let received = socket
-            .read(&mut buffer)
-            .map_err(|error| fail(format!("handshake: {error}")))?;
-        if received == 0 {
-            return Err(fail(
-                "server closed the connection during the handshake".into(),
-            ));
-        }
-        handshake
-            .handle_input(&buffer[..received])
-            .map_err(|error| fail(error.to_string()))?;
-        if let Some(output) = handshake.poll_output() {
-            socket
-                .write_all(&output)
-                .map_err(|error| fail(format!("handshake: {error}")))?;
-        }
-    }
-    let export = handshake
-        .outcome()
-        .ok_or_else(|| fail("handshake ended without an export".into()))?;
+    let (socket, size_bytes, transmission_flags) = handshake(socket, export_name).map_err(fail)?;
     socket
         .set_read_timeout(None)
         .map_err(|error| fail(format!("timeout: {error}")))?;
     Ok(NegotiatedExport {
-        socket,
-        size_bytes: export.size_bytes,
-        transmission_flags: export.transmission_flags,
+        socket: socket.into(),
+        size_bytes,
+        transmission_flags,
     })
+}
+
+/// As [`negotiate`], over a connected local socket (a `lazy` root's own server, named
+/// `server` in errors).
+pub fn negotiate_on(
+    socket: std::os::unix::net::UnixStream,
+    export_name: &str,
+    server: &str,
+) -> Result<NegotiatedExport, NbdError> {
+    let fail = |reason: String| NbdError::Handshake {
+        server: server.to_owned(),
+        reason,
+    };
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|error| fail(format!("timeout: {error}")))?;
+    let (socket, size_bytes, transmission_flags) = handshake(socket, export_name).map_err(fail)?;
+    socket
+        .set_read_timeout(None)
+        .map_err(|error| fail(format!("timeout: {error}")))?;
+    Ok(NegotiatedExport {
+        socket: socket.into(),
+        size_bytes,
+        transmission_flags,
+    })
+}
+
+/// The client handshake over `socket`: the socket back, the export's size and flags.
+fn handshake<S: Read + Write>(mut socket: S, export_name: &str) -> Result<(S, u64, u16), String> {
+    let mut handshake = NbdClientHandshake::new(export_name).map_err(|error| error.to_string())?;
+    let mut buffer = [0u8; 4096];
+    while handshake.wants_input() {
+        let received = socket
+            .read(&mut buffer)
+            .map_err(|error| format!("handshake: {error}"))?;
+        if received == 0 {
+            return Err("server closed the connection during the handshake".into());
+        }
+        handshake
+            .handle_input(&buffer[..received])
+            .map_err(|error| error.to_string())?;
+        if let Some(output) = handshake.poll_output() {
+            socket
+                .write_all(&output)
+                .map_err(|error| format!("handshake: {error}"))?;
+        }
+    }
+    let export = handshake
+        .outcome()
+        .ok_or("handshake ended without an export")?;
+    Ok((socket, export.size_bytes, export.transmission_flags))
 }
 
 const NBD_CMD_CONNECT: u8 = 1;
@@ -97,8 +129,13 @@ const NBD_SOCK_FD: u16 = 1;
 const NBD_MAJOR: u32 = 43;
 
 /// Hands `export`'s socket to the kernel and returns the `/dev/nbdN` it made. The kernel keeps
-/// the socket after this process closes its copy.
-pub fn attach(export: &NegotiatedExport) -> Result<BlockDevice, NbdError> {
+/// the socket after this process closes its copy. Requests time out after `timeout_secs`
+/// (a server across the network), or never (`None`: a `lazy` root's own server, which bounds
+/// its waits itself).
+pub fn attach(
+    export: &NegotiatedExport,
+    timeout_secs: Option<u64>,
+) -> Result<BlockDevice, NbdError> {
     let mut generic = NetlinkSocket::generic()?;
     let family = netlink::generic_family_id(&mut generic, "nbd")?;
     let fd = u32::try_from(export.socket.as_raw_fd()).unwrap_or(u32::MAX);
@@ -106,11 +143,16 @@ pub fn attach(export: &NegotiatedExport) -> Result<BlockDevice, NbdError> {
     message
         .fixed(&[NBD_CMD_CONNECT, 1, 0, 0])
         .attribute(NBD_ATTR_SIZE_BYTES, &export.size_bytes.to_ne_bytes())
-        .attribute(NBD_ATTR_BLOCK_SIZE_BYTES, &4096u64.to_ne_bytes())
+        .attribute(NBD_ATTR_BLOCK_SIZE_BYTES, &4096u64.to_ne_bytes());
+    if let Some(timeout_secs) = timeout_secs {
         // Requests wait this long on a dead server before failing, and as long again for a
-        // reconnect (`NBD_CMD_RECONFIGURE`) before giving up.
-        .attribute(NBD_ATTR_TIMEOUT, &30u64.to_ne_bytes())
-        .attribute(NBD_ATTR_DEAD_CONN_TIMEOUT, &30u64.to_ne_bytes())
+        // reconnect (`NBD_CMD_RECONFIGURE`) before giving up. Without one the kernel waits
+        // for as long as the server takes (it warns of stuck requests meanwhile).
+        message
+            .attribute(NBD_ATTR_TIMEOUT, &timeout_secs.to_ne_bytes())
+            .attribute(NBD_ATTR_DEAD_CONN_TIMEOUT, &timeout_secs.to_ne_bytes());
+    }
+    message
         .attribute(
             NBD_ATTR_SERVER_FLAGS,
             &u64::from(export.transmission_flags).to_ne_bytes(),

@@ -48,6 +48,8 @@ pub(crate) enum FetchEvent {
     DialFailed { address: SocketAddr, error: String },
     /// The image's tracker names these members as neighbours.
     Neighbours(Neighbours),
+    /// A reader is blocked on this chunk (a `lazy` root): it goes before everything else.
+    Demand { index: u32 },
 }
 
 /// Settings of one fetch.
@@ -313,6 +315,11 @@ impl SwarmNode {
                         }
                         FetchEvent::HaveChunk { peer, index } => {
                             let _unknown = scheduler.handle_have_chunk(now, peer, index);
+                        }
+                        FetchEvent::Demand { index } => {
+                            if let Err(error) = scheduler.handle_demand(now, index) {
+                                tracing::warn!(index, %error, "a demand for no chunk of the image");
+                            }
                         }
                         FetchEvent::PeerHave { peer, have } => {
                             if known.contains_key(&peer) {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
@@ -32,6 +32,8 @@ use super::{CLOSE_PROTOCOL, CLOSE_UNKNOWN_IMAGE, SwarmError, tls, transport_conf
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HAVE announcements a slow peering may fall behind by before it is sent a whole bitfield.
 const ANNOUNCEMENTS_BUFFERED: usize = 4096;
+/// How often a blocked reader demands its missing chunks again.
+const DEMAND_REPEAT: Duration = Duration::from_secs(1);
 /// How long a sent chunk holds its upload slot waiting for the requester's acknowledgement.
 const SEND_ACKNOWLEDGED_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request frame (length, kind, index, priority).
@@ -41,6 +43,8 @@ pub struct SharedImage {
     image: SwarmImage,
     shelf: Arc<dyn ChunkShelf>,
     held: Mutex<Bitfield>,
+    /// Signalled with every chunk gained, for blocked readers ([`SharedImage::wait_held`]).
+    held_changed: Condvar,
     /// Every chunk gained, for the peerings to announce.
     gained: broadcast::Sender<u32>,
     /// The fetch that runs for this image, if one does: peerings report to it.
@@ -81,6 +85,7 @@ impl SharedImage {
             image,
             shelf,
             held: Mutex::new(held),
+            held_changed: Condvar::new(),
             gained,
             fetch: Mutex::new(None),
         })
@@ -119,6 +124,45 @@ impl SharedImage {
             // Sent under the lock, so that a peering that subscribes and then copies the
             // bitfield never misses a chunk between the two.
             let _no_peerings = self.gained.send(index);
+            self.held_changed.notify_all();
+        }
+    }
+
+    /// Blocks the calling thread (not a runtime's) until every chunk of `indices` is held, or
+    /// `limit` has passed; returns whether they are. Chunks not held are demanded from the
+    /// running fetch at once and again every second, so a demand lost to a full queue or made
+    /// before the fetch started is not lost for good. For a `lazy` root's block reads.
+    pub fn wait_held(&self, indices: &[u32], limit: Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut demanded_at: Option<std::time::Instant> = None;
+        loop {
+            let missing: Vec<u32> = indices
+                .iter()
+                .copied()
+                .filter(|index| !held.contains(*index))
+                .collect();
+            if missing.is_empty() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if demanded_at.is_none_or(|at| now.duration_since(at) >= DEMAND_REPEAT) {
+                if let Some(fetch) = self.fetch() {
+                    for index in &missing {
+                        let _full_or_done = fetch.try_send(FetchEvent::Demand { index: *index });
+                    }
+                }
+                demanded_at = Some(now);
+            }
+            let wait = deadline.saturating_duration_since(now).min(DEMAND_REPEAT);
+            held = self
+                .held_changed
+                .wait_timeout(held, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
     }
 

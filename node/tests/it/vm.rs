@@ -91,6 +91,18 @@ nonce=$(tr ' ' '\n' < /proc/cmdline | grep '^lab.nonce=' | head -n 1)
 image=$(tr ' ' '\n' < /proc/cmdline | grep '^bootmesh.image=' | head -n 1)
 address=$(ip -4 -o addr show 2>/dev/null | grep -v ' lo ' | head -n 1 | tr -s ' ' | cut -d ' ' -f 4)
 echo "BOOTMESH-MARKER ${nonce} host=$(hostname) ${image} address=${address} preinit=$(cat /etc/preinit-proof 2>/dev/null) root=$(grep -o '"root_mode": "[a-z]*"' /run/bootmesh/boot.json | tr -d '" ')" > /dev/kmsg
+if [ -e /etc/ballast ]; then
+  # Every byte of the ballast through the root device (dm-verity checks each block), and the
+  # oom_score_adj of any process marked for systemd's shutdown (a lazy root's server).
+  if cat /etc/ballast > /dev/null 2>&1; then result=ok; else result=failed; fi
+  pinned=""
+  for process in /proc/[0-9]*; do
+    if [ "$(head -c 1 "$process/cmdline" 2>/dev/null)" = "@" ]; then
+      pinned="${pinned}$(cat "$process/oom_score_adj")"
+    fi
+  done
+  echo "BOOTMESH-BALLAST ${result} pinned=${pinned}" > /dev/kmsg
+fi
 if [ -e /etc/wait-for-renewal ]; then
   # Long enough for the lease's T1 (half of lease_secs) to pass in the booted system.
   sleep 14
@@ -1488,9 +1500,10 @@ fn server_counter(lab: &BootLab, server: &vmlab::LabServer, prefix: &str) -> Opt
 /// Three servers in a Raft cluster serve one segment; the image is imported and promoted on
 /// the first, and the others fetch it. The server serving VM1 is killed (a) during VM1's kernel
 /// fetch, when it has sent 1 MiB since VM1 started, and (b) when the servers have uploaded
-/// 10-50 % of VM1's root image to it; both times VM1 boots from the others. Two VM boots.
+/// 10-50 % of VM1's root image to it; both times VM1 boots from the others. (c) VM2 boots
+/// with a `lazy` root while the server it takes most from dies the same way. Three VM boots.
 #[test]
-fn a_vm_boots_when_the_server_serving_it_dies_during_its_kernel_and_during_its_root() {
+fn a_vm_boots_when_the_server_serving_it_dies_during_its_kernel_during_its_root_and_lazily() {
     let Some(agent) = vm_tests_enabled() else {
         return;
     };
@@ -1528,6 +1541,9 @@ interfaces = ["eth0"]
 cidr = "10.66.0.0/24"
 ranges = ["10.66.0.100-10.66.0.199"]
 lease_secs = 600
+[[dhcp.host]]
+mac = "{lazy_mac}"
+root_mode = "lazy"
 [tftp]
 listen = "0.0.0.0:69"
 root = "{files}"
@@ -1548,6 +1564,11 @@ cmdline = "lab.nonce={nonce}"
                 files = files.display(),
                 trackers = list(7100),
                 http = list(8080),
+                lazy_mac = LAZY_MAC
+                    .iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
             )
         })
         .collect();
@@ -1695,7 +1716,7 @@ cmdline = "lab.nonce={nonce}"
     let logs = |lab: &BootLab| -> String {
         let mut text = String::new();
         for index in 0..3 {
-            for run in 1..=2 {
+            for run in 1..=3 {
                 let name = ServerCluster::name(index, run);
                 text.push_str(&format!("--- {name}\n{}\n", lab.log(&name)));
             }
@@ -1771,50 +1792,10 @@ cmdline = "lab.nonce={nonce}"
     .unwrap_or_else(|| panic!("s{} never came back:\n{}", killed + 1, logs(&lab)));
 
     // (b) The server that has uploaded most of VM1's root dies once 10 % of it has arrived.
-    let uploaded = |lab: &BootLab| -> Vec<u64> {
-        cluster
-            .servers
-            .iter()
-            .map(|server| {
-                server_counter(
-                    lab,
-                    server,
-                    "bootmesh_swarm_chunk_bytes_total{direction=\"uploaded\"",
-                )
-                .unwrap_or(0)
-            })
-            .collect()
-    };
-    let before = uploaded(&lab);
+    let mut runs = [1usize; 3];
+    runs[killed] = 2;
     let mut vm = lab.start_vm(&vm1("vm1-root")).expect("VM");
-    let deadline = Instant::now() + BOOT_LIMIT;
-    let (victim, fraction) = loop {
-        let now = uploaded(&lab);
-        let deltas: Vec<u64> = (0..3).map(|index| now[index] - before[index]).collect();
-        let total: u64 = deltas.iter().sum();
-        if total * 10 >= root_bytes {
-            let victim = (0..3).max_by_key(|&index| deltas[index]).unwrap_or(0);
-            let running = if victim == killed { 2 } else { 1 };
-            lab.kill(&ServerCluster::name(victim, running));
-            break (victim, total as f64 / root_bytes as f64);
-        }
-        assert!(
-            Instant::now() < deadline && !vm.serial().contains(&marker),
-            "the servers never uploaded 10 % of the root:\n{}",
-            logs(&lab)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    eprintln!(
-        "(b) s{} killed when the servers had uploaded {:.0} % of VM1's root",
-        victim + 1,
-        fraction * 100.0
-    );
-    assert!(
-        fraction < 0.5,
-        "the kill came late: {:.0} % uploaded",
-        fraction * 100.0
-    );
+    let victim = kill_the_top_uploader(&mut lab, &cluster, &mut runs, root_bytes, &vm, "(b)");
     let (elapsed, _) = vm
         .wait_for_line(&marker, BOOT_LIMIT)
         .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
@@ -1834,6 +1815,117 @@ cmdline = "lab.nonce={nonce}"
         from_victim < bytes,
         "all of the root came from the killed server"
     );
+    drop(vm);
+    // Back to three servers: the next kill must leave a majority.
+    runs[victim] += 1;
+    lab.serve_in(
+        &cluster.servers[victim],
+        &ServerCluster::name(victim, runs[victim]),
+        bootmesh_binary,
+        &cluster.configs[victim],
+    )
+    .expect("restart");
+    lab::wait_for(Duration::from_secs(120), || {
+        server_counter(&lab, &cluster.servers[victim], "bootmesh_ready") == Some(1)
+    })
+    .unwrap_or_else(|| panic!("s{} never came back:\n{}", victim + 1, logs(&lab)));
+
+    // (c) VM2 boots with a lazy root (its host entry says so) while the server it takes most
+    // from dies; it then reads the whole ballast, which the background fill or on-demand
+    // fetches must deliver, and its root's server process is pinned.
+    let mut lazy = lab
+        .start_vm(&VmSpec {
+            name: "vm2-lazy".into(),
+            mac: LAZY_MAC,
+            firmware: Firmware::Bios,
+            memory_mib: 512,
+        })
+        .expect("VM");
+    kill_the_top_uploader(&mut lab, &cluster, &mut runs, root_bytes, &lazy, "(c)");
+    let (elapsed, line) = lazy
+        .wait_for_line(&marker, BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
+    assert!(
+        line.contains("root=root_mode:lazy"),
+        "not a lazy root: {line}"
+    );
+    let (_, read) = lazy
+        .wait_for_line("BOOTMESH-BALLAST", BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
+    let (_, whole) = lazy
+        .wait_for_line("the whole image is in memory", BOOT_LIMIT)
+        .unwrap_or_else(|error| panic!("{error}\n{}", logs(&lab)));
+    eprintln!(
+        "(c) the lazy VM booted {:.1} s after QEMU started\n  {}\n  {}",
+        elapsed.as_secs_f64(),
+        read.trim(),
+        whole.trim()
+    );
+    assert!(read.contains("BOOTMESH-BALLAST ok"), "{read}");
+    // One process serves the root: marked for systemd (`@`), out of the OOM killer's reach.
+    assert!(read.contains("pinned=-1000"), "{read}");
+}
+
+/// The MAC of the cluster lab's `lazy` host.
+const LAZY_MAC: [u8; 6] = [0x52, 0x54, 0, 0x66, 0, 2];
+
+/// Waits until the cluster's servers have uploaded 10 % of `root_bytes` since now, kills the
+/// server that uploaded most (`runs` holds each server's current start), and checks that the
+/// kill came before half of the root; returns its index.
+fn kill_the_top_uploader(
+    lab: &mut BootLab,
+    cluster: &ServerCluster,
+    runs: &mut [usize; 3],
+    root_bytes: u64,
+    vm: &Vm,
+    step: &str,
+) -> usize {
+    let uploaded = |lab: &BootLab| -> Vec<u64> {
+        cluster
+            .servers
+            .iter()
+            .map(|server| {
+                server_counter(
+                    lab,
+                    server,
+                    "bootmesh_swarm_chunk_bytes_total{direction=\"uploaded\"",
+                )
+                .unwrap_or(0)
+            })
+            .collect()
+    };
+    let before = uploaded(lab);
+    let deadline = Instant::now() + BOOT_LIMIT;
+    loop {
+        let now = uploaded(lab);
+        let deltas: Vec<u64> = (0..3)
+            .map(|index| now[index].saturating_sub(before[index]))
+            .collect();
+        let total: u64 = deltas.iter().sum();
+        if total * 10 >= root_bytes {
+            let victim = (0..3).max_by_key(|&index| deltas[index]).unwrap_or(0);
+            lab.kill(&ServerCluster::name(victim, runs[victim]));
+            let fraction = total as f64 / root_bytes as f64;
+            eprintln!(
+                "{step} s{} killed when the servers had uploaded {:.0} % of the root to {}",
+                victim + 1,
+                fraction * 100.0,
+                vm.name
+            );
+            assert!(
+                fraction < 0.5,
+                "the kill came late: {:.0} % uploaded",
+                fraction * 100.0
+            );
+            return victim;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{step}: the servers never uploaded 10 % of the root:\n{}",
+            vm.serial()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The agent needs no shared library: the static binary runs in an empty chroot (as it must as
