@@ -231,6 +231,13 @@ pub struct GroupSection {
     /// Secrets by name, handed to each node of the group once per boot token.
     #[serde(default)]
     pub secrets: BTreeMap<String, Secret>,
+    /// Booted nodes of the group serve its kernel and initrd over HTTP (port
+    /// [`crate::plan::PEER_FIRMWARE_PORT`]), and boot scripts name up to two of them in the
+    /// booting node's rack before this server. Off by default: firmware checks nothing it
+    /// fetches, so any booted node could then boot others into a kernel of its choosing
+    /// (docs/threat-model.md, ADR 0016).
+    #[serde(default)]
+    pub firmware_from_peers: bool,
 }
 
 /// `[dhcp]`.
@@ -656,6 +663,12 @@ impl ServerConfig {
             let key = format!("group[{index}]");
             check_node_settings(&key, &group.settings())?;
             self.check_root_mode(&format!("{key}.root_mode"), group.root_mode)?;
+            if group.firmware_from_peers && self.swarm.is_none() {
+                return Err(invalid(
+                    format!("{key}.firmware_from_peers"),
+                    "needs a [swarm] section: booted peers are found through the image's tracker",
+                ));
+            }
         }
         self.check_boot_section()?;
         let known_group = |name: &str| group_names.contains(name);
@@ -872,6 +885,7 @@ impl ServerConfig {
                 .flat_map(|settings| settings.lts_conf.iter())
                 .map(|(name, value)| (name.clone(), value.clone()))
                 .collect(),
+            firmware_from_peers: group.is_some_and(|group| group.firmware_from_peers),
         };
         let mut secrets = BTreeMap::new();
         for settings in group_settings.iter().chain(&host_settings) {
@@ -1358,6 +1372,7 @@ path = "/srv/root.squashfs"
                     ("SCREEN_07".into(), "host".into()),
                     ("SERVER".into(), "10.0.0.2".into()),
                 ]),
+                firmware_from_peers: false,
             }
         );
         let secret_values: Vec<(&str, &str)> = host
@@ -1421,6 +1436,14 @@ path = "/srv/root.squashfs"
         check_error(
             &good.replace("root_mode = \"ram\"", "root_mode = \"lazy\""),
             &["dhcp.host[0].root_mode", "[swarm]"],
+        );
+        // Booted peers are found through the tracker, which needs the swarm.
+        check_error(
+            &good.replace(
+                "name = \"workers\"\n",
+                "name = \"workers\"\nfirmware_from_peers = true\n",
+            ),
+            &["group[0].firmware_from_peers", "[swarm]"],
         );
         check_error(
             &good.replace("token_ttl_secs = 60", "token_ttl_secs = 0"),

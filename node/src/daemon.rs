@@ -393,12 +393,16 @@ pub async fn serve(
             racks: racks.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
+        let firmware_peers = swarm_node
+            .as_ref()
+            .and_then(|swarm| swarm.tracker().cloned());
         services.spawn(async move {
             crate::http_service::run_http(
                 listener,
                 source,
                 scripts,
                 probes,
+                firmware_peers,
                 http.connections_max,
                 shutdown,
             )

@@ -99,6 +99,8 @@ struct PlannedFiles {
     from_group_image: bool,
     /// The group image's catalog reference (`node:v2`), for the node's timeline.
     image: Option<String>,
+    /// The group image's manifest.
+    manifest: Option<transfer::ContentHash>,
 }
 
 impl BootScripts {
@@ -129,6 +131,7 @@ impl BootScripts {
                         cmdline: cmdline.join(" "),
                         from_group_image: true,
                         image: Some(reference.to_string()),
+                        manifest: Some(hash),
                     }));
                 }
                 Ok(None) => {}
@@ -141,6 +144,7 @@ impl BootScripts {
             cmdline: self.cmdline.clone(),
             from_group_image: false,
             image: None,
+            manifest: None,
         }))
     }
 }
@@ -151,6 +155,9 @@ struct BootState {
     scripts: BootScriptsHandle,
     tokens: Mutex<BootTokens>,
     boots: Arc<BootRecorder>,
+    /// This server's image tracker, which knows the booted nodes that may serve a group's
+    /// firmware-stage files (`firmware_from_peers`); none without `[swarm]`.
+    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
 }
 
 /// The boot scripts being served, replaceable while serving (a cluster's fleet configuration
@@ -193,12 +200,14 @@ pub fn router(
     source: DirectorySource,
     scripts: BootScriptsHandle,
     boots: Arc<BootRecorder>,
+    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
     requests_in_flight_max: usize,
 ) -> Router {
     let state = Arc::new(BootState {
         tokens: Mutex::new(BootTokens::new(scripts.current().token_time_to_live)),
         scripts,
         boots,
+        firmware_peers,
     });
     router_with_state(source, state, requests_in_flight_max)
 }
@@ -230,6 +239,17 @@ fn router_with_state(
                 .concurrency_limit(requests_in_flight_max.max(1))
                 .timeout(REQUEST_TIMEOUT),
         )
+}
+
+/// Booted peers a boot script names before this server, per file.
+const FIRMWARE_PEERS_MAX: usize = 2;
+
+/// The address a request came from, when the listener records it.
+fn client_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|info| info.0.ip())
 }
 
 /// Parses `/boot/52-54-00-12-34-56.ipxe`.
@@ -269,9 +289,45 @@ async fn serve_boot_script(
             return (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response();
         }
     };
+    // A group that opts in boots from booted nodes of its image in the node's rack first,
+    // then from this server (ADR 0016).
+    let peers = match (&files.manifest, &state.firmware_peers, client_ip(&request)) {
+        (Some(manifest), Some(tracker), Some(client))
+            if scripts.plans.plan(&mac).firmware_from_peers =>
+        {
+            let servers: Vec<std::net::IpAddr> = scripts
+                .servers
+                .iter()
+                .chain(&scripts.trackers)
+                .map(SocketAddr::ip)
+                .chain(host_address(host).map(|reached| reached.ip()))
+                .collect();
+            let peers = tracker.firmware_peers(manifest, client, &servers, FIRMWARE_PEERS_MAX);
+            tracing::info!(?peers, "kernel and initrd from booted peers first");
+            peers
+        }
+        _ => Vec::new(),
+    };
+    let urls = |path: &str| -> Vec<String> {
+        peers
+            .iter()
+            .map(|peer| {
+                format!(
+                    "http://{}/{}",
+                    SocketAddr::new(*peer, crate::plan::PEER_FIRMWARE_PORT),
+                    path.trim_start_matches('/')
+                )
+            })
+            .chain(std::iter::once(url(path)))
+            .collect()
+    };
     let mut plan = BootPlan {
-        kernel_urls: vec![url(&files.kernel)],
-        initrd_urls: files.initrd.iter().map(|initrd| url(initrd)).collect(),
+        kernel_urls: urls(&files.kernel),
+        initrd_urls: files
+            .initrd
+            .iter()
+            .flat_map(|initrd| urls(initrd))
+            .collect(),
         cmdline: files.cmdline,
         hostname: scripts.plans.plan(&mac).hostname.clone(),
     };
@@ -940,6 +996,7 @@ pub async fn run_http(
     source: DirectorySource,
     scripts: BootScriptsHandle,
     probes: Probes,
+    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
@@ -950,12 +1007,17 @@ pub async fn run_http(
         source,
         scripts,
         Arc::clone(&probes.boots),
+        firmware_peers,
         requests_in_flight_max,
     )
     .layer(middleware::from_fn_with_state(probes, serve_probes));
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer's address: a booting node's rack, for `firmware_from_peers`.
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 #[cfg(test)]
@@ -993,6 +1055,7 @@ mod tests {
             tokens: Mutex::new(BootTokens::new(scripts.token_time_to_live)),
             scripts: BootScriptsHandle::new(scripts),
             boots: Arc::new(BootRecorder::new("s1")),
+            firmware_peers: None,
         })
     }
 

@@ -72,7 +72,15 @@ pub struct NodePlan {
     /// root's `/etc/lts.conf`. Left out of the plan when empty, as most fleets have none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub lts_conf: BTreeMap<String, String>,
+    /// Once booted, serve the image's kernel and initrd to booting nodes over HTTP on
+    /// [`PEER_FIRMWARE_PORT`] (the group's `firmware_from_peers`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub firmware_from_peers: bool,
 }
+
+/// The port on which a booted node of a group with `firmware_from_peers` serves its image's
+/// kernel and initrd (`GET /images/<manifest>/kernel`, the servers' paths).
+pub const PEER_FIRMWARE_PORT: u16 = 8079;
 
 /// Units masked on diskless nodes unless `keep_system_services` names them: each either needs
 /// a local disk, or fights the overlay root, or wastes a boot storm's bandwidth.

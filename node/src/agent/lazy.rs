@@ -215,6 +215,7 @@ pub fn attach(
     trackers: &[SocketAddr],
     address: SocketAddr,
     tie_break: u64,
+    serve_firmware: bool,
 ) -> Result<BlockDevice, LazyError> {
     let (ours, theirs) = UnixStream::pair().map_err(|source| LazyError::Io {
         what: "socket pair for the lazy root",
@@ -231,7 +232,15 @@ pub fn attach(
     }
     if pid == 0 {
         drop(ours);
-        run_server(theirs, manifest, image_hash, trackers, address, tie_break);
+        run_server(
+            theirs,
+            manifest,
+            image_hash,
+            trackers,
+            address,
+            tie_break,
+            serve_firmware,
+        );
         std::process::exit(0);
     }
     drop(theirs);
@@ -251,6 +260,7 @@ fn run_server(
     trackers: &[SocketAddr],
     address: SocketAddr,
     tie_break: u64,
+    serve_firmware: bool,
 ) {
     pin_process();
     let prepared = (|| -> Result<(Arc<SharedImage>, File, RootLayout), String> {
@@ -280,13 +290,16 @@ fn run_server(
         }
     };
     let memory = Arc::new(memory);
+    let firmware = serve_firmware.then(|| {
+        super::peer_firmware::PeerFirmware::new(image_hash, manifest, Arc::clone(image.shelf()))
+    });
     {
         let image = Arc::clone(&image);
         let trackers = trackers.to_vec();
         let memory = Arc::clone(&memory);
         let spawned = std::thread::Builder::new()
             .name("lazy-fetch".into())
-            .spawn(move || fetch_forever(image, &memory, trackers, address, tie_break));
+            .spawn(move || fetch_forever(image, &memory, trackers, address, tie_break, firmware));
         if let Err(error) = spawned {
             tracing::error!(%error, "lazy root: no fetch thread");
             return;
@@ -340,13 +353,14 @@ fn serve(mut socket: UnixStream, source: LazySource) -> Result<(), String> {
 
 /// Fetches the image until it is whole (starting over after a stall), then seals the root's
 /// memory and keeps serving the image to the swarm and announcing it, as a booted `ram` node
-/// does, until the machine stops.
+/// does (and its kernel and initrd over HTTP, given `firmware`), until the machine stops.
 fn fetch_forever(
     image: Arc<SharedImage>,
     memory: &File,
     trackers: Vec<SocketAddr>,
     address: SocketAddr,
     tie_break: u64,
+    firmware: Option<super::peer_firmware::PeerFirmware>,
 ) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -421,6 +435,13 @@ fn fetch_forever(
         // Nothing writes the root any more; sealed, not even this process could.
         if let Err(error) = super::seal_root(memory) {
             tracing::warn!(%error, "lazy root: could not seal the root's memory");
+        }
+        // Whole now: the kernel and initrd can go to booting peers too.
+        if let Some(firmware) = firmware {
+            tokio::spawn(super::peer_firmware::serve(
+                firmware,
+                crate::plan::PEER_FIRMWARE_PORT,
+            ));
         }
         let _forever = announcer.await;
     });

@@ -25,6 +25,7 @@ pub mod lazy;
 pub mod nbd;
 pub mod netlink;
 pub mod network;
+pub mod peer_firmware;
 pub mod report;
 pub mod system;
 
@@ -381,6 +382,7 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
             &cmdline.trackers,
             swarm_address,
             tie_break_of(&mac_text),
+            plan.firmware_from_peers,
         )?,
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
@@ -439,6 +441,13 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
     // The companion serves the image it booted from to the swarm: the memory the fetch filled
     // stays mapped into it across switch_root, so a booted node shares without fetching again.
     let serving = swarm_image.map(|image| BootedSwarm {
+        firmware: plan.firmware_from_peers.then(|| {
+            peer_firmware::PeerFirmware::new(
+                cmdline.image,
+                &manifest,
+                std::sync::Arc::clone(image.shelf()),
+            )
+        }),
         image,
         trackers: cmdline.trackers.clone(),
         address: SocketAddr::new(lease.address.into(), 0),
@@ -466,6 +475,8 @@ struct BootedSwarm {
     image: std::sync::Arc<crate::swarm::SharedImage>,
     trackers: Vec<SocketAddr>,
     address: SocketAddr,
+    /// The kernel and initrd to serve to booting peers (`firmware_from_peers`).
+    firmware: Option<peer_firmware::PeerFirmware>,
 }
 
 /// Serves the booted image's chunks to the swarm and announces the node to the image's
@@ -496,6 +507,12 @@ fn serve_booted_image(serving: BootedSwarm) {
         };
         node.offer(Arc::clone(&serving.image));
         tracing::info!(listen = ?node.local_addr(), "serving the booted image to the swarm");
+        if let Some(firmware) = serving.firmware {
+            tokio::spawn(peer_firmware::serve(
+                firmware,
+                crate::plan::PEER_FIRMWARE_PORT,
+            ));
+        }
         Arc::clone(&node)
             .announce(
                 serving.image,

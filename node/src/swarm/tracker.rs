@@ -76,6 +76,36 @@ impl TrackerService {
         mapped.or_else(|| (!claimed.is_empty()).then(|| claimed.to_owned()))
     }
 
+    /// Up to `wanted` booted nodes that may serve `manifest`'s firmware-stage files to a node
+    /// booting at `client` (ADR 0016): complete members with a live session, in the client's
+    /// rack, neither the client nor at an address in `servers`. None where the client's rack
+    /// is unknown: a rack is what makes a peer near.
+    pub fn firmware_peers(
+        &self,
+        manifest: &ContentHash,
+        client: IpAddr,
+        servers: &[IpAddr],
+        wanted: usize,
+    ) -> Vec<IpAddr> {
+        let Some(rack) = self.rack_of(client, "") else {
+            return Vec::new();
+        };
+        // Nodes booting at once are spread over the rack's peers, the same node the same way.
+        let seed = match client {
+            IpAddr::V4(ip) => u64::from(u32::from(ip)),
+            IpAddr::V6(ip) => u128::from(ip) as u64,
+        };
+        let mut tracker = self.tracker.lock().unwrap_or_else(PoisonError::into_inner);
+        tracker.handle_timeout(tokio::time::Instant::now().into_std());
+        tracker
+            .complete_in_rack(manifest, &rack, wanted, seed, |candidate| {
+                candidate.ip() != client && !servers.contains(&candidate.ip())
+            })
+            .into_iter()
+            .map(|peer| peer.ip())
+            .collect()
+    }
+
     /// Members of `manifest`'s swarm and how many are complete.
     pub fn members(&self, manifest: &ContentHash) -> (usize, usize) {
         self.tracker

@@ -1212,8 +1212,9 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
         &ServerSetup {
             state: &state,
             files: &files,
-            group_settings: &format!("cmdline = \"lab.nonce={nonce}\""),
-            hosts: "",
+            group_settings: &format!("cmdline = \"lab.nonce={nonce}\"\nfirmware_from_peers = true"),
+            // A rack: firmware peers are looked for in the booting node's rack.
+            hosts: "rack = \"r1\"",
             extra: "[swarm]\nlisten = \"0.0.0.0:7800\"\nupload_mib_per_second = 1",
         },
     );
@@ -1234,6 +1235,14 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
     })
     .unwrap_or_else(|| panic!("the first node never served:\n{}", lab.log("server")));
     let sent_before = lab.bytes_sent_by(&first).expect("tap counter");
+    let server_http = |lab: &BootLab| -> u64 {
+        lab_metrics(&lab.namespace, &format!("{}:8080", lab.server_address))
+            .lines()
+            .find_map(|line| line.strip_prefix("bootmesh_http_response_bytes_total "))
+            .and_then(|value| value.trim().parse::<f64>().ok())
+            .map_or(0, |value| value as u64)
+    };
+    let server_http_before = server_http(&lab);
     let mut later: Vec<Vm> = [("second", 2u8), ("third", 3u8)]
         .iter()
         .map(|(name, host)| {
@@ -1294,6 +1303,35 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
     assert!(
         sent >= from_first_total,
         "the tap saw what the first node sent"
+    );
+    // The group takes its kernel and initrd from booted peers (ADR 0016): the scripts named
+    // the first node first, and the server sent less than one kernel over HTTP for two boots.
+    let kernel_bytes = {
+        let kernel = kernel();
+        std::fs::metadata(kernel.root.join(format!("boot/vmlinuz-{}", kernel.version)))
+            .map_or(0, |file| file.len())
+    };
+    // The counter works: the first node took its kernel from the server.
+    assert!(
+        server_http_before >= kernel_bytes,
+        "the server's HTTP byte counter reads {server_http_before} after the first boot"
+    );
+    let server_sent = server_http(&lab) - server_http_before;
+    let log = lab.log("server");
+    eprintln!(
+        "the server sent {} KiB over HTTP while the others booted, {} KiB before (the kernel alone is {} KiB)",
+        server_sent >> 10,
+        server_http_before >> 10,
+        kernel_bytes >> 10
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("from booted peers first") && line.contains(&first_ip)),
+        "no boot script named the first node:\n{log}"
+    );
+    assert!(
+        server_sent < kernel_bytes,
+        "the server sent {server_sent} bytes over HTTP for two boots: kernels came from it"
     );
 }
 

@@ -403,6 +403,35 @@ impl Tracker {
             .map_or((0, 0), |swarm| (swarm.everyone.len(), swarm.complete.len()))
     }
 
+    /// Up to `wanted` complete members of `manifest`'s swarm in `rack` for which `eligible`
+    /// holds, drawn with `seed` (a booting node's firmware is pointed at them, ADR 0016).
+    /// O(wanted), as an announce is.
+    pub fn complete_in_rack(
+        &self,
+        manifest: &ContentHash,
+        rack: &str,
+        wanted: usize,
+        seed: u64,
+        eligible: impl Fn(&SocketAddr) -> bool,
+    ) -> Vec<SocketAddr> {
+        let mut chosen = Vec::with_capacity(wanted);
+        let Some(swarm) = self.swarms.get(manifest) else {
+            return chosen;
+        };
+        let Some(set) = swarm.by_rack.get(rack) else {
+            return chosen;
+        };
+        let mut random = SplitMix::seeded(manifest, SocketAddr::from(([0, 0, 0, 0], 0)), seed);
+        set.sample(wanted, &mut random, &mut chosen, |candidate| {
+            swarm
+                .members
+                .get(candidate)
+                .is_some_and(|member| member.complete)
+                && eligible(candidate)
+        });
+        chosen
+    }
+
     /// Images with at least one member.
     pub fn image_count(&self) -> usize {
         self.swarms.len()
@@ -486,6 +515,40 @@ mod tests {
             complete,
             session: u64::from(host),
         }
+    }
+
+    #[test]
+    fn firmware_peers_are_complete_members_of_the_rack_that_pass_the_filter() {
+        let mut tracker = Tracker::new(TrackerConfig::default());
+        let now = start();
+        for (rack, host, complete) in [(1, 1, true), (1, 2, false), (1, 3, true), (2, 4, true)] {
+            tracker
+                .handle_announce(now, manifest(), announce(rack, host, complete))
+                .expect("taken in");
+        }
+        let mut found = tracker.complete_in_rack(&manifest(), "r1", 4, 7, |_| true);
+        found.sort();
+        assert_eq!(found, vec![address(1, 1), address(1, 3)]);
+        let filtered = tracker.complete_in_rack(&manifest(), "r1", 4, 7, |candidate| {
+            *candidate != address(1, 1)
+        });
+        assert_eq!(filtered, vec![address(1, 3)]);
+        assert_eq!(
+            tracker
+                .complete_in_rack(&manifest(), "r1", 1, 7, |_| true)
+                .len(),
+            1
+        );
+        assert!(
+            tracker
+                .complete_in_rack(&manifest(), "r9", 4, 7, |_| true)
+                .is_empty()
+        );
+        assert!(
+            tracker
+                .complete_in_rack(&ContentHash::of(b"other"), "r1", 4, 7, |_| true)
+                .is_empty()
+        );
     }
 
     fn start() -> Instant {
