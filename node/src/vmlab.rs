@@ -308,6 +308,18 @@ fn run(program: &str, args: &[&str]) -> Result<std::process::Output, LabError> {
     Ok(output)
 }
 
+/// Makes network namespace `name`, first removing one left by a killed run (it is ours by
+/// name).
+fn fresh_namespace(name: &str) -> Result<(), LabError> {
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    run("ip", &["netns", "add", name])?;
+    run("ip", &["-n", name, "link", "set", "lo", "up"])?;
+    Ok(())
+}
+
 /// An interface's receive counter, in `namespace`.
 fn receive_counter(namespace: &str, interface: &str) -> Result<u64, LabError> {
     let path = format!("/sys/class/net/{interface}/statistics/rx_bytes");
@@ -339,6 +351,33 @@ impl BootLab {
         receive_counter(&self.namespace, &server.cable)
     }
 
+    /// A cable from the lab's bridge (its end `outside`, in the lab's namespace) to interface
+    /// `inside` in `namespace`, which gets `address/24`; both ends up.
+    fn cable_to_bridge(
+        &self,
+        outside: &str,
+        namespace: &str,
+        inside: &str,
+        address: Ipv4Addr,
+    ) -> Result<(), LabError> {
+        let lab = self.namespace.as_str();
+        let address = format!("{address}/24");
+        let commands: [&[&str]; 5] = [
+            &[
+                "-n", lab, "link", "add", outside, "type", "veth", "peer", "name", inside, "netns",
+                namespace,
+            ],
+            &["-n", lab, "link", "set", outside, "master", &self.bridge],
+            &["-n", lab, "link", "set", outside, "up"],
+            &["-n", namespace, "addr", "add", &address, "dev", inside],
+            &["-n", namespace, "link", "set", inside, "up"],
+        ];
+        for command in commands {
+            run("ip", command)?;
+        }
+        Ok(())
+    }
+
     /// Makes server namespace `<prefix>-s<index>` (1-50) with `eth0` at `10.<subnet>.0.<10 +
     /// index>/24` on the lab's bridge. Start a server in it with [`BootLab::serve_in`].
     pub fn add_server(&mut self, index: u8) -> Result<LabServer, LabError> {
@@ -348,47 +387,9 @@ impl BootLab {
             address: Ipv4Addr::new(10, subnet, 0, 10u8.saturating_add(index)),
             cable: format!("{}-c{index}", self.namespace),
         };
-        let namespace = server.namespace.clone();
-        let _ = Command::new("ip")
-            .args(["netns", "del", &namespace])
-            .stderr(Stdio::null())
-            .status();
-        run("ip", &["netns", "add", &namespace])?;
+        fresh_namespace(&server.namespace)?;
         self.servers.push(server.clone());
-        let lab = self.namespace.clone();
-        let address = format!("{}/24", server.address);
-        let commands: [&[&str]; 6] = [
-            &["-n", &namespace, "link", "set", "lo", "up"],
-            &[
-                "-n",
-                &lab,
-                "link",
-                "add",
-                &server.cable,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &namespace,
-            ],
-            &[
-                "-n",
-                &lab,
-                "link",
-                "set",
-                &server.cable,
-                "master",
-                &self.bridge,
-            ],
-            &["-n", &lab, "link", "set", &server.cable, "up"],
-            &["-n", &namespace, "addr", "add", &address, "dev", "eth0"],
-            &["-n", &namespace, "link", "set", "eth0", "up"],
-        ];
-        for command in commands {
-            run("ip", command)?;
-        }
+        self.cable_to_bridge(&server.cable, &server.namespace, "eth0", server.address)?;
         Ok(server)
     }
 
@@ -436,12 +437,7 @@ impl BootLab {
         std::fs::create_dir_all(&directory).map_err(io("lab directory"))?;
         let namespace = prefix.to_owned();
         let bridge = format!("{prefix}-br");
-        // A lab left by a killed run is in the way; it is ours by name.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &namespace])
-            .stderr(Stdio::null())
-            .status();
-        run("ip", &["netns", "add", &namespace])?;
+        fresh_namespace(&namespace)?;
         let mut lab = BootLab {
             namespace,
             bridge,
@@ -454,7 +450,6 @@ impl BootLab {
         };
         let ns = lab.namespace.clone();
         let bridge = lab.bridge.clone();
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
         run("ip", &["-n", &ns, "link", "add", &bridge, "type", "bridge"])?;
         run(
             "ip",
@@ -615,47 +610,19 @@ impl BootLab {
             router_address: Ipv4Addr::new(10, subnet, rack, 1),
             uplink_address: Ipv4Addr::new(10, subnet, 0, 200u8.saturating_add(rack)),
         };
-        // A rack left by a killed run is in the way; it is ours by name.
-        let _ = Command::new("ip")
-            .args(["netns", "del", &namespace])
-            .stderr(Stdio::null())
-            .status();
-        run("ip", &["netns", "add", &namespace])?;
+        fresh_namespace(&namespace)?;
         self.racks.push(rack_state.clone());
+        self.cable_to_bridge(
+            &uplink_outside,
+            &namespace,
+            "uplink",
+            rack_state.uplink_address,
+        )?;
         let lab = self.namespace.clone();
-        let uplink = format!("{}/24", rack_state.uplink_address);
         let router = format!("{}/24", rack_state.router_address);
         let route = format!("10.{subnet}.{rack}.0/24");
         let via = rack_state.uplink_address.to_string();
-        let commands: [&[&str]; 11] = [
-            &["-n", &namespace, "link", "set", "lo", "up"],
-            // The cable: one end on the lab's bridge, the other the router's uplink.
-            &[
-                "-n",
-                &lab,
-                "link",
-                "add",
-                &uplink_outside,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "uplink",
-                "netns",
-                &namespace,
-            ],
-            &[
-                "-n",
-                &lab,
-                "link",
-                "set",
-                &uplink_outside,
-                "master",
-                &self.bridge,
-            ],
-            &["-n", &lab, "link", "set", &uplink_outside, "up"],
-            &["-n", &namespace, "addr", "add", &uplink, "dev", "uplink"],
-            &["-n", &namespace, "link", "set", "uplink", "up"],
+        let commands: [&[&str]; 5] = [
             &["-n", &namespace, "link", "add", "rack", "type", "bridge"],
             &["-n", &namespace, "addr", "add", &router, "dev", "rack"],
             &["-n", &namespace, "link", "set", "rack", "up"],

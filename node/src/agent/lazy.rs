@@ -205,18 +205,28 @@ impl BlockSource for LazySource {
     }
 }
 
+/// What the lazy root's server is to fetch and serve.
+#[derive(Debug, Clone, Copy)]
+pub struct LazyBoot<'a> {
+    /// The image's manifest.
+    pub manifest: &'a Manifest,
+    /// Its hash (`bootmesh.image=`).
+    pub image_hash: transfer::ContentHash,
+    /// The swarm's trackers (`bootmesh.trackers=`).
+    pub trackers: &'a [SocketAddr],
+    /// The node's swarm endpoint.
+    pub address: SocketAddr,
+    /// Mixes the fetch's rarest-first order with other nodes'.
+    pub tie_break: u64,
+    /// Serve the kernel and initrd to booting peers once whole (`firmware_from_peers`).
+    pub serve_firmware: bool,
+}
+
 /// Forks the lazy root's server and attaches the kernel's NBD client to it. The child fetches
 /// and serves until the machine stops; this process (PID 1) goes on with the returned device.
 ///
 /// PID 1 must be single-threaded here (the fetch runtime dropped), as for the companion.
-pub fn attach(
-    manifest: &Manifest,
-    image_hash: transfer::ContentHash,
-    trackers: &[SocketAddr],
-    address: SocketAddr,
-    tie_break: u64,
-    serve_firmware: bool,
-) -> Result<BlockDevice, LazyError> {
+pub fn attach(boot: &LazyBoot<'_>) -> Result<BlockDevice, LazyError> {
     let (ours, theirs) = UnixStream::pair().map_err(|source| LazyError::Io {
         what: "socket pair for the lazy root",
         source,
@@ -232,15 +242,7 @@ pub fn attach(
     }
     if pid == 0 {
         drop(ours);
-        run_server(
-            theirs,
-            manifest,
-            image_hash,
-            trackers,
-            address,
-            tie_break,
-            serve_firmware,
-        );
+        run_server(theirs, boot);
         std::process::exit(0);
     }
     drop(theirs);
@@ -253,15 +255,16 @@ pub fn attach(
 
 /// The child: pins itself, starts the fetch on a thread and serves NBD on this one until the
 /// kernel disconnects.
-fn run_server(
-    socket: UnixStream,
-    manifest: &Manifest,
-    image_hash: transfer::ContentHash,
-    trackers: &[SocketAddr],
-    address: SocketAddr,
-    tie_break: u64,
-    serve_firmware: bool,
-) {
+fn run_server(socket: UnixStream, boot: &LazyBoot<'_>) {
+    let LazyBoot {
+        manifest,
+        image_hash,
+        trackers,
+        address,
+        tie_break,
+        serve_firmware,
+    } = *boot;
+    let _span = tracing::info_span!("lazy_root", pid = std::process::id()).entered();
     pin_process();
     let prepared = (|| -> Result<(Arc<SharedImage>, File, RootLayout), String> {
         let (shelf, root) =

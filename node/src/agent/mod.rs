@@ -376,14 +376,14 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
             loop_handle = Some(attached.handle);
             attached.device
         }
-        (RootMode::Lazy, _) => lazy::attach(
-            &manifest,
-            cmdline.image,
-            &cmdline.trackers,
-            swarm_address,
-            tie_break_of(&mac_text),
-            plan.firmware_from_peers,
-        )?,
+        (RootMode::Lazy, _) => lazy::attach(&lazy::LazyBoot {
+            manifest: &manifest,
+            image_hash: cmdline.image,
+            trackers: &cmdline.trackers,
+            address: swarm_address,
+            tie_break: tie_break_of(&mac_text),
+            serve_firmware: plan.firmware_from_peers,
+        })?,
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
     tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");

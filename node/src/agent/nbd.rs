@@ -44,25 +44,19 @@ pub struct NegotiatedExport {
 /// Connects to `server` and negotiates `export_name` (the sans-IO handshake of
 /// `boot_services::nbd::client`, driven over a blocking socket with timeouts).
 pub fn negotiate(server: SocketAddr, export_name: &str) -> Result<NegotiatedExport, NbdError> {
-    let fail = |reason: String| NbdError::Handshake {
-        server: server.to_string(),
-        reason,
-    };
-    let socket = TcpStream::connect_timeout(&server, Duration::from_secs(5))
-        .map_err(|error| fail(format!("connect: {error}")))?;
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|error| fail(format!("timeout: {error}")))?;
+    let socket = TcpStream::connect_timeout(&server, Duration::from_secs(5)).map_err(|error| {
+        NbdError::Handshake {
+            server: server.to_string(),
+            reason: format!("connect: {error}"),
+        }
+    })?;
     let _ = socket.set_nodelay(true);
-    let (socket, size_bytes, transmission_flags) = handshake(socket, export_name).map_err(fail)?;
-    socket
-        .set_read_timeout(None)
-        .map_err(|error| fail(format!("timeout: {error}")))?;
-    Ok(NegotiatedExport {
-        socket: socket.into(),
-        size_bytes,
-        transmission_flags,
-    })
+    negotiate_over(
+        socket,
+        export_name,
+        &server.to_string(),
+        Duration::from_secs(10),
+    )
 }
 
 /// As [`negotiate`], over a connected local socket (a `lazy` root's own server, named
@@ -72,16 +66,44 @@ pub fn negotiate_on(
     export_name: &str,
     server: &str,
 ) -> Result<NegotiatedExport, NbdError> {
+    negotiate_over(socket, export_name, server, Duration::from_secs(30))
+}
+
+/// A connected stream a handshake can run on, its reads bounded by a timeout.
+trait HandshakeStream: Read + Write + Into<OwnedFd> {
+    fn set_handshake_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl HandshakeStream for TcpStream {
+    fn set_handshake_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+impl HandshakeStream for std::os::unix::net::UnixStream {
+    fn set_handshake_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+/// The handshake on `socket` with each read bounded by `timeout`; the socket is left without
+/// a timeout, for the kernel.
+fn negotiate_over<S: HandshakeStream>(
+    socket: S,
+    export_name: &str,
+    server: &str,
+    timeout: Duration,
+) -> Result<NegotiatedExport, NbdError> {
     let fail = |reason: String| NbdError::Handshake {
         server: server.to_owned(),
         reason,
     };
     socket
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_handshake_timeout(Some(timeout))
         .map_err(|error| fail(format!("timeout: {error}")))?;
     let (socket, size_bytes, transmission_flags) = handshake(socket, export_name).map_err(fail)?;
     socket
-        .set_read_timeout(None)
+        .set_handshake_timeout(None)
         .map_err(|error| fail(format!("timeout: {error}")))?;
     Ok(NegotiatedExport {
         socket: socket.into(),

@@ -225,6 +225,43 @@ impl ChunkShelf for CorruptingShelf {
     }
 }
 
+/// A reader blocked on chunks (a `lazy` root's block read, `SharedImage::wait_held`) gets them
+/// before the rest: its demand goes to the front of the fetch. A 64-chunk image from a seed
+/// capped at 2 MiB/s (about 8 chunks a second); a reader waits for four chunks spread over the
+/// image as soon as the fetch runs. In the fetch's own order all four would be in the first
+/// half one time in sixteen; demanded, they arrive among the first few.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_reader_gets_its_chunks_before_the_rest_of_the_image() {
+    let (seed, swarm_image) = seed(limited(2 << 20), 16 << 20);
+    let fetcher = member(UploadConfig::default(), &swarm_image, store_shelf);
+    let total = swarm_image.chunk_count();
+    assert!(total >= 32, "{total} chunks: too few to tell orders apart");
+    let wanted: Vec<u32> = (1..=4).map(|quarter| quarter * total / 4 - 1).collect();
+    let fetch = {
+        let node = Arc::clone(&fetcher.node);
+        let image = Arc::clone(&fetcher.image);
+        let peers = vec![seed.address()];
+        tokio::spawn(async move { node.fetch(image, &peers, quick_config(1)).await })
+    };
+    let image = Arc::clone(&fetcher.image);
+    let waited = wanted.clone();
+    let held_then = tokio::task::spawn_blocking(move || {
+        let arrived = image.wait_held(&waited, Duration::from_secs(60));
+        (arrived, image.held().count())
+    })
+    .await
+    .expect("reader thread");
+    let (arrived, held_when_served) = held_then;
+    assert!(arrived, "the demanded chunks never arrived");
+    eprintln!("chunks {wanted:?} held when {held_when_served} of {total} were");
+    assert!(
+        held_when_served * 2 <= total,
+        "the reader waited until {held_when_served} of {total} chunks were held"
+    );
+    fetch.await.expect("fetch task").expect("fetch");
+    fetcher.assert_complete_and_verified(&swarm_image);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_serves_corrupt_chunks_is_banned_and_nothing_corrupt_is_stored() {
     let (seed, swarm_image) = seed(UploadConfig::default(), 8 << 20);

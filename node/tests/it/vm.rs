@@ -41,6 +41,16 @@ fn slow_tests_enabled() -> bool {
     std::env::var_os("BOOTMESH_SLOW").is_some()
 }
 
+/// The agent, when the VM tests can run here and the slow set is asked for (`BOOTMESH_SLOW`).
+fn slow_vm_tests_enabled() -> Option<PathBuf> {
+    let agent = vm_tests_enabled()?;
+    if !slow_tests_enabled() {
+        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
+        return None;
+    }
+    Some(agent)
+}
+
 /// Downloads and images are kept between tests (and runs): a Debian root takes minutes.
 fn cache_directory() -> PathBuf {
     let directory = std::env::var_os("BOOTMESH_TEST_CACHE")
@@ -167,6 +177,20 @@ fn import(state: &Path, reference: &str, tree: &Path, agent: &Path) -> String {
         .lines()
         .find_map(|line| line.strip_prefix("hash").map(|hash| hash.trim().to_owned()))
         .expect("image hash")
+}
+
+/// `lab:v1` in a new store under `work`, promoted for group `lab`: a busybox image whose nodes
+/// stay up 10 minutes after their marker, serving it; returns the store.
+fn staying_image(work: &Path, agent: &Path) -> PathBuf {
+    let state = work.join("state");
+    busybox_image(
+        &state,
+        "lab:v1",
+        agent,
+        &[("etc/stay-up", b"600\n".to_vec())],
+    );
+    promote(&state, "lab", "lab:v1");
+    state
 }
 
 fn promote(state: &Path, group: &str, reference: &str) {
@@ -322,6 +346,15 @@ fn swarm_sources(serial: &str) -> Option<(u64, Vec<(String, u64)>)> {
         })
         .collect();
     Some((bytes, sources))
+}
+
+/// Of `swarm_sources`' list, the bytes taken from `ip`.
+fn bytes_from(sources: &[(String, u64)], ip: &str) -> u64 {
+    sources
+        .iter()
+        .filter(|(source, _)| source == ip)
+        .map(|(_, taken)| taken)
+        .sum()
 }
 
 /// A marker line's `key=value` fields.
@@ -620,13 +653,9 @@ fn nbd_root_boots_and_a_flipped_byte_fails_the_read_through_verity() {
 /// `image rollback`, from the same running server.
 #[test]
 fn a_promoted_image_boots_and_a_rollback_boots_the_previous_one() {
-    let Some(agent) = vm_tests_enabled() else {
+    let Some(agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     let work = tempfile::tempdir().expect("work");
     let state = work.path().join("state");
     let first = busybox_image(&state, "lab:v1", &agent, &[]);
@@ -681,13 +710,9 @@ fn a_promoted_image_boots_and_a_rollback_boots_the_previous_one() {
 /// corrupt is mounted.
 #[test]
 fn corrupted_chunks_are_rejected_and_fetched_again_elsewhere() {
-    let Some(agent) = vm_tests_enabled() else {
+    let Some(agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     lab::require_program("python3");
     let work = tempfile::tempdir().expect("work");
     let state = work.path().join("state");
@@ -1130,13 +1155,9 @@ interfaces = ["{bridge}"]
 /// `root=/dev/nbd0`): no bootmesh agent involved, the image's own kernel and initrd.
 #[test]
 fn an_initramfs_tools_nbdroot_image_boots_from_the_nbd_export() {
-    let Some(_agent) = vm_tests_enabled() else {
+    let Some(_agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     lab::require_program("mmdebstrap");
     let work = tempfile::tempdir().expect("work");
     let tree = work.path().join("tree");
@@ -1188,22 +1209,11 @@ fn an_initramfs_tools_nbdroot_image_boots_from_the_nbd_export() {
 /// least 60 % of an image to them, and VM1's tap counter shows what it sent.
 #[test]
 fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
-    let Some(agent) = vm_tests_enabled() else {
+    let Some(agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     let work = tempfile::tempdir().expect("work");
-    let state = work.path().join("state");
-    busybox_image(
-        &state,
-        "lab:v1",
-        &agent,
-        &[("etc/stay-up", b"600\n".to_vec())],
-    );
-    promote(&state, "lab", "lab:v1");
+    let state = staying_image(work.path(), &agent);
     let files = files_directory(work.path());
     let mut lab = BootLab::new("bmvm-peer", 64, work.path().join("lab")).expect("lab");
     let nonce = nonce();
@@ -1263,13 +1273,7 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
             .unwrap_or_else(|error| panic!("{error}\nserver:\n{}", lab.log("server")));
         let (bytes, sources) = swarm_sources(&vm.serial())
             .unwrap_or_else(|| panic!("{}: no swarm line:\n{}", vm.name, vm.serial()));
-        let from = |ip: &str| -> u64 {
-            sources
-                .iter()
-                .filter(|(source, _)| source == ip)
-                .map(|(_, taken)| taken)
-                .sum()
-        };
+        let from = |ip: &str| bytes_from(&sources, ip);
         let from_server = from(&lab.server_address.to_string());
         let from_first = from(&first_ip);
         eprintln!(
@@ -1341,22 +1345,11 @@ fn nodes_booting_after_a_booted_one_take_their_image_from_nodes() {
 /// server. Three VM boots: the two first at once.
 #[test]
 fn a_node_behind_a_relay_takes_its_image_from_a_booted_node_of_its_rack() {
-    let Some(agent) = vm_tests_enabled() else {
+    let Some(agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     let work = tempfile::tempdir().expect("work");
-    let state = work.path().join("state");
-    busybox_image(
-        &state,
-        "lab:v1",
-        &agent,
-        &[("etc/stay-up", b"600\n".to_vec())],
-    );
-    promote(&state, "lab", "lab:v1");
+    let state = staying_image(work.path(), &agent);
     let files = files_directory(work.path());
     let mut lab = BootLab::new("bmvm-rk", 65, work.path().join("lab")).expect("lab");
     let rack2 = lab.add_relayed_rack(2).expect("rack 2 behind a relay");
@@ -1457,13 +1450,7 @@ fn a_node_behind_a_relay_takes_its_image_from_a_booted_node_of_its_rack() {
     );
     let (bytes, sources) = swarm_sources(&later.serial())
         .unwrap_or_else(|| panic!("no swarm line:\n{}", later.serial()));
-    let from = |ip: &str| -> u64 {
-        sources
-            .iter()
-            .filter(|(source, _)| source == ip)
-            .map(|(_, taken)| taken)
-            .sum()
-    };
+    let from = |ip: &str| bytes_from(&sources, ip);
     let (from_rack, from_other_rack, from_server) = (
         from(&peer_ip),
         from(&near_ip),
@@ -1542,13 +1529,9 @@ fn server_counter(lab: &BootLab, server: &vmlab::LabServer, prefix: &str) -> Opt
 /// with a `lazy` root while the server it takes most from dies the same way. Three VM boots.
 #[test]
 fn a_vm_boots_when_the_server_serving_it_dies_during_its_kernel_during_its_root_and_lazily() {
-    let Some(agent) = vm_tests_enabled() else {
+    let Some(agent) = slow_vm_tests_enabled() else {
         return;
     };
-    if !slow_tests_enabled() {
-        eprintln!("skipping: a slow VM test (BOOTMESH_SLOW=1 runs it)");
-        return;
-    }
     let bootmesh_binary = Path::new(env!("CARGO_BIN_EXE_bootmesh"));
     let work = tempfile::tempdir().expect("work");
     let files = files_directory(work.path());
@@ -1844,11 +1827,7 @@ cmdline = "lab.nonce={nonce}"
         elapsed.as_secs_f64(),
         bytes >> 10
     );
-    let from_victim: u64 = sources
-        .iter()
-        .filter(|(source, _)| *source == cluster.servers[victim].address.to_string())
-        .map(|(_, taken)| taken)
-        .sum();
+    let from_victim = bytes_from(&sources, &cluster.servers[victim].address.to_string());
     assert!(
         from_victim < bytes,
         "all of the root came from the killed server"
