@@ -393,9 +393,26 @@ pub async fn serve(
             racks: racks.clone(),
         };
         let shutdown = shutdown_signal(stop_receiver.clone());
-        let firmware_peers = swarm_node
-            .as_ref()
-            .and_then(|swarm| swarm.tracker().cloned());
+        // Where the booted peers of an image are known: this server's own tracker when it
+        // tracks its images alone; with a tracker list each image's tracker, which may be
+        // another server (ADR 0016).
+        let firmware_peers = swarm_node.as_ref().and_then(|swarm| {
+            let trackers = config
+                .swarm
+                .as_ref()
+                .map(|section| section.trackers.clone())?;
+            if trackers.is_empty() {
+                swarm
+                    .tracker()
+                    .cloned()
+                    .map(crate::swarm::FirmwarePeerSource::Local)
+            } else {
+                Some(crate::swarm::FirmwarePeerSource::trackers(
+                    Arc::clone(swarm),
+                    trackers,
+                ))
+            }
+        });
         services.spawn(async move {
             crate::http_service::run_http(
                 listener,

@@ -26,6 +26,7 @@ use boot_services::source::{SourceError, normalise_path};
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::services::ServeDir;
+use tracing::Instrument as _;
 
 use crate::boots::BootRecorder;
 use crate::config::{BOOT_TOKEN_TTL_SECS_DEFAULT, parse_mac};
@@ -157,7 +158,7 @@ struct BootState {
     boots: Arc<BootRecorder>,
     /// This server's image tracker, which knows the booted nodes that may serve a group's
     /// firmware-stage files (`firmware_from_peers`); none without `[swarm]`.
-    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
+    firmware_peers: Option<crate::swarm::FirmwarePeerSource>,
 }
 
 /// The boot scripts being served, replaceable while serving (a cluster's fleet configuration
@@ -200,7 +201,7 @@ pub fn router(
     source: DirectorySource,
     scripts: BootScriptsHandle,
     boots: Arc<BootRecorder>,
-    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
+    firmware_peers: Option<crate::swarm::FirmwarePeerSource>,
     requests_in_flight_max: usize,
 ) -> Router {
     let state = Arc::new(BootState {
@@ -267,32 +268,50 @@ async fn serve_boot_script(
         return next.run(request).await;
     };
     let span = tracing::info_span!("boot_script", mac = %boot_services::dhcp::format_mac(&mac));
-    let _entered = span.enter();
-    let scripts = state.scripts.current();
     // URLs name the address the node used to reach us, so they work on every segment.
-    let Some(host) = request
+    let host = request
         .headers()
         .get(header::HOST)
         .and_then(|host| host.to_str().ok())
-    else {
-        return (StatusCode::BAD_REQUEST, "missing Host header\n").into_response();
+        .map(str::to_owned);
+    let client = client_ip(&request);
+    match boot_script(&state, mac, host, client)
+        .instrument(span)
+        .await
+    {
+        Some(response) => response,
+        None => next.run(request).await,
+    }
+}
+
+/// The boot script for node `mac`, asked for through `host` from `client`; `None` when no
+/// plan names a kernel for it (the request goes on to the file handlers).
+async fn boot_script(
+    state: &BootState,
+    mac: [u8; 6],
+    host: Option<String>,
+    client: Option<std::net::IpAddr>,
+) -> Option<Response> {
+    let scripts = state.scripts.current();
+    let Some(host) = host else {
+        return Some((StatusCode::BAD_REQUEST, "missing Host header\n").into_response());
     };
+    let host = host.as_str();
     let url = |path: &str| format!("http://{host}/{}", path.trim_start_matches('/'));
     let files = match scripts.plan_files(&mac) {
         Ok(Some(files)) => files,
-        Ok(None) => {
-            drop(_entered);
-            return next.run(request).await;
-        }
+        Ok(None) => return None,
         Err(message) => {
             tracing::error!(%message, "no boot plan");
-            return (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response();
+            return Some(
+                (StatusCode::INTERNAL_SERVER_ERROR, format!("{message}\n")).into_response(),
+            );
         }
     };
     // A group that opts in boots from booted nodes of its image in the node's rack first,
     // then from this server (ADR 0016).
-    let peers = match (&files.manifest, &state.firmware_peers, client_ip(&request)) {
-        (Some(manifest), Some(tracker), Some(client))
+    let peers = match (&files.manifest, &state.firmware_peers, client) {
+        (Some(manifest), Some(source), Some(client))
             if scripts.plans.plan(&mac).firmware_from_peers =>
         {
             let servers: Vec<std::net::IpAddr> = scripts
@@ -302,7 +321,9 @@ async fn serve_boot_script(
                 .map(SocketAddr::ip)
                 .chain(host_address(host).map(|reached| reached.ip()))
                 .collect();
-            let peers = tracker.firmware_peers(manifest, client, &servers, FIRMWARE_PEERS_MAX);
+            let peers = source
+                .firmware_peers(manifest, client, &servers, FIRMWARE_PEERS_MAX)
+                .await;
             tracing::info!(?peers, "kernel and initrd from booted peers first");
             peers
         }
@@ -332,14 +353,14 @@ async fn serve_boot_script(
         hostname: scripts.plans.plan(&mac).hostname.clone(),
     };
     if !files.from_group_image {
-        return match render_script(&plan) {
+        return Some(match render_script(&plan) {
             Ok(script) => {
                 tracing::info!("boot script served");
                 state.observe(&mac, Observation::BootScript { image: None });
                 script_response(script)
             }
             Err(error) => script_refused(&error),
-        };
+        });
     }
     // The agent's identity for this boot: the NIC that booted, the servers to ask, and the
     // token that buys its secrets once.
@@ -376,17 +397,19 @@ async fn serve_boot_script(
     // Rendered once before the token is added: a refusal quotes the command line, and it
     // must not quote a token.
     if let Err(error) = render_script(&plan) {
-        return script_refused(&error);
+        return Some(script_refused(&error));
     }
     let token = match os_random_bytes() {
         Ok(bytes) => BootToken::from_bytes(bytes),
         Err(error) => {
             tracing::error!(%error, "no randomness from the OS for a boot token");
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no randomness for a boot token\n",
-            )
-                .into_response();
+            return Some(
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no randomness for a boot token\n",
+                )
+                    .into_response(),
+            );
         }
     };
     push_argument(
@@ -397,12 +420,12 @@ async fn serve_boot_script(
         // A hex token cannot make a script unsafe that rendered without it; the error is not
         // logged because it would quote the token.
         tracing::error!("boot script refused once its token was added");
-        return (StatusCode::INTERNAL_SERVER_ERROR, "boot script refused\n").into_response();
+        return Some((StatusCode::INTERNAL_SERVER_ERROR, "boot script refused\n").into_response());
     };
     state.tokens().issue(monotonic_now(), mac, token);
     tracing::info!("boot script served with a fresh boot token");
     state.observe(&mac, Observation::BootScript { image: files.image });
-    script_response(script)
+    Some(script_response(script))
 }
 
 fn script_response(script: String) -> Response {
@@ -996,7 +1019,7 @@ pub async fn run_http(
     source: DirectorySource,
     scripts: BootScriptsHandle,
     probes: Probes,
-    firmware_peers: Option<Arc<crate::swarm::TrackerService>>,
+    firmware_peers: Option<crate::swarm::FirmwarePeerSource>,
     requests_in_flight_max: usize,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -36,7 +36,7 @@ pub use fetch::{FetchReport, SourceReport, SwarmFetchConfig};
 pub use peering::{SharedImage, SwarmNode, SwarmStats};
 pub use shelf::{AssembledShelf, ChunkShelf, StoreShelf};
 pub use store_offer::offer_store_images;
-pub use tracker::{AnnounceOptions, TrackerService};
+pub use tracker::{AnnounceOptions, FirmwarePeerSource, TrackerService};
 pub use uploader::Uploader;
 
 /// The chunk exchange's ALPN protocol.
@@ -101,6 +101,9 @@ pub enum SwarmError {
     /// Storing or reading a chunk failed.
     #[error("chunk shelf: {0}")]
     Shelf(String),
+    /// No tracker answered.
+    #[error("no tracker answered")]
+    NoTracker,
 }
 
 /// The socket buffers asked for on an endpoint that carries chunks. A fetcher that receives

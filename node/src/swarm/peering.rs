@@ -476,6 +476,15 @@ impl SwarmNode {
                             .await;
                     }
                 }
+                Ok(Ok(Accepted::Answered(mut send, answer))) => {
+                    // The asker closes the connection once it has read the answer; until
+                    // then the answer may still need resending.
+                    if write_message(&mut send, &answer).await.is_ok() {
+                        let _finished = send.finish();
+                        let _closed_or_not =
+                            tokio::time::timeout(HANDSHAKE_TIMEOUT, connection.closed()).await;
+                    }
+                }
                 Ok(Ok(Accepted::Closed)) => {}
                 Ok(Err(error)) => {
                     tracing::info!(%error, "peering refused");
@@ -514,6 +523,20 @@ impl SwarmNode {
                     return Ok(Accepted::Closed);
                 }
                 return Ok(Accepted::TrackerSession(send, reader, announce));
+            }
+            Message::FirmwarePeersWanted {
+                manifest,
+                client,
+                wanted,
+            } => {
+                let Some(tracker) = self.tracker() else {
+                    tracing::info!("asked for firmware peers, but this member is no tracker");
+                    connection.close(super::CLOSE_NO_TRACKER.into(), b"no tracker here");
+                    return Ok(Accepted::Closed);
+                };
+                let peers = tracker.firmware_peers(&manifest, client, &[], usize::from(wanted));
+                tracing::debug!(%manifest, %client, ?peers, "firmware peers asked for");
+                return Ok(Accepted::Answered(send, Message::FirmwarePeers { peers }));
             }
             _ => return Err(peer_error("the first message is not a hello".into())),
         };
@@ -889,6 +912,8 @@ enum Accepted {
     Peering(Arc<SharedImage>, Control, Bitfield),
     /// A tracker session, and its first announce.
     TrackerSession(SendStream, FrameReader, Message),
+    /// A one-question session: the answer to write before the asker closes.
+    Answered(SendStream, Message),
     /// Refused and closed.
     Closed,
 }

@@ -78,15 +78,17 @@ impl TrackerService {
 
     /// Up to `wanted` booted nodes that may serve `manifest`'s firmware-stage files to a node
     /// booting at `client` (ADR 0016): complete members with a live session, in the client's
-    /// rack, neither the client nor at an address in `servers`. None where the client's rack
-    /// is unknown: a rack is what makes a peer near.
+    /// rack, neither the client nor at an address in `servers`, by their chunk endpoints.
+    /// None where the client's rack is unknown: a rack is what makes a peer near. The same
+    /// client gets the same members in the same order, and an eligible member's place does
+    /// not depend on which others `servers` excludes.
     pub fn firmware_peers(
         &self,
         manifest: &ContentHash,
         client: IpAddr,
         servers: &[IpAddr],
         wanted: usize,
-    ) -> Vec<IpAddr> {
+    ) -> Vec<SocketAddr> {
         let Some(rack) = self.rack_of(client, "") else {
             return Vec::new();
         };
@@ -97,13 +99,9 @@ impl TrackerService {
         };
         let mut tracker = self.tracker.lock().unwrap_or_else(PoisonError::into_inner);
         tracker.handle_timeout(tokio::time::Instant::now().into_std());
-        tracker
-            .complete_in_rack(manifest, &rack, wanted, seed, |candidate| {
-                candidate.ip() != client && !servers.contains(&candidate.ip())
-            })
-            .into_iter()
-            .map(|peer| peer.ip())
-            .collect()
+        tracker.complete_in_rack(manifest, &rack, wanted, seed, |candidate| {
+            candidate.ip() != client && !servers.contains(&candidate.ip())
+        })
     }
 
     /// Members of `manifest`'s swarm and how many are complete.
@@ -213,6 +211,97 @@ impl TrackerService {
     }
 }
 
+/// How long a server writing a boot script waits for the image's tracker before it also
+/// dials the next (a boot script is on a node's boot path; members meet at the first
+/// tracker that answered them, which is nearly always the first in order).
+const FIRMWARE_PEERS_HEDGE_AFTER: Duration = Duration::from_millis(200);
+/// How long a server writing a boot script waits for booted peers in all; past it the
+/// script names the servers only.
+const FIRMWARE_PEERS_TIMEOUT: Duration = Duration::from_secs(1);
+/// Boot scripts asking trackers at once, per server; more are written without peers.
+const FIRMWARE_PEER_QUERIES_MAX: usize = 32;
+
+/// Where a server learns which booted nodes may serve an image's firmware-stage files
+/// (ADR 0016).
+#[derive(Debug, Clone)]
+pub enum FirmwarePeerSource {
+    /// This server tracks its own images (a standalone server: no tracker list).
+    Local(Arc<TrackerService>),
+    /// Each image's tracker is the first of `trackers` in [`tracker_order`] that answers, as
+    /// for the image's members, which may be another server of the cluster: it is asked.
+    Trackers {
+        /// This server's swarm member, which dials the trackers.
+        swarm: Arc<SwarmNode>,
+        /// The servers' swarm endpoints.
+        trackers: Vec<SocketAddr>,
+        /// Bounds the queries in flight.
+        queries: Arc<tokio::sync::Semaphore>,
+    },
+}
+
+impl FirmwarePeerSource {
+    /// Asks `trackers` through `swarm`.
+    pub fn trackers(swarm: Arc<SwarmNode>, trackers: Vec<SocketAddr>) -> Self {
+        Self::Trackers {
+            swarm,
+            trackers,
+            queries: Arc::new(tokio::sync::Semaphore::new(FIRMWARE_PEER_QUERIES_MAX)),
+        }
+    }
+
+    /// Up to `wanted` booted nodes (their IPs) that may serve `manifest`'s firmware-stage
+    /// files to the node booting at `client`, none at an address in `servers`. Empty when
+    /// the tracker cannot be asked in time: the script then names the servers only.
+    pub async fn firmware_peers(
+        &self,
+        manifest: &ContentHash,
+        client: IpAddr,
+        servers: &[IpAddr],
+        wanted: usize,
+    ) -> Vec<IpAddr> {
+        let peers = match self {
+            Self::Local(tracker) => tracker.firmware_peers(manifest, client, servers, wanted),
+            Self::Trackers {
+                swarm,
+                trackers,
+                queries,
+            } => {
+                let Ok(_query) = queries.try_acquire() else {
+                    tracing::info!("too many boot scripts asking trackers at once; servers only");
+                    return Vec::new();
+                };
+                // The tracker does not know which members are servers: it is asked for as
+                // many more as there are, and they are left out here. Its choice for a
+                // client is a fixed order filtered, so the result is what it would have
+                // chosen knowing them.
+                let asked = (wanted + servers.len()).min(transfer::swarm::FIRMWARE_PEERS_MAX);
+                match tokio::time::timeout(
+                    FIRMWARE_PEERS_TIMEOUT,
+                    swarm.ask_firmware_peers(trackers, manifest, client, asked),
+                )
+                .await
+                {
+                    Ok(Ok(peers)) => peers,
+                    Ok(Err(error)) => {
+                        tracing::info!(%error, "booted peers unknown; servers only");
+                        return Vec::new();
+                    }
+                    Err(_) => {
+                        tracing::info!("no tracker answered in time; servers only");
+                        return Vec::new();
+                    }
+                }
+            }
+        };
+        peers
+            .into_iter()
+            .map(|peer| peer.ip())
+            .filter(|peer| *peer != client && !servers.contains(peer))
+            .take(wanted)
+            .collect()
+    }
+}
+
 /// How a member announces itself.
 #[derive(Debug, Clone)]
 pub struct AnnounceOptions {
@@ -258,6 +347,50 @@ struct Session {
 }
 
 impl SwarmNode {
+    /// Asks `manifest`'s tracker (the first of `trackers` in [`tracker_order`] to answer) for
+    /// up to `wanted` complete members in the rack of the node booting at `client`: one
+    /// question on a connection of its own, closed once answered.
+    pub async fn ask_firmware_peers(
+        &self,
+        trackers: &[SocketAddr],
+        manifest: &ContentHash,
+        client: IpAddr,
+        wanted: usize,
+    ) -> Result<Vec<SocketAddr>, SwarmError> {
+        let order = tracker_order(manifest, trackers);
+        let Some((_, tracker, (connection, mut send, mut reader))) = self
+            .open_first_answering(&order, FIRMWARE_PEERS_HEDGE_AFTER)
+            .await
+        else {
+            return Err(SwarmError::NoTracker);
+        };
+        let peer_error = |reason: String| SwarmError::Peer {
+            peer: tracker,
+            reason,
+        };
+        let question = Message::FirmwarePeersWanted {
+            manifest: *manifest,
+            client,
+            wanted: u8::try_from(wanted.min(transfer::swarm::FIRMWARE_PEERS_MAX))
+                .unwrap_or(u8::MAX),
+        };
+        write_message(&mut send, &question)
+            .await
+            .map_err(|error| peer_error(error.to_string()))?;
+        let answer = reader.next(tracker).await;
+        connection.close(CLOSE_DONE.into(), b"answered");
+        match answer? {
+            Message::FirmwarePeers { peers } => {
+                tracing::debug!(%tracker, %manifest, %client, ?peers, "the image's tracker named booted peers");
+                Ok(peers)
+            }
+            other => Err(peer_error(format!(
+                "expected firmware peers, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
     /// Opens a control stream with the first of `trackers` (in rank order) to answer: the
     /// tracker of rank r is dialled `TRACKER_HEDGE_AFTER` × r after the first, each dial
     /// waits at most `TRACKER_TIMEOUT`. A better-ranked tracker that answers later is moved
@@ -265,12 +398,13 @@ impl SwarmNode {
     async fn open_first_answering(
         &self,
         trackers: &[SocketAddr],
+        hedge_after: Duration,
     ) -> Option<(usize, SocketAddr, (Connection, SendStream, FrameReader))> {
         let mut dials: FuturesUnordered<_> = trackers
             .iter()
             .enumerate()
             .map(|(rank, &tracker)| async move {
-                tokio::time::sleep(TRACKER_HEDGE_AFTER * rank as u32).await;
+                tokio::time::sleep(hedge_after * rank as u32).await;
                 let opened =
                     tokio::time::timeout(TRACKER_TIMEOUT, self.open_control(tracker)).await;
                 (rank, tracker, opened)
@@ -320,7 +454,8 @@ impl SwarmNode {
             loop {
                 let better_than = session.as_ref().map_or(order.len(), |open| open.rank);
                 if let Some((rank, tracker, (connection, send, reader))) =
-                    self.open_first_answering(&order[..better_than]).await
+                    self.open_first_answering(&order[..better_than], TRACKER_HEDGE_AFTER)
+                        .await
                 {
                     if let Some(previous) = session.take() {
                         previous.connection.close(CLOSE_DONE.into(), b"moved back");

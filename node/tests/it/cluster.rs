@@ -2020,3 +2020,171 @@ fn a_server_whose_clock_is_beyond_the_drift_bound_answers_no_dhcp_and_the_others
         cluster.log(3)
     );
 }
+
+/// Firmware-stage files from booted peers in a cluster (ADR 0016): only the image's tracker
+/// (chosen among the servers by the image) knows which booted nodes hold it, so every server
+/// writing a boot script for a `firmware_from_peers` group asks that tracker. A booted member
+/// in the booting node's rack is named before the server by all three servers, the two that
+/// do not track the image among them; a node of no known rack is named none.
+#[test]
+fn every_server_of_a_cluster_names_the_booted_peers_its_images_tracker_knows() {
+    if !lab::enabled() {
+        return;
+    }
+    let mut cluster = ClusterLab::new(3);
+    let www = cluster.lab.path("www");
+    std::fs::create_dir_all(&www).expect("www");
+    let trackers: Vec<String> = (1..=3)
+        .map(|index| format!("\"{}\"", ClusterLab::address(index)))
+        .collect();
+    cluster.extra_config = format!(
+        "[dhcp]\ninterfaces = [\"INTERFACE\"]\n\n[[dhcp.subnet]]\ncidr = \"10.71.0.0/16\"\n\
+         ranges = [\"10.71.1.0-10.71.1.255\"]\nrouters = [\"10.71.0.1\"]\nrack = \"r1\"\n\n\
+         [swarm]\ntrackers = [{}]\n\n[http]\nlisten = \"0.0.0.0:8080\"\nroot = \"{}\"\n\n\
+         [boot]\ndefault_group = \"workers\"\n\n[[group]]\nname = \"workers\"\n\
+         firmware_from_peers = true\n",
+        trackers.join(", "),
+        www.display()
+    );
+    form(&mut cluster, 3);
+    let tree = write_image_tree(&cluster, "root", 41, 2 << 20);
+    let (ok, _, stderr) = cluster.bootmesh(
+        1,
+        &[
+            "image",
+            "import",
+            "node:v1",
+            "--from",
+            &tree,
+            "--created",
+            "1",
+        ],
+    );
+    assert!(ok, "import: {stderr}");
+    let (ok, _, stderr) =
+        cluster.bootmesh(1, &["image", "promote", "node:v1", "--group", "workers"]);
+    assert!(ok, "promote: {stderr}");
+    let (_, manifest) = local_group_image(&cluster, 1, "workers").expect("s1 boots workers");
+    for index in 2..=3 {
+        wait_for(Duration::from_secs(120), || {
+            local_group_image(&cluster, index, "workers").is_some_and(|(_, hash)| hash == manifest)
+        })
+        .unwrap_or_else(|| panic!("s{index} never boots node:v1:\n{}", cluster.logs()));
+    }
+
+    // The relay namespace stands for rack r1 (10.71.0.0/16): a booted node at 10.71.5.20, a
+    // booting one at 10.71.5.10. It reaches each server's cluster address through that
+    // server's DHCP-side interface.
+    let client = cluster.client_namespace.clone();
+    for address in ["10.71.5.10/32", "10.71.5.20/32"] {
+        cluster.lab.add_address(&client, "lo", address);
+    }
+    for index in 1..=3 {
+        cluster.lab.add_route(
+            &client,
+            &format!("10.80.0.{index}/32"),
+            &format!("10.70.0.{index}"),
+        );
+    }
+    let store = cluster.lab.path("booted-store");
+    let store_text = store.to_string_lossy().into_owned();
+    let mut arguments = vec![
+        "agent",
+        "swarm",
+        "--manifest",
+        manifest.as_str(),
+        "--server",
+        "10.70.0.1:8080",
+        "--store",
+        store_text.as_str(),
+        "--listen",
+        "10.71.5.20:7800",
+    ];
+    let tracker_addresses: Vec<String> = (1..=3).map(ClusterLab::address).collect();
+    for tracker in &tracker_addresses {
+        arguments.extend(["--tracker", tracker.as_str()]);
+    }
+    cluster.lab.spawn(
+        "booted",
+        &client,
+        env!("CARGO_BIN_EXE_bootmesh"),
+        &arguments,
+    );
+    wait_for(Duration::from_secs(60), || {
+        cluster
+            .lab
+            .log("booted")
+            .lines()
+            .any(|line| line.starts_with("complete "))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the booted member never completed:\n{}\n{}",
+            cluster.lab.log("booted"),
+            cluster.logs()
+        )
+    });
+    let hash: transfer::ContentHash = manifest.parse().expect("a hash");
+    let servers: Vec<SocketAddr> = tracker_addresses
+        .iter()
+        .map(|address| address.parse().expect("an address"))
+        .collect();
+    let tracker = transfer::swarm::tracker_order(&hash, &servers)[0];
+    let tracker_index = servers
+        .iter()
+        .position(|server| *server == tracker)
+        .expect("a server")
+        + 1;
+    eprintln!("the image's tracker is s{tracker_index} ({tracker})");
+
+    let script = |index: usize, from: &str| -> String {
+        let output = cluster.lab.run(
+            &client,
+            Duration::from_secs(20),
+            "curl",
+            &[
+                "-sf",
+                "--interface",
+                from,
+                &format!("http://10.70.0.{index}:8080/boot/52-54-00-00-00-01.ipxe"),
+            ],
+        );
+        assert!(
+            output.status.success(),
+            "boot script from s{index}: {}\n{}",
+            lab::describe(&output),
+            cluster.logs()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let peer_kernel = format!("http://10.71.5.20:8079/images/{manifest}/kernel");
+    // The member announces complete within a re-announce of finishing; every server then
+    // names it, the tracker and the two that ask it.
+    for index in 1..=3 {
+        let mut last = String::new();
+        wait_for(Duration::from_secs(40), || {
+            last = script(index, "10.71.5.10");
+            last.contains(&peer_kernel)
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "s{index} (tracker s{tracker_index}) names no booted peer:\n{last}\n{}",
+                cluster.logs()
+            )
+        });
+        let peer_at = last.find(&peer_kernel).expect("the peer's kernel");
+        let own_kernel = format!("http://10.70.0.{index}:8080/images/{manifest}/kernel");
+        let own_at = last
+            .find(&own_kernel)
+            .unwrap_or_else(|| panic!("s{index} names itself:\n{last}"));
+        assert!(peer_at < own_at, "the peer comes first:\n{last}");
+        eprintln!("s{index}: the booted peer named before the server");
+    }
+    // From an address of no known rack (the relay's own, 10.70.0.200, is in no subnet) the
+    // scripts name the servers only.
+    for index in 1..=3 {
+        let plain = script(index, "10.70.0.200");
+        assert!(plain.contains("images/"), "s{index}: {plain}");
+        assert!(!plain.contains(":8079/"), "s{index} names a peer:\n{plain}");
+    }
+}

@@ -22,4 +22,6 @@ pub use scheduler::{
 };
 pub use tracker::{Announce, Tracker, TrackerConfig, TrackerRefusal, tracker_order};
 pub use upload::{Admission, Ticket, UploadConfig, UploadEvent, UploadGate};
-pub use wire::{Message, Priority, WireError, data_frame_payload, decode_frame};
+pub use wire::{
+    FIRMWARE_PEERS_MAX, Message, Priority, WireError, data_frame_payload, decode_frame,
+};

@@ -100,7 +100,27 @@ pub enum Message {
         /// Members elsewhere (or of unknown rack).
         elsewhere: Vec<SocketAddr>,
     },
+    /// To a tracker, from a server writing a boot script: up to `wanted` complete members of
+    /// `manifest`'s swarm in the rack of the node booting at `client`, which may serve it the
+    /// image's firmware-stage files (ADR 0016). The only message of its session.
+    FirmwarePeersWanted {
+        /// The image.
+        manifest: ContentHash,
+        /// The booting node's address.
+        client: IpAddr,
+        /// At most [`FIRMWARE_PEERS_MAX`].
+        wanted: u8,
+    },
+    /// From a tracker: the answer to [`Message::FirmwarePeersWanted`], the members' chunk
+    /// endpoints (none when the node's rack is unknown or holds no complete member).
+    FirmwarePeers {
+        /// The members, at most [`FIRMWARE_PEERS_MAX`].
+        peers: Vec<SocketAddr>,
+    },
 }
+
+/// The most members one [`Message::FirmwarePeersWanted`] asks for.
+pub const FIRMWARE_PEERS_MAX: usize = 16;
 
 /// A frame that breaks the protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -140,6 +160,8 @@ const BUSY: u8 = 7;
 const NOT_HERE: u8 = 8;
 const ANNOUNCE: u8 = 9;
 const NEIGHBOURS: u8 = 10;
+const FIRMWARE_PEERS_WANTED: u8 = 11;
+const FIRMWARE_PEERS: u8 = 12;
 
 impl Message {
     /// Appends the frame (length prefix included) to `out`.
@@ -222,6 +244,20 @@ impl Message {
                 let room = NEIGHBOURS_MAX - same_rack.len();
                 encode_addresses(&elsewhere[..elsewhere.len().min(room)], out);
             }
+            Self::FirmwarePeersWanted {
+                manifest,
+                client,
+                wanted,
+            } => {
+                out.push(FIRMWARE_PEERS_WANTED);
+                out.extend_from_slice(&manifest.0);
+                encode_ip(*client, out);
+                out.push((*wanted).min(FIRMWARE_PEERS_MAX as u8));
+            }
+            Self::FirmwarePeers { peers } => {
+                out.push(FIRMWARE_PEERS);
+                encode_addresses(&peers[..peers.len().min(FIRMWARE_PEERS_MAX)], out);
+            }
         }
         let length = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
         out[start..start + 4].copy_from_slice(&length.to_be_bytes());
@@ -240,25 +276,32 @@ impl Message {
             Self::NotHere { .. } => "not-here",
             Self::Announce { .. } => "announce",
             Self::Neighbours { .. } => "neighbours",
+            Self::FirmwarePeersWanted { .. } => "firmware-peers-wanted",
+            Self::FirmwarePeers { .. } => "firmware-peers",
         }
     }
 }
 
-/// A count byte and each address as family (4 or 6), octets and port.
+/// A count byte and each address as its IP (see [`encode_ip`]) and port.
 fn encode_addresses(addresses: &[SocketAddr], out: &mut Vec<u8>) {
     out.push(addresses.len() as u8);
     for address in addresses {
-        match address.ip() {
-            IpAddr::V4(ip) => {
-                out.push(4);
-                out.extend_from_slice(&ip.octets());
-            }
-            IpAddr::V6(ip) => {
-                out.push(6);
-                out.extend_from_slice(&ip.octets());
-            }
-        }
+        encode_ip(address.ip(), out);
         out.extend_from_slice(&address.port().to_be_bytes());
+    }
+}
+
+/// The family (4 or 6) and the octets.
+fn encode_ip(ip: IpAddr, out: &mut Vec<u8>) {
+    match ip {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
     }
 }
 
@@ -365,26 +408,31 @@ impl<'a> Fields<'a> {
         }
         let mut addresses = Vec::with_capacity(count);
         for _ in 0..count {
-            let ip = match self.u8()? {
-                4 => {
-                    let octets = self.take(4)?;
-                    IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
-                }
-                6 => {
-                    let mut octets = [0u8; 16];
-                    octets.copy_from_slice(self.take(16)?);
-                    IpAddr::V6(Ipv6Addr::from(octets))
-                }
-                other => {
-                    return Err(WireError::OutOfRange(format!(
-                        "{}: unknown address family {other}",
-                        self.kind
-                    )));
-                }
-            };
+            let ip = self.ip()?;
             addresses.push(SocketAddr::new(ip, self.u16()?));
         }
         Ok(addresses)
+    }
+
+    /// A family byte (4 or 6) and the octets.
+    fn ip(&mut self) -> Result<IpAddr, WireError> {
+        Ok(match self.u8()? {
+            4 => {
+                let octets = self.take(4)?;
+                IpAddr::V4(Ipv4Addr::new(octets[0], octets[1], octets[2], octets[3]))
+            }
+            6 => {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(self.take(16)?);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            }
+            other => {
+                return Err(WireError::OutOfRange(format!(
+                    "{}: unknown address family {other}",
+                    self.kind
+                )));
+            }
+        })
     }
 
     fn rest(&mut self) -> &'a [u8] {
@@ -431,6 +479,8 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
         NOT_HERE => "not-here",
         ANNOUNCE => "announce",
         NEIGHBOURS => "neighbours",
+        FIRMWARE_PEERS_WANTED => "firmware-peers-wanted",
+        FIRMWARE_PEERS => "firmware-peers",
         other => return Err(WireError::UnknownKind(other)),
     };
     let mut fields = Fields {
@@ -536,6 +586,25 @@ fn decode_body(body: &[u8]) -> Result<Message, WireError> {
                 elsewhere,
             }
         }
+        FIRMWARE_PEERS_WANTED => {
+            let mut hash = [0u8; 32];
+            hash.copy_from_slice(fields.take(32)?);
+            let client = fields.ip()?;
+            let wanted = fields.u8()?;
+            if usize::from(wanted) > FIRMWARE_PEERS_MAX {
+                return Err(WireError::OutOfRange(format!(
+                    "firmware-peers-wanted: {wanted} peers, more than {FIRMWARE_PEERS_MAX}"
+                )));
+            }
+            Message::FirmwarePeersWanted {
+                manifest: ContentHash(hash),
+                client,
+                wanted,
+            }
+        }
+        FIRMWARE_PEERS => Message::FirmwarePeers {
+            peers: fields.addresses(FIRMWARE_PEERS_MAX)?,
+        },
         other => return Err(WireError::UnknownKind(other)),
     };
     fields.end()?;
@@ -587,6 +656,23 @@ mod tests {
                     "[fd00::8]:7200".parse().unwrap(),
                 ],
             },
+            Message::FirmwarePeersWanted {
+                manifest: ContentHash::of(b"manifest"),
+                client: "10.0.2.9".parse().unwrap(),
+                wanted: 2,
+            },
+            Message::FirmwarePeersWanted {
+                manifest: ContentHash::of(b"manifest"),
+                client: "fd00::9".parse().unwrap(),
+                wanted: 16,
+            },
+            Message::FirmwarePeers {
+                peers: vec![
+                    "10.0.2.8:7200".parse().unwrap(),
+                    "[fd00::8]:7200".parse().unwrap(),
+                ],
+            },
+            Message::FirmwarePeers { peers: Vec::new() },
         ]
     }
 
@@ -717,6 +803,23 @@ mod tests {
         full.extend_from_slice(&[1, 4, 10, 0, 1, 1, 0x1c, 0x20]);
         assert!(matches!(
             decode_frame(&frame(&full)),
+            Err(WireError::OutOfRange(_))
+        ));
+        let mut wanted = vec![FIRMWARE_PEERS_WANTED];
+        wanted.extend_from_slice(&[0; 32]);
+        wanted.extend_from_slice(&[4, 10, 0, 0, 9, 17]);
+        assert!(matches!(
+            decode_frame(&frame(&wanted)),
+            Err(WireError::OutOfRange(_))
+        ));
+        wanted[38] = 2;
+        wanted[33] = 5;
+        assert!(matches!(
+            decode_frame(&frame(&wanted)),
+            Err(WireError::OutOfRange(_))
+        ));
+        assert!(matches!(
+            decode_frame(&frame(&[FIRMWARE_PEERS, 17])),
             Err(WireError::OutOfRange(_))
         ));
         assert!(matches!(
