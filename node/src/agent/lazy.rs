@@ -222,11 +222,56 @@ pub struct LazyBoot<'a> {
     pub serve_firmware: bool,
 }
 
+/// The lazy root's server and the device attached to it, as PID 1 holds them until it hands
+/// the machine to the image's init (`exec`, so this is never dropped then). Dropped in a boot
+/// round that failed before that, it disconnects the device and stops the server: the server
+/// holds the image in locked memory, and the next round starts without it.
+#[derive(Debug)]
+pub struct LazyAttachment {
+    /// The device the root is read from.
+    pub device: BlockDevice,
+    _server: ServerProcess,
+}
+
+impl Drop for LazyAttachment {
+    fn drop(&mut self) {
+        // Before the server goes, so that the kernel fails the device's requests at once
+        // instead of waiting on a socket nobody answers.
+        if let Err(error) = nbd::disconnect(&self.device) {
+            tracing::warn!(%error, device = %self.device.path.display(), "lazy root: disconnect after a failed round");
+        }
+    }
+}
+
+/// A child process that is killed and reaped when this is dropped.
+#[derive(Debug)]
+struct ServerProcess {
+    pid: libc::pid_t,
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) and waitpid(2) on our own child, which nothing else reaps.
+        let reaped = unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), 0)
+        };
+        if reaped == self.pid {
+            tracing::info!(
+                server_pid = self.pid,
+                "lazy root: server of a failed round stopped"
+            );
+        } else {
+            tracing::warn!(server_pid = self.pid, error = %std::io::Error::last_os_error(), "lazy root: server of a failed round not reaped");
+        }
+    }
+}
+
 /// Forks the lazy root's server and attaches the kernel's NBD client to it. The child fetches
 /// and serves until the machine stops; this process (PID 1) goes on with the returned device.
 ///
 /// PID 1 must be single-threaded here (the fetch runtime dropped), as for the companion.
-pub fn attach(boot: &LazyBoot<'_>) -> Result<BlockDevice, LazyError> {
+pub fn attach(boot: &LazyBoot<'_>) -> Result<LazyAttachment, LazyError> {
     let (ours, theirs) = UnixStream::pair().map_err(|source| LazyError::Io {
         what: "socket pair for the lazy root",
         source,
@@ -246,11 +291,17 @@ pub fn attach(boot: &LazyBoot<'_>) -> Result<BlockDevice, LazyError> {
         std::process::exit(0);
     }
     drop(theirs);
+    // From here an early return stops the server: nothing else would.
+    let server = ServerProcess { pid };
     tracing::info!(server_pid = pid, "lazy root: server started");
     let export = nbd::negotiate_on(ours, EXPORT_NAME, "the lazy root's server")?;
     // No kernel timeout: a read waits for its chunks as long as the server says (it answers
     // an error after READ_WAIT_LIMIT); the kernel's timeout would cut the only connection.
-    Ok(nbd::attach(&export, None)?)
+    let device = nbd::attach(&export, None)?;
+    Ok(LazyAttachment {
+        device,
+        _server: server,
+    })
 }
 
 /// The child: pins itself, starts the fetch on a thread and serves NBD on this one until the
@@ -497,6 +548,28 @@ fn mark_command_line_with_at() -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed round's server must not outlive the round: it holds the image in locked
+    /// memory. Dropping its handle kills and reaps it.
+    #[test]
+    fn a_dropped_server_process_is_killed_and_reaped() {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+        // The handle reaps it, not `Child`.
+        std::mem::forget(child);
+        // SAFETY: signal 0 only checks that the process exists.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "the child runs");
+        drop(ServerProcess { pid });
+        // SAFETY: as above. Reaped, the pid no longer names a process (not even a zombie).
+        assert_eq!(unsafe { libc::kill(pid, 0) }, -1);
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ESRCH)
+        );
+    }
 
     fn layout(lengths: &[(u32, u32)]) -> RootLayout {
         let mut starts = Vec::new();

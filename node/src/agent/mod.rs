@@ -368,6 +368,8 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
 
     // Held until dm-verity holds the loop device (autoclear would detach it otherwise).
     let mut loop_handle = None;
+    // Held for the rest of the round: dropped on a failure, it stops the lazy root's server.
+    let mut lazy_root = None;
     let backing = match (root_mode, root_memory) {
         (RootMode::Ram, Some(memory)) => {
             let attached = devices::attach_loop_read_only(&memory)?;
@@ -376,14 +378,17 @@ fn try_boot(round: u32, progress: &mut Progress) -> Result<Never, AgentError> {
             loop_handle = Some(attached.handle);
             attached.device
         }
-        (RootMode::Lazy, _) => lazy::attach(&lazy::LazyBoot {
-            manifest: &manifest,
-            image_hash: cmdline.image,
-            trackers: &cmdline.trackers,
-            address: swarm_address,
-            tie_break: tie_break_of(&mac_text),
-            serve_firmware: plan.firmware_from_peers,
-        })?,
+        (RootMode::Lazy, _) => {
+            let attached = lazy::attach(&lazy::LazyBoot {
+                manifest: &manifest,
+                image_hash: cmdline.image,
+                trackers: &cmdline.trackers,
+                address: swarm_address,
+                tie_break: tie_break_of(&mac_text),
+                serve_firmware: plan.firmware_from_peers,
+            })?;
+            lazy_root.insert(attached).device.clone()
+        }
         _ => attach_nbd(&transport, &plan, &cmdline)?,
     };
     tracing::info!(device = %backing.path.display(), mode = root_mode.as_str(), "root image attached");

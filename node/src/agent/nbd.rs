@@ -139,6 +139,7 @@ fn handshake<S: Read + Write>(mut socket: S, export_name: &str) -> Result<(S, u6
 }
 
 const NBD_CMD_CONNECT: u8 = 1;
+const NBD_CMD_DISCONNECT: u8 = 2;
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
 const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
@@ -149,6 +150,28 @@ const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
 const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 const NBD_MAJOR: u32 = 43;
+
+/// Tells the kernel to drop `device`'s connection: requests in flight and later ones fail,
+/// and the device is free for another connect.
+pub fn disconnect(device: &BlockDevice) -> Result<(), NbdError> {
+    let index: u32 = device
+        .path
+        .to_str()
+        .and_then(|path| path.strip_prefix("/dev/nbd"))
+        .and_then(|index| index.parse().ok())
+        .ok_or(NetlinkError::Malformed {
+            request: "nbd disconnect",
+            reason: "not an NBD device path",
+        })?;
+    let mut generic = NetlinkSocket::generic()?;
+    let family = netlink::generic_family_id(&mut generic, "nbd")?;
+    let mut message = Message::new(family, 0);
+    message
+        .fixed(&[NBD_CMD_DISCONNECT, 1, 0, 0])
+        .attribute(NBD_ATTR_INDEX, &index.to_ne_bytes());
+    generic.request("nbd disconnect", &mut message)?;
+    Ok(())
+}
 
 /// Hands `export`'s socket to the kernel and returns the `/dev/nbdN` it made. The kernel keeps
 /// the socket after this process closes its copy. Requests time out after `timeout_secs`
